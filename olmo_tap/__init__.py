@@ -1,0 +1,29 @@
+"""olmo-tap: trustworthy inference with open language models.
+
+A Hydra splits a model into a shared trunk and N heads that decode as a jury.
+"""
+
+from olmo_tap.hydra import HydraTransformer, HydraTransformerConfig
+from olmo_tap.model.config import ConfigError, TransformerConfig
+from olmo_tap.weights.ensemble import load_ensemble, save_ensemble
+from olmo_tap.weights.errors import WeightsError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "HydraTransformer",
+    "HydraTransformerConfig",
+    "TransformerConfig",
+    "WeightsError",
+    "load_ensemble",
+    "load_tokenizer",
+    "save_ensemble",
+]
+
+
+def load_tokenizer(source: str = "smollm2-135m-instruct"):
+    """The tokenizer (with chat template) matching a model source; see ``olmo_tap.weights.tokenizer``."""
+    from olmo_tap.weights.tokenizer import load_tokenizer as _load
+
+    return _load(source)

@@ -1,0 +1,430 @@
+"""HydraTransformer: a shared trunk that fans out into N heads.
+
+The embedding and the first ``trunk_layers`` blocks form the trunk; each of the
+``n_heads`` heads owns its own copy of the last ``head_layers`` blocks; the
+final RMSNorm and the lm_head are shared by every head. Head layers are stored
+stacked (see ``olmo_tap.model.layers``), so any contiguous range of heads runs
+as one batched computation.
+
+KV caching follows gpt-fast: caches are preallocated by ``init_kv_cache`` and
+addressed by absolute position. The trunk and every head keep their own
+length counter; ``rollback_kv_cache`` and ``sync_kv_cache`` only move those
+counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from olmo_tap.model.config import ConfigError, TransformerConfig
+from olmo_tap.model.kv_cache import CacheOverflowError, KVCache
+from olmo_tap.model.layers import Block, RMSNorm, rope_tables
+
+
+@dataclass(frozen=True)
+class HydraTransformerConfig:
+    """How a base transformer is split: ``trunk_layers`` shared, ``head_layers`` per head."""
+
+    base_config: TransformerConfig
+    n_heads: int
+    trunk_layers: int
+    head_layers: int
+
+    def __post_init__(self) -> None:
+        n_layers = self.base_config.n_layers
+        if not isinstance(self.n_heads, int) or self.n_heads < 1:
+            raise ConfigError(f"n_heads must be >= 1, got {self.n_heads!r}")
+        if not isinstance(self.head_layers, int) or not 1 <= self.head_layers <= n_layers:
+            raise ConfigError(
+                f"heads_depth must be between 1 and the model's {n_layers} layers, got {self.head_layers!r}"
+            )
+        if self.trunk_layers + self.head_layers != n_layers:
+            raise ConfigError(
+                f"trunk_layers ({self.trunk_layers}) + head_layers ({self.head_layers}) "
+                f"must equal the base model's {n_layers} layers"
+            )
+
+    @classmethod
+    def split(cls, base_config: TransformerConfig, n_heads: int, heads_depth: int) -> HydraTransformerConfig:
+        """Give each head the last ``heads_depth`` layers of ``base_config``."""
+        if not isinstance(heads_depth, int) or not 1 <= heads_depth <= base_config.n_layers:
+            raise ConfigError(
+                f"heads_depth must be between 1 and the model's {base_config.n_layers} layers, got {heads_depth!r}"
+            )
+        return cls(base_config, n_heads, base_config.n_layers - heads_depth, heads_depth)
+
+    @classmethod
+    def from_olmo2_1B(cls, n_heads: int = 5, heads_depth: int = 3, vocab_size: int = 100352) -> HydraTransformerConfig:
+        return cls.split(TransformerConfig.olmo2_1b(vocab_size), n_heads, heads_depth)
+
+    @classmethod
+    def from_olmo2_7B(cls, n_heads: int = 5, heads_depth: int = 3, vocab_size: int = 100352) -> HydraTransformerConfig:
+        return cls.split(TransformerConfig.olmo2_7b(vocab_size), n_heads, heads_depth)
+
+    @property
+    def num_params(self) -> int:
+        """Parameters of the built Hydra (a tied lm_head counted once)."""
+        c = self.base_config
+        per_layer = c.d_model * (c.q_dim + 2 * c.kv_dim) + c.q_dim * c.d_model + 3 * c.d_model * c.ffn_hidden
+        per_layer += 2 * c.d_model + (c.q_dim + c.kv_dim if c.family == "olmo2" else 0)
+        embeddings = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2)
+        return embeddings + c.d_model + per_layer * (self.trunk_layers + self.n_heads * self.head_layers)
+
+    def build(self, *, init_device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> HydraTransformer:
+        with torch.device(init_device):
+            model = HydraTransformer(self)
+        return model.to(dtype) if dtype is not None else model
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "base_config": self.base_config.to_dict(),
+            "n_heads": self.n_heads,
+            "trunk_layers": self.trunk_layers,
+            "head_layers": self.head_layers,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HydraTransformerConfig:
+        return cls(
+            TransformerConfig.from_dict(data["base_config"]), data["n_heads"], data["trunk_layers"], data["head_layers"]
+        )
+
+
+def contiguous_runs(indices: Sequence[int]) -> list[range]:
+    """Split indices into maximal runs of consecutive ascending integers, in order."""
+    runs: list[range] = []
+    for i in indices:
+        if runs and i == runs[-1].stop:
+            runs[-1] = range(runs[-1].start, i + 1)
+        else:
+            runs.append(range(i, i + 1))
+    return runs
+
+
+class HydraTransformer(nn.Module):
+    def __init__(self, config: HydraTransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config.base_config
+        self.base_config = c
+        self.n_heads = config.n_heads
+        self.embed = nn.Embedding(c.vocab_size, c.d_model)
+        self.trunk = nn.ModuleList(Block(c, 1) for _ in range(config.trunk_layers))
+        self.heads = nn.ModuleList(Block(c, config.n_heads) for _ in range(config.head_layers))
+        self.norm = RMSNorm((c.d_model,), c.norm_eps, c.family == "olmo2")
+        # Stored (d_model, vocab) and applied as x @ w, like the block weights.
+        self.lm_head = nn.Parameter(torch.empty(c.d_model, c.vocab_size).normal_(std=0.02))
+        cos, sin = rope_tables(c)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        # Index of the head trained to score answers (by convention the last), if any.
+        self.uncertainty_head: int | None = None
+        self._cache_len = 0  # 0: no cache
+        self._cache_batch = 0
+        self._uncached_heads: frozenset[int] = frozenset()
+        self._trunk_pos = 0
+        self._head_pos = [0] * config.n_heads
+
+    # ----- construction ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | Any,
+        n_heads: int | None = None,
+        heads_depth: int | None = None,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = True,
+    ) -> HydraTransformer:
+        """Load a preset name, HF checkpoint directory, hub id, GGUF file or saved ensemble."""
+        from olmo_tap.weights.loading import load_hydra
+
+        return load_hydra(
+            source, n_heads=n_heads, heads_depth=heads_depth, dtype=dtype, device=device, progress=progress
+        )
+
+    @staticmethod
+    def load_olmo_state(
+        model: HydraTransformer, olmo_state: dict[str, torch.Tensor], trunk_layers: int, vocab_size: int
+    ) -> None:
+        """Load a flat OLMo-core state dict, cloning the head layers into every head."""
+        from olmo_tap.weights.layout import load_base_state
+        from olmo_tap.weights.olmo_core import olmo_core_to_hf
+
+        if trunk_layers != model.config.trunk_layers or vocab_size != model.base_config.vocab_size:
+            raise ConfigError(
+                f"model has trunk_layers={model.config.trunk_layers}, vocab={model.base_config.vocab_size}; "
+                f"got trunk_layers={trunk_layers}, vocab_size={vocab_size}"
+            )
+        load_base_state(model, olmo_core_to_hf(olmo_state))
+
+    def reset_rope(self) -> None:
+        """Recompute the rotary tables (after materialising a model built on the meta device)."""
+        cos, sin = rope_tables(self.base_config, self.device)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.dtype
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ----- KV cache -------------------------------------------------------------------------------------------
+
+    def init_kv_cache(self, batch_size: int, max_seq_len: int, omit_last: bool = False) -> None:
+        """Preallocate caches for every block; with ``omit_last`` the last head runs uncached."""
+        c = self.base_config
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 1 <= max_seq_len <= c.max_seq_len:
+            raise CacheOverflowError(
+                f"max_seq_len must be between 1 and the model's context of {c.max_seq_len}, got {max_seq_len}"
+            )
+        for block in self._blocks():
+            block.cache = KVCache(block.n, batch_size, c.n_kv_heads, max_seq_len, c.head_dim, self.dtype, self.device)
+        self._cache_len = max_seq_len
+        self._cache_batch = batch_size
+        self.reset_kv_cache(omit_last)
+
+    def reset_kv_cache(self, omit_last: bool = False) -> None:
+        """Set every length counter to 0 (the storage is reused as is)."""
+        self._uncached_heads = frozenset({self.n_heads - 1}) if omit_last else frozenset()
+        self._trunk_pos = 0
+        self._head_pos = [0] * self.n_heads
+
+    def rollback_kv_cache(self, n: int) -> None:
+        """Forget the last ``n`` positions of the trunk and every head."""
+        if n < 0:
+            raise ValueError(f"cannot roll back a negative number of tokens ({n})")
+        self._trunk_pos = max(0, self._trunk_pos - n)
+        self._head_pos = [max(0, p - n) for p in self._head_pos]
+
+    def sync_kv_cache(self, target_length: int) -> None:
+        """Set the trunk and every head to ``target_length`` cached positions."""
+        if not 0 <= target_length <= self._cache_len:
+            raise CacheOverflowError(
+                f"target_length {target_length} is outside the KV cache of {self._cache_len} positions"
+            )
+        self._trunk_pos = target_length
+        self._head_pos = [target_length] * self.n_heads
+
+    def free_kv_cache(self) -> None:
+        for block in self._blocks():
+            block.cache = None
+        self._cache_len = 0
+        self.reset_kv_cache()
+
+    def kv_cache_lengths(self) -> dict[str, Any]:
+        return {"trunk": self._trunk_pos, "heads": list(self._head_pos)}
+
+    def _blocks(self) -> Iterator[Block]:
+        yield from self.trunk  # type: ignore[misc]
+        yield from self.heads  # type: ignore[misc]
+
+    def _check_room(self, start: int, seq: int) -> None:
+        if start + seq > self._cache_len:
+            raise CacheOverflowError(
+                f"{start + seq} positions do not fit the KV cache of {self._cache_len} "
+                "(init_kv_cache with a larger max_seq_len, or shorten the input)"
+            )
+
+    # ----- forward passes -------------------------------------------------------------------------------------
+
+    def forward_trunk(
+        self, input_ids: torch.Tensor, start_pos: int | None = None, use_cache: bool = True
+    ) -> torch.Tensor:
+        """Embed ``input_ids`` (batch, seq) and run the trunk: hidden states (batch, seq, d_model).
+
+        With a cache, tokens are placed after the trunk's cached positions unless ``start_pos`` says where.
+        """
+        self._check_ids(input_ids)
+        cached = use_cache and self._cache_len > 0
+        start = (self._trunk_pos if start_pos is None else start_pos) if cached else (start_pos or 0)
+        seq = input_ids.size(1)
+        self._check_positions(start, seq, cached, input_ids.size(0))
+        x = self.embed(input_ids).unsqueeze(0)
+        rope = self._rope(start, seq)
+        for block in self.trunk:
+            x = block(x, slice(0, 1), start, rope, cached)
+        if cached:
+            self._trunk_pos = start + seq
+        return x[0]
+
+    def forward_heads(
+        self,
+        hidden_states: torch.Tensor,
+        head_indices: Sequence[int] | None = None,
+        residual: torch.Tensor | None = None,
+        last_token_only: bool = False,
+        start_pos: int | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Run the selected heads on trunk hidden states: logits (n_selected, batch, seq_out, vocab)."""
+        hidden = self.head_hidden_states(hidden_states, head_indices, residual, start_pos, use_cache)
+        return self.project(hidden, last_token_only)
+
+    def head_hidden_states(
+        self,
+        hidden_states: torch.Tensor,
+        head_indices: Sequence[int] | None = None,
+        residual: torch.Tensor | None = None,
+        start_pos: int | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Hidden states of the selected heads just before the shared final norm: (n_selected, batch, seq, d)."""
+        indices = self._check_heads(head_indices)
+        if hidden_states.ndim != 3 or hidden_states.size(-1) != self.base_config.d_model:
+            raise ValueError(
+                f"hidden_states must be (batch, seq, {self.base_config.d_model}), got {tuple(hidden_states.shape)}"
+            )
+        if residual is not None:
+            # The uncertainty path injects a witness hidden state into every head's input stream.
+            hidden_states = hidden_states + residual.to(hidden_states.dtype)
+        seq = hidden_states.size(1)
+        outputs = []
+        for run in self._head_runs(indices, use_cache):
+            cached = use_cache and self._cache_len > 0 and run.start not in self._uncached_heads
+            default_start = self._run_position(run) if cached else 0
+            start = default_start if start_pos is None else start_pos
+            self._check_positions(start, seq, cached, hidden_states.size(0))
+            x = hidden_states.unsqueeze(0).expand(len(run), *hidden_states.shape)
+            sel = slice(run.start, run.stop)
+            rope = self._rope(start, seq)
+            for block in self.heads:
+                x = block(x, sel, start, rope, cached)
+            if cached:
+                for h in run:
+                    self._head_pos[h] = start + seq
+            outputs.append(x)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+
+    def project(self, hidden: torch.Tensor, last_token_only: bool = False) -> torch.Tensor:
+        """Shared final norm and lm_head: (..., seq, d_model) -> (..., seq_out, vocab) logits."""
+        if last_token_only:
+            hidden = hidden[..., -1:, :]
+        return self.norm(hidden) @ self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        head_indices: Sequence[int] | None = None,
+        last_token_only: bool = False,
+        start_pos: int | None = None,
+        use_cache: bool = True,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Trunk then heads: logits (n_selected, batch, seq_out, vocab); seq_out is 1 with ``last_token_only``."""
+        self._reject_unknown(kwargs)
+        hidden = self.forward_trunk(input_ids, start_pos=start_pos, use_cache=use_cache)
+        return self.forward_heads(hidden, head_indices, residual, last_token_only, start_pos, use_cache)
+
+    def residual_forward(
+        self,
+        input_ids: torch.Tensor,
+        hidden_head_indices: Sequence[int],
+        head_indices: Sequence[int] | None = None,
+        last_token_only: bool = False,
+        start_pos: int | None = None,
+        use_cache: bool = True,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like ``forward`` and also return the pre-norm hidden states (n_hidden, batch, seq, d_model)
+        of ``hidden_head_indices``, which must all be among ``head_indices``."""
+        self._reject_unknown(kwargs)
+        indices = self._check_heads(head_indices)
+        wanted = list(hidden_head_indices)
+        missing = [h for h in wanted if h not in indices]
+        if not wanted or missing:
+            raise ValueError(f"hidden_head_indices {wanted} must be a non-empty subset of head_indices {indices}")
+        hidden = self.forward_trunk(input_ids, start_pos=start_pos, use_cache=use_cache)
+        head_hidden = self.head_hidden_states(hidden, indices, None, start_pos, use_cache)
+        logits = self.project(head_hidden, last_token_only)
+        return logits, head_hidden[[indices.index(h) for h in wanted]]
+
+    # ----- validation and helpers -----------------------------------------------------------------------------
+
+    def _head_runs(self, indices: list[int], use_cache: bool) -> list[range]:
+        runs = contiguous_runs(indices)
+        if not (use_cache and self._uncached_heads):
+            return runs
+        # An uncached head cannot share a batched cache write with cached ones.
+        split: list[range] = []
+        for run in runs:
+            for h in self._uncached_heads:
+                if h in run and len(run) > 1:
+                    parts = [range(run.start, h), range(h, h + 1), range(h + 1, run.stop)]
+                    split.extend(p for p in parts if len(p))
+                    break
+            else:
+                split.append(run)
+        return split
+
+    def _run_position(self, run: range) -> int:
+        positions = {self._head_pos[h] for h in run}
+        if len(positions) != 1:
+            raise ValueError(
+                f"heads {list(run)} hold different cached lengths {sorted(positions)}; "
+                "pass start_pos or sync_kv_cache first"
+            )
+        return positions.pop()
+
+    def _rope(self, start: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows of positions [start, start + seq), cast once per forward rather than per layer."""
+        return self.rope_cos[start : start + seq].to(self.dtype), self.rope_sin[start : start + seq].to(self.dtype)
+
+    def _check_positions(self, start: int, seq: int, cached: bool, batch: int) -> None:
+        if start < 0:
+            raise ValueError(f"start_pos must be >= 0, got {start}")
+        if cached:
+            if batch != self._cache_batch:
+                raise ValueError(f"batch size {batch} does not match the KV cache's {self._cache_batch}")
+            self._check_room(start, seq)
+        elif start + seq > self.base_config.max_seq_len:
+            raise CacheOverflowError(
+                f"{start + seq} positions exceed the model's context of {self.base_config.max_seq_len}"
+            )
+
+    def _check_heads(self, head_indices: Sequence[int] | None) -> list[int]:
+        if head_indices is None:
+            return list(range(self.n_heads))
+        indices = [int(h) for h in head_indices]
+        if not indices:
+            raise ValueError("head_indices is empty; pass None for all heads")
+        bad = [h for h in indices if not 0 <= h < self.n_heads]
+        if bad:
+            raise ValueError(f"head indices {bad} out of range for {self.n_heads} heads")
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"head_indices contains duplicates: {indices}")
+        return indices
+
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if (
+            not isinstance(input_ids, torch.Tensor)
+            or input_ids.ndim != 2
+            or input_ids.dtype not in (torch.int64, torch.int32)
+        ):
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq), got {shape}")
+        if input_ids.numel() == 0:
+            raise ValueError("input_ids is empty")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.base_config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.base_config.vocab_size})")
+
+    @staticmethod
+    def _reject_unknown(kwargs: dict[str, Any]) -> None:
+        if kwargs:
+            raise TypeError(f"unexpected keyword arguments: {sorted(kwargs)}")

@@ -1,0 +1,51 @@
+"""Turning a prompt or a conversation into token ids with the tokenizer's chat template."""
+
+from __future__ import annotations
+
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+
+
+def normalise_messages(
+    prompt_text: str | None = None, messages: list[dict[str, Any]] | None = None
+) -> list[dict[str, str]]:
+    """``messages`` if given (validated), else one user turn of ``prompt_text``."""
+    if messages:
+        for i, message in enumerate(messages):
+            if (
+                not isinstance(message, dict)
+                or message.get("role") not in ROLES
+                or not isinstance(message.get("content"), str)
+            ):
+                raise ValueError(f"messages[{i}] must be {{'role': one of {ROLES}, 'content': str}}, got {message!r}")
+        if not any(m["content"].strip() for m in messages):
+            raise ValueError("messages are all empty")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    if prompt_text is None or not str(prompt_text).strip():
+        raise ValueError("the prompt is empty: give prompt text or a non-empty list of messages")
+    return [{"role": "user", "content": str(prompt_text)}]
+
+
+def encode_chat(
+    tokenizer: Any, prompt_text: str | None = None, messages: list[dict[str, Any]] | None = None
+) -> list[int]:
+    """Token ids of the conversation followed by the assistant's generation prompt."""
+    conversation = normalise_messages(prompt_text, messages)
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    # No template (e.g. a base model): plain concatenation of the turns.
+    return list(tokenizer.encode("\n".join(m["content"] for m in conversation)))
+
+
+def stop_token_ids(tokenizer: Any, extra: int | list[int] | None = None) -> set[int]:
+    """Ids that end a response: the tokenizer's EOS plus the model's (``extra``)."""
+    ids: set[int] = set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra:
+        ids.update(int(i) for i in extra)
+    return ids

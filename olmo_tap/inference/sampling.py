@@ -1,0 +1,93 @@
+"""Sampling as a few pure functions, with randomness that can be replayed.
+
+Every random number is drawn from a generator seeded by (seed, absolute
+position, purpose). A token's noise therefore depends only on where it sits in
+the sequence, not on how many draws came before it: decoding is replayable in
+one teacher-forced pass, speculative decoding's output does not depend on its
+step size, and a response generated on a GPU verifies on a laptop (the noise is
+always drawn on the CPU in fp32, then moved).
+
+Sampling itself is Gumbel-max: ``argmax(logits / T + G)`` with standard Gumbel
+noise ``G`` is an exact draw from ``softmax(logits / T)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from enum import StrEnum
+
+import torch
+
+
+class Purpose(StrEnum):
+    """Independent random streams used at one position."""
+
+    SAMPLE = "sample"  # the emitted token of a plain decoder, or the PoE draft
+    ACCEPT = "accept"  # the uniform of the speculative acceptance test
+    RESAMPLE = "resample"  # the corrected-distribution draw after a rejection
+
+
+def stream_seed(seed: int, position: int, purpose: Purpose | str) -> int:
+    """A 63-bit generator seed for one (seed, position, purpose); stable across runs and machines."""
+    key = f"olmo-tap/{int(seed)}/{int(position)}/{Purpose(purpose).value}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+def uniform(seed: int, position: int, purpose: Purpose | str, size: int = 1) -> torch.Tensor:
+    """``size`` uniforms in [0, 1) (fp32, CPU) for one (seed, position, purpose)."""
+    generator = torch.Generator(device="cpu").manual_seed(stream_seed(seed, position, purpose))
+    return torch.rand(size, generator=generator, dtype=torch.float32)
+
+
+def gumbel(seed: int, position: int, purpose: Purpose | str, size: int) -> torch.Tensor:
+    """Standard Gumbel noise (fp32, CPU): -log(-log U), with U kept away from 0 and 1."""
+    u = uniform(seed, position, purpose, size).clamp_(1e-20, 1.0 - 1e-7)
+    return -torch.log(-torch.log(u))
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Mask (to -inf) tokens outside the top-k and the top-p nucleus; top_k <= 0 and top_p == 1 are off."""
+    if top_p <= 0 or top_p > 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    logits = logits.float()
+    if top_k > 0 and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # keep a token if the mass before it is below top_p (so the top token always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def check_temperature(temperature: float | None) -> float:
+    """None or 0 mean greedy (returned as 0.0); negative temperatures are an error."""
+    if temperature is None:
+        return 0.0
+    temperature = float(temperature)
+    if temperature < 0 or temperature != temperature:
+        raise ValueError(f"temperature must be >= 0 (0 or None for greedy), got {temperature}")
+    return temperature
+
+
+def sample_from_logits(
+    logits: torch.Tensor,
+    temperature: float,
+    seed: int,
+    position: int,
+    purpose: Purpose | str = Purpose.SAMPLE,
+) -> int:
+    """One token from 1-D ``logits`` (already filtered): greedy at temperature 0, else Gumbel-max."""
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    noise = gumbel(seed, position, purpose, logits.size(-1)).to(logits.device)
+    return int(torch.argmax(logits.float() / temperature + noise))
+
+
+def sample_from_probs(probs: torch.Tensor, seed: int, position: int, purpose: Purpose | str) -> int:
+    """One token from a 1-D probability vector by Gumbel-max on its logarithm (zeros never win)."""
+    noise = gumbel(seed, position, purpose, probs.size(-1)).to(probs.device)
+    return int(torch.argmax(torch.log(probs.float()) + noise))

@@ -1,0 +1,143 @@
+"""A whole Hydra ensemble as one directory, and building a deployable ensemble from adapters.
+
+Directory layout (what training writes and every command reads back):
+
+- ``hydra_config.json``: format tag and version, the HydraTransformerConfig, the
+  dtype, which head (if any) is the uncertainty head, free-form metadata;
+- ``model.safetensors``: the model's own state dict (trunk, the stacked
+  per-head weights, shared final norm and lm_head), bit for bit;
+- the tokenizer's files, saved with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from olmo_tap.hydra import HydraTransformer, HydraTransformerConfig
+from olmo_tap.model.config import ConfigError
+from olmo_tap.weights.errors import WeightsError
+from olmo_tap.weights.lora import LoraAdapter, load_lora, merge_lora
+
+FORMAT = "olmo-tap-ensemble"
+VERSION = 1
+CONFIG_FILE = "hydra_config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_ensemble(
+    model: HydraTransformer,
+    directory: str | Path,
+    tokenizer: Any | None = None,
+    uncertainty_head: bool = False,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (and its tokenizer) to ``directory``, atomically: a crash leaves no half ensemble."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        info = {
+            "format": FORMAT,
+            "version": VERSION,
+            "config": model.config.to_dict(),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "uncertainty_head": model.n_heads - 1 if uncertainty_head else None,
+            "metadata": metadata or {},
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(info, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return directory
+
+
+def read_ensemble_info(directory: str | Path) -> dict[str, Any]:
+    """The parsed ``hydra_config.json`` of a saved ensemble, validated."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"{directory} is not a saved ensemble: no {CONFIG_FILE}") from None
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path} is not valid JSON: {e}") from e
+    if info.get("format") != FORMAT or info.get("version") != VERSION:
+        raise WeightsError(
+            f"{path}: expected format {FORMAT!r} version {VERSION}, "
+            f"found {info.get('format')!r} {info.get('version')!r}"
+        )
+    return info
+
+
+def load_saved_ensemble(
+    directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> HydraTransformer:
+    """Rebuild a saved ensemble exactly as it was saved (then optionally cast)."""
+    directory = Path(directory)
+    info = read_ensemble_info(directory)
+    try:
+        config = HydraTransformerConfig.from_dict(info["config"])
+    except (KeyError, TypeError, ConfigError) as e:
+        raise WeightsError(f"{directory / CONFIG_FILE}: invalid Hydra config ({e})") from e
+    try:
+        state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
+    except FileNotFoundError:
+        raise WeightsError(f"saved ensemble {directory} has no {WEIGHTS_FILE}") from None
+    except Exception as e:  # safetensors signals corruption with several exception types
+        raise WeightsError(f"cannot read {directory / WEIGHTS_FILE} (corrupt or truncated?): {e}") from e
+    saved_dtype = getattr(torch, info.get("dtype", "float32"))
+    model = config.build(init_device="meta").to_empty(device=device).to(saved_dtype)
+    model.reset_rope()
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise WeightsError(
+            f"{directory / WEIGHTS_FILE} does not match its config: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}, wrong shapes {wrong[:3]}"
+        )
+    model.load_state_dict(state)
+    model.uncertainty_head = info.get("uncertainty_head")
+    if dtype is not None and dtype != saved_dtype:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def load_ensemble(
+    base: str | Path,
+    adapters: Sequence[str | Path | LoraAdapter | None],
+    uncertainty_adapter: str | Path | LoraAdapter | None = None,
+    heads_depth: int | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+) -> HydraTransformer:
+    """A deployable ensemble: base checkpoint, one adapter (or None for the plain clone) per text
+    head, and an optional uncertainty head placed last."""
+    from olmo_tap.weights.loading import load_hydra
+
+    if not adapters:
+        raise ValueError("load_ensemble needs at least one text head (adapters may be [None, ...])")
+    heads: list[str | Path | LoraAdapter | None] = list(adapters)
+    if uncertainty_adapter is not None:
+        heads.append(uncertainty_adapter)
+    model = load_hydra(base, n_heads=len(heads), heads_depth=heads_depth, dtype=dtype, device=device)
+    for head, adapter in enumerate(heads):
+        if adapter is not None:
+            merge_lora(model, head, adapter if isinstance(adapter, LoraAdapter) else load_lora(adapter))
+    model.uncertainty_head = model.n_heads - 1 if uncertainty_adapter is not None else None
+    return model

@@ -1,0 +1,190 @@
+"""GGUF files (llama.cpp's format, e.g. the embedded SmolLM2) -> ``TransformerConfig`` + HF-named float32 tensors.
+
+Only ``general.architecture == "llama"`` is supported. Quantized tensors are dequantized with the ``gguf``
+package (the same code transformers' GGUF loader uses), so the result equals transformers' own load.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from olmo_tap.model.config import ConfigError, TransformerConfig
+from olmo_tap.weights.errors import WeightsError
+from olmo_tap.weights.hf import validate_hf_state
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",  # Llama is pre-norm: this norm precedes attention ...
+    "ffn_norm": "post_attention_layernorm",  # ... and this one precedes the FFN
+}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """The HF name of a llama GGUF tensor (``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``)."""
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    match = _BLOCK_RE.fullmatch(name)
+    if match and match.group(2) in _BLOCK_NAMES:
+        return f"model.layers.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}.weight"
+    return None
+
+
+def unpermute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's reordering of the q or k projection rows (``n_heads`` = kv heads for k).
+
+    HF rotates each head's first half of dimensions against its second half; llama.cpp rotates adjacent pairs.
+    Its converter therefore reorders every head's rows from ``[0, 1, ..., h-1 | h, ..., 2h-1]`` to
+    ``[0, h, 1, h+1, ...]``: it views the rows as (heads, 2, h) and swaps the last two axes. Viewing the GGUF rows
+    as (heads, h, 2) and swapping back restores HF's order.
+    """
+    rows = weight.shape[0]
+    if rows % (2 * n_heads):
+        raise WeightsError(f"cannot undo the rotary row order: {rows} rows do not split into {n_heads} heads x pairs")
+    half = rows // n_heads // 2
+    return weight.reshape(n_heads, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def _metadata(reader: Any, key: str, source: Path, default: Any = ...) -> Any:
+    """One metadata value; ``default`` when absent (a missing key without a default is an error)."""
+    field = reader.fields.get(key)
+    if field is None:
+        if default is ...:
+            raise WeightsError(f"GGUF file {source} lacks metadata key {key!r}")
+        return default
+    try:
+        return field.contents()
+    except Exception as e:  # the gguf package raises assorted errors on malformed fields
+        raise WeightsError(f"GGUF file {source}: cannot read metadata key {key!r}: {e}") from e
+
+
+def _config_from_gguf(reader: Any, source: Path) -> TransformerConfig:
+    arch = _metadata(reader, "general.architecture", source)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(
+            f"{source}: unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+    def meta(key: str, default: Any = ...) -> Any:
+        return _metadata(reader, f"{arch}.{key}", source, default)
+
+    scaling = meta("rope.scaling.type", None)
+    if scaling not in (None, "none"):
+        raise ConfigError(f"{source}: unsupported rope scaling type {scaling!r}; only unscaled RoPE")
+    d_model, n_heads = meta("embedding_length"), meta("attention.head_count")
+    if isinstance(n_heads, list):
+        raise ConfigError(f"{source}: per-layer head counts are unsupported")
+    head_dim = meta("attention.key_length", None) or (d_model // n_heads if n_heads else 0)
+    for key in ("attention.value_length", "rope.dimension_count"):
+        value = meta(key, head_dim)
+        if value != head_dim:  # partial rotary or a different value width: not in our layer implementation
+            raise ConfigError(f"{source}: {arch}.{key} = {value} differs from head_dim {head_dim}; unsupported")
+
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise WeightsError(f"GGUF file {source} has no token_embd.weight tensor")
+    try:
+        return TransformerConfig(
+            family="llama",
+            vocab_size=int(tensors["token_embd.weight"].shape[-1]),  # ggml shapes are (cols, rows)
+            d_model=d_model,
+            n_layers=meta("block_count"),
+            n_heads=n_heads,
+            n_kv_heads=meta("attention.head_count_kv", n_heads),
+            head_dim=head_dim,
+            ffn_hidden=meta("feed_forward_length"),
+            rope_theta=float(meta("rope.freq_base", 10000.0)),
+            norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
+            tie_embeddings="output.weight" not in tensors,
+            max_seq_len=meta("context_length", 2048),
+            bos_token_id=_metadata(reader, "tokenizer.ggml.bos_token_id", source, None),
+            eos_token_id=_metadata(reader, "tokenizer.ggml.eos_token_id", source, None),
+        )
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: {e}") from e
+
+
+def read_gguf(
+    path: str | Path, progress: bool = False, bar: Any | None = None
+) -> tuple[TransformerConfig, dict[str, torch.Tensor]]:
+    """Read a llama-architecture GGUF file into (config, HF-named float32 tensors).
+
+    q/k rows are restored to HF's rotary layout. ``lm_head.weight`` is absent when the embeddings are tied.
+    ``bar``: an existing tqdm bar to advance once per tensor (its total is raised by the tensor count);
+    otherwise ``progress`` shows a bar of its own.
+    """
+    source = Path(path).expanduser()
+    if not source.exists():
+        raise WeightsError(f"GGUF file {source} does not exist")
+    if not source.is_file():
+        raise WeightsError(f"{source} is not a file (expected a .gguf file)")
+    try:
+        from gguf import GGUFReader
+        from gguf.quants import dequantize
+    except ImportError as e:
+        raise WeightsError(f"reading {source} needs the 'gguf' package: pip install gguf") from e
+    try:
+        reader = GGUFReader(source)
+    except Exception as e:  # bad magic, truncated data and bad offsets all surface differently
+        raise WeightsError(f"cannot read GGUF file {source}: {type(e).__name__}: {e} (not GGUF, or truncated?)") from e
+    cfg = _config_from_gguf(reader, source)
+
+    unknown = [t.name for t in reader.tensors if gguf_to_hf_name(t.name) is None]
+    if "rope_freqs.weight" in unknown:  # Llama-3.1-style frequency scaling
+        raise ConfigError(f"{source}: rope frequency scaling (rope_freqs.weight) is unsupported")
+    if unknown:
+        raise WeightsError(f"GGUF file {source} has tensors olmo-tap does not know: {', '.join(unknown[:5])}")
+
+    own_bar = None
+    if bar is None and progress:
+        from tqdm.auto import tqdm
+
+        bar = own_bar = tqdm(total=0, desc=f"reading {source.name}", unit="tensor")
+    if bar is not None:
+        bar.total = (bar.total or 0) + len(reader.tensors)
+        bar.refresh()
+    state: dict[str, torch.Tensor] = {}
+    try:
+        for tensor in reader.tensors:
+            hf_name = gguf_to_hf_name(tensor.name)
+            assert hf_name is not None  # checked above
+            try:
+                values = dequantize(tensor.data, tensor.tensor_type)
+            except Exception as e:
+                raise WeightsError(
+                    f"GGUF file {source}: cannot dequantize {tensor.name} ({tensor.tensor_type.name}): {e}"
+                ) from e
+            # Copy: the reader memory-maps the file read-only, and we want an owned float32 tensor.
+            weight = torch.from_numpy(np.array(values, dtype=np.float32, copy=True))
+            shape = tuple(int(n) for n in reversed(tensor.shape))  # ggml lists dimensions innermost first
+            if tuple(weight.shape) != shape:
+                raise WeightsError(f"GGUF file {source}: {tensor.name} decoded to {tuple(weight.shape)}, not {shape}")
+            if hf_name.endswith("q_proj.weight"):
+                weight = unpermute_rope_rows(weight, cfg.n_heads)
+            elif hf_name.endswith("k_proj.weight"):
+                weight = unpermute_rope_rows(weight, cfg.n_kv_heads)
+            state[hf_name] = weight
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if own_bar is not None:
+            own_bar.close()
+    return cfg, validate_hf_state(cfg, state, str(source))

