@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import Any
 
 from olmo_tap.model.config import ConfigError
@@ -74,40 +73,70 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_decoder(args: argparse.Namespace, model: Any, tokenizer: Any) -> Any:
+    from olmo_tap.inference.poe import PoE
+
+    return PoE(
+        model,
+        tokenizer,
+        gamma=args.gamma,
+        beta=args.beta,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        veto_threshold=args.veto,
+        draft_head=args.draft_head,
+        mode=args.mode,
+        head=args.draft_head,
+    )
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from olmo_tap.inference.decoding import decode_single_head
-    from olmo_tap.inference.prompts import encode_chat, stop_token_ids
-    from olmo_tap.inference.text import TextStream
+    import json
+
+    from olmo_tap.terminal import TrustPrinter
 
     model, tokenizer = load_model_and_tokenizer(args)
+    decoder = build_decoder(args, model, tokenizer)
     temperature = 0.0 if args.greedy else args.temperature
-    prompt_ids = encode_chat(tokenizer, args.prompt)
-    stream = TextStream(tokenizer)
-    start = time.perf_counter()
-    n_tokens = 0
-    for token in decode_single_head(
-        model,
-        prompt_ids,
-        max_new_tokens=args.max_new_tokens,
-        head=args.head,
-        temperature=temperature,
-        seed=args.seed,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        stop_ids=stop_token_ids(tokenizer, model.base_config.eos_token_id),
-        vocab_limit=len(tokenizer),
-    ):
-        n_tokens += 1
-        sys.stdout.write(stream.push(token))
-        sys.stdout.flush()
-    sys.stdout.write(stream.flush() + "\n")
-    elapsed = time.perf_counter() - start
-    mode = "greedy" if temperature == 0 else f"T={temperature:g}, seed {args.seed}"
-    print(
-        f"[single head {args.head}, {mode}] {n_tokens} tokens in {elapsed:.2f} s "
-        f"({n_tokens / elapsed:.1f} tok/s, incl. prefill)",
-        file=sys.stderr,
-    )
+    printer = TrustPrinter(sys.stdout, color=sys.stdout.isatty() and not args.no_color)
+    if args.chat:
+        return chat_loop(decoder, temperature, args, printer)
+    stream = decoder.stream(args.prompt, is_mcq=args.mcq, temperature=temperature)
+    for event in stream:
+        if not args.json:
+            printer.token(event)
+    output = stream.output
+    if args.json:
+        print(json.dumps(output.to_dict(), indent=2))
+    else:
+        printer.end()
+    if args.save:
+        from olmo_tap.inference.transcript import save_transcript
+
+        save_transcript(output, args.save, model=args.model)
+    print(printer.summary(output), file=sys.stderr)
+    return 0
+
+
+def chat_loop(decoder: Any, temperature: float, args: argparse.Namespace, printer: Any) -> int:
+    """Interactive multi-turn chat on stdin/stdout; an empty line or EOF ends it."""
+    messages: list[dict[str, str]] = []
+    print("olmo-tap chat: type a message, an empty line or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        print("jury> ", end="", flush=True)
+        stream = decoder.stream(messages=messages, temperature=temperature, is_mcq=args.mcq)
+        for event in stream:
+            printer.token(event)
+        printer.end()
+        print(printer.summary(stream.output), file=sys.stderr)
+        messages.append({"role": "assistant", "content": stream.output.text})
     return 0
 
 
@@ -121,22 +150,34 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(info)
     info.set_defaults(func=cmd_info)
 
-    gen = sub.add_parser("generate", help="generate an answer to a prompt, streaming it to the terminal")
-    gen.add_argument("prompt", help="the user message")
+    gen = sub.add_parser("generate", help="answer a prompt with the jury, streaming it with its trust signals")
+    gen.add_argument("prompt", nargs="?", help="the user message (not needed with --chat)")
     add_model_args(gen)
+    gen.add_argument("--mode", choices=["poe", "naive", "single"], default="poe", help="decoder (default: poe)")
     gen.add_argument("--max-new-tokens", type=int, default=200)
-    gen.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
+    gen.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature (default 0 = greedy; try 0.7)"
+    )
     gen.add_argument("--greedy", action="store_true", help="greedy decoding (same as --temperature 0)")
-    gen.add_argument("--seed", type=int, default=0, help="seed of the replayable sampling noise")
-    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    gen.add_argument("--head", type=int, default=0, help="which head decodes")
+    gen.add_argument("--seed", type=int, default=None, help="seed of every random draw (default: random, reported)")
+    gen.add_argument("--gamma", type=int, default=4, help="draft tokens per round (speed only)")
+    gen.add_argument("--beta", type=float, default=1.0, help="inverse temperature of the verifiers' product")
+    gen.add_argument("--veto", type=float, default=None, help="veto threshold tau in [0, 1) (default: soft PoE)")
+    gen.add_argument("--draft-head", type=int, default=None, help="fixed draft head (single mode: the head used)")
+    gen.add_argument("--mcq", action="store_true", help="multiple choice: report p(correct) from the uncertainty head")
+    gen.add_argument("--json", action="store_true", help="print the full PoEOutput as JSON instead of text")
+    gen.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
+    gen.add_argument("--save", default=None, help="write a transcript (JSON) for `olmo-tap audit`")
+    gen.add_argument("--no-color", action="store_true", help="plain text even on a terminal")
     gen.set_defaults(func=cmd_generate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "generate" and not args.chat and not args.prompt:
+        parser.error("generate needs a prompt (or --chat)")
     try:
         return args.func(args)
     except (WeightsError, ConfigError, ValueError) as e:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from olmo_tap.cli import main
-from olmo_tap.inference.decoding import decode_single_head
-from olmo_tap.inference.prompts import encode_chat, stop_token_ids
+from olmo_tap.inference.poe import PoE
+from olmo_tap.inference.prompts import encode_chat
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -35,22 +35,30 @@ def test_logits_equal_transformers_gguf_load(smollm):
         torch.testing.assert_close(ours[head], expected, atol=1e-3, rtol=0)
 
 
-def test_greedy_answer_names_paris(smollm):
+@pytest.mark.parametrize("mode", ["single", "poe"])
+def test_greedy_answer_names_paris(smollm, mode):
     model, tokenizer = smollm
-    prompt = encode_chat(tokenizer, "What is the capital of France?")
-    tokens = list(
-        decode_single_head(
-            model, prompt, max_new_tokens=24, stop_ids=stop_token_ids(tokenizer), vocab_limit=len(tokenizer)
-        )
+    out = PoE(model, tokenizer, max_new_tokens=24, mode=mode).generate_with_cache(
+        "What is the capital of France?", temperature=0
     )
-    assert "Paris" in tokenizer.decode(tokens, skip_special_tokens=True)
+    assert "Paris" in out.text and out.finish_reason == "eos"
+
+
+def test_text_pieces_join_to_the_decoded_answer_across_multibyte_characters(smollm):
+    model, tokenizer = smollm
+    decoder = PoE(model, tokenizer, max_new_tokens=40, seed=1)
+    out = decoder.generate_with_cache(
+        "Reply with three emoji about the sea, like 🌊🐟🐚, and nothing else.", temperature=0.9
+    )
+    assert "".join(out.output_parts[1:]) == tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    assert any(ord(c) > 0xFFFF for c in out.text), out.text  # the answer holds 4-byte characters
 
 
 def test_cli_generate_and_info(smollm, capsys):
     assert main(["generate", "What is the capital of France?", "--greedy", "--max-new-tokens", "20"]) == 0
     captured = capsys.readouterr()
     assert "Paris" in captured.out
-    assert "tok/s" in captured.err
+    assert "tok/s" in captured.err and "acceptance" in captured.err and "certified by the jury" in captured.err
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "30 = trunk 27 + 5 heads x 3" in out and "tied lm_head: True" in out
@@ -61,15 +69,16 @@ def test_cli_reports_bad_model_cleanly(capsys, olmo_tap_cache):
     assert "olmo-tap: error:" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("sampled", [False, True])
-def test_decoding_is_reproducible_and_bounded(smollm, sampled):
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_poe_is_reproducible_and_gamma_free_on_the_real_model(smollm, temperature):
     model, tokenizer = smollm
-    prompt = encode_chat(tokenizer, "Name a colour.")
-    kwargs = dict(max_new_tokens=12, temperature=0.9 if sampled else 0.0, seed=5, vocab_limit=len(tokenizer))
-    first = list(decode_single_head(model, prompt, **kwargs))
-    assert first == list(decode_single_head(model, prompt, **kwargs))
-    assert len(first) <= 12
+    runs = [
+        PoE(model, tokenizer, gamma=gamma, max_new_tokens=24, seed=5).generate_with_cache(
+            "Name a colour.", temperature=temperature
+        )
+        for gamma in (1, 4)
+    ]
+    assert runs[0].token_ids == runs[1].token_ids
+    assert len(runs[0].token_ids) <= 24
     with pytest.raises(ValueError, match="exceeds the model's context"):
-        list(decode_single_head(model, prompt, max_new_tokens=10_000))
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
-        list(decode_single_head(model, prompt, max_new_tokens=4, temperature=-1))
+        PoE(model, tokenizer, max_new_tokens=10_000).generate_with_cache("Name a colour.")

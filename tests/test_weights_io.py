@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import socket
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -223,6 +224,18 @@ def test_missing_and_unexpected_tensors(llama_dir: tuple[Path, torch.nn.Module])
     assert "1 unexpected tensor(s): model.layers.0.self_attn.q_proj.bias" in str(info.value)
 
 
+def test_tied_checkpoint_with_saved_lm_head(tmp_path: Path) -> None:
+    model = tiny_model("llama", tied=True)
+    model.config.save_pretrained(tmp_path)
+    state = hf_state(model)
+    embed = state["model.embed_tokens.weight"]
+    save_file({**state, "lm_head.weight": embed.clone()}, str(tmp_path / "model.safetensors"))
+    assert "lm_head.weight" not in read_hf_dir(tmp_path)[1]  # a copy of the embedding is dropped
+    save_file({**state, "lm_head.weight": embed + 1}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(WeightsError, match=r"ties the embeddings .* but lm_head\.weight differs"):
+        read_hf_dir(tmp_path)
+
+
 def test_unsupported_model_type_on_disk(llama_dir: tuple[Path, torch.nn.Module]) -> None:
     directory, _ = llama_dir
     config = json.loads((directory / "config.json").read_text())
@@ -253,6 +266,22 @@ def test_hub_unreachable_fails_fast() -> None:
     message = str(info.value)
     assert "could not reach the Hugging Face hub" in message and "olmo-tap-tests/no-such-model" in message
     assert "HF_HUB_OFFLINE" in message and "preset" in message
+
+
+def test_hanging_hub_times_out() -> None:
+    """A hub that accepts connections but never answers (a stalled proxy) fails after ``timeout``, not minutes."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    try:
+        start = time.perf_counter()
+        with pytest.raises(WeightsError, match=r"could not reach the Hugging Face hub .*Timeout"):
+            download_from_hub(
+                "olmo-tap-tests/no-such-model", endpoint=f"http://127.0.0.1:{server.getsockname()[1]}", timeout=1
+            )
+        assert time.perf_counter() - start < 10
+    finally:
+        server.close()
 
 
 def test_hub_offline_mode(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,6 +25,7 @@ class Purpose(StrEnum):
     SAMPLE = "sample"  # the emitted token of a plain decoder, or the PoE draft
     ACCEPT = "accept"  # the uniform of the speculative acceptance test
     RESAMPLE = "resample"  # the corrected-distribution draw after a rejection
+    DRAFT_HEAD = "draft-head"  # which head drafts, drawn once per generation (position -1)
 
 
 def stream_seed(seed: int, position: int, purpose: Purpose | str) -> int:

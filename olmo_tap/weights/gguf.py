@@ -172,8 +172,10 @@ def read_gguf(
                 raise WeightsError(
                     f"GGUF file {source}: cannot dequantize {tensor.name} ({tensor.tensor_type.name}): {e}"
                 ) from e
-            # Copy: the reader memory-maps the file read-only, and we want an owned float32 tensor.
-            weight = torch.from_numpy(np.array(values, dtype=np.float32, copy=True))
+            values = np.asarray(values, dtype=np.float32)
+            if np.may_share_memory(values, tensor.data):  # float32 tensors come back as views of the read-only map
+                values = values.copy()
+            weight = torch.from_numpy(values)
             shape = tuple(int(n) for n in reversed(tensor.shape))  # ggml lists dimensions innermost first
             if tuple(weight.shape) != shape:
                 raise WeightsError(f"GGUF file {source}: {tensor.name} decoded to {tuple(weight.shape)}, not {shape}")

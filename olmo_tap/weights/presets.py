@@ -124,9 +124,11 @@ def _sha256(path: Path) -> str:
 def convert_gguf(path: str | Path, progress: bool = True) -> Path:
     """The cached HF-style directory converted from GGUF file ``path``, converting it on first use.
 
-    Entries are keyed by the file's content hash (``<stem>-<sha256[:16]>``). A conversion is built in a hidden
-    temporary directory and renamed into place at the end, so an interrupted one never leaves a half entry;
-    a leftover ``.<name>.*.tmp`` directory from a killed process is safe to delete.
+    Entries are keyed by the file's content hash (``<stem>-<sha256[:16]>``): a copy of an already converted file
+    at another path reuses the entry, and the file an entry was converted from (same path, size and mtime) finds
+    it without hashing. A conversion is built in a hidden temporary directory and renamed into place at the end,
+    so an interrupted one never leaves a half entry; a leftover ``.<name>.*.tmp`` directory from a killed process
+    is safe to delete.
     """
     gguf_path = Path(path).expanduser().resolve()
     if not gguf_path.is_file():
@@ -136,14 +138,15 @@ def convert_gguf(path: str | Path, progress: bool = True) -> Path:
     if hit is not None:
         return hit
     digest = _sha256(gguf_path)
+    for entry in sorted(root.glob(f"[!.]*-{digest[:16]}")):  # same content converted before, from another path
+        marker = _read_marker(entry)
+        if marker is not None and marker.get("sha256") == digest:
+            return entry
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", gguf_path.stem)[:80]
     target = root / f"{stem}-{digest[:16]}"
-    if target.is_dir():
-        if _read_marker(target) is not None:  # same content converted before, from another path
-            return target
-        shutil.rmtree(target)  # not ours or from an older format: rebuild it
-
     try:
+        if target.is_dir():
+            shutil.rmtree(target)  # no valid marker: from an older cache format, so rebuild it
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=root))
         tmp.chmod(0o755)  # mkdtemp makes it private; the finished entry should be readable like any cache file
