@@ -23,7 +23,7 @@ from torch import nn
 
 from olmo_tap.model.config import ConfigError, TransformerConfig
 from olmo_tap.model.kv_cache import CacheOverflowError, KVCache
-from olmo_tap.model.layers import Block, RMSNorm, rope_tables
+from olmo_tap.model.layers import Block, RMSNorm, rope_for_span, rope_tables
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ class HydraTransformer(nn.Module):
         self.lm_head = nn.Parameter(torch.empty(c.d_model, c.vocab_size).normal_(std=0.02))
         cos, sin = rope_tables(c)
         self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_signed_sin", sin, persistent=False)
         # Index of the head trained to score answers (by convention the last), if any.
         self.uncertainty_head: int | None = None
         self._cache_len = 0  # 0: no cache
@@ -167,7 +167,7 @@ class HydraTransformer(nn.Module):
     def reset_rope(self) -> None:
         """Recompute the rotary tables (after materialising a model built on the meta device)."""
         cos, sin = rope_tables(self.base_config, self.device)
-        self.rope_cos, self.rope_sin = cos, sin
+        self.rope_cos, self.rope_signed_sin = cos, sin
 
     @property
     def device(self) -> torch.device:
@@ -256,7 +256,7 @@ class HydraTransformer(nn.Module):
         x = self.embed(input_ids).unsqueeze(0)
         rope = self._rope(start, seq)
         for block in self.trunk:
-            x = block(x, slice(0, 1), start, rope, cached)
+            x = block.forward(x, slice(0, 1), start, rope, cached)  # .forward: skip nn.Module hook dispatch
         if cached:
             self._trunk_pos = start + seq
         return x[0]
@@ -302,7 +302,7 @@ class HydraTransformer(nn.Module):
             sel = slice(run.start, run.stop)
             rope = self._rope(start, seq)
             for block in self.heads:
-                x = block(x, sel, start, rope, cached)
+                x = block.forward(x, sel, start, rope, cached)
             if cached:
                 for h in run:
                     self._head_pos[h] = start + seq
@@ -381,8 +381,8 @@ class HydraTransformer(nn.Module):
         return positions.pop()
 
     def _rope(self, start: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin rows of positions [start, start + seq), cast once per forward rather than per layer."""
-        return self.rope_cos[start : start + seq].to(self.dtype), self.rope_sin[start : start + seq].to(self.dtype)
+        """Rotary tables of positions [start, start + seq), built once per forward rather than per layer."""
+        return rope_for_span(self.rope_cos, self.rope_signed_sin, self.base_config, start, seq, self.dtype)
 
     def _check_positions(self, start: int, seq: int, cached: bool, batch: int) -> None:
         if start < 0:

@@ -157,6 +157,7 @@ class PoE:
     :param draft_head: fixed draft head (None: chosen from the seed).
     :param mode: "poe", "naive" (average all text heads' logits every step) or "single" (one head).
     :param head: the head used by mode "single" (default: the draft head).
+    :param ignore_eos: keep going past end-of-text (fixed-length runs for benchmarks).
     """
 
     def __init__(
@@ -173,6 +174,7 @@ class PoE:
         draft_head: int | None = None,
         mode: Mode = "poe",
         head: int | None = None,
+        ignore_eos: bool = False,
     ) -> None:
         if n_llm_heads is None:
             n_llm_heads = model.n_heads - (1 if model.uncertainty_head is not None else 0)
@@ -204,7 +206,7 @@ class PoE:
         self.mode: Mode = mode
         self.head = head
         self.vocab_limit = min(len(tokenizer), model.base_config.vocab_size)
-        self.stop_ids = stop_token_ids(tokenizer, model.base_config.eos_token_id)
+        self.stop_ids = frozenset() if ignore_eos else stop_token_ids(tokenizer, model.base_config.eos_token_id)
         self.A_id = tokenizer.encode("A", add_special_tokens=False)[0]
         self.B_id = tokenizer.encode("B", add_special_tokens=False)[0]
 
@@ -223,11 +225,21 @@ class PoE:
         temperature: float | None = 0.98,
         messages: list[dict[str, Any]] | None = None,
         seed: int | None = None,
+        prompt_ids: list[int] | None = None,
     ) -> PoEStream:
-        """Start decoding; iterate the result for TokenEvents, then read its ``output``."""
+        """Start decoding; iterate the result for TokenEvents, then read its ``output``.
+
+        ``prompt_ids`` (already templated token ids) replace the prompt text when given.
+        """
         temperature = check_temperature(temperature)
-        conversation = normalise_messages(prompt_text, messages)
-        prompt_ids = encode_chat(self.tokenizer, messages=conversation)
+        if prompt_ids is not None:
+            prompt_ids = [int(i) for i in prompt_ids]
+            if not prompt_ids or not all(0 <= i < self.vocab_limit for i in prompt_ids):
+                raise ValueError(f"prompt_ids must be a non-empty list of token ids in [0, {self.vocab_limit})")
+            conversation = [{"role": "user", "content": self.tokenizer.decode(prompt_ids, skip_special_tokens=True)}]
+        else:
+            conversation = normalise_messages(prompt_text, messages)
+            prompt_ids = encode_chat(self.tokenizer, messages=conversation)
         context = self.model.base_config.max_seq_len
         if len(prompt_ids) + self.max_new_tokens > context:
             raise ValueError(
@@ -304,9 +316,12 @@ class PoE:
         messages: list[dict[str, Any]] | None = None,
         seed: int | None = None,
         on_token: Callable[[TokenEvent], None] | None = None,
+        prompt_ids: list[int] | None = None,
     ) -> PoEOutput:
         """Decode a whole response (``messages`` win over ``prompt_text``); temperature None or 0 is greedy."""
-        stream = self.stream(prompt_text, is_mcq=is_mcq, temperature=temperature, messages=messages, seed=seed)
+        stream = self.stream(
+            prompt_text, is_mcq=is_mcq, temperature=temperature, messages=messages, seed=seed, prompt_ids=prompt_ids
+        )
         for event in stream:
             if on_token is not None:
                 on_token(event)

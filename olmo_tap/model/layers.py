@@ -24,14 +24,20 @@ from olmo_tap.model.kv_cache import KVCache
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_in_fp32: bool) -> torch.Tensor:
-    """RMSNorm computed in fp32. OLMo-2 multiplies the weight before casting
-    back to the input dtype, Llama after; the two differ only below fp32."""
+    """RMSNorm over the last dimension. ``weight`` is (dim,) or broadcastable per tower.
+
+    fp32 runs PyTorch's fused kernel. Lower precisions normalise in fp32 like the reference
+    models: OLMo-2 multiplies the weight before casting back, Llama after.
+    """
+    if x.dtype == torch.float32:
+        if weight.ndim == 1:
+            return F.rms_norm(x, (x.size(-1),), weight, eps)
+        return F.rms_norm(x, (x.size(-1),), None, eps) * weight
     dtype = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    normed = F.rms_norm(x.float(), (x.size(-1),), None, eps)
     if weight_in_fp32:
-        return (weight.float() * x).to(dtype)
-    return weight * x.to(dtype)
+        return (weight.float() * normed).to(dtype)
+    return weight * normed.to(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -45,15 +51,21 @@ class RMSNorm(nn.Module):
         """Normalise ``x``; with ``towers``, x is (n_sel, ..., dim) and tower i uses weight[i]."""
         weight = self.weight
         if towers is not None:
-            weight = weight[towers]
-            weight = weight.view(weight.size(0), *([1] * (x.ndim - 2)), weight.size(-1))
+            if weight.size(0) == 1:
+                weight = weight[0]  # a single tower: the fused kernel takes the weight directly
+            else:
+                weight = weight[towers]
+                weight = weight.view(weight.size(0), *([1] * (x.ndim - 2)), weight.size(-1))
         return rms_norm(x, weight, self.eps, self.weight_in_fp32)
 
 
 def rope_tables(
     config: TransformerConfig, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (max_seq_len, head_dim) for rotate-half RoPE, in fp32."""
+    """cos and signed-sin tables (max_seq_len, head_dim) for rotate-half RoPE, in fp32.
+
+    The sin table's first half is negated so that rotate_half(x) * sin == roll(x, half) * signed_sin.
+    """
     inv_freq = 1.0 / (
         config.rope_theta
         ** (torch.arange(0, config.head_dim, 2, dtype=torch.int64, device=device).float() / config.head_dim)
@@ -61,13 +73,26 @@ def rope_tables(
     positions = torch.arange(config.max_seq_len, dtype=torch.int64, device=device).float()
     freqs = torch.outer(positions, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    half = config.head_dim // 2
+    sin = emb.sin()
+    return emb.cos(), torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.size(-1) // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def rope_for_span(
+    cos: torch.Tensor, signed_sin: torch.Tensor, config: TransformerConfig, start: int, seq: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tables for positions [start, start + seq) shaped (q_heads + kv_heads, seq, head_dim), with the
+    attention scale 1/sqrt(head_dim) folded into the query rows: rotating q and k then scales q for free."""
+    c = config
+    scale = torch.ones(c.n_heads + c.n_kv_heads, 1, 1, dtype=torch.float32, device=cos.device)
+    scale[: c.n_heads] = 1.0 / math.sqrt(c.head_dim)
+    span = slice(start, start + seq)
+    return (cos[span] * scale).to(dtype), (signed_sin[span] * scale).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, in three ops."""
+    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), signed_sin)
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -85,18 +110,19 @@ SMALL_QUERY = 16
 def small_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention for the last ``s`` positions of a sequence of ``key_len``, GQA without repeating keys.
 
-    q: (batch, heads, s, head_dim); k, v: (batch, kv_heads, key_len, head_dim).
+    q: (batch, heads, s, head_dim), already scaled; k, v: (batch, kv_heads, key_len, head_dim).
     """
     batch, n_heads, s, head_dim = q.shape
     n_kv, key_len = k.size(1), k.size(2)
     group = n_heads // n_kv
     # Queries sharing a kv head are stacked as rows of one matrix: (batch, kv, group * s, head_dim).
-    q = q.reshape(batch, n_kv, group * s, head_dim)
-    scores = (q @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(head_dim))
+    scores = q.reshape(batch, n_kv, group * s, head_dim) @ k.transpose(-1, -2)
     if s > 1:
         allowed = torch.ones(s, key_len, dtype=torch.bool, device=q.device).tril(diagonal=key_len - s)
         scores = scores.masked_fill(~allowed.repeat(group, 1), float("-inf"))
-    probs = scores.softmax(dim=-1).to(v.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if v.dtype != torch.float32:
+        probs = probs.to(v.dtype)
     return (probs @ v).reshape(batch, n_heads, s, head_dim)
 
 
@@ -135,7 +161,7 @@ class Block(nn.Module):
         use_cache: bool,
     ) -> torch.Tensor:
         """x: (n_sel, batch, seq, d_model) for the contiguous towers ``sel``, whose first token
-        sits at absolute position ``start``; ``rope`` holds that span's cos/sin rows in x's dtype."""
+        sits at absolute position ``start``; ``rope`` holds that span's tables (see ``rope_for_span``)."""
         if self.olmo2:
             h = x + self.attn_norm(self._attention(x, sel, start, rope, use_cache), sel)
             return h + self.ffn_norm(self._ffn(h, sel), sel)
@@ -163,7 +189,7 @@ class Block(nn.Module):
             qkv = torch.cat((self.q_norm(q, sel), self.k_norm(k, sel), v), dim=-1)
         # -> (n, b, heads, s, head_dim); q and k are rotated in one go
         heads = qkv.view(n, b, s, c.n_heads + 2 * c.n_kv_heads, c.head_dim).transpose(2, 3)
-        qk = apply_rope(heads[:, :, : c.n_heads + c.n_kv_heads], *rope)
+        qk = apply_rope(heads[:, :, : c.n_heads + c.n_kv_heads], *rope)  # also scales q
         q, k = qk.split((c.n_heads, c.n_kv_heads), dim=2)
         v = heads[:, :, c.n_heads + c.n_kv_heads :]
 
@@ -180,7 +206,7 @@ class Block(nn.Module):
             # query i sits at absolute position key_len - s + i and sees keys up to it
             mask = torch.ones(s, key_len, dtype=torch.bool, device=x.device).tril(diagonal=key_len - s)
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(c.head_dim), enable_gqa=c.n_kv_heads != c.n_heads
+                q, k, v, attn_mask=mask, scale=1.0, enable_gqa=c.n_kv_heads != c.n_heads
             )
         out = out.view(n, b, c.n_heads, s, c.head_dim).transpose(2, 3).reshape(n, b * s, c.q_dim)
         return matmul(out, self.wo[sel]).view(n, b, s, d)
