@@ -23,7 +23,7 @@ from torch import nn
 
 from olmo_tap.model.config import ConfigError, TransformerConfig
 from olmo_tap.model.kv_cache import CacheOverflowError, KVCache
-from olmo_tap.model.layers import Block, RMSNorm, rope_for_span, rope_tables
+from olmo_tap.model.layers import Block, PackedWeights, RMSNorm, linear, rope_for_span, rope_tables
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,7 @@ class HydraTransformer(nn.Module):
         self.norm = RMSNorm((c.d_model,), c.norm_eps, c.family == "olmo2")
         # Stored (d_model, vocab) and applied as x @ w, like the block weights.
         self.lm_head = nn.Parameter(torch.empty(c.d_model, c.vocab_size).normal_(std=0.02))
+        self._packed_lm_head = PackedWeights()
         cos, sin = rope_tables(c)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_signed_sin", sin, persistent=False)
@@ -295,8 +296,7 @@ class HydraTransformer(nn.Module):
         outputs = []
         for run in self._head_runs(indices, use_cache):
             cached = use_cache and self._cache_len > 0 and run.start not in self._uncached_heads
-            default_start = self._run_position(run) if cached else 0
-            start = default_start if start_pos is None else start_pos
+            start = start_pos if start_pos is not None else (self._run_position(run) if cached else 0)
             self._check_positions(start, seq, cached, hidden_states.size(0))
             x = hidden_states.unsqueeze(0).expand(len(run), *hidden_states.shape)
             sel = slice(run.start, run.stop)
@@ -313,7 +313,10 @@ class HydraTransformer(nn.Module):
         """Shared final norm and lm_head: (..., seq, d_model) -> (..., seq_out, vocab) logits."""
         if last_token_only:
             hidden = hidden[..., -1:, :]
-        return self.norm(hidden) @ self.lm_head
+        normed = self.norm(hidden)
+        flat = normed.reshape(1, -1, normed.size(-1))
+        logits = linear(flat, self.lm_head.unsqueeze(0), slice(0, 1), self._packed_lm_head)
+        return logits.view(*normed.shape[:-1], logits.size(-1))
 
     def forward(
         self,

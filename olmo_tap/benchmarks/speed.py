@@ -20,6 +20,7 @@ import torch
 
 from olmo_tap.hydra import HydraTransformer
 from olmo_tap.inference.poe import PoE
+from olmo_tap.model.layers import linear
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
@@ -41,24 +42,33 @@ def prompt_ids(tokenizer: Any, n_tokens: int) -> list[int]:
 
 
 def linear_layers_seconds(model: HydraTransformer, head: int, repeats: int) -> float:
-    """One token through just the linear layers of trunk + one head + lm_head, same shapes and dtype."""
-    weights = [w[0] for block in model.trunk for w in (block.wqkv, block.wo, block.w13, block.w2)]
-    weights += [w[head] for block in model.heads for w in (block.wqkv, block.wo, block.w13, block.w2)]
-    weights.append(model.lm_head)
-    inputs = {w.size(0): torch.randn(1, w.size(0), dtype=model.dtype, device=model.device) for w in weights}
+    """One token through just the linear layers of trunk + one head + lm_head: the same weights,
+    shapes, dtype and kernels (``olmo_tap.model.layers.linear``) as a decode step."""
+    calls = []
+    for block, tower in [(b, 0) for b in model.trunk] + [(b, head) for b in model.heads]:
+        for name in ("wqkv", "wo", "w13", "w2"):
+            calls.append((getattr(block, name), slice(tower, tower + 1), block._packed[name]))
+    calls.append((model.lm_head.unsqueeze(0), slice(0, 1), model._packed_lm_head))
+    inputs = {w.size(1): torch.randn(1, 1, w.size(1), dtype=model.dtype, device=model.device) for w, _, _ in calls}
 
     def run() -> None:
-        for w in weights:
-            inputs[w.size(0)] @ w
+        with torch.no_grad():
+            for w, sel, packed in calls:
+                linear(inputs[w.size(1)], w, sel, packed)
 
     return median_seconds(lambda: [run() for _ in range(32)], repeats) / 32
 
 
 def decode_seconds(
-    model: HydraTransformer, tokenizer: Any, ids: list[int], new_tokens: int, repeats: int, **kw
-) -> float:
+    model: HydraTransformer, tokenizer: Any, ids: list[int], new_tokens: int, repeats: int, **kw: Any
+) -> tuple[float, Any]:
+    """Median seconds of a greedy fixed-length decode, and the output of the last run."""
     decoder = PoE(model, tokenizer, max_new_tokens=new_tokens, ignore_eos=True, seed=0, **kw)
-    return median_seconds(lambda: decoder.generate_with_cache(prompt_ids=ids, temperature=0), repeats)
+    outputs = []
+    seconds = median_seconds(
+        lambda: outputs.append(decoder.generate_with_cache(prompt_ids=ids, temperature=0)), repeats
+    )
+    return seconds, outputs[-1]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,21 +125,30 @@ def main(argv: list[str] | None = None) -> None:
 
     for n_heads in (5, 9):
         hydra = HydraTransformer.from_pretrained(args.model, n_heads=n_heads, heads_depth=3, progress=False)
-        single_tps = n / decode_seconds(hydra, tokenizer, ids, n, args.repeats, mode="single", head=0)[0]
-        naive_tps = n / decode_seconds(hydra, tokenizer, ids, n, args.repeats, mode="naive")[0]
-        poe_seconds, out = decode_seconds(hydra, tokenizer, ids, n, args.repeats, gamma=4, draft_head=0)
-        poe_tps = n / poe_seconds
-        rows.append((f"{n_heads} heads x 3: single head", single_tps, ""))
-        rows.append((f"{n_heads} heads x 3: naive averaging", naive_tps, ""))
-        rows.append(
-            (
-                f"{n_heads} heads x 3: PoE gamma 4",
-                poe_tps,
-                f"{poe_tps / single_tps:.2f}x single, {poe_tps / naive_tps:.2f}x naive; "
-                f"acceptance {out.acceptance_rate:.2f}, {out.tokens_per_round:.2f} tokens/round",
-            )
-        )
-        del hydra
+        decoders = {
+            "single head": PoE(hydra, tokenizer, max_new_tokens=n, ignore_eos=True, seed=0, mode="single", head=0),
+            "naive averaging": PoE(hydra, tokenizer, max_new_tokens=n, ignore_eos=True, seed=0, mode="naive"),
+            "PoE gamma 4": PoE(hydra, tokenizer, gamma=4, max_new_tokens=n, ignore_eos=True, seed=0, draft_head=0),
+        }
+        # interleaved repetitions, so slow drifts of the machine hit every decoder alike
+        times: dict[str, list[float]] = {name: [] for name in decoders}
+        outputs = {}
+        for _ in range(args.repeats + 1):
+            for name, decoder in decoders.items():
+                start = time.perf_counter()
+                outputs[name] = decoder.generate_with_cache(prompt_ids=ids, temperature=0)
+                times[name].append(time.perf_counter() - start)
+        tps = {name: n / statistics.median(t[1:]) for name, t in times.items()}  # first run: warm-up
+        out = outputs["PoE gamma 4"]
+        for name in decoders:
+            note = ""
+            if name.startswith("PoE"):
+                note = (
+                    f"{tps[name] / tps['single head']:.2f}x single, {tps[name] / tps['naive averaging']:.2f}x naive; "
+                    f"acceptance {out.acceptance_rate:.2f}, {out.tokens_per_round:.2f} tokens/round"
+                )
+            rows.append((f"{n_heads} heads x 3: {name}", tps[name], note))
+        del hydra, decoders
 
     width = max(len(r[0]) for r in rows)
     for name, value, note in rows:

@@ -8,7 +8,8 @@ of the stack, with no Python loop over heads and no weight copies.
 Linear weights are stored as ``(n, in, out)`` and applied as ``x @ w``: on CPU
 this layout runs matrix-vector products markedly faster than ``F.linear``'s
 ``(out, in)`` (measured ~30% on SmolLM2's shapes), which is what decoding is.
-q/k/v and gate/up are fused so one decode step issues four matmuls per layer.
+q/k/v and gate/up are fused so one decode step issues four matmuls per layer. For
+inference on CPU the weights are additionally prepacked for oneDNN (``PackedWeights``).
 """
 
 from __future__ import annotations
@@ -95,8 +96,55 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), signed_sin)
 
 
-def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(n, T, in) @ (n, in, out) -> (n, T, out); a plain 2-D matmul when n == 1."""
+def onednn_packing_available(w: torch.Tensor) -> bool:
+    """Whether oneDNN can prepack ``w`` (a CPU fp32/bf16 weight in a build with oneDNN)."""
+    return (
+        w.device.type == "cpu"
+        and w.dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+class PackedWeights:
+    """oneDNN-prepacked copies of a weight stack (n, in, out), one per tower, for inference on CPU.
+
+    Measured on a 2-core EPYC: prepacked weights run SmolLM2's matrix-vector products ~10% (fp32)
+    and ~1.8x (bf16) faster than ``x @ w``, and 4-32-row products (verification, the lm_head of
+    several heads) 3-4x faster. The packs are rebuilt whenever the weight changes: every in-place
+    update of a parameter bumps its version counter (the loaders and LoRA merge write through the
+    parameter under no_grad, never through ``.data``).
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.packs: list[torch.Tensor] = []
+
+    def get(self, w: torch.Tensor) -> list[torch.Tensor]:
+        key = (w._version, w.data_ptr(), w.dtype, tuple(w.shape))
+        if key != self.key:
+            stack = w if w.ndim == 3 else w.unsqueeze(0)
+            with torch.no_grad():
+                # oneDNN wants (out, in); the batch-size hint 4 serves 1 to 32 rows within ~10%
+                self.packs = [torch.ops.mkldnn._reorder_linear_weight(t.t().contiguous(), 4) for t in stack]
+            self.key = key
+        return self.packs
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, sel: slice, packed: PackedWeights | None = None) -> torch.Tensor:
+    """(n_sel, T, in) @ w[sel] -> (n_sel, T, out) for a weight stack w (n, in, out).
+
+    Inference on CPU uses oneDNN-prepacked weights (one call per tower); training, other
+    devices and other dtypes use plain (batched) matmuls.
+    """
+    if packed is not None and not torch.is_grad_enabled() and onednn_packing_available(w):
+        packs = packed.get(w)
+        outs = [
+            torch.ops.mkldnn._linear_pointwise(x[i], packs[sel.start + i], None, "none", [], "")
+            for i in range(x.size(0))
+        ]
+        return outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)
+    w = w[sel]
     if w.size(0) == 1:
         return (x[0] @ w[0]).unsqueeze(0)
     return torch.bmm(x, w)
@@ -146,6 +194,7 @@ class Block(nn.Module):
             self.q_norm = RMSNorm((n, c.q_dim), c.norm_eps, True)
             self.k_norm = RMSNorm((n, c.kv_dim), c.norm_eps, True)
         self.cache: KVCache | None = None
+        self._packed = {name: PackedWeights() for name in ("wqkv", "wo", "w13", "w2")}
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -170,8 +219,8 @@ class Block(nn.Module):
 
     def _ffn(self, x: torch.Tensor, sel: slice) -> torch.Tensor:
         n, b, s, d = x.shape
-        gate, up = matmul(x.reshape(n, b * s, d), self.w13[sel]).chunk(2, dim=-1)
-        return matmul(F.silu(gate) * up, self.w2[sel]).view(n, b, s, d)
+        gate, up = linear(x.reshape(n, b * s, d), self.w13, sel, self._packed["w13"]).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.w2, sel, self._packed["w2"]).view(n, b, s, d)
 
     def _attention(
         self,
@@ -183,7 +232,7 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         c = self.config
         n, b, s, d = x.shape
-        qkv = matmul(x.reshape(n, b * s, d), self.wqkv[sel])
+        qkv = linear(x.reshape(n, b * s, d), self.wqkv, sel, self._packed["wqkv"])
         if self.olmo2:  # QK-norm over the whole projection, before the head split
             q, k, v = qkv.split((c.q_dim, c.kv_dim, c.kv_dim), dim=-1)
             qkv = torch.cat((self.q_norm(q, sel), self.k_norm(k, sel), v), dim=-1)
@@ -209,4 +258,4 @@ class Block(nn.Module):
                 q, k, v, attn_mask=mask, scale=1.0, enable_gqa=c.n_kv_heads != c.n_heads
             )
         out = out.view(n, b, c.n_heads, s, c.head_dim).transpose(2, 3).reshape(n, b * s, c.q_dim)
-        return matmul(out, self.wo[sel]).view(n, b, s, d)
+        return linear(out, self.wo, sel, self._packed["wo"]).view(n, b, s, d)

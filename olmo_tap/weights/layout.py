@@ -21,20 +21,21 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def linear_weight(block: Block, tower: int, name: str) -> torch.Tensor:
     """A view, shaped (in, out), of HF linear ``name`` of ``tower`` inside ``block``'s fused weights.
 
-    Writing to the view writes the model's parameter.
+    Writing to the view (under no_grad) writes the model's parameter and bumps its version, which
+    tells the prepacked inference copies to rebuild.
     """
     c = block.config
     if name in ("q_proj", "k_proj", "v_proj"):
         bounds = {"q_proj": (0, c.q_dim), "k_proj": (c.q_dim, c.kv_dim), "v_proj": (c.q_dim + c.kv_dim, c.kv_dim)}
         start, size = bounds[name]
-        return block.wqkv.data[tower, :, start : start + size]
+        return block.wqkv[tower, :, start : start + size]
     if name in ("gate_proj", "up_proj"):
         start = 0 if name == "gate_proj" else c.ffn_hidden
-        return block.w13.data[tower, :, start : start + c.ffn_hidden]
+        return block.w13[tower, :, start : start + c.ffn_hidden]
     if name == "o_proj":
-        return block.wo.data[tower]
+        return block.wo[tower]
     if name == "down_proj":
-        return block.w2.data[tower]
+        return block.w2[tower]
     raise WeightsError(f"unknown linear layer {name!r}; known: {', '.join(LINEAR_NAMES)}")
 
 
