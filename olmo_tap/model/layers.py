@@ -25,20 +25,17 @@ from olmo_tap.model.kv_cache import KVCache
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_in_fp32: bool) -> torch.Tensor:
-    """RMSNorm over the last dimension. ``weight`` is (dim,) or broadcastable per tower.
+    """RMSNorm over the last dimension; ``weight`` is (dim,) or broadcastable per tower.
 
-    fp32 runs PyTorch's fused kernel. Lower precisions normalise in fp32 like the reference
-    models: OLMo-2 multiplies the weight before casting back, Llama after.
+    PyTorch's fused kernel normalises in fp32 whatever the input dtype. OLMo-2 multiplies the weight
+    in fp32 before rounding back (exactly what the kernel does with a weight), Llama after rounding;
+    the two differ only below fp32, and each matches its reference model bit for bit.
     """
-    if x.dtype == torch.float32:
-        if weight.ndim == 1:
-            return F.rms_norm(x, (x.size(-1),), weight, eps)
-        return F.rms_norm(x, (x.size(-1),), None, eps) * weight
-    dtype = x.dtype
-    normed = F.rms_norm(x.float(), (x.size(-1),), None, eps)
-    if weight_in_fp32:
-        return (weight.float() * normed).to(dtype)
-    return weight * normed.to(dtype)
+    if weight.ndim == 1 and (weight_in_fp32 or x.dtype == torch.float32):
+        return F.rms_norm(x, (x.size(-1),), weight, eps)
+    if weight_in_fp32 and x.dtype != torch.float32:
+        return (weight.float() * F.rms_norm(x.float(), (x.size(-1),), None, eps)).to(x.dtype)
+    return F.rms_norm(x, (x.size(-1),), None, eps) * weight
 
 
 class RMSNorm(nn.Module):
@@ -245,6 +242,7 @@ class Block(nn.Module):
         if use_cache:
             assert self.cache is not None
             k, v = self.cache.update(sel, start, k, v)
+            q = q.to(k.dtype)  # the cache may hold a wider dtype than the weights (see init_kv_cache)
         key_len = k.size(3)
         q = q.reshape(n * b, c.n_heads, s, c.head_dim)
         k = k.reshape(n * b, c.n_kv_heads, key_len, c.head_dim)
@@ -257,5 +255,5 @@ class Block(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, scale=1.0, enable_gqa=c.n_kv_heads != c.n_heads
             )
-        out = out.view(n, b, c.n_heads, s, c.head_dim).transpose(2, 3).reshape(n, b * s, c.q_dim)
+        out = out.to(x.dtype).view(n, b, c.n_heads, s, c.head_dim).transpose(2, 3).reshape(n, b * s, c.q_dim)
         return linear(out, self.wo, sel, self._packed["wo"]).view(n, b, s, d)
