@@ -111,16 +111,20 @@ def main(argv: list[str] | None = None) -> None:
 
     for dtype in (torch.float32, torch.bfloat16):
         single = HydraTransformer.from_pretrained(args.model, n_heads=1, heads_depth=3, dtype=dtype, progress=False)
-        tps = n / decode_seconds(single, tokenizer, ids, n, args.repeats, mode="single")[0]
+        seconds = decode_seconds(single, tokenizer, ids, n, args.repeats, mode="single")[0]
+        tps = n / seconds
         name = str(dtype).removeprefix("torch.")
         rows.append((f"olmo-tap single tower {name}", tps, f"{tps / hf_tps:.2f}x transformers fp32" if hf_tps else ""))
-        if dtype == torch.float32:
-            # framework overhead: one cached decode step vs its bare linear layers
-            step = 1 / tps
-            linear = linear_layers_seconds(single, 0, args.repeats)
-            rows.append(
-                ("  decode step / bare linear layers", step / linear, f"{1e3 * step:.1f} ms vs {1e3 * linear:.1f} ms")
+        # framework overhead: one cached decode step (prefill excluded) vs its bare linear layers
+        step = (seconds - decode_seconds(single, tokenizer, ids, 1, args.repeats, mode="single")[0]) / (n - 1)
+        linear_s = linear_layers_seconds(single, 0, args.repeats)
+        rows.append(
+            (
+                f"  {name} decode step / bare linear layers",
+                step / linear_s,
+                f"{1e3 * step:.1f} ms vs {1e3 * linear_s:.1f} ms",
             )
+        )
         del single
 
     for n_heads in (5, 9):
