@@ -3,6 +3,8 @@
 A Hydra splits a model into a shared trunk and N heads that decode as a jury.
 """
 
+from typing import Any
+
 from olmo_tap.hydra import HydraTransformer, HydraTransformerConfig
 from olmo_tap.model.config import ConfigError, TransformerConfig
 from olmo_tap.weights.ensemble import load_ensemble, save_ensemble
@@ -22,8 +24,10 @@ __all__ = [
 ]
 
 
-def load_tokenizer(source: str = "smollm2-135m-instruct"):
-    """The tokenizer (with chat template) matching a model source; see ``olmo_tap.weights.tokenizer``."""
+def load_tokenizer(source: str = "smollm2-135m-instruct") -> Any:
+    """The tokenizer (a transformers tokenizer with its chat template) matching a model source.
+
+    Imported lazily so that ``import olmo_tap`` stays light; see ``olmo_tap.weights.tokenizer``."""
     from olmo_tap.weights.tokenizer import load_tokenizer as _load
 
     return _load(source)
