@@ -424,10 +424,11 @@ class HydraTransformer(nn.Module):
             raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq), got {shape}")
         if input_ids.numel() == 0:
             raise ValueError("input_ids is empty")
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= self.base_config.vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.base_config.vocab_size})")
+        vocab = self.base_config.vocab_size
+        outside = (input_ids < 0) | (input_ids >= vocab)
+        if outside.any():  # one host sync per call; the offending id is looked up only on error
+            bad = int(input_ids[outside][0])
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
 
     @staticmethod
     def _reject_unknown(kwargs: dict[str, Any]) -> None:
