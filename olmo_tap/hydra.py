@@ -23,7 +23,15 @@ from torch import nn
 
 from olmo_tap.model.config import ConfigError, TransformerConfig
 from olmo_tap.model.kv_cache import CacheOverflowError, KVCache
-from olmo_tap.model.layers import Block, PackedWeights, RMSNorm, linear, rope_for_span, rope_tables
+from olmo_tap.model.layers import (
+    Block,
+    PackedWeights,
+    RMSNorm,
+    linear,
+    onednn_packing_available,
+    rope_for_span,
+    rope_tables,
+)
 
 
 @dataclass(frozen=True)
@@ -118,7 +126,9 @@ class HydraTransformer(nn.Module):
         self.heads = nn.ModuleList(Block(c, config.n_heads) for _ in range(config.head_layers))
         self.norm = RMSNorm((c.d_model,), c.norm_eps, c.family == "olmo2")
         # Stored (d_model, vocab) and applied as x @ w, like the block weights.
-        self.lm_head = nn.Parameter(torch.empty(c.d_model, c.vocab_size).normal_(std=0.02))
+        self.lm_head = nn.Parameter(torch.empty(c.d_model, c.vocab_size))
+        if self.lm_head.device.type != "meta":
+            nn.init.normal_(self.lm_head, std=0.02)
         self._packed_lm_head = PackedWeights()
         cos, sin = rope_tables(c)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -169,6 +179,17 @@ class HydraTransformer(nn.Module):
         """Recompute the rotary tables (after materialising a model built on the meta device)."""
         cos, sin = rope_tables(self.base_config, self.device)
         self.rope_cos, self.rope_signed_sin = cos, sin
+
+    @torch.no_grad()
+    def prepack(self) -> HydraTransformer:
+        """Build the oneDNN-prepacked copies of every linear weight now (on CPU), rather than inside
+        the first forward pass; a no-op where packing does not apply. Returns the model."""
+        weights = [(getattr(block, name), packed) for block in self._blocks() for name, packed in block._packed.items()]
+        weights.append((self.lm_head.unsqueeze(0), self._packed_lm_head))
+        for weight, packed in weights:
+            if onednn_packing_available(weight):
+                packed.get(weight)
+        return self
 
     @property
     def device(self) -> torch.device:

@@ -93,10 +93,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), signed_sin)
 
 
+# Below this many elements per tower a weight is cache-resident and call overhead dominates:
+# plain (batched) matmuls are faster than one packed call per tower.
+PACK_MIN_ELEMENTS = 1 << 16
+
+
 def onednn_packing_available(w: torch.Tensor) -> bool:
-    """Whether oneDNN can prepack ``w`` (a CPU fp32/bf16 weight in a build with oneDNN)."""
+    """Whether oneDNN should prepack ``w``: a large CPU fp32/bf16 weight, in a build with oneDNN."""
     return (
         w.device.type == "cpu"
+        and w[0].numel() >= PACK_MIN_ELEMENTS
         and w.dtype in (torch.float32, torch.bfloat16)
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -192,7 +198,8 @@ class Block(nn.Module):
             self.k_norm = RMSNorm((n, c.kv_dim), c.norm_eps, True)
         self.cache: KVCache | None = None
         self._packed = {name: PackedWeights() for name in ("wqkv", "wo", "w13", "w2")}
-        self.reset_parameters()
+        if self.wqkv.device.type != "meta":  # a meta build is filled by a loader; random init would be wasted
+            self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
         for w in (self.wqkv, self.wo, self.w13, self.w2):

@@ -66,7 +66,7 @@ def load_hydra(
 
         model = load_saved_ensemble(resolved.path, device=device, dtype=dtype)
         _check_matches_saved(model, n_heads, heads_depth)
-        return model.eval()
+        return model.eval().prepack()
 
     base_config, state, _ = read_base_checkpoint(source, progress=progress)
     config = HydraTransformerConfig.split(
@@ -78,7 +78,7 @@ def load_hydra(
     model = config.build(init_device="meta").to_empty(device=device).to(dtype)
     model.reset_rope()
     load_base_state(model, state)
-    return model.eval()
+    return model.eval().prepack()
 
 
 def _check_matches_saved(model: HydraTransformer, n_heads: int | None, heads_depth: int | None) -> None:
