@@ -48,7 +48,9 @@ def jury_distribution(
     """
     logits = verifier_logits.float()
     scale = temperature if temperature > 0 else 1.0
-    log_target = beta * torch.log_softmax(logits / scale, dim=-1).sum(dim=0)
+    # sum_i log softmax(l_i / T) = sum_i l_i / T - sum_i logsumexp(l_i / T); the second term is constant
+    # over the vocabulary and cancels in the softmax below, so one sum over heads suffices.
+    log_target = logits.sum(dim=0) * (beta / scale)
     if veto_threshold is None:
         return torch.softmax(log_target, dim=-1), torch.ones(log_target.size(0), dtype=torch.bool)
     allowed = (torch.softmax(logits, dim=-1) >= veto_threshold).all(dim=0)
