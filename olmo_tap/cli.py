@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Any
 
@@ -10,16 +11,26 @@ from olmo_tap.model.config import ConfigError
 from olmo_tap.weights.errors import WeightsError
 from olmo_tap.weights.presets import DEFAULT_MODEL
 
+# Modules exposing ``register(subparsers, add_model_args)``, one per subsystem.
+SUBCOMMAND_MODULES: list[str] = ["olmo_tap.verify.cli", "olmo_tap.serve.cli"]
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+
+def add_model_args(
+    parser: argparse.ArgumentParser, split: bool = True, model_default: str | None = DEFAULT_MODEL
+) -> None:
+    """--model, --dtype, --device, and (with ``split``) the Hydra's --heads and --heads-depth."""
     group = parser.add_argument_group("model")
+    default = f" (default: {model_default})" if model_default else ""
     group.add_argument(
         "--model",
-        default=DEFAULT_MODEL,
-        help=f"preset name, HF checkpoint directory, hub id, .gguf file or saved ensemble (default: {DEFAULT_MODEL})",
+        default=model_default,
+        help=f"preset name, HF checkpoint directory, hub id, .gguf file or saved ensemble{default}",
     )
-    group.add_argument("--heads", type=int, default=None, help="number of heads (default: 5, or the saved ensemble's)")
-    group.add_argument("--heads-depth", type=int, default=None, help="layers per head (default: 3)")
+    if split:
+        group.add_argument(
+            "--heads", type=int, default=None, help="number of heads (default: 5, or the saved ensemble's)"
+        )
+        group.add_argument("--heads-depth", type=int, default=None, help="layers per head (default: 3)")
     group.add_argument(
         "--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on CUDA)"
     )
@@ -114,6 +125,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from olmo_tap.inference.transcript import save_transcript
 
         save_transcript(output, args.save, model=args.model)
+    if args.save_tokens:
+        from olmo_tap.verify.cli import write_token_sequence
+
+        write_token_sequence(args.save_tokens, output.prompt_ids, output.token_ids, output.settings["seed"])
     print(printer.summary(output), file=sys.stderr)
     return 0
 
@@ -168,8 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print the full PoEOutput as JSON instead of text")
     gen.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
     gen.add_argument("--save", default=None, help="write a transcript (JSON) for `olmo-tap audit`")
+    gen.add_argument("--save-tokens", default=None, help="append prompt and output ids (JSONL) for `olmo-tap verify`")
     gen.add_argument("--no-color", action="store_true", help="plain text even on a terminal")
     gen.set_defaults(func=cmd_generate)
+
+    # Each subsystem registers its own sub-commands (its module must import nothing heavy at top level).
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module).register(sub, add_model_args)
     return parser
 
 

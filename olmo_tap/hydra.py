@@ -199,6 +199,11 @@ class HydraTransformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.dtype
 
+    @property
+    def n_text_heads(self) -> int:
+        """Heads that write text: all but the uncertainty head (which, when present, is the last)."""
+        return self.n_heads - (1 if self.uncertainty_head is not None else 0)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -38,7 +38,7 @@ from olmo_tap.hydra import HydraTransformer
 from olmo_tap.inference.jury import check_veto_threshold, jury_distribution, speculative_decision
 from olmo_tap.inference.metrics import entropy_nats, stability_radius, top2_margin, validity_radius
 from olmo_tap.inference.prompts import encode_chat, normalise_messages, stop_token_ids
-from olmo_tap.inference.sampling import Purpose, check_temperature, sample_from_logits, stream_seed
+from olmo_tap.inference.sampling import Purpose, check_temperature, head_for_seed, sample_from_logits
 from olmo_tap.inference.text import TextStream
 
 Mode = Literal["poe", "naive", "single"]
@@ -177,7 +177,7 @@ class PoE:
         ignore_eos: bool = False,
     ) -> None:
         if n_llm_heads is None:
-            n_llm_heads = model.n_heads - (1 if model.uncertainty_head is not None else 0)
+            n_llm_heads = model.n_text_heads
         if not isinstance(n_llm_heads, int) or not 1 <= n_llm_heads <= model.n_heads:
             raise ValueError(f"n_llm_heads must be between 1 and the model's {model.n_heads} heads, got {n_llm_heads}")
         if mode not in MODES:
@@ -216,7 +216,7 @@ class PoE:
         """The draft head: the fixed one, or one derived from the seed (so a transcript can be replayed)."""
         if self.draft_head is not None:
             return self.draft_head
-        return stream_seed(seed, -1, Purpose.DRAFT_HEAD) % self.n_llm_heads
+        return head_for_seed(seed, self.n_llm_heads)
 
     def stream(
         self,
@@ -281,6 +281,12 @@ class PoE:
                 "n_llm_heads": self.n_llm_heads,
                 "max_new_tokens": self.max_new_tokens,
                 "vocab_limit": self.vocab_limit,
+                "stop_ids": sorted(self.stop_ids),
+                # the Hydra's split, so an audit can rebuild the same jury from the base checkpoint
+                "n_heads": self.model.n_heads,
+                "heads_depth": self.model.config.head_layers,
+                "dtype": str(self.model.dtype).removeprefix("torch."),
+                "device": str(self.model.device),
             },
         )
         witness: dict[str, torch.Tensor] = {}

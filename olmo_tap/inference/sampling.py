@@ -34,6 +34,12 @@ def stream_seed(seed: int, position: int, purpose: Purpose | str) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
+def head_for_seed(seed: int, n_heads: int) -> int:
+    """The draft head (or the single-head decoder's head) of a generation, derived from its seed so that a
+    transcript or a verifier can tell which head it was without being told."""
+    return stream_seed(seed, -1, Purpose.DRAFT_HEAD) % n_heads
+
+
 def uniform(seed: int, position: int, purpose: Purpose | str, size: int = 1) -> torch.Tensor:
     """``size`` uniforms in [0, 1) (fp32, CPU) for one (seed, position, purpose)."""
     generator = torch.Generator(device="cpu").manual_seed(stream_seed(seed, position, purpose))

@@ -1,0 +1,180 @@
+"""``olmo-tap verify`` (token-difr style records) and ``olmo-tap audit`` (a PoE transcript)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any
+
+# Exit codes: 0 honest, 1 not honest (or inconclusive), 2 bad input (olmo_tap.cli.main).
+EXIT_NOT_HONEST = 1
+
+
+def register(sub: Any, add_model_args: Callable[..., None]) -> None:
+    verify = sub.add_parser(
+        "verify",
+        help="check claimed outputs (token ids) against a trusted model: token-difr metrics and a verdict",
+        description="Replays TokenSequence records (JSONL: prompt_token_ids, output_token_ids, optional seed) "
+        "through the model and reports how many claimed tokens its own sampler reproduces. "
+        "Exit code 0: honest, 1: not honest, 2: bad input.",
+    )
+    verify.add_argument("outputs", help="JSONL file of TokenSequence records")
+    add_model_args(verify, split=False)
+    verify.add_argument("--temperature", type=float, required=True, help="as in generation (0 = greedy)")
+    verify.add_argument("--top-k", type=int, default=0, help="as in generation (<= 0: off, the default)")
+    verify.add_argument("--top-p", type=float, default=1.0, help="as in generation (1: off, the default)")
+    verify.add_argument("--seed", type=int, default=None, help="generation seed (a record's own seed wins)")
+    verify.add_argument(
+        "--sampling-method",
+        default="vllm_gumbel_max",
+        choices=["vllm_gumbel_max", "olmo_tap"],
+        help="the generator's sampler: vLLM's (token-difr, default) or olmo-tap's own",
+    )
+    verify.add_argument("--head", type=int, default=None, help="for a saved ensemble: the head to verify against")
+    verify.add_argument("--max-model-len", type=int, default=None, help="refuse longer sequences")
+    verify.add_argument("--metrics-out", default=None, help="write per-token metrics as JSONL here")
+    add_verdict_args(verify)
+    verify.add_argument(
+        "--margin-tolerance",
+        type=float,
+        default=None,
+        help="a miss by at most this logit margin still agrees (numerical drift; default from calibration)",
+    )
+    verify.add_argument("--json", action="store_true", help="print summary and verdict as JSON")
+    verify.set_defaults(func=cmd_verify)
+
+    audit = sub.add_parser(
+        "audit",
+        help="check that a saved response really went through the jury (replays every decision)",
+        description="Replays a transcript written by `olmo-tap generate --save` (or the chat service) in one "
+        "teacher-forced pass of the trunk and every head, re-taking each decision of the jury. "
+        "Exit code 0: honest, 1: not honest, 2: bad input.",
+    )
+    audit.add_argument("transcript", help="transcript JSON file")
+    add_model_args(audit, split=False, model_default=None)
+    add_verdict_args(audit)
+    audit.add_argument("--positions", action="store_true", help="list every position, not only disagreements")
+    audit.add_argument("--json", action="store_true", help="print the full audit report as JSON")
+    audit.set_defaults(func=cmd_audit)
+
+
+def add_verdict_args(parser: argparse.ArgumentParser) -> None:
+    from olmo_tap.verify.verdict import DEFAULT_CONFIDENCE, DEFAULT_THRESHOLD
+
+    group = parser.add_argument_group("verdict")
+    group.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help=f"agreement rate honest replays reach (default {DEFAULT_THRESHOLD})",
+    )
+    group.add_argument(
+        "--confidence",
+        type=float,
+        default=DEFAULT_CONFIDENCE,
+        help=f"confidence level of the interval (default {DEFAULT_CONFIDENCE})",
+    )
+
+
+def exit_code(honest: bool | None) -> int:
+    return 0 if honest else EXIT_NOT_HONEST
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from olmo_tap.verify.outputs import verify_outputs
+    from olmo_tap.verify.records import read_token_sequences, write_jsonl
+    from olmo_tap.verify.scoring import compute_metrics_summary
+    from olmo_tap.verify.verdict import DEFAULT_MARGIN_TOLERANCE, audit
+
+    sequences = read_token_sequences(args.outputs)
+    results = verify_outputs(
+        sequences,
+        args.model,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_model_len=args.max_model_len,
+        dtype=args.dtype,
+        device=args.device,
+        sampling_method=args.sampling_method,
+        head=args.head,
+        verbose=not args.json,
+    )
+    if args.metrics_out:
+        write_jsonl(
+            ({"sequence": i, "token": j, **m.to_dict()} for i, seq in enumerate(results) for j, m in enumerate(seq)),
+            args.metrics_out,
+        )
+    summary = compute_metrics_summary(results)
+    tolerance = DEFAULT_MARGIN_TOLERANCE if args.margin_tolerance is None else args.margin_tolerance
+    verdict = audit(results, args.threshold, args.confidence, tolerance)
+    if args.json:
+        print(json.dumps({"summary": summary, "verdict": verdict.to_dict(), "sequences": len(results)}, indent=2))
+        return exit_code(verdict.honest)
+    table = Table(title=f"{len(results)} sequences, {summary['total_tokens']} tokens")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        table.add_row(key, "n/a" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value))
+    console = Console()
+    console.print(table)
+    console.print(f"[bold]verdict: {verdict.label}[/bold] - {verdict.reason}", highlight=False)
+    if args.metrics_out:
+        console.print(f"per-token metrics written to {args.metrics_out}")
+    return exit_code(verdict.honest)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from olmo_tap.inference.transcript import read_transcript
+    from olmo_tap.verify.poe_audit import audit_poe
+
+    transcript = read_transcript(args.transcript)
+    report = audit_poe(
+        transcript,
+        args.model,
+        threshold=args.threshold,
+        confidence=args.confidence,
+        dtype=args.dtype,
+        device=args.device,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return exit_code(report.honest)
+    console = Console()
+    s = report.settings
+    console.print(
+        f"mode {s['mode']}, seed {s['seed']}, temperature {s['temperature']}, beta {s['beta']}, "
+        f"veto {s['veto_threshold']}, draft head {s['draft_head']} of {s['n_llm_heads']} text heads",
+        highlight=False,
+    )
+    shown = report.positions if args.positions else [p for p in report.positions if not p.consistent]
+    for p in shown:
+        mark = "ok " if p.consistent else "BAD"
+        expected = "abstain" if p.expected_token_id is None else p.expected_token_id
+        extra = "" if p.draft_token_id is None else f", draft {p.draft_token_id}"
+        if p.expected_resampled is not None:
+            extra += f", replay {'resamples' if p.expected_resampled else 'accepts'}"
+            extra += f", transcript {'resampled' if p.claimed_resampled else 'accepted'}"
+        console.print(
+            f"  {mark} token {p.index} (position {p.position}): emitted {p.token_id}, replay {expected}{extra}"
+        )
+    console.print(f"ending: {report.ending} ({'consistent' if report.ending_consistent else 'INCONSISTENT'})")
+    for note in report.notes:
+        console.print(f"note: {note}", highlight=False)
+    console.print(f"[bold]verdict: {report.label}[/bold] - {report.verdict.reason}", highlight=False)
+    return exit_code(report.honest)
+
+
+def write_token_sequence(path: str, prompt_ids: list[int], token_ids: list[int], seed: int | None) -> None:
+    """Append one TokenSequence record (what ``olmo-tap verify`` reads) to a JSONL file."""
+    from olmo_tap.verify.records import TokenSequence
+
+    with open(path, "a", encoding="utf-8") as out:
+        out.write(json.dumps(TokenSequence(prompt_ids, token_ids, seed).to_dict()) + "\n")
