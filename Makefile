@@ -27,7 +27,15 @@ demo: $(STAMP)
 	$(VENV)/bin/olmo-tap info
 	$(VENV)/bin/olmo-tap generate "What is the capital of France?"
 
-test: $(STAMP)
+# The chat service's browser test drives Debian's chromium through Playwright (no Playwright browser download).
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
+
+test: $(STAMP) $(CHROMIUM)
 	$(VENV)/bin/ruff check olmo_tap tests
 	$(VENV)/bin/ruff format --check olmo_tap tests
 	$(PY) -m pytest -q

@@ -1,0 +1,349 @@
+"""The FastAPI application: OpenAI-compatible chat completions decoded by the jury, with trust signals.
+
+``create_app(model, tokenizer, model_id)`` serves an already loaded Hydra. Every model call (decoding,
+verification) runs on the engine's one worker thread; the event loop only validates, queues and relays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from olmo_tap.inference.poe import PoEOutput
+from olmo_tap.inference.prompts import encode_chat
+from olmo_tap.serve.config import ServeConfig
+from olmo_tap.serve.engine import DeadlinePassed, Engine, EngineStopped, Job, QueueFull
+from olmo_tap.serve.errors import APIError, error_payload, install_error_handlers
+from olmo_tap.serve.generation import GenerationPlan, run_generation
+from olmo_tap.serve.middleware import BodySizeLimit, RequestContext
+from olmo_tap.serve.responses import chunk_body, completion_body, sse, usage
+from olmo_tap.serve.schemas import AuditRequest, ChatCompletionRequest, VerifyRequest
+from olmo_tap.serve.trust import OPENAI_FINISH, response_trust
+from olmo_tap.serve.verification import check_audit_request, run_audit, run_verify
+
+log = logging.getLogger("olmo_tap.serve")
+
+STATIC_DIR = Path(__file__).parent / "static"
+DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
+
+
+class ClientGone(Exception):
+    """The client closed the connection while its request waited or ran."""
+
+
+class Service:
+    """What the routes share: the model, its worker, the settings and a tokenizer for request checks."""
+
+    def __init__(self, model: Any, tokenizer: Any, model_id: str, config: ServeConfig) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.config = config
+        self.engine = Engine(config.queue_size)
+        self.created = int(time.time())
+        # Requests are measured on the event loop's side with a copy of the tokenizer, so the worker's
+        # tokenizer is never used from two threads at once.
+        self._check_tokenizer = copy.deepcopy(tokenizer)
+        self._check_lock = threading.Lock()
+
+    @property
+    def n_text_heads(self) -> int:
+        return self.model.n_heads - (1 if self.model.uncertainty_head is not None else 0)
+
+    @property
+    def context(self) -> int:
+        return self.model.base_config.max_seq_len
+
+    def model_card(self) -> dict[str, Any]:
+        config = self.model.config
+        return {
+            "id": self.model_id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "olmo-tap",
+            "olmo_tap": {
+                "n_heads": self.model.n_heads,
+                "n_text_heads": self.n_text_heads,
+                "heads_depth": config.head_layers,
+                "trunk_layers": config.trunk_layers,
+                "uncertainty_head": self.model.uncertainty_head is not None,
+                "context": self.context,
+                "dtype": str(self.model.dtype).removeprefix("torch."),
+                "device": str(self.model.device),
+            },
+        }
+
+    def count_prompt_tokens(self, conversation: list[dict[str, str]]) -> int:
+        with self._check_lock:
+            return len(encode_chat(self._check_tokenizer, messages=conversation))
+
+    async def plan(self, body: ChatCompletionRequest) -> GenerationPlan:
+        """Check a request against the model and the server's limits; 4xx naming the field otherwise."""
+        refused = body.refused_field()
+        if refused is not None:
+            raise APIError(400, f"{refused[0]}: {refused[1]}", param=refused[0])
+        if body.model not in (None, "", self.model_id):
+            raise APIError(
+                404,
+                f"model {body.model!r} is not served here; this server serves {self.model_id!r}",
+                param="model",
+                code="model_not_found",
+            )
+        if body.mode == "poe" and self.n_text_heads < 2:
+            raise APIError(400, f"mode 'poe' needs 2 text heads; the model has {self.n_text_heads}", param="mode")
+        if body.draft_head is not None and body.draft_head >= self.n_text_heads:
+            raise APIError(
+                400,
+                f"draft_head {body.draft_head} is not one of the {self.n_text_heads} text heads",
+                param="draft_head",
+            )
+        conversation = body.conversation()
+        prompt_tokens = await anyio.to_thread.run_sync(self.count_prompt_tokens, conversation)
+        room = self.context - prompt_tokens
+        if room < 1:
+            raise APIError(
+                400,
+                f"messages: the conversation is {prompt_tokens} tokens; the model's context is {self.context} tokens",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        limit, field = body.token_limit, body.token_limit_field
+        if limit is not None and limit > room:
+            raise APIError(
+                400,
+                f"{field}: {limit} new tokens + the prompt's {prompt_tokens} exceed the model's context of "
+                f"{self.context} tokens (at most {room} fit)",
+                param=field,
+                code="context_length_exceeded",
+            )
+        return GenerationPlan(
+            messages=conversation,
+            prompt_tokens=prompt_tokens,
+            max_new_tokens=limit if limit is not None else min(self.config.default_max_tokens, room),
+            temperature=self.config.default_temperature if body.temperature is None else body.temperature,
+            seed=body.seed,
+            mode=body.mode,
+            gamma=body.gamma,
+            beta=body.beta,
+            veto_threshold=body.veto_threshold,
+            draft_head=body.draft_head,
+            mcq=body.mcq,
+            stream=body.stream,
+        )
+
+    def submit(self, request_id: str, work: Callable[[Job], Any]) -> Job:
+        try:
+            return self.engine.submit(request_id, work, self.config.request_timeout_s)
+        except QueueFull as e:
+            raise APIError(
+                429,
+                f"{e}: the queue holds {self.engine.queue_size} waiting requests",
+                code="queue_full",
+                headers={"Retry-After": str(e.retry_after_s)},
+            ) from None
+        except EngineStopped as e:
+            raise APIError(503, str(e), headers={"Retry-After": "5"}) from None
+
+    async def result(self, job: Job, request: Request) -> Any:
+        """The job's result once it is done (its token events skipped); its error as an APIError."""
+        while (event := await next_event(job, request, self.engine))[0] in ("started", "token"):
+            pass
+        kind, payload = event
+        if kind == "error":
+            raise self.job_error(payload)
+        return payload
+
+    def job_error(self, exc: BaseException) -> APIError:
+        """The answer for an error a job reported."""
+        retry = {"Retry-After": str(self.engine.retry_after_s())}
+        if isinstance(exc, DeadlinePassed):
+            return APIError(503, str(exc), code="timeout", headers=retry)
+        if isinstance(exc, EngineStopped):
+            return APIError(503, str(exc), headers=retry)
+        if isinstance(exc, ValueError):
+            return APIError(400, str(exc))
+        return APIError(500, f"the model failed on this request ({type(exc).__name__})")
+
+
+async def next_event(job: Job, request: Request | None, engine: Engine) -> tuple[str, Any]:
+    """The job's next event; while waiting, a client that disconnected cancels the job (ClientGone)."""
+    getter = asyncio.ensure_future(job.events.get())
+    try:
+        while True:
+            done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return getter.result()
+            if request is not None and await request.is_disconnected():
+                engine.cancel(job)
+                raise ClientGone
+    finally:
+        if not getter.done():
+            getter.cancel()
+
+
+def create_app(model: Any, tokenizer: Any, model_id: str, config: ServeConfig | None = None) -> FastAPI:
+    """The application serving ``model`` (a loaded HydraTransformer) under the name ``model_id``."""
+    service = Service(model, tokenizer, model_id, config or ServeConfig())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.engine.start()
+        log.info(
+            "serving %s (queue %d, time limit %g s)",
+            model_id,
+            service.config.queue_size,
+            service.config.request_timeout_s,
+        )
+        try:
+            yield
+        finally:
+            service.engine.stop()
+
+    app = FastAPI(
+        title="olmo-tap", summary="Chat completions decoded by a jury of heads, with trust signals", lifespan=lifespan
+    )
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=service.config.max_body_bytes)
+    app.add_middleware(RequestContext)  # outermost: every answer, 413 included, gets an id and a log line
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        queue = service.engine.snapshot()
+        ok = queue["worker_alive"]
+        body = {"status": "ok" if ok else "unavailable", "model": model_id, "queue": queue}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [service.model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model_info(name: str) -> dict[str, Any]:
+        if name != model_id:
+            raise APIError(
+                404, f"model {name!r} is not served here; this server serves {model_id!r}", code="model_not_found"
+            )
+        return service.model_card()
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        request_id = request.state.request_id
+        plan = await service.plan(body)
+        job = service.submit(request_id, lambda job: run_generation(job, model, tokenizer, plan))
+        completion_id = "chatcmpl-" + request_id.removeprefix("req-")
+        created = int(time.time())
+        try:
+            kind, payload = await next_event(job, request, service.engine)  # "started", or an error before it
+            if kind == "error":
+                raise service.job_error(payload)
+            if plan.stream:
+                return StreamingResponse(
+                    stream_answer(job, plan, completion_id, created, body.stream_options),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
+            output: PoEOutput = await service.result(job, request)
+            log_answer(request_id, output, job)
+            trust = response_trust(output, model_id, mcq=plan.mcq, queue_s=job.queue_s)
+            return JSONResponse(completion_body(completion_id, created, model_id, output, trust))
+        except ClientGone:
+            log.info("%s client disconnected; its request was cancelled", request_id)
+            return Response(status_code=499)
+
+    @app.post("/v1/verify", response_model=None)
+    async def verify(body: VerifyRequest, request: Request) -> Response:
+        """token-difr's verify_outputs against the served model: per-token metrics, summary and verdict."""
+        if body.head is not None and body.head >= service.n_text_heads:
+            raise APIError(400, f"head {body.head} is not one of the {service.n_text_heads} text heads", param="head")
+        job = service.submit(request.state.request_id, lambda job: run_verify(job, model, tokenizer, body))
+        try:
+            return JSONResponse({"model": model_id, **await service.result(job, request)})
+        except ClientGone:
+            return Response(status_code=499)
+
+    @app.post("/v1/audit", response_model=None)
+    async def audit(body: AuditRequest, request: Request) -> Response:
+        """Replay a transcript through the served jury and re-take each decision: honest or not."""
+        try:
+            transcript = check_audit_request(model, model_id, body)
+        except ValueError as e:
+            raise APIError(400, f"transcript: {e}", param="transcript") from None
+        job = service.submit(request.state.request_id, lambda job: run_audit(job, model, model_id, transcript, body))
+        try:
+            return JSONResponse(await service.result(job, request))
+        except ClientGone:
+            return Response(status_code=499)
+
+    async def stream_answer(
+        job: Job, plan: GenerationPlan, completion_id: str, created: int, options: Any
+    ) -> AsyncIterator[str]:
+        """SSE chunks: the role, one chunk per token with its trust fields, the finish with the whole
+        answer's trust (transcript included), optionally usage, then [DONE]. The ``finally`` runs when the
+        client disconnects too (Starlette cancels this generator), freeing the worker at its next token."""
+
+        def chunk(delta: dict[str, Any] | None, **kwargs: Any) -> str:
+            return sse(chunk_body(completion_id, created, model_id, delta, **kwargs))
+
+        sent, finished = "", False
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                kind, payload = await job.events.get()
+                if kind == "token":
+                    sent += payload["text"]
+                    yield chunk({"content": payload["text"]}, trust=payload)
+                elif kind == "done":
+                    output: PoEOutput = payload
+                    log_answer(job.request_id, output, job)
+                    trust = response_trust(output, model_id, mcq=plan.mcq, queue_s=job.queue_s)
+                    # Text the incremental detokeniser held back until the end (an unfinished character).
+                    tail = output.text[len(sent) :] if output.text.startswith(sent) else ""
+                    finish = OPENAI_FINISH.get(output.finish_reason, "stop")
+                    yield chunk({"content": tail} if tail else {}, finish_reason=finish, trust=trust)
+                    if options is not None and options.include_usage:
+                        yield chunk(None, usage_counts=usage(output))
+                    break
+                else:
+                    error = service.job_error(payload)
+                    yield sse(error_payload(error.status, error.message, error.param, error.code))
+                    break
+            yield sse("[DONE]")
+            finished = True
+        finally:
+            if not finished:
+                log.info("%s client disconnected mid-stream; decoding stops", job.request_id)
+            service.engine.cancel(job)
+
+    return app
+
+
+def log_answer(request_id: str, output: PoEOutput, job: Job) -> None:
+    rate = output.acceptance_rate
+    log.info(
+        "%s answered: %d prompt + %d tokens in %.2f s (queued %.2f s), finish %s, acceptance %s, seed %s",
+        request_id,
+        len(output.prompt_ids),
+        len(output.token_ids),
+        output.elapsed_s,
+        job.queue_s,
+        output.finish_reason,
+        "n/a" if rate is None else f"{rate:.2f}",
+        output.settings.get("seed"),
+    )

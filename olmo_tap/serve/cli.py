@@ -1,0 +1,93 @@
+"""``olmo-tap serve``: load the model once, then serve the API and the page with uvicorn.
+
+Every setting is a flag whose default comes from an environment variable (``OLMO_TAP_SERVE_<NAME>``), so a
+container or a service manager can configure the server without a command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from olmo_tap.serve.config import ServeConfig, env_default, env_name
+
+
+def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    parser = sub.add_parser(
+        "serve",
+        help="serve an OpenAI-compatible chat API and a web page, with the jury's trust signals",
+        description="Serve the model: POST /v1/chat/completions (OpenAI format + trust), GET /v1/models, "
+        "GET /health, POST /v1/verify, POST /v1/audit, and the chat page at /. Every flag's default can be set "
+        f"by an environment variable: --queue-size by {env_name('--queue-size')}, --model by {env_name('--model')}, "
+        "and so on.",
+    )
+    add_model_args(parser)
+    # A bad environment value must not break the other sub-commands: it is reported when `serve` runs.
+    env_errors: list[str] = []
+
+    def from_env(flag: str, default: Any, cast: Callable[[str], Any]) -> Any:
+        try:
+            return env_default(flag, default, cast)
+        except ValueError as e:
+            env_errors.append(str(e))
+            return default
+
+    # The model flags belong to the shared CLI; here their defaults may also come from the environment.
+    for flag, cast in (("--model", str), ("--heads", int), ("--heads-depth", int), ("--dtype", str), ("--device", str)):
+        if os.environ.get(env_name(flag)):
+            parser.set_defaults(**{flag[2:].replace("-", "_"): from_env(flag, None, cast)})
+    defaults = ServeConfig()
+    group = parser.add_argument_group("server")
+
+    def option(flag: str, default: Any, cast: Callable[[str], Any], help: str, **kwargs: Any) -> None:
+        kwargs.setdefault("type", None if cast is str else cast)
+        group.add_argument(flag, default=from_env(flag, default, cast), help=f"{help} (default: %(default)s)", **kwargs)
+
+    option("--host", defaults.host, str, "address to listen on")
+    option("--port", defaults.port, int, "port")
+    option("--queue-size", defaults.queue_size, int, "requests that may wait while one is decoded; more get 429")
+    option("--request-timeout", defaults.request_timeout_s, float, "seconds a request may take, queue wait included")
+    option("--max-tokens", defaults.default_max_tokens, int, "new tokens when a request sets no max_tokens")
+    option("--temperature", defaults.default_temperature, float, "temperature when a request sets none")
+    option("--max-body-bytes", defaults.max_body_bytes, int, "largest request body accepted; larger ones get 413")
+    option("--log-level", defaults.log_level, str, "log level", choices=["debug", "info", "warning", "error"])
+    parser.set_defaults(env_errors=env_errors)
+    parser.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from olmo_tap.cli import load_model_and_tokenizer
+    from olmo_tap.serve.app import create_app
+
+    if args.env_errors:
+        raise ValueError("; ".join(args.env_errors))
+    config = ServeConfig(
+        host=args.host,
+        port=args.port,
+        queue_size=args.queue_size,
+        request_timeout_s=args.request_timeout,
+        default_max_tokens=args.max_tokens,
+        default_temperature=args.temperature,
+        max_body_bytes=args.max_body_bytes,
+        log_level=args.log_level,
+    )
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    print(f"olmo-tap serve: loading {args.model} ...", file=sys.stderr)
+    model, tokenizer = load_model_and_tokenizer(args)
+    app = create_app(model, tokenizer, str(args.model), config)
+    print(
+        f"olmo-tap serve: http://{config.host}:{config.port}/ (page), /v1 (OpenAI API); ready when /health says ok",
+        file=sys.stderr,
+    )
+    # uvicorn's access log is replaced by the app's own lines, which carry request ids and timings.
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, access_log=False)
+    return 0

@@ -1,0 +1,152 @@
+"""Request and response bodies: OpenAI's chat-completions format, plus olmo-tap's decoding settings and ``trust``.
+
+Fields OpenAI defines and the jury cannot honour are refused with a 400 naming them rather than silently
+ignored (``n`` > 1, ``stop``, ``logit_bias``, tools, ``top_p`` < 1: the jury samples from its whole
+distribution, which is what makes a response exactly replayable); fields that do not change the answer
+(``user``, ``presence_penalty`` = 0, ...) are accepted.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_SEED = 2**63 - 1
+MAX_VERIFY_SEQUENCES = 64  # per /v1/verify request: one long request must not hold the worker for long
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    # "developer" is OpenAI's newer name for the system role.
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+    def for_template(self) -> dict[str, str]:
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """POST /v1/chat/completions. The last block of fields is olmo-tap's (send them as ``extra_body``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    n: int = Field(default=1, ge=1)
+    stop: str | list[str] | None = None
+    logit_bias: dict[str, float] | None = None
+    tools: list[Any] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # olmo-tap's decoding settings.
+    mode: Literal["poe", "naive", "single"] = "poe"
+    gamma: int = Field(default=4, ge=1, le=64)
+    beta: float = Field(default=1.0, gt=0, le=100)
+    veto_threshold: float | None = Field(default=None, ge=0, lt=1)
+    draft_head: int | None = Field(default=None, ge=0)
+    mcq: bool = False  # a multiple-choice question: report the uncertainty head's p(correct)
+
+    @field_validator("messages")
+    @classmethod
+    def _some_text(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if not any(m.text().strip() for m in messages):
+            raise ValueError("every message is empty")
+        return messages
+
+    def refused_field(self) -> tuple[str, str] | None:
+        """(field, why) for the first field set to something the jury cannot honour, else None."""
+        refused = {
+            "n": self.n != 1 and "only n = 1 is supported (the jury writes one answer per request)",
+            "stop": bool(self.stop) and "stop sequences are not supported (the answer ends at end-of-text)",
+            "logit_bias": bool(self.logit_bias) and "logit_bias is not supported (it would bypass the jury)",
+            "tools": bool(self.tools) and "tools are not supported",
+            "top_p": self.top_p not in (None, 1.0)
+            and "only top_p = 1 is supported: the jury samples from its whole distribution (exact and replayable)",
+            "presence_penalty": self.presence_penalty != 0 and "presence_penalty is not supported",
+            "frequency_penalty": self.frequency_penalty != 0 and "frequency_penalty is not supported",
+        }
+        for name, problem in refused.items():
+            if problem:
+                return name, problem
+        return None
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def token_limit_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    def conversation(self) -> list[dict[str, str]]:
+        return [m.for_template() for m in self.messages]
+
+
+class TokenSequenceBody(BaseModel):
+    """token-difr's TokenSequence: a prompt and the output claimed for it, as token ids."""
+
+    prompt_token_ids: list[int] = Field(min_length=1)
+    output_token_ids: list[int]
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+
+
+class VerdictOptions(BaseModel):
+    """The decision rule's knobs (None: olmo_tap.verify's defaults)."""
+
+    threshold: float | None = Field(default=None, gt=0, le=1)
+    confidence: float | None = Field(default=None, gt=0, lt=1)
+
+
+class VerifyRequest(VerdictOptions):
+    """POST /v1/verify: token-difr's ``verify_outputs`` against the served model, with a verdict."""
+
+    outputs: list[TokenSequenceBody] = Field(min_length=1, max_length=MAX_VERIFY_SEQUENCES)
+    temperature: float = Field(ge=0, le=2)
+    top_k: int = 0
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    sampling_method: Literal["vllm_gumbel_max", "olmo_tap"] = "vllm_gumbel_max"
+    head: int | None = Field(default=None, ge=0)
+    margin_tolerance: float | None = Field(default=None, ge=0)
+
+
+class AuditRequest(VerdictOptions):
+    """POST /v1/audit: replay a transcript (as an answer's ``trust.transcript``) through the served jury."""
+
+    transcript: dict[str, Any]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,103 @@
+"""The ``trust`` objects a response carries, built from what PoE reports (TokenEvent, PoEOutput).
+
+Per token (each streamed chunk, and ``trust.tokens`` of a whole answer): its text and id, the entropy of the
+distribution it was decided from (nats), its stability radius and margin, and, when the jury rejected the
+draft, the rejected draft, its validity radius and suppression score.
+
+Per answer: whether the jury certified it or abstained, acceptance statistics, the lowest stability, the
+uncertainty head's p(correct) for multiple-choice questions, every setting needed to replay it, and the
+transcript itself (the JSON ``olmo-tap audit`` checks).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from olmo_tap.inference.poe import PoEOutput, TokenEvent
+from olmo_tap.inference.transcript import transcript_dict
+
+# How a response ended, in OpenAI's vocabulary; trust.finish_reason keeps olmo-tap's own word.
+OPENAI_FINISH = {"eos": "stop", "length": "length", "abstain": "content_filter", "time_limit": "length"}
+
+
+def token_trust(event: TokenEvent) -> dict[str, Any]:
+    return event.to_dict()
+
+
+def resampled_from_output(output: PoEOutput) -> list[dict[str, Any]]:
+    """The rejected drafts of an answer, each with the index of the token that replaced it."""
+    return [
+        {
+            "index": part - 1,  # resampled_idxs index output_parts, whose [0] is the prompt
+            "draft_token_id": draft_id,
+            "draft_text": draft_text,
+            "validity_radius": radius,
+            "suppression_score": score,
+        }
+        for part, draft_text, draft_id, radius, score in zip(
+            output.resampled_idxs,
+            output.original_tokens,
+            output.original_token_ids,
+            output.validity_radii,
+            output.suppression_scores,
+            strict=True,
+        )
+    ]
+
+
+def tokens_from_output(output: PoEOutput) -> list[dict[str, Any]]:
+    """Per-token trust of a finished answer (the same fields as the streamed TokenEvents)."""
+    no_draft = {"draft_token_id": None, "draft_text": None, "validity_radius": None, "suppression_score": None}
+    drafts = {r.pop("index"): r for r in resampled_from_output(output)}
+    return [
+        {
+            "index": i,
+            "position": len(output.prompt_ids) + i,
+            "token_id": token_id,
+            "text": output.output_parts[i + 1],
+            "entropy": output.token_entropies[i],
+            "stability_radius": output.stability_radii[i],
+            "stability_margin": output.stability_margins[i],
+            "resampled": i in drafts,
+            **drafts.get(i, no_draft),
+        }
+        for i, token_id in enumerate(output.token_ids)
+    ]
+
+
+def response_trust(output: PoEOutput, model_id: str, *, mcq: bool, queue_s: float) -> dict[str, Any]:
+    """The ``trust`` object of a whole answer (non-streamed responses and the last streamed chunk)."""
+    settings = output.settings
+    n = len(output.token_ids)
+    finished = output.finish_reason in ("eos", "length")
+    return {
+        "mode": output.mode,
+        # The jury decided every token and the answer ended on its own terms (not abstained, not cut short).
+        "certified": output.mode == "poe" and finished and not output.abstained,
+        "abstained": output.abstained,
+        "finish_reason": output.finish_reason,
+        "n_tokens": n,
+        "acceptance": {
+            "rate": output.acceptance_rate,
+            "n_drafted": output.n_drafted,
+            "n_accepted": output.n_accepted,
+            "n_rounds": output.n_rounds,
+            "tokens_per_round": output.tokens_per_round,
+        },
+        "n_resampled": len(output.resampled_idxs),
+        "min_stability_radius": min(output.stability_radii) if n else None,
+        "mean_entropy": sum(output.token_entropies) / n if n else None,
+        "max_entropy": max(output.token_entropies) if n else None,
+        "mcq": mcq,
+        "p_correct": output.uncertainty,
+        "seed": settings.get("seed"),
+        "draft_head": output.draft_head,
+        "verifier_heads": output.verifier_heads,
+        "settings": settings,
+        "elapsed_s": output.elapsed_s,
+        "queue_s": queue_s,
+        "tokens_per_second": output.tokens_per_second,
+        "tokens": tokens_from_output(output),
+        "resampled": resampled_from_output(output),
+        "transcript": transcript_dict(output, model_id),
+    }

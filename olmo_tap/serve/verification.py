@@ -1,0 +1,91 @@
+"""/v1/verify and /v1/audit as jobs for the worker thread, against the model the server already holds."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from olmo_tap.inference.transcript import check_transcript
+from olmo_tap.serve.engine import DeadlinePassed, Job
+from olmo_tap.serve.schemas import AuditRequest, VerifyRequest
+from olmo_tap.verify import TokenSequence, audit, audit_poe, compute_metrics_summary, verify_outputs
+from olmo_tap.verify.verdict import DEFAULT_CONFIDENCE, DEFAULT_MARGIN_TOLERANCE, DEFAULT_THRESHOLD
+
+
+def json_safe(value: Any) -> Any:
+    """JSON has no infinity or NaN: write them as strings, as TokenMetrics.to_dict does."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def run_verify(job: Job, model: Any, tokenizer: Any, body: VerifyRequest) -> dict[str, Any]:
+    """token-difr's metrics for each claimed sequence, their summary and the verdict.
+
+    Sequences are replayed one by one so that a client that left, or the time limit, stops the work between
+    them (a cut-short verification is an error, never a partial verdict)."""
+    results = []
+    for i, sequence in enumerate(body.outputs):
+        if reason := job.stop_reason():
+            job.stopped = reason
+            raise DeadlinePassed(f"verification stopped ({reason}) after {i} of {len(body.outputs)} sequences")
+        results += verify_outputs(
+            [TokenSequence(sequence.prompt_token_ids, sequence.output_token_ids, sequence.seed)],
+            model,
+            temperature=body.temperature,
+            top_k=body.top_k,
+            top_p=body.top_p,
+            seed=body.seed,
+            sampling_method=body.sampling_method,
+            head=body.head,
+            tokenizer=tokenizer,
+            verbose=False,
+        )
+    verdict = audit(
+        results,
+        DEFAULT_THRESHOLD if body.threshold is None else body.threshold,
+        DEFAULT_CONFIDENCE if body.confidence is None else body.confidence,
+        DEFAULT_MARGIN_TOLERANCE if body.margin_tolerance is None else body.margin_tolerance,
+    )
+    return json_safe(
+        {
+            "summary": compute_metrics_summary(results),
+            "verdict": verdict.to_dict(),
+            "results": [[metrics.to_dict() for metrics in sequence] for sequence in results],
+        }
+    )
+
+
+def check_audit_request(model: Any, model_id: str, body: AuditRequest) -> dict[str, Any]:
+    """The transcript, if this server's model can replay it; ValueError naming the mismatch otherwise."""
+    transcript = check_transcript(body.transcript)
+    settings = transcript["settings"]
+    split = (model.n_heads, model.config.head_layers)
+    claimed = (settings.get("n_heads", split[0]), settings.get("heads_depth", split[1]))
+    if claimed != split:
+        raise ValueError(
+            f"the transcript's Hydra was {claimed[0]} heads x {claimed[1]} layers; this server's is "
+            f"{split[0]} x {split[1]}: audit it with `olmo-tap audit`, which rebuilds that split"
+        )
+    return transcript
+
+
+def run_audit(job: Job, model: Any, model_id: str, transcript: dict[str, Any], body: AuditRequest) -> dict[str, Any]:
+    report = audit_poe(
+        transcript,
+        model,
+        threshold=DEFAULT_THRESHOLD if body.threshold is None else body.threshold,
+        confidence=DEFAULT_CONFIDENCE if body.confidence is None else body.confidence,
+    )
+    result = report.to_dict()
+    result["audited_against"] = model_id
+    if transcript.get("model") not in (None, model_id):
+        result["notes"] = [
+            *result["notes"],
+            f"the transcript names model {transcript['model']!r}; it was replayed through this server's {model_id!r}",
+        ]
+    return json_safe(result)
