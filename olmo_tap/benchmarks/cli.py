@@ -1,0 +1,123 @@
+"""``olmo-tap bench``: time the decoders, write results.json and graph.png, print Markdown tables."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+# Command-line flags that override config keys one to one (dest -> config key).
+OVERRIDES = {
+    "model": "model",
+    "heads": "heads",
+    "heads_depth": "heads_depth",
+    "dtype": "dtype",
+    "device": "device",
+    "extra_heads": "extra_heads",
+    "gammas": "gammas",
+    "samplings": "samplings",
+    "prompt_length": "prompt_length",
+    "gen_length": "gen_length",
+    "temperature": "temperature",
+    "beta": "beta",
+    "seed": "seed",
+    "threads": "threads",
+    "warmup_ms": "warmup_ms",
+    "measure_ms": "measure_ms",
+    "min_repeats": "min_repeats",
+    "max_repeats": "max_repeats",
+}
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def register(sub: Any, add_model_args: Any) -> None:
+    bench = sub.add_parser(
+        "bench",
+        help="time baseline, naive, PoE (per gamma) and transformers' generate(); write results.json + graph.png",
+        description="Benchmark the decoders back to back in one process. Knobs: olmo_tap/benchmarks/config.json, "
+        "overridden by --config FILE, --quick and the flags below.",
+    )
+    bench.add_argument("--config", default=None, help="JSON file of config keys (see olmo_tap/benchmarks/config.json)")
+    bench.add_argument("--quick", action="store_true", help="the config's short 'quick' run (< 2 min on 2 CPU cores)")
+    add_model_args(bench)
+    bench.set_defaults(model=None)  # None: the config's model, so a --config file is not overridden silently
+    knobs = bench.add_argument_group("benchmark knobs (override the config)")
+    knobs.add_argument("--extra-heads", type=_int_list, default=None, help="e.g. 9 or '' for none")
+    knobs.add_argument("--gammas", type=_int_list, default=None, help="PoE gamma sweep, e.g. 1,2,4,8")
+    knobs.add_argument("--samplings", type=_str_list, default=None, help="greedy,sampled")
+    knobs.add_argument("--prompt-length", type=int, default=None)
+    knobs.add_argument("--gen-length", type=int, default=None)
+    knobs.add_argument("--temperature", type=float, default=None, help="of the sampled PoE runs")
+    knobs.add_argument("--beta", type=float, default=None)
+    knobs.add_argument("--seed", type=int, default=None)
+    knobs.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    knobs.add_argument("--warmup-ms", type=float, default=None)
+    knobs.add_argument("--measure-ms", type=float, default=None, help="measurement budget per configuration")
+    knobs.add_argument("--min-repeats", type=int, default=None)
+    knobs.add_argument("--max-repeats", type=int, default=None)
+    knobs.add_argument("--no-hf", action="store_true", help="do not time transformers' generate()")
+    out = bench.add_argument_group("output")
+    out.add_argument("--results-dir", default="results", help="runs go to <this>/<date>_runNN/ (default: results)")
+    out.add_argument(
+        "--report",
+        default=None,
+        metavar="RUN_DIR",
+        help="no run: re-print the tables and redraw the graph of an existing run directory (or results.json)",
+    )
+    out.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bench.set_defaults(func=cmd_bench)
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command, rebuilt from what was given (for the record in results.json)."""
+    words = ["olmo-tap", "bench"]
+    if args.config:
+        words += ["--config", args.config]
+    if args.quick:
+        words.append("--quick")
+    for dest in OVERRIDES:
+        value = getattr(args, dest)
+        if value is not None:
+            value = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            words += ["--" + dest.replace("_", "-"), value]
+    if args.no_hf:
+        words.append("--no-hf")
+    return shlex.join(words)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from olmo_tap.benchmarks.inference import load_results, next_run_dir, run_benchmark, write_results
+    from olmo_tap.benchmarks.plotting import plot_results
+    from olmo_tap.benchmarks.report import markdown_report
+
+    if args.report:
+        results = load_results(Path(args.report))
+        directory = Path(args.report) if Path(args.report).is_dir() else Path(args.report).parent
+        plot_results(results, directory / "graph.png")
+        print(markdown_report(results), end="")
+        return 0
+
+    from olmo_tap.benchmarks.config import load_config
+
+    overrides: dict[str, Any] = {key: getattr(args, dest) for dest, key in OVERRIDES.items()}
+    if args.no_hf:
+        overrides["hf_generate"] = False
+    config = load_config(args.config, quick=args.quick, overrides=overrides)
+    results = run_benchmark(config, command=_command_line(args), progress=not args.no_progress)
+    directory = next_run_dir(Path(args.results_dir))
+    json_path, graph_path = write_results(results, directory)
+    print(markdown_report(results), end="")
+    print(f"\nwrote {json_path} and {graph_path}", file=sys.stderr)
+    return 0

@@ -1,0 +1,607 @@
+"""Inference latency and throughput: what the jury costs against plain decoding and against transformers.
+
+Configurations, timed back to back in one process on the same prompt (interleaved: every configuration once per
+round, so a drifting machine hits them alike):
+
+- ``baseline``: one tower of the Hydra (trunk, one head, lm_head) decoding alone with our KV cache
+  (``PoE(mode="single")``); ``baseline_<dtype>`` the same on a one-tower model in another dtype (bf16 on CPU).
+- ``hydra_naive``: every text head every step, logits averaged (``PoE(mode="naive")``).
+- ``hydra_poe_g<gamma>_<greedy|sampled>``: PoE speculative verification, for each gamma of the sweep; with
+  ``extra_heads`` the naive and PoE rows again on Hydras with more heads (suffix ``_<n>h``).
+- ``hf_generate``: transformers' ``generate()``, greedy, on the same base checkpoint (the outside reference).
+
+Every run produces exactly ``gen_length`` tokens (end-of-text ignored). Per-token arrival times come from the
+decoders' own streams (PoE's TokenEvents, transformers' streamer), timed with CUDA events on a GPU and
+``perf_counter`` on CPU; peak memory, the memory bandwidth and the weight bytes read per token come from the same
+process. Results: ``results.json`` (schema in ``olmo_tap.benchmarks.schema``) and ``graph.png``.
+
+Run it with ``olmo-tap bench [--quick] [--config FILE] ...`` (or ``python -m olmo_tap.benchmarks.inference``).
+Knobs and their defaults: ``config.json`` next to this file, documented in ``olmo_tap.benchmarks.config``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from olmo_tap.benchmarks import targets as target_rules
+from olmo_tap.benchmarks.config import BenchConfig
+from olmo_tap.benchmarks.harness import (
+    PeakMemory,
+    Stopwatch,
+    load_average,
+    machine_info,
+    measure_bandwidth,
+    run_interleaved,
+    software_versions,
+)
+from olmo_tap.benchmarks.overhead import bare_linear_layers, profile_decode
+from olmo_tap.benchmarks.schema import Results
+from olmo_tap.benchmarks.stats import (
+    amortised_latencies,
+    decode_tokens_per_second,
+    per_position_median,
+    poe_rounds,
+    summarize,
+)
+from olmo_tap.hydra import HydraTransformer
+from olmo_tap.inference.poe import PoE, PoEOutput
+from olmo_tap.inference.prompts import encode_chat
+
+PROMPT_TEXT = "Explain, step by step, how a bicycle works and why it stays upright. "
+TTFT_MAX_REPEATS = 200
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def build_prompt_ids(tokenizer: Any, length: int) -> list[int]:
+    """A real chat prompt of exactly ``length`` tokens: a user message of repeated text in the chat template,
+    keeping its last ``length`` tokens (so it still ends with the assistant's generation prompt)."""
+    text = PROMPT_TEXT
+    previous = -1
+    while True:
+        ids = encode_chat(tokenizer, text)
+        if len(ids) >= length:
+            return ids[-length:]
+        if len(ids) <= previous:
+            raise ValueError(f"the tokenizer does not make prompts longer than {len(ids)} tokens (asked {length})")
+        previous = len(ids)
+        text += text
+
+
+# ----- timed generations -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trace:
+    """One timed generation."""
+
+    arrivals_ms: list[float]  # each token's arrival, ms since the call began
+    total_ms: float
+    resampled: list[bool]
+    memory: PeakMemory
+    output: PoEOutput | None = None  # ours, full runs only
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    """Weight bytes one pass reads: the trunk, one head's layers, the final norm and lm_head."""
+
+    trunk: int
+    head: int
+    lm_head: int
+
+    @classmethod
+    def of(cls, model: HydraTransformer) -> WeightBytes:
+        def size(params: Any) -> int:
+            return sum(p.numel() * p.element_size() for p in params)
+
+        return cls(
+            trunk=size(model.trunk.parameters()),
+            head=size(model.heads.parameters()) // model.n_heads,
+            lm_head=size([model.lm_head, *model.norm.parameters()]),
+        )
+
+    @property
+    def tower(self) -> int:
+        return self.trunk + self.head + self.lm_head
+
+
+def resident_weight_bytes(model: HydraTransformer) -> int:
+    """Bytes of the model's parameters plus the oneDNN-prepacked copies of its linear weights (CPU)."""
+    packs = [
+        pack for block in [*model.trunk, *model.heads] for packed in block._packed.values() for pack in packed.packs
+    ]
+    packs += model._packed_lm_head.packs
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *packs])
+
+
+@dataclass
+class Candidate:
+    """A configuration to time: what it is, and how to run it once."""
+
+    name: str
+    kind: str  # baseline | hydra_naive | hydra_poe | hf_generate
+    n_heads: int | None
+    dtype: torch.dtype
+    gamma: int | None
+    sampling: str
+    temperature: float
+    generate: Callable[[list[int], int, bool], Trace]  # (prompt ids, measured-round index, first token only)
+    resident_bytes: int = 0  # weights held in memory by the model it runs on (prepacked copies included)
+    weights: WeightBytes | None = None  # ours
+    n_text_heads: int = 1
+    fixed_bytes_per_token: int | None = None  # transformers
+    full: list[Trace] = field(default_factory=list)
+    ttft: list[Trace] = field(default_factory=list)
+
+
+def baseline_head(config: BenchConfig, model: HydraTransformer) -> int:
+    """The head a baseline runs: the configured draft head where the model has it, else head 0."""
+    head = config.draft_head
+    return head if head is not None and head < model.n_text_heads else 0
+
+
+def ours(
+    name: str,
+    kind: str,
+    model: HydraTransformer,
+    tokenizer: Any,
+    config: BenchConfig,
+    mode: str,
+    gamma: int | None = None,
+    sampling: str = "greedy",
+) -> Candidate:
+    """A configuration decoded by ``PoE`` in ``mode`` (single, naive or poe)."""
+    temperature = config.temperature if sampling == "sampled" else 0.0
+    decoder = PoE(
+        model,
+        tokenizer,
+        gamma=gamma or 1,
+        beta=config.beta,
+        max_new_tokens=config.gen_length,
+        seed=config.seed,
+        draft_head=config.draft_head if mode == "poe" else None,
+        mode=mode,  # type: ignore[arg-type]
+        head=baseline_head(config, model) if mode == "single" else None,
+        ignore_eos=True,
+    )
+
+    def generate(prompt_ids: list[int], repeat: int, first_only: bool) -> Trace:
+        watch, flags = Stopwatch(model.device), []
+        with PeakMemory(model.device) as memory:
+            watch.start()
+            stream = decoder.stream(prompt_ids=prompt_ids, temperature=temperature, seed=config.seed + repeat)
+            for event in stream:
+                watch.mark()
+                flags.append(event.resampled)
+                if first_only:
+                    break
+            arrivals, total = watch.stop()
+        output = None if first_only else stream.output
+        return Trace(arrivals, total, flags, memory, output, output.text if output else "")
+
+    return Candidate(
+        name,
+        kind,
+        model.n_heads,
+        model.dtype,
+        gamma,
+        sampling,
+        temperature,
+        generate,
+        resident_bytes=resident_weight_bytes(model),
+        weights=WeightBytes.of(model),
+        n_text_heads=decoder.n_llm_heads,
+    )
+
+
+def transformers_reference(model: Any, tokenizer: Any, config: BenchConfig) -> Candidate:
+    from olmo_tap.benchmarks.hf_reference import generate_timed, reference_weight_bytes_per_token
+
+    def generate(prompt_ids: list[int], repeat: int, first_only: bool) -> Trace:
+        watch = Stopwatch(model.device)
+        with PeakMemory(model.device) as memory:
+            watch.start()
+            ids = generate_timed(model, prompt_ids, 1 if first_only else config.gen_length, watch)
+            arrivals, total = watch.stop()
+        return Trace(arrivals, total, [False] * len(ids), memory, None, tokenizer.decode(ids))
+
+    return Candidate(
+        "hf_generate",
+        "hf_generate",
+        None,
+        model.dtype,
+        None,
+        "greedy",
+        0.0,
+        generate,
+        resident_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        fixed_bytes_per_token=reference_weight_bytes_per_token(model),
+    )
+
+
+def hydra_candidates(model: HydraTransformer, tokenizer: Any, config: BenchConfig, suffix: str = "") -> list[Candidate]:
+    """Naive averaging and the PoE sweep (gammas x samplings) on ``model``."""
+    found = [ours(f"hydra_naive{suffix}", "hydra_naive", model, tokenizer, config, "naive")]
+    for gamma in config.gammas:
+        for sampling in config.samplings:
+            name = f"hydra_poe_g{gamma}_{sampling}{suffix}"
+            found.append(ours(name, "hydra_poe", model, tokenizer, config, "poe", gamma, sampling))
+    return found
+
+
+def time_candidates(
+    candidates: list[Candidate], prompt_ids: list[int], config: BenchConfig, desc: str, progress: bool = True
+) -> None:
+    """Full-length runs, then time-to-first-token runs, each interleaved over ``candidates``."""
+    full = run_interleaved(
+        {c.name: (lambda r, c=c: c.generate(prompt_ids, r, False)) for c in candidates},
+        warmup_ms=config.warmup_ms,
+        measure_ms=config.measure_ms,
+        min_repeats=config.min_repeats,
+        max_repeats=config.max_repeats,
+        desc=desc,
+        progress=progress,
+    )
+    first = run_interleaved(
+        {c.name: (lambda r, c=c: c.generate(prompt_ids, r, True)) for c in candidates},
+        warmup_ms=0,
+        measure_ms=config.ttft_ms,
+        min_repeats=config.ttft_min_repeats,
+        max_repeats=max(config.ttft_min_repeats, TTFT_MAX_REPEATS),
+        desc=desc + " (time to first token)",
+        progress=progress,
+    )
+    for c in candidates:
+        c.full, c.ttft = full[c.name], first[c.name]
+
+
+# ----- from traces to results ----------------------------------------------------------------------------------------
+
+
+def _rounds(c: Candidate, trace: Trace, gen_length: int) -> list[tuple[int, int]]:
+    if c.kind != "hydra_poe":
+        return [(1, 1)] * len(trace.arrivals_ms)
+    assert c.gamma is not None and trace.output is not None
+    rounds = poe_rounds(trace.resampled, c.gamma, gen_length)
+    if len(rounds) != trace.output.n_rounds:  # the reconstruction must agree with the decoder's own count
+        raise RuntimeError(f"{c.name}: rebuilt {len(rounds)} rounds, the decoder reports {trace.output.n_rounds}")
+    return rounds
+
+
+def weight_bytes_per_token(c: Candidate, rounds: list[list[tuple[int, int]]], gen_length: int) -> float:
+    """Weight bytes read per emitted token, from what the runs actually did."""
+    if c.fixed_bytes_per_token is not None:
+        return float(c.fixed_bytes_per_token)
+    w = c.weights
+    assert w is not None
+    if c.kind == "baseline":
+        return float(w.tower)
+    if c.kind == "hydra_naive":
+        return float(w.trunk + c.n_text_heads * w.head + w.lm_head)
+    # PoE: every draft step reads trunk + draft head + lm_head; every round's verification pass reads the
+    # verifier heads and the lm_head once for all its positions.
+    total = 0
+    for run in rounds:
+        draft_steps = sum(drafted for _, drafted in run)
+        total += draft_steps * w.tower + len(run) * ((c.n_text_heads - 1) * w.head + w.lm_head)
+    return total / (gen_length * len(rounds))
+
+
+def summarise(c: Candidate, gen_length: int, read_gb_s: float, step_ms: float | None) -> dict[str, Any]:
+    """One ConfigResult (as a dict) from a candidate's traces; ``step_ms`` is the baseline's decode step (for
+    PoE's estimate of its verification cost)."""
+    for trace in c.full:
+        if len(trace.arrivals_ms) != gen_length:
+            raise RuntimeError(f"{c.name}: a run produced {len(trace.arrivals_ms)} tokens, expected {gen_length}")
+    rounds = [_rounds(c, t, gen_length) for t in c.full]
+    sizes = [[emitted for emitted, _ in r] for r in rounds]
+    latencies = [amortised_latencies(t.arrivals_ms, s) for t, s in zip(c.full, sizes, strict=True)]
+    decode_rates = [decode_tokens_per_second(t.arrivals_ms, s[0]) for t, s in zip(c.full, sizes, strict=True)]
+    decode_rates = [r for r in decode_rates if r is not None]
+    call_ms = summarize([t.total_ms for t in c.full])
+    decode_tps = statistics.median(decode_rates) if decode_rates else None
+    per_position = per_position_median(latencies)
+    bytes_per_token = weight_bytes_per_token(c, rounds, gen_length)
+    weight_gb_s = bytes_per_token * decode_tps / 1e9 if decode_tps else None
+    memories = [t.memory for t in c.full + c.ttft]
+    peaks = [m.peak_bytes for m in memories if m.peak_bytes is not None]
+    increases = [m.increase_bytes for m in memories if m.increase_bytes is not None]
+    result: dict[str, Any] = {
+        "name": c.name,
+        "kind": c.kind,
+        "n_heads": c.n_heads,
+        "dtype": dtype_name(c.dtype),
+        "gamma": c.gamma,
+        "sampling": c.sampling,
+        "temperature": c.temperature,
+        "new_tokens": gen_length,
+        "n_runs": len(c.full),
+        "call_ms": call_ms,
+        "tokens_per_s": 1000.0 * gen_length / call_ms["median"],
+        "decode_tokens_per_s": decode_tps,
+        "decode_step_ms": summarize([1000.0 / r for r in decode_rates]) if decode_rates else None,
+        "ttft_ms": summarize([t.arrivals_ms[0] for t in c.ttft]),
+        "ttft_samples_ms": [t.arrivals_ms[0] for t in c.ttft],
+        "per_position_latency_ms": per_position,
+        "per_position_tokens_per_s": [1000.0 / x if x else None for x in per_position],
+        "memory": {
+            "kind": memories[0].kind,
+            "peak_bytes": max(peaks) if peaks else None,
+            "increase_bytes": max(increases) if increases else None,
+            "resettable": all(m.resettable for m in memories),
+            "weight_bytes": c.resident_bytes,
+        },
+        "weight_bytes_per_token": bytes_per_token,
+        "weight_gb_s": weight_gb_s,
+        "bandwidth_utilisation": weight_gb_s / read_gb_s if weight_gb_s else None,
+        "poe": None if c.kind != "hydra_poe" else _poe_stats(c, rounds, call_ms["median"], gen_length, step_ms),
+        "sample_text": c.full[-1].text,
+    }
+    return result
+
+
+def _poe_stats(
+    c: Candidate, rounds: list[list[tuple[int, int]]], median_call_ms: float, gen_length: int, step_ms: float | None
+) -> dict[str, Any]:
+    outputs = [t.output for t in c.full]
+    assert c.gamma is not None and all(o is not None for o in outputs)
+    runs = len(outputs)
+    accepted = sum(o.n_accepted for o in outputs)  # type: ignore[union-attr]
+    drafted = sum(o.n_drafted for o in outputs)  # type: ignore[union-attr]
+    resampled = sum(len(o.resampled_idxs) for o in outputs)  # type: ignore[union-attr]
+    n_rounds = sum(len(r) for r in rounds)
+    # Decode time per round after the first, and what is left of it once its draft steps are paid.
+    round_ms, draft_steps_per_round = [], []
+    for trace, run in zip(c.full, rounds, strict=True):
+        if len(run) > 1:
+            first = run[0][0]
+            round_ms.append((trace.arrivals_ms[-1] - trace.arrivals_ms[first - 1]) / (len(run) - 1))
+            draft_steps_per_round.append(sum(d for _, d in run[1:]) / (len(run) - 1))
+    median_round = statistics.median(round_ms) if round_ms else None
+    verify = None
+    if median_round is not None and step_ms is not None:
+        verify = median_round - statistics.mean(draft_steps_per_round) * step_ms
+    return {
+        "gamma": c.gamma,
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "resample_rate": resampled / (gen_length * runs),
+        "tokens_per_round": gen_length * runs / n_rounds,
+        "accepted_per_call": accepted / runs,
+        "resampled_per_call": resampled / runs,
+        "drafted_per_call": drafted / runs,
+        "draft_steps_per_call": sum(d for run in rounds for _, d in run) / runs,
+        "rounds_per_call": n_rounds / runs,
+        "median_call_ms": median_call_ms,
+        "effective_tokens_per_s": 1000.0 * (accepted / runs) / median_call_ms,
+        "user_visible_tokens_per_s": 1000.0 * gen_length / median_call_ms,
+        "round_ms": median_round,
+        "verify_ms_per_round_estimate": verify,
+    }
+
+
+def linear_layers_result(model: HydraTransformer, head: int, step_ms: float, budget_ms: float) -> dict[str, Any]:
+    found = bare_linear_layers(model, head, budget_ms)
+    found.update(
+        decode_step_ms=step_ms,
+        step_over_packed=step_ms / found["packed_ms"]["median"],
+        step_over_stock=step_ms / found["stock_ms"]["median"],
+    )
+    return found
+
+
+# ----- the whole run -------------------------------------------------------------------------------------------------
+
+
+def _release_memory() -> None:
+    """Return what dropped models held (the caller deletes its references first)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def model_info(model: HydraTransformer, source: str) -> dict[str, Any]:
+    c = model.base_config
+    weights = WeightBytes.of(model)
+    return {
+        "source": source,
+        "family": c.family,
+        "n_layers": c.n_layers,
+        "d_model": c.d_model,
+        "vocab_size": c.vocab_size,
+        "n_heads": model.n_heads,
+        "heads_depth": model.config.head_layers,
+        "trunk_layers": model.config.trunk_layers,
+        "dtype": dtype_name(model.dtype),
+        "device": str(model.device),
+        "parameters": model.num_params(),
+        "tower_bytes_per_token": weights.tower,
+        "head_bytes": weights.head,
+    }
+
+
+def run_benchmark(config: BenchConfig, command: str = "olmo-tap bench", progress: bool = True) -> Results:
+    """Time every configuration of ``config``; returns the validated results (nothing is written). The torch
+    thread count is set for the run (``config.threads``) and restored afterwards."""
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        return _run(config, command, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config: BenchConfig, command: str, progress: bool) -> Results:
+    from olmo_tap.weights.loading import default_device, resolve_dtype
+    from olmo_tap.weights.sources import resolve
+    from olmo_tap.weights.tokenizer import load_tokenizer
+
+    torch.manual_seed(config.seed)
+    device = torch.device(config.device) if config.device else default_device()
+    dtype = resolve_dtype(config.dtype, device)
+    source = resolve(config.model)
+    ensemble = source.kind == "ensemble_dir"
+    notes: list[str] = []
+    machine = machine_info(device)
+    versions = software_versions()
+    bandwidth = measure_bandwidth(device, config.bandwidth_mib, config.micro_ms)
+    read_gb_s = bandwidth["read_gb_s"]
+    tokenizer = load_tokenizer(config.model, progress=False)
+    prompt_ids = build_prompt_ids(tokenizer, config.prompt_length)
+
+    def load(n_heads: int | None, load_dtype: torch.dtype) -> HydraTransformer:
+        return HydraTransformer.from_pretrained(
+            config.model, n_heads, config.heads_depth, dtype=load_dtype, device=device, progress=False
+        )
+
+    # Group 1: the Hydra timed in full, its baseline, baselines in other dtypes, and transformers.
+    model = load(config.heads, dtype)
+    if model.n_text_heads < 2:
+        raise ValueError(f"PoE needs at least 2 text heads; {config.model} gives {model.n_text_heads}")
+    towers = {"baseline": model}  # baseline configurations and the model each runs on
+    for name in dict.fromkeys(config.extra_baseline_dtypes):
+        extra_dtype = resolve_dtype(name, device)
+        if extra_dtype != dtype:
+            short = SHORT_DTYPE.get(dtype_name(extra_dtype), dtype_name(extra_dtype))
+            towers[f"baseline_{short}"] = load(None if ensemble else 1, extra_dtype)
+    candidates = [ours(name, "baseline", m, tokenizer, config, "single") for name, m in towers.items()]
+    candidates += hydra_candidates(model, tokenizer, config)
+    hf_model = None
+    if config.hf_generate and ensemble:
+        notes.append("hf_generate skipped: a saved ensemble is not a checkpoint transformers can load")
+    elif config.hf_generate:
+        from olmo_tap.benchmarks.hf_reference import load_reference_model
+
+        hf_model = load_reference_model(config.model, dtype, device)
+        candidates.insert(0, transformers_reference(hf_model, tokenizer, config))
+    time_candidates(candidates, prompt_ids, config, f"{model.n_heads} heads", progress)
+
+    baseline = next(c for c in candidates if c.name == "baseline")
+    baseline_result = summarise(baseline, config.gen_length, read_gb_s, None)
+    step_ms = baseline_result["decode_step_ms"]["median"] if baseline_result["decode_step_ms"] else None
+    configs = [
+        baseline_result if c is baseline else summarise(c, config.gen_length, read_gb_s, step_ms) for c in candidates
+    ]
+    linear_layers = []
+    for result in configs:
+        if result["name"] in towers and result["decode_step_ms"] is not None:
+            step = result["decode_step_ms"]["median"]
+            tower = towers[result["name"]]
+            linear_layers.append(linear_layers_result(tower, baseline_head(config, tower), step, config.micro_ms))
+    profile = None
+    if config.profile_tokens > 0:
+        profiled = PoE(
+            model,
+            tokenizer,
+            max_new_tokens=config.profile_tokens + 1,
+            mode="single",
+            head=baseline_head(config, model),
+            ignore_eos=True,
+            seed=config.seed,
+        )
+        profile = {"config": "baseline", "dtype": dtype_name(dtype)}
+        profile.update(profile_decode(profiled, prompt_ids, config.profile_tokens))
+        del profiled
+    info = model_info(model, config.model)
+    del candidates, baseline, towers, model, hf_model
+    _release_memory()
+
+    # Further groups: naive and PoE on Hydras with more heads.
+    for n_heads in config.extra_heads:
+        if ensemble:
+            notes.append(f"extra_heads {n_heads} skipped: a saved ensemble has a fixed number of heads")
+            continue
+        if n_heads == info["n_heads"]:
+            continue
+        group = hydra_candidates(load(n_heads, dtype), tokenizer, config, suffix=f"_{n_heads}h")
+        time_candidates(group, prompt_ids, config, f"{n_heads} heads", progress)
+        configs += [summarise(c, config.gen_length, read_gb_s, step_ms) for c in group]
+        del group
+        _release_memory()
+
+    machine["load_average_end"] = load_average()
+    start_load = machine["load_average_start"]
+    if start_load and start_load[0] > 0.5 * (machine["cpu_count"] or 1):
+        notes.append(
+            f"the machine was busy when the run began (load average {start_load[0]} on {machine['cpu_count']} "
+            "CPUs): other processes shared the cores, so absolute rates are pessimistic"
+        )
+    if not ensemble:
+        notes.append(
+            "heads are clones of the base model's last layers (no fine-tuned heads): greedy PoE accepts every "
+            "draft by construction; sampled PoE still rejects, because the product of the verifiers' "
+            "distributions is sharper than the drafter's"
+        )
+    results = {
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": command,
+        "machine": machine,
+        "versions": versions,
+        "config": config.to_dict(),
+        "model": info,
+        "prompt_ids": prompt_ids,
+        "bandwidth": bandwidth,
+        "configs": configs,
+        "linear_layers": linear_layers,
+        "profile": profile,
+        "targets": target_rules.evaluate(configs, linear_layers, device.type),
+        "notes": notes,
+    }
+    return Results.model_validate(results)
+
+
+# ----- output --------------------------------------------------------------------------------------------------------
+
+
+def next_run_dir(root: Path, date: dt.date | None = None) -> Path:
+    """``root/<YYYY-MM-DD>_runNN`` with the first NN (from 01) not taken yet."""
+    day = (date or dt.date.today()).isoformat()
+    n = 1
+    while (root / f"{day}_run{n:02d}").exists():
+        n += 1
+    return root / f"{day}_run{n:02d}"
+
+
+def write_results(results: Results, directory: Path) -> tuple[Path, Path]:
+    """``results.json`` and ``graph.png`` into ``directory`` (created)."""
+    from olmo_tap.benchmarks.plotting import plot_results
+
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path = directory / "results.json"
+    json_path.write_text(results.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    graph_path = directory / "graph.png"
+    plot_results(results, graph_path)
+    return json_path, graph_path
+
+
+def load_results(path: Path) -> Results:
+    """Read a ``results.json`` (or the directory holding it) back, checked against the schema."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    try:
+        return Results.model_validate_json(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"no results file at {path}") from None
+
+
+if __name__ == "__main__":
+    from olmo_tap.cli import main
+
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -1,0 +1,101 @@
+"""The speed targets set by the project's issues, judged on one run's results.
+
+Rates are end-to-end tokens/s (prefill included: what a user waits for). A target whose configurations were
+not measured in the run is reported with ``met`` None, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+TARGET_GAMMA = 4  # the PoE targets are stated at gamma 4, greedy
+BASELINE_OVER_TRANSFORMERS = 1.3  # same dtype
+BF16_OVER_TRANSFORMERS_FP32 = 2.0  # on CPU
+STEP_OVER_LINEAR = 1.15  # a decode step against its bare linear layers
+POE_OVER_BASELINE = 0.8
+POE_OVER_NAIVE = {5: 1.1, 9: 1.3}  # by number of heads
+
+
+def _target(name: str, value: float | None, relation: str, threshold: float, detail: str) -> dict[str, Any]:
+    met = None if value is None else (value >= threshold if relation == ">=" else value <= threshold)
+    return {"name": name, "value": value, "relation": relation, "threshold": threshold, "met": met, "detail": detail}
+
+
+def _rate_ratio(name: str, a: dict | None, b: dict | None, threshold: float, extra: str = "") -> dict[str, Any]:
+    if a is None or b is None:
+        missing = " and ".join(n for n, r in (("numerator", a), ("denominator", b)) if r is None)
+        return _target(name, None, ">=", threshold, f"not measured in this run ({missing} missing)")
+    ratio = a["tokens_per_s"] / b["tokens_per_s"]
+    detail = f"{a['name']} {a['tokens_per_s']:.1f} vs {b['name']} {b['tokens_per_s']:.1f} tok/s" + extra
+    return _target(name, ratio, ">=", threshold, detail)
+
+
+def _poe_detail(poe: dict | None) -> str:
+    if poe is None or poe.get("poe") is None:
+        return ""
+    stats = poe["poe"]
+    text = f"; acceptance {stats['acceptance_rate']:.2f}, {stats['tokens_per_round']:.2f} tokens/round"
+    if stats.get("round_ms") is not None and stats.get("verify_ms_per_round_estimate") is not None:
+        text += f", {stats['round_ms']:.1f} ms/round of which ~{stats['verify_ms_per_round_estimate']:.1f} ms verify"
+    return text
+
+
+def evaluate(configs: list[dict[str, Any]], linear_layers: list[dict[str, Any]], device_type: str) -> list[dict]:
+    """Every target as {name, value, relation, threshold, met, detail}."""
+    by_name = {c["name"]: c for c in configs}
+    hf = by_name.get("hf_generate")
+    baseline = by_name.get("baseline")
+    found = [
+        _rate_ratio(
+            f"baseline >= {BASELINE_OVER_TRANSFORMERS}x transformers generate() (same dtype)",
+            baseline,
+            hf if hf is not None and baseline is not None and hf["dtype"] == baseline["dtype"] else None,
+            BASELINE_OVER_TRANSFORMERS,
+        )
+    ]
+    if device_type == "cpu":
+        found.append(
+            _rate_ratio(
+                f"baseline bf16 >= {BF16_OVER_TRANSFORMERS_FP32}x transformers fp32 (CPU)",
+                next((c for c in configs if c["kind"] == "baseline" and c["dtype"] == "bfloat16"), None),
+                hf if hf is not None and hf["dtype"] == "float32" else None,
+                BF16_OVER_TRANSFORMERS_FP32,
+            )
+        )
+    for layers in linear_layers:
+        found.append(
+            _target(
+                f"{layers['dtype']} decode step <= {STEP_OVER_LINEAR}x its bare linear layers",
+                layers["step_over_packed"],
+                "<=",
+                STEP_OVER_LINEAR,
+                f"step {layers['decode_step_ms']:.1f} ms vs {layers['packed_ms']['median']:.1f} ms for its linear "
+                f"layers with the project's kernels (stock F.linear: {layers['stock_ms']['median']:.1f} ms, "
+                f"step/stock {layers['step_over_stock']:.2f}x)",
+            )
+        )
+    poe_name = f"hydra_poe_g{TARGET_GAMMA}_greedy"
+    poe = by_name.get(poe_name)
+    found.append(
+        _rate_ratio(
+            f"PoE gamma {TARGET_GAMMA} greedy >= {POE_OVER_BASELINE}x baseline",
+            poe,
+            baseline,
+            POE_OVER_BASELINE,
+            _poe_detail(poe),
+        )
+    )
+    main_heads = poe["n_heads"] if poe is not None else None
+    for n_heads, threshold in POE_OVER_NAIVE.items():
+        suffix = "" if n_heads == main_heads else f"_{n_heads}h"
+        jury = by_name.get(poe_name + suffix)
+        found.append(
+            _rate_ratio(
+                f"PoE gamma {TARGET_GAMMA} greedy >= {threshold}x naive, {n_heads} heads",
+                jury,
+                by_name.get("hydra_naive" + suffix),
+                threshold,
+                _poe_detail(jury),
+            )
+        )
+    return found
