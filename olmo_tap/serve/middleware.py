@@ -29,7 +29,8 @@ def new_request_id() -> str:
 
 class RequestContext:
     """Gives each request an id (the client's ``X-Request-ID`` if well-formed), echoes it in the response
-    headers and logs method, path, status and time to the first response byte."""
+    headers and logs method, path, status and the time until the headers (a streamed answer logs its own
+    line when it ends)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -49,7 +50,7 @@ class RequestContext:
                 message["headers"] = [*message["headers"], (REQUEST_ID_HEADER.encode(), request_id.encode())]
                 elapsed_ms = 1000 * (time.perf_counter() - started)
                 log.info(
-                    "%s %s %s -> %d in %.1f ms",
+                    "%s %s %s -> %d, headers after %.1f ms",
                     request_id,
                     scope["method"],
                     scope["path"],

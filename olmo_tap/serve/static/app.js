@@ -74,7 +74,7 @@ function updateLegend() {
   legend.append(signal() === "entropy"
     ? `darker = higher entropy of the jury's distribution (darkest at ≥ ${ENTROPY_FULL} nats)`
     : "darker = lower stability radius (darkest: one vote flip could change the token)");
-  legend.append(" · ↺ wavy underline = the jury rejected the draft and resampled; hover or tap a token for details");
+  legend.append(" · wavy underline = the jury rejected the draft and resampled · hover or tap a token for details");
   document.querySelectorAll(".tok").forEach(shade);
 }
 
