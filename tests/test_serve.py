@@ -228,6 +228,17 @@ def test_verify_endpoint_scores_claimed_tokens(tiny):
         assert response.status_code == 400 and response.json()["error"]["param"] == "temperature"
 
 
+def test_multiple_choice_reports_the_uncertainty_heads_p_correct():
+    model = tiny_hydra(vocab=VOCAB, n_heads=5, seed=1)
+    model.uncertainty_head = 4  # the last head scores answers; the other four decode
+    with make_client(model) as client:
+        assert client.get("/v1/models").json()["data"][0]["olmo_tap"]["n_text_heads"] == 4
+        trust = chat(client, mcq=True, temperature=0, max_tokens=4).json()["trust"]
+        plain = chat(client, temperature=0, max_tokens=4).json()["trust"]
+    assert trust["mcq"] and 0 < trust["p_correct"] < 1 and len(trust["verifier_heads"]) == 3
+    assert not plain["mcq"] and plain["p_correct"] is None
+
+
 # ----- bad input ------------------------------------------------------------------------------------------------
 
 MESSAGES = {"messages": PROMPT}

@@ -60,7 +60,7 @@ class Service:
 
     @property
     def n_text_heads(self) -> int:
-        return self.model.n_heads - (1 if self.model.uncertainty_head is not None else 0)
+        return self.model.n_text_heads
 
     @property
     def context(self) -> int:
