@@ -61,7 +61,7 @@ class Stopwatch:
 
 
 def time_calls(
-    fn: Callable[[], Any], device: torch.device | str, budget_ms: float, min_repeats: int = 5
+    fn: Callable[[], Any], device: torch.device | str, budget_ms: float, min_repeats: int = 3
 ) -> list[float]:
     """Milliseconds of repeated calls of ``fn`` (one warm-up call first) until ``budget_ms`` is spent."""
     watch = Stopwatch(device)

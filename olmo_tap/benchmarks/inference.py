@@ -186,12 +186,14 @@ def ours(
         with PeakMemory(model.device) as memory:
             watch.start()
             stream = decoder.stream(prompt_ids=prompt_ids, temperature=temperature, seed=config.seed + repeat)
-            for event in stream:
+            events = iter(stream)
+            for event in events:
                 watch.mark()
                 flags.append(event.resampled)
                 if first_only:
                     break
             arrivals, total = watch.stop()
+        events.close()  # a stream left after its first token is closed now, not whenever it is collected
         output = None if first_only else stream.output
         return Trace(arrivals, total, flags, memory, output, output.text if output else "")
 
