@@ -9,7 +9,12 @@ from olmo_tap.inference.transcript import check_transcript
 from olmo_tap.serve.engine import DeadlinePassed, Job
 from olmo_tap.serve.schemas import AuditRequest, VerifyRequest
 from olmo_tap.verify import TokenSequence, audit, audit_poe, compute_metrics_summary, verify_outputs
-from olmo_tap.verify.verdict import DEFAULT_CONFIDENCE, DEFAULT_MARGIN_TOLERANCE, DEFAULT_THRESHOLD
+from olmo_tap.verify.verdict import (
+    DEFAULT_AUDIT_THRESHOLD,
+    DEFAULT_CONFIDENCE,
+    DEFAULT_MARGIN_TOLERANCE,
+    DEFAULT_THRESHOLD,
+)
 
 
 def json_safe(value: Any) -> Any:
@@ -78,7 +83,7 @@ def run_audit(job: Job, model: Any, model_id: str, transcript: dict[str, Any], b
     report = audit_poe(
         transcript,
         model,
-        threshold=DEFAULT_THRESHOLD if body.threshold is None else body.threshold,
+        threshold=DEFAULT_AUDIT_THRESHOLD if body.threshold is None else body.threshold,
         confidence=DEFAULT_CONFIDENCE if body.confidence is None else body.confidence,
     )
     result = report.to_dict()

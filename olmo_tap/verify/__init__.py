@@ -10,6 +10,7 @@ from olmo_tap.verify.records import (
 )
 from olmo_tap.verify.scoring import compute_metrics_summary
 from olmo_tap.verify.verdict import (
+    DEFAULT_AUDIT_THRESHOLD,
     DEFAULT_MARGIN_TOLERANCE,
     DEFAULT_THRESHOLD,
     Calibration,
@@ -20,6 +21,7 @@ from olmo_tap.verify.verdict import (
 )
 
 __all__ = [
+    "DEFAULT_AUDIT_THRESHOLD",
     "DEFAULT_MARGIN_TOLERANCE",
     "DEFAULT_THRESHOLD",
     "Calibration",

@@ -12,6 +12,8 @@ EXIT_NOT_HONEST = 1
 
 
 def register(sub: Any, add_model_args: Callable[..., None]) -> None:
+    from olmo_tap.verify.verdict import DEFAULT_AUDIT_THRESHOLD, DEFAULT_THRESHOLD
+
     verify = sub.add_parser(
         "verify",
         help="check claimed outputs (token ids) against a trusted model: token-difr metrics and a verdict",
@@ -34,7 +36,7 @@ def register(sub: Any, add_model_args: Callable[..., None]) -> None:
     verify.add_argument("--head", type=int, default=None, help="for a saved ensemble: the head to verify against")
     verify.add_argument("--max-model-len", type=int, default=None, help="refuse longer sequences")
     verify.add_argument("--metrics-out", default=None, help="write per-token metrics as JSONL here")
-    add_verdict_args(verify)
+    add_verdict_args(verify, DEFAULT_THRESHOLD)
     verify.add_argument(
         "--margin-tolerance",
         type=float,
@@ -53,21 +55,21 @@ def register(sub: Any, add_model_args: Callable[..., None]) -> None:
     )
     audit.add_argument("transcript", help="transcript JSON file")
     add_model_args(audit, split=False, model_default=None)
-    add_verdict_args(audit)
+    add_verdict_args(audit, DEFAULT_AUDIT_THRESHOLD)
     audit.add_argument("--positions", action="store_true", help="list every position, not only disagreements")
     audit.add_argument("--json", action="store_true", help="print the full audit report as JSON")
     audit.set_defaults(func=cmd_audit)
 
 
-def add_verdict_args(parser: argparse.ArgumentParser) -> None:
-    from olmo_tap.verify.verdict import DEFAULT_CONFIDENCE, DEFAULT_THRESHOLD
+def add_verdict_args(parser: argparse.ArgumentParser, threshold: float) -> None:
+    from olmo_tap.verify.verdict import DEFAULT_CONFIDENCE
 
     group = parser.add_argument_group("verdict")
     group.add_argument(
         "--threshold",
         type=float,
-        default=DEFAULT_THRESHOLD,
-        help=f"agreement rate honest replays reach (default {DEFAULT_THRESHOLD})",
+        default=threshold,
+        help=f"agreement rate honest replays reach (default {threshold})",
     )
     group.add_argument(
         "--confidence",

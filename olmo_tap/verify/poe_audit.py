@@ -24,7 +24,7 @@ from olmo_tap.inference.poe import MODES
 from olmo_tap.inference.sampling import Purpose, check_temperature, sample_from_logits
 from olmo_tap.inference.transcript import check_transcript, read_transcript
 from olmo_tap.verify.replay import check_token_ids, teacher_forced_logits
-from olmo_tap.verify.verdict import DEFAULT_CONFIDENCE, DEFAULT_THRESHOLD, Verdict, decide, verdict_label
+from olmo_tap.verify.verdict import DEFAULT_AUDIT_THRESHOLD, DEFAULT_CONFIDENCE, Verdict, decide, verdict_label
 
 
 @dataclass
@@ -107,7 +107,7 @@ def audit_poe(
     transcript: dict[str, Any] | str | Path,
     model: HydraTransformer | str | Path | None = None,
     *,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float = DEFAULT_AUDIT_THRESHOLD,
     confidence: float = DEFAULT_CONFIDENCE,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
@@ -234,6 +234,9 @@ def _check_ending(
         return False, "the jury allows no token at the next position, but the response claims it did not abstain"
     if claims_abstention:
         return False, "the response claims an abstention, but the jury allows tokens at that position"
+    if output.get("finish_reason") == "time_limit":
+        # a service cut the response short: not a jury decision, and every emitted token is still checked
+        return True, "cut short by the service's time limit (the tokens before the cut are checked)"
     if max_new is None:
         return True, "no length limit recorded; ending not checked"
     return False, f"the response stops after {len(emitted)} tokens without end-of-text, limit or abstention"

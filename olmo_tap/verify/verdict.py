@@ -7,9 +7,13 @@ mismatch is always a near-tie, while a token from another temperature, seed or m
 margin. The outputs are declared *not honest* when the upper end of the confidence interval of their
 agreement rate lies below ``threshold``, the rate honest replays reach.
 
-Both defaults come from honest replays across dtypes (bf16 generation, fp32 verification) on the embedded
-default, measured by ``python -m olmo_tap.verify.experiment`` (README, "Verification"); ``calibrate`` derives
-them for any other setting.
+The defaults are calibrated (``calibrate``) on honest replays across dtypes, bf16 generation checked in
+fp32, on the embedded default (``python -m olmo_tap.verify.experiment``, README "Verification"): 98.7% of
+1280 sampled tokens matched exactly, every miss was within a margin of 0.28, so the tolerance is 0.3 and the
+threshold 0.99 (the 99% lower bound was 0.995). The jury's audit re-takes discrete decisions, which have no
+margin to tolerate: honest bf16 transcripts audited in fp32 were 97.1% consistent, so its threshold is 0.95.
+Verifying in the generator's own dtype and device is exact (100%): ``calibrate`` on such replays gives a
+zero tolerance and a stricter test.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from typing import Any
 
 from olmo_tap.verify.records import TokenMetrics
 
-DEFAULT_THRESHOLD = 0.9
-DEFAULT_MARGIN_TOLERANCE = 0.5
+DEFAULT_THRESHOLD = 0.99
+DEFAULT_MARGIN_TOLERANCE = 0.3
+DEFAULT_AUDIT_THRESHOLD = 0.95
 DEFAULT_CONFIDENCE = 0.99
 
 
