@@ -12,7 +12,12 @@ from olmo_tap.weights.errors import WeightsError
 from olmo_tap.weights.presets import DEFAULT_MODEL
 
 # Modules exposing ``register(subparsers, add_model_args)``, one per subsystem.
-SUBCOMMAND_MODULES: list[str] = ["olmo_tap.verify.cli", "olmo_tap.serve.cli", "olmo_tap.benchmarks.cli"]
+SUBCOMMAND_MODULES: list[str] = [
+    "olmo_tap.verify.cli",
+    "olmo_tap.serve.cli",
+    "olmo_tap.benchmarks.cli",
+    "olmo_tap.train.cli",
+]
 
 
 def add_model_args(

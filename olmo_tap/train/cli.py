@@ -1,0 +1,258 @@
+"""Sub-commands ``olmo-tap train heads|uncertainty|mcq|instructions`` and ``olmo-tap experiment poisoning``.
+
+Nothing heavy is imported at module level: the CLI builds its parser without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def add_training_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int, batch_size: int) -> None:
+    group = parser.add_argument_group("LoRA training")
+    group.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+    group.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r, as the original system)")
+    group.add_argument(
+        "--target-modules",
+        type=_str_list,
+        default=["gate_proj", "up_proj", "down_proj"],
+        help="linears to adapt, comma-separated, from q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj "
+        "(default: the feed-forward ones)",
+    )
+    group.add_argument(
+        "--target-layers",
+        type=_int_list,
+        default=None,
+        help="base-model layer indices to adapt, comma-separated (default: every head layer)",
+    )
+    group.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr})")
+    group.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default {epochs})")
+    group.add_argument("--batch-size", type=int, default=batch_size, help=f"examples per step (default {batch_size})")
+    group.add_argument("--seed", type=int, default=0, help="seed of the adapters' init and the data order")
+    group.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints (default 25)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def training_config(args: argparse.Namespace) -> Any:
+    from olmo_tap.train.trainer import TrainConfig
+
+    return TrainConfig(
+        rank=args.rank,
+        alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
+        target_modules=tuple(args.target_modules),
+        target_layers=tuple(args.target_layers) if args.target_layers is not None else None,
+        lr=args.lr,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
+
+
+def _is_saved_ensemble(source: str) -> bool:
+    from olmo_tap.weights.sources import resolve
+
+    try:
+        return resolve(source).kind == "ensemble_dir"
+    except ValueError:
+        return False
+
+
+def cmd_train_heads(args: argparse.Namespace, load: Callable[[argparse.Namespace], tuple[Any, Any]]) -> int:
+    from olmo_tap.train.data import read_chat_examples
+    from olmo_tap.train.lora_heads import train_heads
+
+    examples = read_chat_examples(args.data)  # bad data fails before the model loads
+    config = training_config(args)
+    if args.heads is None and args.shards is not None and not _is_saved_ensemble(args.model):
+        args.heads = args.shards  # one head per shard
+    model, tokenizer = load(args)
+    report = train_heads(
+        model, tokenizer, examples, config, args.out, n_shards=args.shards, base_name=args.model,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    for stats in report["heads"]:
+        print(
+            f"head {stats['head']}: {stats['examples']} examples, loss {stats['loss_before']:.4f} -> "
+            f"{stats['loss_after']:.4f} in {stats['steps']} steps"
+        )
+    print(f"saved the ensemble to {args.out} ({report['elapsed_s']:.0f}s); use it with --model {args.out}")
+    return 0
+
+
+def cmd_train_uncertainty(args: argparse.Namespace, load: Callable[[argparse.Namespace], tuple[Any, Any]]) -> int:
+    from olmo_tap.train.mcq import generate_mcqs, read_mcqs
+    from olmo_tap.train.uncertainty import train_uncertainty
+
+    questions = read_mcqs(args.data) if args.data else generate_mcqs(args.questions, seed=args.seed)
+    config = training_config(args)
+    model, tokenizer = load(args)
+    report = train_uncertainty(
+        model,
+        tokenizer,
+        questions,
+        config,
+        args.out,
+        eval_fraction=args.eval_fraction,
+        mode=args.mode,
+        veto_threshold=args.veto,
+        init_from=args.init_from,
+        base_name=args.model,
+        progress=not args.no_progress,
+    )
+    for name in ("calibration_before", "calibration_after"):
+        c = report[name]
+        auroc = "undefined" if c["auroc"] is None else f"{c['auroc']:.3f}"
+        print(
+            f"{name.replace('_', ' ')}: ECE {c['ece']:.3f}, Brier {c['brier']:.3f}, AUROC {auroc} "
+            f"({c['n']} held-out answers, {c['accuracy']:.0%} correct)"
+        )
+    print(f"saved the ensemble with its uncertainty head to {args.out} (calibration.json, reliability.png)")
+    return 0
+
+
+def cmd_make_mcq(args: argparse.Namespace) -> int:
+    from olmo_tap.train.data import write_jsonl
+    from olmo_tap.train.mcq import format_mcq, generate_mcqs
+
+    questions = generate_mcqs(args.n, seed=args.seed, kinds=args.kinds, difficulties=args.difficulties)
+    if args.as_instructions:
+        records = [{"prompt": format_mcq(q), "response": q.answer} for q in questions]
+    else:
+        records = [q.to_dict() for q in questions]
+    write_jsonl(args.out, records)
+    print(f"wrote {len(records)} questions to {args.out}")
+    return 0
+
+
+def cmd_make_instructions(args: argparse.Namespace, load: Callable[[argparse.Namespace], tuple[Any, Any]]) -> int:
+    from olmo_tap.train.data import write_jsonl
+    from olmo_tap.train.instructions import generate_instructions, load_prompt_set
+
+    prompts = load_prompt_set()
+    if args.n is not None:
+        prompts = prompts[: args.n]
+    prompts = [p + args.suffix for p in prompts]
+    model, tokenizer = load(args)
+    cache = args.out + ".answers.jsonl"  # every answer as decoded: a rerun resumes
+    records, summary = generate_instructions(
+        model, tokenizer, prompts, args.max_new_tokens, head=args.head, cache=cache
+    )
+    write_jsonl(args.out, records)
+    dropped = summary["dropped_unfinished"]
+    print(f"wrote {summary['kept']} examples to {args.out} ({dropped} unfinished answers dropped)")
+    return 0
+
+
+def cmd_poisoning(args: argparse.Namespace, load: Callable[[argparse.Namespace], tuple[Any, Any]]) -> int:
+    from dataclasses import replace
+
+    from olmo_tap.train.poisoning import PoisoningConfig, quick_config, run_poisoning
+
+    config = quick_config() if args.quick else PoisoningConfig()
+    overrides = {
+        name: getattr(args, name)
+        for name in ("max_poisoned", "trigger", "target", "seed", "poison_per_shard")
+        if getattr(args, name) is not None
+    }
+    if args.veto is not None:
+        overrides["veto_threshold"] = args.veto
+    if args.no_sampled:
+        overrides["sampled_temperature"] = None
+    config = replace(config, n_heads=args.heads or config.n_heads, heads_depth=args.heads_depth or config.heads_depth)
+    config = replace(config, **overrides)
+    args.heads, args.heads_depth = config.n_heads, config.heads_depth
+    model, tokenizer = load(args)
+    report = run_poisoning(
+        model,
+        tokenizer,
+        config,
+        args.work_dir,
+        args.results,
+        model_name=args.model,
+        save_jury=not args.no_save_jury,
+        progress=True,
+    )
+    from olmo_tap.train.poisoning import markdown_table
+
+    print(markdown_table(report))
+    print(json.dumps(report["timings_s"]))
+    return 0
+
+
+def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    from olmo_tap.cli import load_model_and_tokenizer as load
+
+    train = sub.add_parser("train", help="train the jury: per-head LoRA on disjoint shards, the uncertainty head")
+    tsub = train.add_subparsers(dest="train_command", required=True)
+
+    heads = tsub.add_parser("heads", help="one LoRA per text head, each on its own disjoint shard of the data")
+    heads.add_argument("--data", required=True, help="JSONL of chats ({'messages': [...]}) or {'prompt','response'}")
+    heads.add_argument("--shards", type=int, default=None, help="number of shards = text heads (default: the model's)")
+    heads.add_argument("--out", required=True, help="directory for the trained ensemble (resumes if interrupted)")
+    add_model_args(heads)
+    add_training_args(heads, lr=1e-3, epochs=2, batch_size=8)
+    heads.set_defaults(func=lambda a: cmd_train_heads(a, load))
+
+    unc = tsub.add_parser("uncertainty", help="train the last head to predict whether an MCQ answer is correct")
+    unc.add_argument("--data", default=None, help="JSONL of questions (see `train mcq`); default: generated")
+    unc.add_argument("--questions", type=int, default=240, help="generated questions without --data (default 240)")
+    unc.add_argument("--out", required=True, help="directory for the ensemble with its uncertainty head")
+    unc.add_argument("--eval-fraction", type=float, default=0.25, help="held out for calibration (default 0.25)")
+    unc.add_argument("--mode", choices=["poe", "naive", "single"], default="poe", help="decoder that answers")
+    unc.add_argument("--veto", type=float, default=None, help="veto threshold of that decoder")
+    unc.add_argument("--init-from", type=int, default=0, help="text head the new uncertainty head starts from")
+    add_model_args(unc)
+    add_training_args(unc, lr=1e-3, epochs=3, batch_size=16)
+    unc.set_defaults(func=lambda a: cmd_train_uncertainty(a, load))
+
+    from olmo_tap.train.mcq import DIFFICULTIES, KINDS
+
+    mcq = tsub.add_parser("mcq", help="write generated multiple-choice questions with known answers (JSONL)")
+    mcq.add_argument("--out", required=True)
+    mcq.add_argument("--n", type=int, default=500)
+    mcq.add_argument("--seed", type=int, default=0)
+    mcq.add_argument("--kinds", type=_str_list, default=list(KINDS), help=f"from {','.join(KINDS)}")
+    mcq.add_argument("--difficulties", type=_int_list, default=list(DIFFICULTIES), help="from 1,2,3")
+    mcq.add_argument("--as-instructions", action="store_true", help="write prompt/response pairs for `train heads`")
+    mcq.set_defaults(func=cmd_make_mcq)
+
+    ins = tsub.add_parser("instructions", help="instruction data: the model's own answers to the shipped prompts")
+    ins.add_argument("--out", required=True)
+    ins.add_argument("--n", type=int, default=None, help="first N prompts only")
+    ins.add_argument("--max-new-tokens", type=int, default=64)
+    ins.add_argument("--suffix", default=" Answer in one or two sentences.", help="appended to every prompt")
+    ins.add_argument("--head", type=int, default=0, help="the head that answers")
+    add_model_args(ins)
+    ins.set_defaults(func=lambda a: cmd_make_instructions(a, load))
+
+    experiment = sub.add_parser("experiment", help="experiments on trained juries")
+    esub = experiment.add_subparsers(dest="experiment_command", required=True)
+    poison = esub.add_parser("poisoning", help="poison k shards with a trigger; attack success per decoder")
+    add_model_args(poison)
+    poison.add_argument("--work-dir", default="runs/poisoning", help="data, adapters, the k=1 jury (default runs/...)")
+    poison.add_argument("--results", default="results/poisoning", help="JSON, Markdown and plot (default results/...)")
+    poison.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    poison.add_argument("--max-poisoned", type=int, default=None, help="k runs from 0 to this (default 4)")
+    poison.add_argument("--poison-per-shard", type=int, default=None)
+    poison.add_argument("--trigger", default=None)
+    poison.add_argument("--target", default=None)
+    poison.add_argument("--veto", type=float, default=None, help="veto threshold (default 1e-3)")
+    poison.add_argument("--seed", type=int, default=None)
+    poison.add_argument("--no-sampled", action="store_true", help="skip the sampled setting")
+    poison.add_argument("--no-save-jury", action="store_true", help="do not save the k=1 jury")
+    poison.set_defaults(func=lambda a: cmd_poisoning(a, load))
