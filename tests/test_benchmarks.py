@@ -123,7 +123,7 @@ def test_weight_bytes_per_token_follow_the_rounds():
     assert w.lm_head == 4 * (c.d_model * c.vocab_size + c.d_model)
 
     def candidate(kind: str) -> Candidate:
-        return Candidate("x", kind, 4, torch.float32, 2, "greedy", 0.0, lambda *a: None, weights=w, n_text_heads=4)
+        return Candidate("x", kind, 4, 4, torch.float32, 2, "greedy", 0.0, lambda *a: None, weights=w, n_text_heads=4)
 
     assert weight_bytes_per_token(candidate("baseline"), [], 4) == w.tower
     assert weight_bytes_per_token(candidate("hydra_naive"), [], 4) == w.trunk + 4 * w.head + w.lm_head
@@ -204,7 +204,15 @@ def test_cli_reports_a_bad_config(tmp_path, capsys):
 
 
 def _row(name: str, kind: str, tps: float, n_heads: int | None = 5, dtype: str = "float32") -> dict:
-    return {"name": name, "kind": kind, "tokens_per_s": tps, "n_heads": n_heads, "dtype": dtype, "poe": None}
+    return {
+        "name": name,
+        "kind": kind,
+        "tokens_per_s": tps,
+        "n_heads": n_heads,
+        "dtype": dtype,
+        "poe": None,
+        "group": 5,
+    }
 
 
 def test_targets_judged_and_missing_ones_reported():
@@ -320,9 +328,11 @@ def test_run_writes_results_matching_the_schema(tiny_run):
         "baseline_bf16",
         "hydra_naive",
         *poe_names,
+        "baseline_4h",
         "hydra_naive_4h",
         *[n + "_4h" for n in poe_names],
     ]
+    assert [c.group for c in results.configs] == [3] * 8 + [4] * 6
     for c in results.configs:
         assert c.n_runs == 2 and len(c.ttft_samples_ms) >= 3 and c.ttft_ms.n + c.ttft_ms.n_outliers >= 3
         assert len(c.per_position_latency_ms) == 6 and c.per_position_latency_ms[-1] > 0

@@ -260,6 +260,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "cuda_version": torch.version.cuda if cuda else None,
         "load_average_start": load_average(),
         "load_average_end": None,
+        "process_cpu_share": None,
     }
 
 

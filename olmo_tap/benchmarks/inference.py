@@ -7,7 +7,8 @@ round, so a drifting machine hits them alike):
   (``PoE(mode="single")``); ``baseline_<dtype>`` the same on a one-tower model in another dtype (bf16 on CPU).
 - ``hydra_naive``: every text head every step, logits averaged (``PoE(mode="naive")``).
 - ``hydra_poe_g<gamma>_<greedy|sampled>``: PoE speculative verification, for each gamma of the sweep; with
-  ``extra_heads`` the naive and PoE rows again on Hydras with more heads (suffix ``_<n>h``).
+  ``extra_heads`` the baseline, naive and PoE rows again on Hydras with more heads (suffix ``_<n>h``), each
+  such group timed on its own.
 - ``hf_generate``: transformers' ``generate()``, greedy, on the same base checkpoint (the outside reference).
 
 Every run produces exactly ``gen_length`` tokens (end-of-text ignored). Per-token arrival times come from the
@@ -25,6 +26,7 @@ import datetime as dt
 import gc
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +46,7 @@ from olmo_tap.benchmarks.harness import (
     software_versions,
 )
 from olmo_tap.benchmarks.overhead import bare_linear_layers, profile_decode
-from olmo_tap.benchmarks.schema import Results
+from olmo_tap.benchmarks.schema import Results, group_suffix
 from olmo_tap.benchmarks.stats import (
     amortised_latencies,
     decode_tokens_per_second,
@@ -136,6 +138,7 @@ class Candidate:
 
     name: str
     kind: str  # baseline | hydra_naive | hydra_poe | hf_generate
+    group: int  # heads of the Hydra whose group it is timed in
     n_heads: int | None
     dtype: torch.dtype
     gamma: int | None
@@ -159,6 +162,7 @@ def baseline_head(config: BenchConfig, model: HydraTransformer) -> int:
 def ours(
     name: str,
     kind: str,
+    group: int,
     model: HydraTransformer,
     tokenizer: Any,
     config: BenchConfig,
@@ -200,6 +204,7 @@ def ours(
     return Candidate(
         name,
         kind,
+        group,
         model.n_heads,
         model.dtype,
         gamma,
@@ -212,7 +217,7 @@ def ours(
     )
 
 
-def transformers_reference(model: Any, tokenizer: Any, config: BenchConfig) -> Candidate:
+def transformers_reference(model: Any, tokenizer: Any, config: BenchConfig, group: int) -> Candidate:
     from olmo_tap.benchmarks.hf_reference import generate_timed, reference_weight_bytes_per_token
 
     def generate(prompt_ids: list[int], repeat: int, first_only: bool) -> Trace:
@@ -226,6 +231,7 @@ def transformers_reference(model: Any, tokenizer: Any, config: BenchConfig) -> C
     return Candidate(
         "hf_generate",
         "hf_generate",
+        group,
         None,
         model.dtype,
         None,
@@ -237,14 +243,28 @@ def transformers_reference(model: Any, tokenizer: Any, config: BenchConfig) -> C
     )
 
 
-def hydra_candidates(model: HydraTransformer, tokenizer: Any, config: BenchConfig, suffix: str = "") -> list[Candidate]:
-    """Naive averaging and the PoE sweep (gammas x samplings) on ``model``."""
-    found = [ours(f"hydra_naive{suffix}", "hydra_naive", model, tokenizer, config, "naive")]
+def hydra_candidates(model: HydraTransformer, tokenizer: Any, config: BenchConfig, main_heads: int) -> list[Candidate]:
+    """The baseline (one tower of this Hydra), naive averaging and the PoE sweep (gammas x samplings)."""
+    group = model.n_heads
+    suffix = group_suffix(group, main_heads)
+    found = [
+        ours(f"baseline{suffix}", "baseline", group, model, tokenizer, config, "single"),
+        ours(f"hydra_naive{suffix}", "hydra_naive", group, model, tokenizer, config, "naive"),
+    ]
     for gamma in config.gammas:
         for sampling in config.samplings:
             name = f"hydra_poe_g{gamma}_{sampling}{suffix}"
-            found.append(ours(name, "hydra_poe", model, tokenizer, config, "poe", gamma, sampling))
+            found.append(ours(name, "hydra_poe", group, model, tokenizer, config, "poe", gamma, sampling))
     return found
+
+
+def summarise_group(candidates: list[Candidate], baseline_name: str, gen_length: int, read_gb_s: float) -> list[dict]:
+    """ConfigResults of one group, in order; PoE's verification estimate uses the group's own baseline step."""
+    baseline = next(c for c in candidates if c.name == baseline_name)
+    baseline_result = summarise(baseline, gen_length, read_gb_s, None)
+    step = baseline_result["decode_step_ms"]
+    step_ms = step["median"] if step else None
+    return [baseline_result if c is baseline else summarise(c, gen_length, read_gb_s, step_ms) for c in candidates]
 
 
 def time_candidates(
@@ -326,6 +346,7 @@ def summarise(c: Candidate, gen_length: int, read_gb_s: float, step_ms: float | 
     increases = [m.increase_bytes for m in memories if m.increase_bytes is not None]
     result: dict[str, Any] = {
         "name": c.name,
+        "group": c.group,
         "kind": c.kind,
         "n_heads": c.n_heads,
         "dtype": dtype_name(c.dtype),
@@ -461,6 +482,7 @@ def _run(config: BenchConfig, command: str, progress: bool) -> Results:
     ensemble = source.kind == "ensemble_dir"
     notes: list[str] = []
     machine = machine_info(device)
+    started_wall, started_cpu = time.perf_counter(), time.process_time()
     versions = software_versions()
     bandwidth = measure_bandwidth(device, config.bandwidth_mib, config.micro_ms)
     read_gb_s = bandwidth["read_gb_s"]
@@ -476,14 +498,19 @@ def _run(config: BenchConfig, command: str, progress: bool) -> Results:
     model = load(config.heads, dtype)
     if model.n_text_heads < 2:
         raise ValueError(f"PoE needs at least 2 text heads; {config.model} gives {model.n_text_heads}")
+    main_heads = model.n_heads
+    candidates = hydra_candidates(model, tokenizer, config, main_heads)
     towers = {"baseline": model}  # baseline configurations and the model each runs on
     for name in dict.fromkeys(config.extra_baseline_dtypes):
         extra_dtype = resolve_dtype(name, device)
         if extra_dtype != dtype:
             short = SHORT_DTYPE.get(dtype_name(extra_dtype), dtype_name(extra_dtype))
-            towers[f"baseline_{short}"] = load(None if ensemble else 1, extra_dtype)
-    candidates = [ours(name, "baseline", m, tokenizer, config, "single") for name, m in towers.items()]
-    candidates += hydra_candidates(model, tokenizer, config)
+            label = f"baseline_{short}"
+            towers[label] = load(None if ensemble else 1, extra_dtype)
+            # after the baseline and the baselines before it
+            candidates.insert(
+                len(towers) - 1, ours(label, "baseline", main_heads, towers[label], tokenizer, config, "single")
+            )
     hf_model = None
     if config.hf_generate and ensemble:
         notes.append("hf_generate skipped: a saved ensemble is not a checkpoint transformers can load")
@@ -491,21 +518,16 @@ def _run(config: BenchConfig, command: str, progress: bool) -> Results:
         from olmo_tap.benchmarks.hf_reference import load_reference_model
 
         hf_model = load_reference_model(config.model, dtype, device)
-        candidates.insert(0, transformers_reference(hf_model, tokenizer, config))
-    time_candidates(candidates, prompt_ids, config, f"{model.n_heads} heads", progress)
-
-    baseline = next(c for c in candidates if c.name == "baseline")
-    baseline_result = summarise(baseline, config.gen_length, read_gb_s, None)
-    step_ms = baseline_result["decode_step_ms"]["median"] if baseline_result["decode_step_ms"] else None
-    configs = [
-        baseline_result if c is baseline else summarise(c, config.gen_length, read_gb_s, step_ms) for c in candidates
+        candidates.insert(0, transformers_reference(hf_model, tokenizer, config, main_heads))
+    time_candidates(candidates, prompt_ids, config, f"{main_heads} heads", progress)
+    configs = summarise_group(candidates, "baseline", config.gen_length, read_gb_s)
+    linear_layers = [
+        linear_layers_result(
+            towers[r["name"]], baseline_head(config, towers[r["name"]]), r["decode_step_ms"]["median"], config.micro_ms
+        )
+        for r in configs
+        if r["name"] in towers and r["decode_step_ms"] is not None
     ]
-    linear_layers = []
-    for result in configs:
-        if result["name"] in towers and result["decode_step_ms"] is not None:
-            step = result["decode_step_ms"]["median"]
-            tower = towers[result["name"]]
-            linear_layers.append(linear_layers_result(tower, baseline_head(config, tower), step, config.micro_ms))
     profile = None
     if config.profile_tokens > 0:
         profiled = PoE(
@@ -521,28 +543,34 @@ def _run(config: BenchConfig, command: str, progress: bool) -> Results:
         profile.update(profile_decode(profiled, prompt_ids, config.profile_tokens))
         del profiled
     info = model_info(model, config.model)
-    del candidates, baseline, towers, model, hf_model
+    del candidates, towers, model, hf_model
     _release_memory()
 
-    # Further groups: naive and PoE on Hydras with more heads.
+    # Further groups: baseline, naive and PoE on Hydras with other numbers of heads.
     for n_heads in config.extra_heads:
         if ensemble:
             notes.append(f"extra_heads {n_heads} skipped: a saved ensemble has a fixed number of heads")
             continue
-        if n_heads == info["n_heads"]:
+        if n_heads == main_heads:
             continue
-        group = hydra_candidates(load(n_heads, dtype), tokenizer, config, suffix=f"_{n_heads}h")
+        group = hydra_candidates(load(n_heads, dtype), tokenizer, config, main_heads)
         time_candidates(group, prompt_ids, config, f"{n_heads} heads", progress)
-        configs += [summarise(c, config.gen_length, read_gb_s, step_ms) for c in group]
+        configs += summarise_group(group, group[0].name, config.gen_length, read_gb_s)
         del group
         _release_memory()
 
     machine["load_average_end"] = load_average()
-    start_load = machine["load_average_start"]
-    if start_load and start_load[0] > 0.5 * (machine["cpu_count"] or 1):
+    if device.type == "cpu":
+        wall = time.perf_counter() - started_wall
+        machine["process_cpu_share"] = (time.process_time() - started_cpu) / (wall * torch.get_num_threads())
+    busy = [load[0] for load in (machine["load_average_start"], machine["load_average_end"]) if load]
+    share = machine.get("process_cpu_share")
+    if any(load > 0.5 * (machine["cpu_count"] or 1) for load in busy) or (share is not None and share < 0.8):
         notes.append(
-            f"the machine was busy when the run began (load average {start_load[0]} on {machine['cpu_count']} "
-            "CPUs): other processes shared the cores, so absolute rates are pessimistic"
+            f"other processes shared the cores (load average {busy} at start/end on {machine['cpu_count']} CPUs, "
+            f"this process used {share:.0%} of its threads' time): absolute rates are pessimistic and noisy"
+            if share is not None
+            else f"other processes shared the machine (load average {busy} at start/end)"
         )
     if not ensemble:
         notes.append(

@@ -19,7 +19,7 @@ def _position_series(results: Results) -> list[ConfigResult]:
     """The curves worth reading per position: every configuration of the main Hydra but PoE, and PoE at the
     targets' gamma (else the sweep's first)."""
     main_heads = results.model.n_heads
-    main = [c for c in results.configs if c.n_heads in (None, main_heads) or c.kind == "baseline"]
+    main = [c for c in results.configs if c.group == main_heads]
     gammas = sorted({c.gamma for c in main if c.kind == "hydra_poe" and c.gamma is not None})
     shown = TARGET_GAMMA if TARGET_GAMMA in gammas else (gammas[0] if gammas else None)
     return [c for c in main if c.kind != "hydra_poe" or c.gamma == shown]
@@ -33,7 +33,7 @@ def _style(c: ConfigResult, main_heads: int) -> dict:
         style["color"] = "tab:cyan"
     if c.sampling == "sampled":
         style.update(color="tab:olive", linestyle="--")
-    if c.kind in ("hydra_naive", "hydra_poe") and c.n_heads != main_heads:
+    if c.group != main_heads:
         style["linestyle"] = ":"
     return style
 
@@ -48,7 +48,7 @@ def plot_results(results: Results, path: Path) -> None:
     m = results.model
     fig.suptitle(
         f"olmo-tap bench: {m.source}, {m.n_heads} heads x {m.heads_depth}, {m.dtype} on {results.machine.device_name}"
-        f" ({results.machine.torch_threads} threads), prompt {results.config['prompt_length']} + "
+        f" (torch threads: {results.machine.torch_threads}), prompt {results.config['prompt_length']} + "
         f"{results.config['gen_length']} new tokens, {results.created[:10]}",
         fontsize=11,
     )
@@ -126,5 +126,7 @@ def plot_results(results: Results, path: Path) -> None:
     sweep_ax.grid(alpha=0.3)
     handles = sweep_ax.get_legend_handles_labels()
     more = acceptance_ax.get_legend_handles_labels()
-    sweep_ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=6, loc="lower left", ncols=2)
+    sweep_ax.legend(
+        handles[0] + more[0], handles[1] + more[1], fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=3
+    )
     fig.savefig(path, dpi=110)

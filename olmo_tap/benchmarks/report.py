@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from olmo_tap.benchmarks.schema import ConfigResult, Results
+from olmo_tap.benchmarks.schema import ConfigResult, Results, group_suffix
 
 
 def _num(value: float | None, digits: int = 1) -> str:
@@ -26,7 +26,7 @@ def _ratio(a: ConfigResult, b: ConfigResult | None) -> str:
 
 def decoders_table(results: Results) -> list[str]:
     by_name = {c.name: c for c in results.configs}
-    baseline, hf = by_name.get("baseline"), by_name.get("hf_generate")
+    hf = by_name.get("hf_generate")
     header = [
         "configuration",
         "heads",
@@ -46,7 +46,8 @@ def decoders_table(results: Results) -> list[str]:
     ]
     rows = []
     for c in results.configs:
-        suffix = f"_{c.n_heads}h" if c.name.endswith(f"_{c.n_heads}h") else ""
+        suffix = group_suffix(c.group, results.model.n_heads)  # ratios within the configuration's own group
+        baseline = by_name.get("baseline" + suffix)
         naive = by_name.get("hydra_naive" + suffix) if c.kind == "hydra_poe" else None
         rows.append(
             [
@@ -58,7 +59,7 @@ def decoders_table(results: Results) -> list[str]:
                 _num(c.ttft_ms.median, 0),
                 _ratio(c, baseline) if c.kind in ("hydra_poe", "hydra_naive") else "–",
                 _ratio(c, naive),
-                _ratio(c, hf) if c.kind == "baseline" else "–",
+                _ratio(c, hf) if c.kind == "baseline" and c.group == results.model.n_heads else "–",
                 _num(c.poe.acceptance_rate, 2) if c.poe else "–",
                 _num(c.poe.tokens_per_round, 2) if c.poe else "–",
                 "–" if c.bandwidth_utilisation is None else f"{100 * c.bandwidth_utilisation:.0f}%",

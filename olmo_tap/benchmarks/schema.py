@@ -29,6 +29,12 @@ from pydantic import BaseModel, ConfigDict, Field
 SCHEMA_VERSION = 1
 
 
+def group_suffix(group: int, main_heads: int) -> str:
+    """What the names of a group's configurations end with: nothing for the main Hydra's, ``_<n>h`` for a
+    Hydra of n heads timed for the scaling targets (e.g. ``hydra_naive_9h``)."""
+    return "" if group == main_heads else f"_{group}h"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -59,6 +65,10 @@ class Machine(_Strict):
     cuda_version: str | None
     load_average_start: list[float] | None = Field(description="1, 5, 15-minute load when the run began")
     load_average_end: list[float] | None
+    process_cpu_share: float | None = Field(
+        description="CPU: this process's CPU time / (wall time x torch threads) over the run; well below 1 means "
+        "other processes took the cores (torch's threads wait for each other, so every parallel op slows)"
+    )
 
 
 class Versions(_Strict):
@@ -137,6 +147,10 @@ class PoEStats(_Strict):
 
 class ConfigResult(_Strict):
     name: str = Field(description="e.g. baseline, baseline_bf16, hydra_naive, hydra_poe_g4_greedy, ..._9h")
+    group: int = Field(
+        description="heads of the Hydra whose group it was timed in: a group's configurations run interleaved, "
+        "so ratios within a group are the fair ones (each group has its own baseline and naive rows)"
+    )
     kind: Literal["baseline", "hydra_naive", "hydra_poe", "hf_generate"]
     n_heads: int | None = Field(description="heads of the Hydra it ran on (None for transformers)")
     dtype: str
