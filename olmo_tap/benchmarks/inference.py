@@ -563,14 +563,15 @@ def _run(config: BenchConfig, command: str, progress: bool) -> Results:
     if device.type == "cpu":
         wall = time.perf_counter() - started_wall
         machine["process_cpu_share"] = (time.process_time() - started_cpu) / (wall * torch.get_num_threads())
-    busy = [load[0] for load in (machine["load_average_start"], machine["load_average_end"]) if load]
+    start_load = machine["load_average_start"]
     share = machine.get("process_cpu_share")
-    if any(load > 0.5 * (machine["cpu_count"] or 1) for load in busy) or (share is not None and share < 0.8):
+    # The load at the end counts this run's own threads, so only the load it began with says who else was busy.
+    if (start_load and start_load[0] > 0.5 * (machine["cpu_count"] or 1)) or (share is not None and share < 0.8):
         notes.append(
-            f"other processes shared the cores (load average {busy} at start/end on {machine['cpu_count']} CPUs, "
-            f"this process used {share:.0%} of its threads' time): absolute rates are pessimistic and noisy"
-            if share is not None
-            else f"other processes shared the machine (load average {busy} at start/end)"
+            f"other processes shared the cores (load average {start_load[0] if start_load else '?'} when the run "
+            f"began on {machine['cpu_count']} CPUs"
+            + (f"; this process got {share:.0%} of its threads' time" if share is not None else "")
+            + "): absolute rates are pessimistic and noisy; ratios within a group less so (interleaved)"
         )
     if not ensemble:
         notes.append(

@@ -66,8 +66,9 @@ class Machine(_Strict):
     load_average_start: list[float] | None = Field(description="1, 5, 15-minute load when the run began")
     load_average_end: list[float] | None
     process_cpu_share: float | None = Field(
-        description="CPU: this process's CPU time / (wall time x torch threads) over the run; well below 1 means "
-        "other processes took the cores (torch's threads wait for each other, so every parallel op slows)"
+        description="CPU: this process's CPU time / (wall time x torch threads) over the run: ~0.9 on an idle "
+        "machine (Python-only parts use one thread); well below that, other processes took the cores (torch's "
+        "threads wait for each other, so every parallel op slows)"
     )
 
 
