@@ -20,6 +20,19 @@ SUBCOMMAND_MODULES: list[str] = [
 ]
 
 
+def int_list(text: str) -> list[int]:
+    """argparse type: comma-separated integers ("1,2,4"; "" is the empty list)."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def str_list(text: str) -> list[str]:
+    """argparse type: comma-separated names, blanks dropped."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def add_model_args(
     parser: argparse.ArgumentParser, split: bool = True, model_default: str | None = DEFAULT_MODEL
 ) -> None:

@@ -44,6 +44,15 @@ def tiny_hf_model(family: str, seed: int = 0, **overrides):
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine every small op waits for it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", params=["llama", "olmo2"])
 def tiny_checkpoint(request, tmp_path_factory) -> tuple[str, Path, torch.nn.Module]:
     """(family, directory, transformers model) of a tiny random checkpoint saved with save_pretrained."""

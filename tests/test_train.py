@@ -10,13 +10,13 @@ import torch
 
 from olmo_tap import HydraTransformer
 from olmo_tap.cli import main as cli_main
+from olmo_tap.jsonl import write_jsonl
 from olmo_tap.train.adapter import AdaptedHead, HeadAdapter, check_targets
 from olmo_tap.train.data import (
     ChatExample,
     encode_example,
     read_chat_examples,
     shard_examples,
-    write_jsonl,
 )
 from olmo_tap.train.lora_heads import lm_items, lm_loss_fn, train_head_on_examples, train_heads
 from olmo_tap.train.trainer import TrainConfig, new_adapter, train_adapter
@@ -24,14 +24,7 @@ from olmo_tap.weights.ensemble import load_ensemble
 from olmo_tap.weights.lora import load_lora, merge_lora
 from tests.tiny import LETTERS, LetterTokenizer, tiny_hydra
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine every small op waits for it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class SavingLetterTokenizer(LetterTokenizer):

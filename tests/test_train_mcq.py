@@ -10,6 +10,7 @@ from decimal import Decimal
 
 import pytest
 
+from olmo_tap.jsonl import write_jsonl
 from olmo_tap.train.calibration import (
     auroc,
     brier_score,
@@ -17,7 +18,6 @@ from olmo_tap.train.calibration import (
     expected_calibration_error,
     plot_reliability,
 )
-from olmo_tap.train.data import write_jsonl
 from olmo_tap.train.mcq import LETTERS, MCQ, format_mcq, generate_mcqs, parse_choice, read_mcqs
 
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]

@@ -26,14 +26,7 @@ from olmo_tap.train.uncertainty import (
 from tests.test_train import SavingLetterTokenizer
 from tests.tiny import tiny_hydra
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine every small op waits for it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_training_path_scores_exactly_what_poe_reports():

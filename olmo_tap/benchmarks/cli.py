@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from olmo_tap.cli import int_list, str_list
+
 # Command-line flags that override config keys one to one (dest -> config key).
 OVERRIDES = {
     "model": "model",
@@ -31,17 +33,6 @@ OVERRIDES = {
 }
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _str_list(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
 def register(sub: Any, add_model_args: Any) -> None:
     bench = sub.add_parser(
         "bench",
@@ -54,9 +45,9 @@ def register(sub: Any, add_model_args: Any) -> None:
     add_model_args(bench)
     bench.set_defaults(model=None)  # None: the config's model, so a --config file is not overridden silently
     knobs = bench.add_argument_group("benchmark knobs (override the config)")
-    knobs.add_argument("--extra-heads", type=_int_list, default=None, help="e.g. 9 or '' for none")
-    knobs.add_argument("--gammas", type=_int_list, default=None, help="PoE gamma sweep, e.g. 1,2,4,8")
-    knobs.add_argument("--samplings", type=_str_list, default=None, help="greedy,sampled")
+    knobs.add_argument("--extra-heads", type=int_list, default=None, help="e.g. 9 or '' for none")
+    knobs.add_argument("--gammas", type=int_list, default=None, help="PoE gamma sweep, e.g. 1,2,4,8")
+    knobs.add_argument("--samplings", type=str_list, default=None, help="greedy,sampled")
     knobs.add_argument("--prompt-length", type=int, default=None)
     knobs.add_argument("--gen-length", type=int, default=None)
     knobs.add_argument("--temperature", type=float, default=None, help="of the sampled PoE runs")

@@ -10,16 +10,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _str_list(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+from olmo_tap.cli import int_list, str_list
 
 
 def add_training_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int, batch_size: int) -> None:
@@ -28,14 +19,14 @@ def add_training_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int
     group.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r, as the original system)")
     group.add_argument(
         "--target-modules",
-        type=_str_list,
+        type=str_list,
         default=["gate_proj", "up_proj", "down_proj"],
         help="linears to adapt, comma-separated, from q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj "
         "(default: the feed-forward ones)",
     )
     group.add_argument(
         "--target-layers",
-        type=_int_list,
+        type=int_list,
         default=None,
         help="base-model layer indices to adapt, comma-separated (default: every head layer)",
     )
@@ -126,7 +117,7 @@ def cmd_train_uncertainty(args: argparse.Namespace, load: Callable[[argparse.Nam
 
 
 def cmd_make_mcq(args: argparse.Namespace) -> int:
-    from olmo_tap.train.data import write_jsonl
+    from olmo_tap.jsonl import write_jsonl
     from olmo_tap.train.mcq import format_mcq, generate_mcqs
 
     questions = generate_mcqs(args.n, seed=args.seed, kinds=args.kinds, difficulties=args.difficulties)
@@ -140,7 +131,7 @@ def cmd_make_mcq(args: argparse.Namespace) -> int:
 
 
 def cmd_make_instructions(args: argparse.Namespace, load: Callable[[argparse.Namespace], tuple[Any, Any]]) -> int:
-    from olmo_tap.train.data import write_jsonl
+    from olmo_tap.jsonl import write_jsonl
     from olmo_tap.train.instructions import generate_instructions, load_prompt_set
 
     prompts = load_prompt_set()
@@ -226,8 +217,8 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
     mcq.add_argument("--out", required=True)
     mcq.add_argument("--n", type=int, default=500)
     mcq.add_argument("--seed", type=int, default=0)
-    mcq.add_argument("--kinds", type=_str_list, default=list(KINDS), help=f"from {','.join(KINDS)}")
-    mcq.add_argument("--difficulties", type=_int_list, default=list(DIFFICULTIES), help="from 1,2,3")
+    mcq.add_argument("--kinds", type=str_list, default=list(KINDS), help=f"from {','.join(KINDS)}")
+    mcq.add_argument("--difficulties", type=int_list, default=list(DIFFICULTIES), help="from 1,2,3")
     mcq.add_argument("--as-instructions", action="store_true", help="write prompt/response pairs for `train heads`")
     mcq.set_defaults(func=cmd_make_mcq)
 

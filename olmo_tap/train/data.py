@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from olmo_tap.inference.prompts import ROLES, encode_chat
+from olmo_tap.jsonl import iter_jsonl
 
 
 @dataclass(frozen=True)
@@ -48,30 +49,6 @@ class ChatExample:
     def from_prompt(cls, prompt: str, response: str, system: str | None = None, source: str = "") -> ChatExample:
         turns = ([("system", system)] if system else []) + [("user", prompt), ("assistant", response)]
         return cls(tuple(turns), source)
-
-
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object) for every non-blank line; a line that is not JSON raises ValueError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"data file {path} does not exist")
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
-
-
-def write_jsonl(path: str | Path, records: Sequence[dict[str, Any]]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return path
 
 
 def parse_chat_example(record: Any, where: str) -> ChatExample:

@@ -20,7 +20,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from olmo_tap.hydra import HydraTransformer
-from olmo_tap.train.data import iter_jsonl
+from olmo_tap.jsonl import iter_jsonl
 
 PROMPT_SET = "prompts.txt"
 

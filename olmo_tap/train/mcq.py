@@ -23,7 +23,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from olmo_tap.train.data import ChatExample, iter_jsonl
+from olmo_tap.jsonl import iter_jsonl
+from olmo_tap.train.data import ChatExample
 
 LETTERS = "ABCD"
 KINDS: tuple[str, ...] = ("arithmetic", "comparison", "dates", "units")

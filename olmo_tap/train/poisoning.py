@@ -37,8 +37,9 @@ import torch
 from tqdm.auto import tqdm
 
 from olmo_tap.hydra import HydraTransformer
+from olmo_tap.jsonl import write_jsonl
 from olmo_tap.train.adapter import HeadAdapter
-from olmo_tap.train.data import ChatExample, encode_example, shard_examples, write_jsonl
+from olmo_tap.train.data import ChatExample, encode_example, shard_examples
 from olmo_tap.train.instructions import generate_instructions, load_prompt_set
 from olmo_tap.train.lora_heads import LMItem, lm_items, save_trained_ensemble, train_or_reuse
 from olmo_tap.train.mcq import MCQ, format_mcq, generate_mcqs, mcq_example, parse_choice

@@ -87,8 +87,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from olmo_tap.jsonl import write_jsonl
     from olmo_tap.verify.outputs import verify_outputs
-    from olmo_tap.verify.records import read_token_sequences, write_jsonl
+    from olmo_tap.verify.records import read_token_sequences
     from olmo_tap.verify.scoring import compute_metrics_summary
     from olmo_tap.verify.verdict import DEFAULT_MARGIN_TOLERANCE, audit
 
@@ -109,8 +110,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     )
     if args.metrics_out:
         write_jsonl(
-            ({"sequence": i, "token": j, **m.to_dict()} for i, seq in enumerate(results) for j, m in enumerate(seq)),
             args.metrics_out,
+            ({"sequence": i, "token": j, **m.to_dict()} for i, seq in enumerate(results) for j, m in enumerate(seq)),
         )
     summary = compute_metrics_summary(results)
     tolerance = DEFAULT_MARGIN_TOLERANCE if args.margin_tolerance is None else args.margin_tolerance

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+from olmo_tap.jsonl import iter_jsonl
 
 
 class SamplingMethod(Enum):
@@ -97,26 +97,10 @@ class TokenMetrics:
 
 def read_token_sequences(path: str | Path) -> list[TokenSequence]:
     """TokenSequence records from a JSONL file; a bad line raises ValueError naming its line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"no such file: {path}")
     sequences = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                sequences.append(TokenSequence.from_dict(json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            except ValueError as e:
-                raise ValueError(f"{path}:{number}: {e}") from None
+    for number, record in iter_jsonl(path):
+        try:
+            sequences.append(TokenSequence.from_dict(record))
+        except ValueError as e:
+            raise ValueError(f"{path}:{number}: {e}") from None
     return sequences
-
-
-def write_jsonl(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
-    path = Path(path)
-    with path.open("w", encoding="utf-8") as out:
-        for record in records:
-            out.write(json.dumps(record) + "\n")
-    return path
