@@ -565,8 +565,11 @@ def _run(config: BenchConfig, command: str, progress: bool) -> Results:
         machine["process_cpu_share"] = (time.process_time() - started_cpu) / (wall * torch.get_num_threads())
     start_load = machine["load_average_start"]
     share = machine.get("process_cpu_share")
-    # The load at the end counts this run's own threads, so only the load it began with says who else was busy.
-    if (start_load and start_load[0] > 0.5 * (machine["cpu_count"] or 1)) or (share is not None and share < 0.8):
+    # On CPU the process's share of its threads' time says whether others competed during the run; the load
+    # average only stands in without it (GPU): it lags by minutes (counting jobs that just ended) and the load
+    # at the end counts this run's own threads.
+    busy_start = bool(start_load and start_load[0] > 0.5 * (machine["cpu_count"] or 1))
+    if (share is None and busy_start) or (share is not None and share < 0.8):
         notes.append(
             f"other processes shared the cores (load average {start_load[0] if start_load else '?'} when the run "
             f"began on {machine['cpu_count']} CPUs"
