@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from olmo_tap.cli import int_list, str_list
@@ -139,11 +140,14 @@ def cmd_make_instructions(args: argparse.Namespace, load: Callable[[argparse.Nam
         prompts = prompts[: args.n]
     prompts = [p + args.suffix for p in prompts]
     model, tokenizer = load(args)
-    cache = args.out + ".answers.jsonl"  # every answer as decoded: a rerun resumes
+    # Every answer is appended here as it is decoded, so an interrupted run resumes; it goes once the output
+    # is written, so a later run with other settings cannot pick up stale answers.
+    partial = Path(args.out + ".partial")
     records, summary = generate_instructions(
-        model, tokenizer, prompts, args.max_new_tokens, head=args.head, cache=cache
+        model, tokenizer, prompts, args.max_new_tokens, head=args.head, cache=partial
     )
     write_jsonl(args.out, records)
+    partial.unlink(missing_ok=True)
     dropped = summary["dropped_unfinished"]
     print(f"wrote {summary['kept']} examples to {args.out} ({dropped} unfinished answers dropped)")
     return 0
