@@ -18,10 +18,8 @@ from olmo_tap.train.uncertainty import (
     UncertaintyItem,
     answer_logit_ids,
     predict,
-    second_pass_prompt,
     train_uncertainty,
     with_uncertainty_head,
-    witness_state,
 )
 from tests.test_train import SavingLetterTokenizer
 from tests.tiny import tiny_hydra
@@ -30,28 +28,30 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_training_path_scores_exactly_what_poe_reports():
-    """Witness recomputed from the output + our head forward == PoE's own p(correct), in every mode and branch."""
+    """PoE's witness + the training path's head forward == PoE's own p(correct), in every mode and branch."""
     model = with_uncertainty_head(tiny_hydra(vocab=26, n_heads=4, heads_depth=1, seed=3), init_from=1)
     assert model.n_heads == 5 and model.uncertainty_head == 4
     tokenizer = SavingLetterTokenizer()
     a_id, b_id = answer_logit_ids(tokenizer)
-    from olmo_tap.inference.prompts import encode_chat
+    from olmo_tap.inference.prompts import encode_chat, uncertainty_prompt
 
     branches = set()
     for mode in ("poe", "single", "naive"):
         decoder = PoE(model, tokenizer, max_new_tokens=3, mode=mode)
         assert decoder.n_llm_heads == 4  # the uncertainty head is not a text head
         for seed, q in enumerate(generate_mcqs(8, seed=5, kinds=["arithmetic", "comparison"], difficulties=[1])):
-            out = decoder.generate_with_cache(format_mcq(q), is_mcq=True, temperature=1.0, seed=seed)
-            head, witness = witness_state(model, out)
+            stream = decoder.stream(format_mcq(q), is_mcq=True, temperature=1.0, seed=seed)
+            for _ in stream:
+                pass
+            out, witness = stream.output, stream.witness_hidden
             if mode == "poe":
                 branches.add("resampled" if out.resampled_idxs[:1] == [1] else "accepted")
-            ids = torch.tensor([encode_chat(tokenizer, second_pass_prompt(format_mcq(q), out.text))])
+            ids = torch.tensor([encode_chat(tokenizer, uncertainty_prompt(format_mcq(q), out.text))])
             with torch.no_grad():
                 trunk = model.forward_trunk(ids, use_cache=False)[0]
             item = UncertaintyItem(trunk, witness, 1.0)
             [p] = predict(model, 4, None, [item], a_id, b_id)
-            assert p == pytest.approx(out.uncertainty, abs=1e-5), (mode, seed, head)
+            assert p == pytest.approx(out.uncertainty, abs=1e-5), (mode, seed)
     assert branches == {"resampled", "accepted"}  # both witness rules were exercised
 
 

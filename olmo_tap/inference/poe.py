@@ -37,7 +37,7 @@ import torch
 from olmo_tap.hydra import HydraTransformer
 from olmo_tap.inference.jury import check_veto_threshold, jury_distribution, speculative_decision
 from olmo_tap.inference.metrics import entropy_nats, stability_radius, top2_margin, validity_radius
-from olmo_tap.inference.prompts import encode_chat, normalise_messages, stop_token_ids
+from olmo_tap.inference.prompts import encode_chat, normalise_messages, stop_token_ids, uncertainty_prompt
 from olmo_tap.inference.sampling import Purpose, check_temperature, head_for_seed, sample_from_logits
 from olmo_tap.inference.text import TextStream
 
@@ -132,10 +132,24 @@ class PoEOutput:
 class PoEStream:
     """Iterate to receive TokenEvents as they are decided; ``output`` is complete afterwards."""
 
-    def __init__(self, events: Iterator[TokenEvent], output: PoEOutput, finish: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        events: Iterator[TokenEvent],
+        output: PoEOutput,
+        finish: Callable[[], None],
+        witness: dict[str, torch.Tensor],
+    ) -> None:
         self._events = events
         self.output = output
         self._finish = finish
+        self._witness = witness
+
+    @property
+    def witness_hidden(self) -> torch.Tensor | None:
+        """The answer's witness for the uncertainty head: the pre-norm hidden state, at the last prompt position,
+        of the head whose first token was emitted (the drafter if accepted, else the verifier favouring the
+        emitted token; the decoding head in single / naive mode). None before the first token or on abstention."""
+        return self._witness.get("hidden")
 
     def __iter__(self) -> Iterator[TokenEvent]:
         yield from self._events
@@ -312,7 +326,7 @@ class PoE:
                 question = conversation[-1]["content"]
                 output.uncertainty = self.get_uncertainty_score(question, output.text, witness["hidden"])
 
-        return PoEStream(events(), output, finish)
+        return PoEStream(events(), output, finish, witness)
 
     def generate_with_cache(
         self,
@@ -345,8 +359,9 @@ class PoE:
         """
         if self.uncertainty_head_idx is None:
             raise ValueError("this model has no uncertainty head (it must be the last head, after the text heads)")
-        second_pass = f"{prompt_text} Answer: {full_answer_text}\nTask: Reply A (correct) or B (wrong): "
-        ids = torch.tensor([encode_chat(self.tokenizer, second_pass)], device=self.model.device)
+        ids = torch.tensor(
+            [encode_chat(self.tokenizer, uncertainty_prompt(prompt_text, full_answer_text))], device=self.model.device
+        )
         residual = torch.zeros(
             1, ids.size(1), self.model.base_config.d_model, device=ids.device, dtype=self.model.dtype
         )

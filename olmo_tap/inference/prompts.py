@@ -39,6 +39,12 @@ def encode_chat(
     return list(tokenizer.encode("\n".join(m["content"] for m in conversation)))
 
 
+def uncertainty_prompt(question: str, answer: str) -> str:
+    """The second-pass prompt the uncertainty head scores: the question, the jury's answer, and the task of
+    replying A (correct) or B (wrong). Training and PoE's scoring both build it here, so they cannot drift."""
+    return f"{question} Answer: {answer}\nTask: Reply A (correct) or B (wrong): "
+
+
 def stop_token_ids(tokenizer: Any, extra: int | list[int] | None = None) -> set[int]:
     """Ids that end a response: the tokenizer's EOS plus the model's (``extra``)."""
     ids: set[int] = set()

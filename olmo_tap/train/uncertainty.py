@@ -2,10 +2,8 @@
 
 1. The ensemble answers each question with the decoder users run (PoE by default, greedy); the
    answer is labelled correct or wrong against the known answer (``olmo_tap.train.mcq``).
-2. For each answer, the *witness* hidden state is recomputed exactly as PoE keeps it for its
-   uncertainty path: the answering head's pre-norm hidden state at the last prompt position (the
-   drafter if the first token was accepted; the verifier giving the emitted token the highest logit
-   if it was resampled; the first decoding head in single / naive mode).
+2. For each answer, the *witness* is the hidden state PoE itself keeps for its uncertainty path
+   (``PoEStream.witness_hidden``): the answering head's pre-norm hidden state at the last prompt position.
 3. The uncertainty head (added as the last head, starting as a copy of a text head, if the model
    has none) gets a LoRA adapter trained on PoE's second-pass prompt with the witness injected into
    the residual stream at its last position, by binary cross-entropy on ``logit A - logit B``: the
@@ -29,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from olmo_tap.hydra import HydraTransformer, HydraTransformerConfig
-from olmo_tap.inference.prompts import encode_chat
+from olmo_tap.inference.prompts import encode_chat, uncertainty_prompt
 from olmo_tap.train.adapter import AdaptedHead, HeadAdapter
 from olmo_tap.train.calibration import calibration_report, plot_reliability
 from olmo_tap.train.lora_heads import pad_states, prepare_output, save_trained_ensemble, trunk_states
@@ -38,38 +36,13 @@ from olmo_tap.train.trainer import TrainConfig, derived_seed, evaluate, new_adap
 from olmo_tap.weights.lora import merge_lora
 
 
-def second_pass_prompt(question_text: str, answer_text: str) -> str:
-    """The prompt PoE's uncertainty path scores (``PoE.get_uncertainty_score``), built the same way."""
-    return f"{question_text} Answer: {answer_text}\nTask: Reply A (correct) or B (wrong): "
-
-
 @dataclass
 class JuryAnswer:
     question: MCQ
     answer_text: str
     correct: bool
-    witness_head: int
-    witness: torch.Tensor  # (d_model,)
+    witness: torch.Tensor  # (d_model,): PoE's own witness for this answer (``PoEStream.witness_hidden``)
     resampled: bool
-
-
-@torch.no_grad()
-def witness_state(model: HydraTransformer, output: Any) -> tuple[int, torch.Tensor]:
-    """(head, pre-norm hidden state at the last prompt position) of the head PoE takes as the answer's witness."""
-    ids = torch.tensor([output.prompt_ids], device=model.device)
-    heads = sorted({*output.verifier_heads, *([output.draft_head] if output.draft_head is not None else [])})
-    hidden = model.head_hidden_states(model.forward_trunk(ids, use_cache=False), heads, use_cache=False)[:, 0, -1]
-    by_head = dict(zip(heads, hidden, strict=True))
-    if output.mode != "poe":
-        head = output.verifier_heads[0]
-    elif output.resampled_idxs and output.resampled_idxs[0] == 1:  # the first emitted token was a resample
-        verifiers = output.verifier_heads
-        limit = output.settings["vocab_limit"]
-        logits = model.project(torch.stack([by_head[h] for h in verifiers]).unsqueeze(1))[:, 0, :limit]
-        head = verifiers[int(torch.argmax(logits[:, output.token_ids[0]]))]
-    else:
-        head = output.draft_head
-    return head, by_head[head]
 
 
 def answer_questions(
@@ -87,21 +60,27 @@ def answer_questions(
     """The jury's answers with their labels and witnesses; also the number of abstentions (left out)."""
     from olmo_tap.inference.poe import PoE
 
-    n_text = model.n_heads - (1 if model.uncertainty_head is not None else 0)
     decoder = PoE(
-        model, tokenizer, n_llm_heads=n_text, max_new_tokens=max_new_tokens, mode=mode, veto_threshold=veto_threshold
+        model,
+        tokenizer,
+        n_llm_heads=model.n_text_heads,
+        max_new_tokens=max_new_tokens,
+        mode=mode,
+        veto_threshold=veto_threshold,
     )
     answers, abstained = [], 0
     for i, q in enumerate(tqdm(questions, desc="jury answers", disable=not progress, unit="q")):
         # A different seed per question: the draft head (and so the witness) varies as it does in use.
-        output = decoder.generate_with_cache(format_mcq(q), temperature=temperature, seed=derived_seed(seed, i) % 2**31)
-        if not output.token_ids:
+        stream = decoder.stream(format_mcq(q), temperature=temperature, seed=derived_seed(seed, i) % 2**31)
+        for _ in stream:
+            pass
+        output, witness = stream.output, stream.witness_hidden
+        if not output.token_ids or witness is None:
             abstained += 1
             continue
-        head, hidden = witness_state(model, output)
         text = output.text.strip()
         answers.append(
-            JuryAnswer(q, text, parse_choice(text) == q.answer, head, hidden, bool(output.resampled_idxs[:1] == [1]))
+            JuryAnswer(q, text, parse_choice(text) == q.answer, witness, bool(output.resampled_idxs[:1] == [1]))
         )
     return answers, abstained
 
@@ -116,7 +95,7 @@ class UncertaintyItem:
 def uncertainty_items(
     model: HydraTransformer, tokenizer: Any, answers: Sequence[JuryAnswer], progress: bool = True
 ) -> list[UncertaintyItem]:
-    prompts = [encode_chat(tokenizer, second_pass_prompt(format_mcq(a.question), a.answer_text)) for a in answers]
+    prompts = [encode_chat(tokenizer, uncertainty_prompt(format_mcq(a.question), a.answer_text)) for a in answers]
     states = trunk_states(model, prompts, progress, desc="trunk (second pass)")
     return [UncertaintyItem(s, a.witness, float(a.correct)) for s, a in zip(states, answers, strict=True)]
 
