@@ -28,7 +28,6 @@ from olmo_tap.model.layers import (
     PackedWeights,
     RMSNorm,
     linear,
-    onednn_packing_available,
     rope_for_span,
     rope_tables,
 )
@@ -187,8 +186,7 @@ class HydraTransformer(nn.Module):
         weights = [(getattr(block, name), packed) for block in self._blocks() for name, packed in block._packed.items()]
         weights.append((self.lm_head.unsqueeze(0), self._packed_lm_head))
         for weight, packed in weights:
-            if onednn_packing_available(weight):
-                packed.get(weight)
+            packed.get(weight)
         return self
 
     @property

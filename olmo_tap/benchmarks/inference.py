@@ -125,10 +125,8 @@ class WeightBytes:
 
 def resident_weight_bytes(model: HydraTransformer) -> int:
     """Bytes of the model's parameters plus the oneDNN-prepacked copies of its linear weights (CPU)."""
-    packs = [
-        pack for block in [*model.trunk, *model.heads] for packed in block._packed.values() for pack in packed.packs
-    ]
-    packs += model._packed_lm_head.packs
+    holders = [packed for block in [*model.trunk, *model.heads] for packed in block._packed.values()]
+    packs = [pack for packed in [*holders, model._packed_lm_head] for pack in packed.packs or []]
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *packs])
 
 

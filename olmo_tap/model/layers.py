@@ -121,15 +121,19 @@ class PackedWeights:
 
     def __init__(self) -> None:
         self.key: tuple | None = None
-        self.packs: list[torch.Tensor] = []
+        self.packs: list[torch.Tensor] | None = None
 
-    def get(self, w: torch.Tensor) -> list[torch.Tensor]:
+    def get(self, w: torch.Tensor) -> list[torch.Tensor] | None:
+        """The packs of ``w``, or None when oneDNN should not take it; decided once per version of ``w``,
+        not on every call (this runs 121 times per decoded token)."""
         key = (w._version, w.data_ptr(), w.dtype, tuple(w.shape))
         if key != self.key:
-            stack = w if w.ndim == 3 else w.unsqueeze(0)
-            with torch.no_grad():
-                # oneDNN wants (out, in); the batch-size hint 4 serves 1 to 32 rows within ~10%
-                self.packs = [torch.ops.mkldnn._reorder_linear_weight(t.t().contiguous(), 4) for t in stack]
+            self.packs = None
+            if onednn_packing_available(w):
+                stack = w if w.ndim == 3 else w.unsqueeze(0)
+                with torch.no_grad():
+                    # oneDNN wants (out, in); the batch-size hint 4 serves 1 to 32 rows within ~10%
+                    self.packs = [torch.ops.mkldnn._reorder_linear_weight(t.t().contiguous(), 4) for t in stack]
             self.key = key
         return self.packs
 
@@ -140,8 +144,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, sel: slice, packed: PackedWeights |
     Inference on CPU uses oneDNN-prepacked weights (one call per tower); training, other
     devices and other dtypes use plain (batched) matmuls.
     """
-    if packed is not None and not torch.is_grad_enabled() and onednn_packing_available(w):
-        packs = packed.get(w)
+    packs = packed.get(w) if packed is not None and not torch.is_grad_enabled() else None
+    if packs is not None:
         outs = [
             torch.ops.mkldnn._linear_pointwise(x[i], packs[sel.start + i], None, "none", [], "")
             for i in range(x.size(0))
