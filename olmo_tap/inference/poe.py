@@ -40,6 +40,7 @@ from olmo_tap.inference.metrics import entropy_nats, stability_radius, top2_marg
 from olmo_tap.inference.prompts import encode_chat, normalise_messages, stop_token_ids, uncertainty_prompt
 from olmo_tap.inference.sampling import Purpose, check_temperature, head_for_seed, sample_from_logits
 from olmo_tap.inference.text import TextStream
+from olmo_tap.weights.tokenizer import vocab_limit
 
 Mode = Literal["poe", "naive", "single"]
 MODES: tuple[str, ...] = ("poe", "naive", "single")
@@ -219,7 +220,7 @@ class PoE:
         self.draft_head = draft_head
         self.mode: Mode = mode
         self.head = head
-        self.vocab_limit = min(len(tokenizer), model.base_config.vocab_size)
+        self.vocab_limit = vocab_limit(tokenizer, model.base_config.vocab_size)
         self.stop_ids = frozenset() if ignore_eos else stop_token_ids(tokenizer, model.base_config.eos_token_id)
         self.A_id = tokenizer.encode("A", add_special_tokens=False)[0]
         self.B_id = tokenizer.encode("B", add_special_tokens=False)[0]

@@ -39,6 +39,7 @@ from olmo_tap.train.data import ChatExample, EncodedExample, encode_example, sha
 from olmo_tap.train.trainer import TrainConfig, TrainResult, evaluate, new_adapter, train_adapter
 from olmo_tap.weights.ensemble import CONFIG_FILE, save_ensemble
 from olmo_tap.weights.lora import load_lora, merge_lora
+from olmo_tap.weights.tokenizer import vocab_limit
 
 WORK_DIR = ".training"
 
@@ -87,7 +88,7 @@ def pad_states(states: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def lm_loss_fn(model: HydraTransformer, head: int, vocab_limit: int):
+def lm_loss_fn(model: HydraTransformer, head: int, vocab_size: int):
     """Summed next-token cross-entropy over the replies' tokens of a batch, and the number of tokens."""
 
     def loss_fn(adapter: HeadAdapter, batch: Sequence[LMItem]) -> tuple[torch.Tensor, int]:
@@ -98,15 +99,11 @@ def lm_loss_fn(model: HydraTransformer, head: int, vocab_limit: int):
             rows.append(hidden[i, item.first_target : item.first_target + n])
             targets.append(item.targets)
         # The lm_head only for positions that have a target: the reply is a small part of each sequence.
-        logits = model.project(torch.cat(rows).unsqueeze(0))[0, :, :vocab_limit].float()
+        logits = model.project(torch.cat(rows).unsqueeze(0))[0, :, :vocab_size].float()
         target = torch.cat(targets)
         return F.cross_entropy(logits, target, reduction="sum"), target.numel()
 
     return loss_fn
-
-
-def vocab_limit(model: HydraTransformer, tokenizer: Any) -> int:
-    return min(len(tokenizer), model.base_config.vocab_size)
 
 
 def _shard_digest(shard: Sequence[ChatExample]) -> str:
@@ -138,7 +135,7 @@ def train_head_on_examples(
     if items is None:
         encoded = [encode_example(tokenizer, e, model.base_config.max_seq_len) for e in examples]
         items = lm_items(model, encoded, progress)
-    loss_fn = lm_loss_fn(model, head, vocab_limit(model, tokenizer))
+    loss_fn = lm_loss_fn(model, head, vocab_limit(tokenizer, model.base_config.vocab_size))
     # B starts at zero, so a fresh adapter measures the head as it is.
     before = evaluate(loss_fn, new_adapter(model, head, config), items, config.batch_size)
     result = train_adapter(

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from olmo_tap.hydra import HydraTransformer
+from olmo_tap.weights.tokenizer import vocab_limit
 
 
 @dataclass
@@ -44,8 +45,8 @@ def load_verifier(
     A base checkpoint is loaded as one tower (its heads would all be clones); a saved ensemble keeps its heads.
     """
     if isinstance(model, HydraTransformer):
-        limit = min(len(tokenizer), model.base_config.vocab_size) if tokenizer is not None else None
-        return LoadedVerifier(model, type(model).__name__, limit or model.base_config.vocab_size)
+        vocab = model.base_config.vocab_size
+        return LoadedVerifier(model, type(model).__name__, vocab_limit(tokenizer, vocab) if tokenizer else vocab)
     from olmo_tap.weights.sources import resolve
     from olmo_tap.weights.tokenizer import load_tokenizer
 
@@ -54,7 +55,7 @@ def load_verifier(
     hydra = HydraTransformer.from_pretrained(resolved, n_heads=n_heads, dtype=dtype, device=device)
     if tokenizer is None:
         tokenizer = load_tokenizer(resolved, progress=progress)
-    return LoadedVerifier(hydra, str(model), min(len(tokenizer), hydra.base_config.vocab_size))
+    return LoadedVerifier(hydra, str(model), vocab_limit(tokenizer, hydra.base_config.vocab_size))
 
 
 def check_token_ids(ids: list[int], vocab_size: int, what: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from olmo_tap.weights.errors import WeightsError
 from olmo_tap.weights.sources import TOKENIZER_FILES, ResolvedSource, find_tokenizer_dir, resolve
@@ -40,3 +40,9 @@ def load_tokenizer(source: str | Path | ResolvedSource, progress: bool = True) -
         # Base (non-instruct) models have none; chatting needs one, plain completion does not.
         logger.warning("the tokenizer in %s has no chat template", tokenizer_dir)
     return tokenizer
+
+
+def vocab_limit(tokenizer: Any, vocab_size: int) -> int:
+    """Token ids a model may emit: its embedding rows are often padded past the tokenizer's vocabulary
+    (ids past ``len(tokenizer)`` decode to nothing), so decoding, training and verification cut there."""
+    return min(len(tokenizer), vocab_size)
