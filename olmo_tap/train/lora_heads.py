@@ -53,11 +53,6 @@ class LMItem:
     targets: torch.Tensor  # (n_targets,) token ids
 
 
-def text_heads(model: HydraTransformer) -> int:
-    """Number of text heads: every head but the uncertainty head (the last one) if there is one."""
-    return model.n_heads - (1 if model.uncertainty_head is not None else 0)
-
-
 def trunk_states(
     model: HydraTransformer, sequences: Sequence[Sequence[int]], progress: bool = True, desc: str = "trunk"
 ) -> list[torch.Tensor]:
@@ -213,7 +208,7 @@ def train_heads(
     Returns the training report (also written to ``out/training.json``).
     """
     started = time.perf_counter()
-    n_text = text_heads(model)
+    n_text = model.n_text_heads
     n_shards = n_text if n_shards is None else n_shards
     if n_shards != n_text:
         raise ValueError(

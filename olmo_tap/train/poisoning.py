@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from olmo_tap.benchmarks.harness import load_average
 from olmo_tap.hydra import HydraTransformer
 from olmo_tap.jsonl import write_jsonl
 from olmo_tap.train.adapter import HeadAdapter
@@ -268,14 +269,6 @@ class JurySwitcher:
             merge_lora(self.model, head, adapter.to_lora_adapter())
 
 
-def _load_average() -> list[float] | None:
-    """1/5/15-minute load averages: how busy the (possibly shared) CPU was."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def run_poisoning(
     model: HydraTransformer,
     tokenizer: Any,
@@ -290,7 +283,7 @@ def run_poisoning(
 ) -> dict[str, Any]:
     """Run the whole experiment; write ``poisoning.json``, ``poisoning.md`` and ``poisoning.png`` to ``results_dir``."""
     started = time.perf_counter()
-    load_start = _load_average()
+    load_start = load_average()
     timings: dict[str, float] = {}
     work, results = Path(work_dir), Path(results_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -399,7 +392,7 @@ def run_poisoning(
             "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(),
             "load_average_start": load_start,
-            "load_average_end": _load_average(),
+            "load_average_end": load_average(),
         },
     }
     write_results(report, results)
