@@ -36,6 +36,10 @@ class KVCache(torch.nn.Module):
         """Write ``k``/``v`` (n_sel, batch, kv_heads, seq, head_dim) for towers ``sel`` at
         position ``start``; return their keys/values for positions ``[0, start + seq)``."""
         end = start + k.size(3)
-        self.k[sel, :, :, start:end] = k
-        self.v[sel, :, :, start:end] = v
-        return self.k[sel, :, :, :end], self.v[sel, :, :, :end]
+        keys, values = self.k, self.v
+        if sel.start != 0 or sel.stop != keys.size(0):  # a sub-range of the towers
+            keys, values = keys[sel], values[sel]
+        keys, values = keys[:, :, :, :end], values[:, :, :, :end]
+        keys[:, :, :, start:].copy_(k)
+        values[:, :, :, start:].copy_(v)
+        return keys, values

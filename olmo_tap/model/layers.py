@@ -146,11 +146,14 @@ def linear(x: torch.Tensor, w: torch.Tensor, sel: slice, packed: PackedWeights |
     """
     packs = packed.get(w) if packed is not None and not torch.is_grad_enabled() else None
     if packs is not None:
-        outs = [
-            torch.ops.mkldnn._linear_pointwise(x[i], packs[sel.start + i], None, "none", [], "")
-            for i in range(x.size(0))
-        ]
-        return outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)
+        if x.size(0) == 1:  # oneDNN keeps leading dimensions: no select / unsqueeze around the call
+            return torch.ops.mkldnn._linear_pointwise(x, packs[sel.start], None, "none", [], "")
+        return torch.stack(
+            [
+                torch.ops.mkldnn._linear_pointwise(x[i], packs[sel.start + i], None, "none", [], "")
+                for i in range(x.size(0))
+            ]
+        )
     w = w[sel]
     if w.size(0) == 1:
         return (x[0] @ w[0]).unsqueeze(0)
@@ -165,20 +168,23 @@ SMALL_QUERY = 16
 def small_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention for the last ``s`` positions of a sequence of ``key_len``, GQA without repeating keys.
 
-    q: (batch, heads, s, head_dim), already scaled; k, v: (batch, kv_heads, key_len, head_dim).
+    q: (..., heads, s, head_dim), already scaled; k, v: (..., kv_heads, key_len, head_dim) with the same
+    leading dimensions; returns (..., heads, s, head_dim) in fp32 or v's dtype.
     """
-    batch, n_heads, s, head_dim = q.shape
-    n_kv, key_len = k.size(1), k.size(2)
+    *lead, n_heads, s, head_dim = q.shape
+    n_kv, key_len = k.size(-3), k.size(-2)
     group = n_heads // n_kv
-    # Queries sharing a kv head are stacked as rows of one matrix: (batch, kv, group * s, head_dim).
-    scores = q.reshape(batch, n_kv, group * s, head_dim) @ k.transpose(-1, -2)
+    # Queries sharing a kv head are stacked as rows of one matrix: (rest * kv, group * s, head_dim). Plain
+    # bmm over 3-D views: matmul's broadcasting would add four view/expand calls per product.
+    k3, v3 = k.reshape(-1, key_len, head_dim), v.reshape(-1, key_len, head_dim)
+    scores = torch.bmm(q.reshape(k3.size(0), group * s, head_dim), k3.transpose(1, 2))
     if s > 1:
         allowed = torch.ones(s, key_len, dtype=torch.bool, device=q.device).tril(diagonal=key_len - s)
         scores = scores.masked_fill(~allowed.repeat(group, 1), float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
     if v.dtype != torch.float32:
         probs = probs.to(v.dtype)
-    return (probs @ v).reshape(batch, n_heads, s, head_dim)
+    return torch.bmm(probs, v3).view(*lead, n_heads, s, head_dim)
 
 
 class Block(nn.Module):
@@ -219,28 +225,33 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         """x: (n_sel, batch, seq, d_model) for the contiguous towers ``sel``, whose first token
         sits at absolute position ``start``; ``rope`` holds that span's tables (see ``rope_for_span``)."""
+        n, b, s, d = x.shape
+        x = x.view(n, b * s, d)  # rows are (batch, position) pairs; only attention tells them apart
         if self.olmo2:
-            h = x + self.attn_norm(self._attention(x, sel, start, rope, use_cache), sel)
-            return h + self.ffn_norm(self._ffn(h, sel), sel)
-        h = x + self._attention(self.attn_norm(x, sel), sel, start, rope, use_cache)
-        return h + self._ffn(self.ffn_norm(h, sel), sel)
+            h = x + self.attn_norm(self._attention(x, sel, b, start, rope, use_cache), sel)
+            h = h + self.ffn_norm(self._ffn(h, sel), sel)
+        else:
+            h = x + self._attention(self.attn_norm(x, sel), sel, b, start, rope, use_cache)
+            h = h + self._ffn(self.ffn_norm(h, sel), sel)
+        return h.view(n, b, s, d)
 
     def _ffn(self, x: torch.Tensor, sel: slice) -> torch.Tensor:
-        n, b, s, d = x.shape
-        gate, up = linear(x.reshape(n, b * s, d), self.w13, sel, self._packed["w13"]).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, self.w2, sel, self._packed["w2"]).view(n, b, s, d)
+        gate, up = linear(x, self.w13, sel, self._packed["w13"]).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.w2, sel, self._packed["w2"])
 
     def _attention(
         self,
         x: torch.Tensor,
         sel: slice,
+        b: int,
         start: int,
         rope: tuple[torch.Tensor, torch.Tensor],
         use_cache: bool,
     ) -> torch.Tensor:
+        """x: (n, b * s, d_model) -> (n, b * s, d_model)."""
         c = self.config
-        n, b, s, d = x.shape
-        qkv = linear(x.reshape(n, b * s, d), self.wqkv, sel, self._packed["wqkv"])
+        n, s = x.size(0), x.size(1) // b
+        qkv = linear(x, self.wqkv, sel, self._packed["wqkv"])
         if self.olmo2:  # QK-norm over the whole projection, before the head split
             q, k, v = qkv.split((c.q_dim, c.kv_dim, c.kv_dim), dim=-1)
             qkv = torch.cat((self.q_norm(q, sel), self.k_norm(k, sel), v), dim=-1)
@@ -253,18 +264,23 @@ class Block(nn.Module):
         if use_cache:
             assert self.cache is not None
             k, v = self.cache.update(sel, start, k, v)
-            q = q.to(k.dtype)  # the cache may hold a wider dtype than the weights (see init_kv_cache)
-        key_len = k.size(3)
-        q = q.reshape(n * b, c.n_heads, s, c.head_dim)
-        k = k.reshape(n * b, c.n_kv_heads, key_len, c.head_dim)
-        v = v.reshape(n * b, c.n_kv_heads, key_len, c.head_dim)
+            if q.dtype != k.dtype:  # the cache may hold a wider dtype than the weights (see init_kv_cache)
+                q = q.to(k.dtype)
         if s <= SMALL_QUERY:
             out = small_query_attention(q, k, v)
         else:
+            key_len = k.size(3)
             # query i sits at absolute position key_len - s + i and sees keys up to it
             mask = torch.ones(s, key_len, dtype=torch.bool, device=x.device).tril(diagonal=key_len - s)
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=1.0, enable_gqa=c.n_kv_heads != c.n_heads
+                q.reshape(n * b, c.n_heads, s, c.head_dim),
+                k.reshape(n * b, c.n_kv_heads, key_len, c.head_dim),
+                v.reshape(n * b, c.n_kv_heads, key_len, c.head_dim),
+                attn_mask=mask,
+                scale=1.0,
+                enable_gqa=c.n_kv_heads != c.n_heads,
             )
-        out = out.to(x.dtype).view(n, b, c.n_heads, s, c.head_dim).transpose(2, 3).reshape(n, b * s, c.q_dim)
-        return linear(out, self.wo, sel, self._packed["wo"]).view(n, b, s, d)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        out = out.view(n, b, c.n_heads, s, c.head_dim).transpose(2, 3).reshape(n, b * s, c.q_dim)
+        return linear(out, self.wo, sel, self._packed["wo"])
