@@ -274,8 +274,11 @@ class HydraTransformer(nn.Module):
         """Embed ``input_ids`` (batch, seq) and run the trunk: hidden states (batch, seq, d_model).
 
         With a cache, tokens are placed after the trunk's cached positions unless ``start_pos`` says where.
+        ``input_ids`` may live on any device: ids on the CPU are range-checked on the host and then moved, so a
+        decoder feeding one token per step to a GPU model waits for no device round trip in the check.
         """
         self._check_ids(input_ids)
+        input_ids = input_ids.to(self.device)
         cached = use_cache and self._cache_len > 0
         start = (self._trunk_pos if start_pos is None else start_pos) if cached else (start_pos or 0)
         seq = input_ids.size(1)

@@ -379,13 +379,13 @@ class PoE:
         model = self.model
         model.init_kv_cache(1, len(prompt_ids) + extra_positions, omit_last=self.uncertainty_head_idx is not None)
         if len(prompt_ids) > 1:
-            hidden = model.forward_trunk(torch.tensor([prompt_ids[:-1]], device=model.device))
+            hidden = model.forward_trunk(torch.tensor([prompt_ids[:-1]]))  # host ids: see forward_trunk
             model.head_hidden_states(hidden, heads)
 
     def _draft_step(self, token: int, draft: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run one token through trunk + draft head: (trunk state, draft head hidden, draft logits)."""
         model = self.model
-        trunk_state = model.forward_trunk(torch.tensor([[token]], device=model.device))
+        trunk_state = model.forward_trunk(torch.tensor([[token]]))
         hidden = model.head_hidden_states(trunk_state, [draft])
         logits = model.project(hidden)[0, 0, 0, : self.vocab_limit]
         return trunk_state, hidden, logits
@@ -478,7 +478,7 @@ class PoE:
         token = prompt_ids[-1]
         for emitted in range(self.max_new_tokens):
             position = len(prompt_ids) + emitted
-            trunk_state = model.forward_trunk(torch.tensor([[token]], device=model.device))
+            trunk_state = model.forward_trunk(torch.tensor([[token]]))
             hidden = model.head_hidden_states(trunk_state, heads)
             if emitted == 0:
                 witness["hidden"] = hidden[0, 0, -1]

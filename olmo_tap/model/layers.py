@@ -226,7 +226,7 @@ class Block(nn.Module):
         """x: (n_sel, batch, seq, d_model) for the contiguous towers ``sel``, whose first token
         sits at absolute position ``start``; ``rope`` holds that span's tables (see ``rope_for_span``)."""
         n, b, s, d = x.shape
-        x = x.view(n, b * s, d)  # rows are (batch, position) pairs; only attention tells them apart
+        x = x.reshape(n, b * s, d)  # rows are (batch, position) pairs; only attention tells them apart
         if self.olmo2:
             h = x + self.attn_norm(self._attention(x, sel, b, start, rope, use_cache), sel)
             h = h + self.ffn_norm(self._ffn(h, sel), sel)
