@@ -116,6 +116,7 @@ def build_decoder(args: argparse.Namespace, model: Any, tokenizer: Any) -> Any:
         draft_head=args.draft_head,
         mode=args.mode,
         head=args.draft_head,
+        compile=args.compile,
     )
 
 
@@ -126,6 +127,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model_and_tokenizer(args)
     decoder = build_decoder(args, model, tokenizer)
+    if args.compile:
+        note = "--compile: the second token waits for a one-off compile (about a minute on 2 CPU cores)"
+        print(note, file=sys.stderr)
     temperature = 0.0 if args.greedy else args.temperature
     printer = TrustPrinter(sys.stdout, color=sys.stdout.isatty() and not args.no_color)
     if args.chat:
@@ -197,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--beta", type=float, default=1.0, help="inverse temperature of the verifiers' product")
     gen.add_argument("--veto", type=float, default=None, help="veto threshold tau in [0, 1) (default: soft PoE)")
     gen.add_argument("--draft-head", type=int, default=None, help="fixed draft head (single mode: the head used)")
+    gen.add_argument(
+        "--compile",
+        action="store_true",
+        help="single mode: compile the decode step to native code (faster steps; a one-off compile of ~1 min)",
+    )
     gen.add_argument("--mcq", action="store_true", help="multiple choice: report p(correct) from the uncertainty head")
     gen.add_argument("--json", action="store_true", help="print the full PoEOutput as JSON instead of text")
     gen.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
@@ -216,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "generate" and not args.chat and not args.prompt:
         parser.error("generate needs a prompt (or --chat)")
+    if args.command == "generate" and args.compile and args.mode != "single":
+        parser.error("--compile needs --mode single (PoE and naive decoding run several heads per step)")
     try:
         return args.func(args)
     except (WeightsError, ConfigError, ValueError) as e:

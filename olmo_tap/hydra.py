@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from olmo_tap.model.compiled import CompiledTower, window_for
 from olmo_tap.model.config import ConfigError, TransformerConfig
 from olmo_tap.model.kv_cache import CacheOverflowError, KVCache
 from olmo_tap.model.layers import (
@@ -129,6 +130,7 @@ class HydraTransformer(nn.Module):
         if self.lm_head.device.type != "meta":
             nn.init.normal_(self.lm_head, std=0.02)
         self._packed_lm_head = PackedWeights()
+        self._compiled_towers: dict[int, CompiledTower] = {}
         cos, sin = rope_tables(c)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_signed_sin", sin, persistent=False)
@@ -188,6 +190,17 @@ class HydraTransformer(nn.Module):
         for weight, packed in weights:
             packed.get(weight)
         return self
+
+    def compiled_tower(self, head: int, positions: int) -> CompiledTower:
+        """A compiled decode step for ``head``'s tower with room for ``positions`` positions (see
+        ``olmo_tap.model.compiled``); kept and reused until the weights change or more room is needed."""
+        self._check_heads([head])
+        window = window_for(positions, self.base_config.max_seq_len)
+        tower = self._compiled_towers.get(head)
+        if tower is None or tower.window < window or not tower.is_current():
+            self._compiled_towers.pop(head, None)  # release the old packs before building new ones
+            tower = self._compiled_towers[head] = CompiledTower(self, head, window)
+        return tower
 
     @property
     def device(self) -> torch.device:

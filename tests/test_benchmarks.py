@@ -246,12 +246,14 @@ def test_targets_judged_and_missing_ones_reported():
             "step_over_stock": 40 / 45,
         }
     ]
+    linear.append({**linear[0], "decoder": "compiled", "decode_step_ms": 33.0, "step_over_packed": 33 / 32})
     found = {t["name"]: t for t in evaluate(configs, linear, "cpu")}
     met = {name: t["met"] for name, t in found.items()}
     assert met == {
         "baseline >= 1.3x transformers generate() (same dtype)": True,  # 1.4
         "baseline bf16 >= 2.0x transformers fp32 (CPU)": True,  # 2.1
         "float32 decode step <= 1.15x its bare linear layers": False,  # 1.25
+        "float32 compiled decode step <= 1.15x its bare linear layers": True,  # 1.03
         "PoE gamma 4 greedy >= 0.8x baseline": True,  # 0.857
         "PoE gamma 4 greedy >= 1.1x naive, 5 heads": True,  # 1.2
         "PoE gamma 4 greedy >= 1.3x naive, 9 heads": None,  # no 9-head rows
@@ -358,7 +360,12 @@ def test_run_writes_results_matching_the_schema(tiny_run):
     assert 0 <= greedy4.acceptance_rate <= 1 and greedy4.tokens_per_round <= 4
     assert by_name["baseline"].per_position_latency_ms[0] is None  # the first token's time is the TTFT
     assert by_name["hf_generate"].n_heads is None and by_name["baseline_bf16"].dtype == "bfloat16"
-    assert [x.dtype for x in results.linear_layers] == ["float32", "bfloat16"]
+    assert [(x.dtype, x.decoder) for x in results.linear_layers] == [
+        ("float32", "eager"),
+        ("bfloat16", "eager"),
+        ("float32", "compiled"),
+        ("bfloat16", "compiled"),
+    ]
     assert results.profile is not None and results.profile.tokens == 3 and results.profile.ops
     assert results.model.n_heads == 3 and results.prompt_ids and len(results.prompt_ids) == 10
     assert results.machine.torch_threads == 1 and results.versions.torch == torch.__version__

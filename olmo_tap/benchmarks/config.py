@@ -45,6 +45,7 @@ class BenchConfig:
     micro_ms: float  # budget of each micro-benchmark (memory bandwidth, bare linear layers)
     bandwidth_mib: int  # size of the buffer whose read and copy time give the memory bandwidth
     profile_tokens: int  # decode steps of the baseline under torch.profiler (0: no profile)
+    compiled_step: bool  # also time each baseline's step compiled (olmo_tap.model.compiled) against its linears
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -179,8 +180,9 @@ def validate(config: BenchConfig) -> None:
     _number_at_least("beta", config.beta, 0.0, strict=True)
     _int_at_least("draft_head", config.draft_head, 0, optional=True)
     _int_at_least("seed", config.seed, 0)
-    if not isinstance(config.hf_generate, bool):
-        raise ValueError(f"benchmark config: hf_generate must be true or false, got {config.hf_generate!r}")
+    for key in ("hf_generate", "compiled_step"):
+        if not isinstance(getattr(config, key), bool):
+            raise ValueError(f"benchmark config: {key} must be true or false, got {getattr(config, key)!r}")
     for name in ("warmup_ms", "measure_ms", "ttft_ms", "micro_ms"):
         _number_at_least(name, getattr(config, name), 0.0)
     _int_at_least("min_repeats", config.min_repeats, 1)

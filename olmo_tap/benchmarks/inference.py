@@ -45,7 +45,7 @@ from olmo_tap.benchmarks.harness import (
     run_interleaved,
     software_versions,
 )
-from olmo_tap.benchmarks.overhead import bare_linear_layers, profile_decode
+from olmo_tap.benchmarks.overhead import bare_linear_layers, compiled_step_layers, profile_decode
 from olmo_tap.benchmarks.schema import Results, group_suffix
 from olmo_tap.benchmarks.stats import (
     amortised_latencies,
@@ -416,16 +416,6 @@ def _poe_stats(
     }
 
 
-def linear_layers_result(model: HydraTransformer, head: int, step_ms: float, budget_ms: float) -> dict[str, Any]:
-    found = bare_linear_layers(model, head, budget_ms)
-    found.update(
-        decode_step_ms=step_ms,
-        step_over_packed=step_ms / found["packed_ms"]["median"],
-        step_over_stock=step_ms / found["stock_ms"]["median"],
-    )
-    return found
-
-
 # ----- the whole run -------------------------------------------------------------------------------------------------
 
 
@@ -519,13 +509,21 @@ def _run(config: BenchConfig, command: str, progress: bool) -> Results:
         candidates.insert(0, transformers_reference(hf_model, tokenizer, config, main_heads))
     time_candidates(candidates, prompt_ids, config, f"{main_heads} heads", progress)
     configs = summarise_group(candidates, "baseline", config.gen_length, read_gb_s)
+    timed_towers = [r for r in configs if r["name"] in towers and r["decode_step_ms"] is not None]
     linear_layers = [
-        linear_layers_result(
+        bare_linear_layers(
             towers[r["name"]], baseline_head(config, towers[r["name"]]), r["decode_step_ms"]["median"], config.micro_ms
         )
-        for r in configs
-        if r["name"] in towers and r["decode_step_ms"] is not None
+        for r in timed_towers
     ]
+    if config.compiled_step and device.type == "cpu":
+        for r in timed_towers:
+            tower = towers[r["name"]]
+            linear_layers.append(
+                compiled_step_layers(tower, baseline_head(config, tower), prompt_ids, 3 * config.micro_ms)
+            )
+    elif config.compiled_step:
+        notes.append("compiled step not timed: measured on CPU only")
     profile = None
     if config.profile_tokens > 0:
         profiled = PoE(

@@ -1,5 +1,8 @@
 """Where a decode step's time goes: its bare linear layers timed alone, and an operator profile.
 
+Both decoders are measured against the linear layers: the baseline's eager step (its time taken from the
+timed generations) and the same tower's step compiled by ``olmo_tap.model.compiled``.
+
 The bare linear layers of one token through one tower (trunk, one head, lm_head) are timed twice on the same
 shapes and dtype: with the project's own kernels (``olmo_tap.model.layers.linear`` over the prepacked weights,
 exactly what a decode step runs) and with stock ``torch.nn.functional.linear`` on ``(out, in)`` copies of the
@@ -9,6 +12,7 @@ sampling, Python) is the difference between the step and the first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,11 +34,9 @@ def _tower_weights(model: HydraTransformer, head: int) -> list[tuple[torch.Tenso
     return calls
 
 
-@torch.no_grad()
-def bare_linear_layers(model: HydraTransformer, head: int, budget_ms: float) -> dict[str, Any]:
-    """Milliseconds per token of one tower's linear layers alone, with the project's kernels and with stock
-    F.linear; each timed call runs every layer once for one token (inputs are random: speed does not depend
-    on values)."""
+def _linear_calls(model: HydraTransformer, head: int) -> tuple[Callable[[], None], Callable[[], None], int]:
+    """(the project's kernels, stock F.linear, number of matmuls): each call runs one tower's linear layers once
+    for one token (inputs are random: speed does not depend on values)."""
     calls = _tower_weights(model, head)
     device, dtype = model.device, model.dtype
     inputs = {w.size(1): torch.randn(1, 1, w.size(1), dtype=dtype, device=device) for w, _, _ in calls}
@@ -43,7 +45,6 @@ def bare_linear_layers(model: HydraTransformer, head: int, budget_ms: float) -> 
         for w, sel, packed in calls:
             linear(inputs[w.size(1)], w, sel, packed)
 
-    packed_ms = time_calls(ours, device, budget_ms)
     # Stock PyTorch: (out, in) weights, F.linear; a temporary copy of one tower's weights.
     stock = [(inputs[w.size(1)][0], w[sel.start].t().contiguous()) for w, sel, _ in calls]
 
@@ -51,13 +52,65 @@ def bare_linear_layers(model: HydraTransformer, head: int, budget_ms: float) -> 
         for x, w in stock:
             F.linear(x, w)
 
-    stock_ms = time_calls(stock_linear, device, budget_ms)
+    return ours, stock_linear, len(calls)
+
+
+def _layers_result(
+    model: HydraTransformer, decoder: str, n_matmuls: int, step_ms: float, packed_ms: list[float], stock_ms: list[float]
+) -> dict[str, Any]:
+    packed, stock = summarize(packed_ms), summarize(stock_ms)
     return {
-        "dtype": str(dtype).removeprefix("torch."),
-        "n_matmuls": len(calls),
-        "packed_ms": summarize(packed_ms),
-        "stock_ms": summarize(stock_ms),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "decoder": decoder,
+        "n_matmuls": n_matmuls,
+        "decode_step_ms": step_ms,
+        "packed_ms": packed,
+        "stock_ms": stock,
+        "step_over_packed": step_ms / packed["median"],
+        "step_over_stock": step_ms / stock["median"],
     }
+
+
+@torch.no_grad()
+def bare_linear_layers(model: HydraTransformer, head: int, step_ms: float, budget_ms: float) -> dict[str, Any]:
+    """A baseline decode step of ``step_ms`` against one tower's linear layers alone, with the project's kernels
+    and with stock F.linear."""
+    ours, stock_linear, n_matmuls = _linear_calls(model, head)
+    packed_ms = time_calls(ours, model.device, budget_ms)
+    stock_ms = time_calls(stock_linear, model.device, budget_ms)
+    return _layers_result(model, "eager", n_matmuls, step_ms, packed_ms, stock_ms)
+
+
+COMPILED_STEPS = 16  # positions the compiled step cycles through while timed
+ALTERNATIONS = 6
+
+
+@torch.no_grad()
+def compiled_step_layers(model: HydraTransformer, head: int, prompt_ids: list[int], budget_ms: float) -> dict[str, Any]:
+    """The compiled decode step (``olmo_tap.model.compiled``) of tower ``head`` against its bare linear layers.
+
+    Compiles first (about a minute on 2 CPU cores). Steps and bare linear layers are then timed in alternating
+    blocks, ``budget_ms`` each in all, so that drift in the machine's speed reaches both alike.
+    """
+    n = len(prompt_ids)
+    model.init_kv_cache(1, n)
+    model(torch.tensor([prompt_ids]), head_indices=[head])
+    tower = model.compiled_tower(head, n + COMPILED_STEPS)
+    tower.load_cache(n)
+    tower.step(prompt_ids[-1], n)  # compiles
+    positions = iter(range(1 << 62))
+
+    def step() -> None:
+        tower.step(prompt_ids[-1], n + next(positions) % COMPILED_STEPS)
+
+    ours, stock_linear, n_matmuls = _linear_calls(model, head)
+    step_ms, packed_ms, stock_ms = [], [], []
+    for _ in range(ALTERNATIONS):
+        step_ms += time_calls(step, model.device, budget_ms / ALTERNATIONS)
+        packed_ms += time_calls(ours, model.device, budget_ms / ALTERNATIONS)
+        stock_ms += time_calls(stock_linear, model.device, budget_ms / ALTERNATIONS)
+    model.free_kv_cache()
+    return _layers_result(model, "compiled", n_matmuls, summarize(step_ms)["median"], packed_ms, stock_ms)
 
 
 def _is_cuda_profile(device: torch.device) -> bool:

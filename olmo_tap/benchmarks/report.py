@@ -72,6 +72,7 @@ def decoders_table(results: Results) -> list[str]:
 def linear_table(results: Results) -> list[str]:
     header = [
         "dtype",
+        "decoder",
         "decode step ms",
         "linear layers, olmo-tap kernels ms",
         "step / those",
@@ -81,6 +82,7 @@ def linear_table(results: Results) -> list[str]:
     rows = [
         [
             x.dtype,
+            x.decoder,
             _num(x.decode_step_ms),
             _num(x.packed_ms.median),
             f"{x.step_over_packed:.2f}x",
@@ -89,7 +91,7 @@ def linear_table(results: Results) -> list[str]:
         ]
         for x in results.linear_layers
     ]
-    return _table(header, rows, right={1, 2, 3, 4, 5})
+    return _table(header, rows, right={2, 3, 4, 5, 6})
 
 
 def targets_table(results: Results) -> list[str]:

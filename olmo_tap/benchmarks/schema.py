@@ -182,8 +182,12 @@ class LinearLayers(_Strict):
     """A baseline decode step against its bare linear layers (one token through trunk + one head + lm_head)."""
 
     dtype: str
+    decoder: str = Field(
+        default="eager",
+        description="eager: the baseline decoder; compiled: its step compiled (olmo_tap.model.compiled)",
+    )
     n_matmuls: int
-    decode_step_ms: float = Field(description="the baseline's decode step in this dtype (median over runs)")
+    decode_step_ms: float = Field(description="the decode step in this dtype (median)")
     packed_ms: Summary = Field(
         description="the project's kernels: olmo_tap.model.layers.linear (oneDNN-prepacked weights on CPU)"
     )

@@ -67,7 +67,8 @@ def evaluate(configs: list[dict[str, Any]], linear_layers: list[dict[str, Any]],
     for layers in linear_layers:
         found.append(
             _target(
-                f"{layers['dtype']} decode step <= {STEP_OVER_LINEAR}x its bare linear layers",
+                f"{layers['dtype']}{' compiled' if layers.get('decoder') == 'compiled' else ''} decode step "
+                f"<= {STEP_OVER_LINEAR}x its bare linear layers",
                 layers["step_over_packed"],
                 "<=",
                 STEP_OVER_LINEAR,

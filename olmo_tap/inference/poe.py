@@ -173,6 +173,8 @@ class PoE:
     :param mode: "poe", "naive" (average all text heads' logits every step) or "single" (one head).
     :param head: the head used by mode "single" (default: the draft head).
     :param ignore_eos: keep going past end-of-text (fixed-length runs for benchmarks).
+    :param compile: mode "single" only: decode with the tower's step compiled to native code
+        (``olmo_tap.model.compiled``): same tokens, faster steps, a one-off compile of about a minute on CPU.
     """
 
     def __init__(
@@ -190,6 +192,7 @@ class PoE:
         mode: Mode = "poe",
         head: int | None = None,
         ignore_eos: bool = False,
+        compile: bool = False,
     ) -> None:
         if n_llm_heads is None:
             n_llm_heads = model.n_text_heads
@@ -199,6 +202,8 @@ class PoE:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "poe" and n_llm_heads < 2:
             raise ValueError(f"PoE needs at least 2 text heads (one drafts, the rest verify); got {n_llm_heads}")
+        if compile and mode != "single":
+            raise ValueError(f"compile applies to mode 'single' only (one head per step), not {mode!r}")
         if not isinstance(gamma, int) or gamma < 1:
             raise ValueError(f"gamma must be an integer >= 1, got {gamma!r}")
         if not beta > 0:
@@ -220,6 +225,7 @@ class PoE:
         self.draft_head = draft_head
         self.mode: Mode = mode
         self.head = head
+        self.compile = compile
         self.vocab_limit = vocab_limit(tokenizer, model.base_config.vocab_size)
         self.stop_ids = frozenset() if ignore_eos else stop_token_ids(tokenizer, model.base_config.eos_token_id)
         self.A_id = tokenizer.encode("A", add_special_tokens=False)[0]
@@ -476,13 +482,20 @@ class PoE:
         model = self.model
         self._prefill(prompt_ids, heads, self.max_new_tokens)
         token = prompt_ids[-1]
+        compiled = None
         for emitted in range(self.max_new_tokens):
             position = len(prompt_ids) + emitted
-            trunk_state = model.forward_trunk(torch.tensor([[token]]))
-            hidden = model.head_hidden_states(trunk_state, heads)
+            if compiled is not None:  # the token sits at position - 1
+                head_logits = compiled.step(token, position - 1)[: self.vocab_limit].view(1, 1, -1)
+            else:
+                trunk_state = model.forward_trunk(torch.tensor([[token]]))
+                hidden = model.head_hidden_states(trunk_state, heads)
+                head_logits = model.project(hidden)[:, 0, :, : self.vocab_limit]  # (n, 1, vocab)
             if emitted == 0:
                 witness["hidden"] = hidden[0, 0, -1]
-            head_logits = model.project(hidden)[:, 0, :, : self.vocab_limit]  # (n, 1, vocab)
+                if self.compile:  # after the first (eager) step, which also gave the witness state
+                    compiled = model.compiled_tower(heads[0], len(prompt_ids) + self.max_new_tokens)
+                    compiled.load_cache(position)
             combined = head_logits.float().mean(dim=0)
             token = sample_from_logits(combined[0], temperature, seed, position, Purpose.SAMPLE)
             scale = temperature if temperature > 0 else 1.0

@@ -15,6 +15,7 @@ inference on CPU the weights are additionally prepacked for oneDNN (``PackedWeig
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -187,6 +188,23 @@ def small_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     return torch.bmm(probs, v3).view(*lead, n_heads, s, head_dim)
 
 
+def residual_layer(
+    x: torch.Tensor,
+    attention: Callable[[torch.Tensor], torch.Tensor],
+    ffn: Callable[[torch.Tensor], torch.Tensor],
+    attn_norm: Callable[[torch.Tensor], torch.Tensor],
+    ffn_norm: Callable[[torch.Tensor], torch.Tensor],
+    post_norm: bool,
+) -> torch.Tensor:
+    """A layer's two residual sublayers: OLMo-2 normalises each sublayer's output ("reordered" norm), Llama
+    each sublayer's input."""
+    if post_norm:
+        h = x + attn_norm(attention(x))
+        return h + ffn_norm(ffn(h))
+    h = x + attention(attn_norm(x))
+    return h + ffn(ffn_norm(h))
+
+
 class Block(nn.Module):
     """One transformer layer for ``n`` parallel towers (olmo2 or llama variant)."""
 
@@ -227,12 +245,14 @@ class Block(nn.Module):
         sits at absolute position ``start``; ``rope`` holds that span's tables (see ``rope_for_span``)."""
         n, b, s, d = x.shape
         x = x.reshape(n, b * s, d)  # rows are (batch, position) pairs; only attention tells them apart
-        if self.olmo2:
-            h = x + self.attn_norm(self._attention(x, sel, b, start, rope, use_cache), sel)
-            h = h + self.ffn_norm(self._ffn(h, sel), sel)
-        else:
-            h = x + self._attention(self.attn_norm(x, sel), sel, b, start, rope, use_cache)
-            h = h + self._ffn(self.ffn_norm(h, sel), sel)
+        h = residual_layer(
+            x,
+            lambda t: self._attention(t, sel, b, start, rope, use_cache),
+            lambda t: self._ffn(t, sel),
+            lambda t: self.attn_norm(t, sel),
+            lambda t: self.ffn_norm(t, sel),
+            post_norm=self.olmo2,
+        )
         return h.view(n, b, s, d)
 
     def _ffn(self, x: torch.Tensor, sel: slice) -> torch.Tensor:

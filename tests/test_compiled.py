@@ -1,0 +1,77 @@
+"""The compiled single-tower decode step (olmo_tap.model.compiled): transformers' logits, the eager decoder's
+tokens, and its guards. Each compile takes ~10-30 s on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from olmo_tap import HydraTransformer
+from olmo_tap.inference.poe import PoE
+from olmo_tap.model.compiled import window_for
+from tests.tiny import LetterTokenizer, tiny_hydra
+
+
+def test_compiled_steps_match_transformers(tiny_checkpoint):
+    family, directory, reference = tiny_checkpoint
+    model = HydraTransformer.from_pretrained(str(directory), n_heads=3, heads_depth=2)
+    ids = torch.randint(3, 101, (1, 14), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = reference(ids).logits[0]  # (14, vocab)
+        prompt = 6
+        model.init_kv_cache(1, ids.size(1))
+        model(ids[:, :prompt], head_indices=[2])  # eager prefill fills the Hydra's caches
+        tower = model.compiled_tower(2, ids.size(1))
+        tower.load_cache(prompt)
+        for position in range(prompt, ids.size(1)):
+            logits = tower.step(int(ids[0, position]), position)
+            torch.testing.assert_close(logits, expected[position], atol=1e-4, rtol=0, msg=f"{family} at {position}")
+
+
+def test_compiled_single_decoder_emits_the_eager_tokens():
+    model, tok = tiny_hydra(vocab=6, n_heads=3, heads_depth=1, seed=3), LetterTokenizer(6)
+    runs = {
+        compiled: PoE(model, tok, max_new_tokens=24, mode="single", head=1, compile=compiled).generate_with_cache(
+            "abc", temperature=1.5, seed=8
+        )
+        for compiled in (False, True)
+    }
+    eager, compiled = runs[False], runs[True]
+    assert len(compiled.token_ids) == 24 and len(set(eager.token_ids)) >= 3  # not one token repeated
+    assert compiled.token_ids == eager.token_ids
+    assert compiled.token_entropies == pytest.approx(eager.token_entropies, abs=1e-4)
+    # a second generation reuses the compiled tower (no new compile) and its window
+    tower = model.compiled_tower(1, 30)
+    again = PoE(model, tok, max_new_tokens=24, mode="single", head=1, compile=True).generate_with_cache(
+        "abc", temperature=1.5, seed=8
+    )
+    assert again.token_ids == eager.token_ids
+    assert model.compiled_tower(1, 30) is tower
+
+
+def test_compiled_tower_is_rebuilt_when_weights_change_and_guards_its_window():
+    model = tiny_hydra(vocab=6, n_heads=2, heads_depth=1)
+    tower = model.compiled_tower(0, 10)  # building does not compile: the first step does
+    assert tower.window == 128 and model.compiled_tower(0, 100) is tower  # the context caps the window
+    with torch.no_grad():
+        model.heads[0].w2.add_(0.01)  # e.g. a LoRA merge
+    assert not tower.is_current()
+    assert model.compiled_tower(0, 10) is not tower
+    with pytest.raises(ValueError, match="outside the compiled window"):
+        tower.step(1, 128)
+    with pytest.raises(ValueError, match="no room"):
+        tower.load_cache(128)
+    with pytest.raises(RuntimeError, match="no KV cache"):
+        model.compiled_tower(0, 10).load_cache(3)
+    with pytest.raises(ValueError, match=r"out of range|head"):
+        model.compiled_tower(5, 10)
+    with pytest.raises(ValueError, match="between 1 and 128"):
+        model.compiled_tower(0, 129)
+    assert window_for(1, 4096) == 256 and window_for(257, 4096) == 512 and window_for(3000, 2048 + 1024) == 3072
+
+
+def test_compile_needs_single_mode():
+    model, tok = tiny_hydra(vocab=6, n_heads=3), LetterTokenizer(6)
+    for mode in ("poe", "naive"):
+        with pytest.raises(ValueError, match="compile applies to mode 'single'"):
+            PoE(model, tok, mode=mode, compile=True)
