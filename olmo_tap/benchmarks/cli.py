@@ -41,7 +41,9 @@ def register(sub: Any, add_model_args: Any) -> None:
         "overridden by --config FILE, --quick and the flags below.",
     )
     bench.add_argument("--config", default=None, help="JSON file of config keys (see olmo_tap/benchmarks/config.json)")
-    bench.add_argument("--quick", action="store_true", help="the config's short 'quick' run (< 5 min on 2 CPU cores, half of it compiling)")
+    bench.add_argument(
+        "--quick", action="store_true", help="the config's short 'quick' run (~4 min on 2 CPU cores, half compiling)"
+    )
     add_model_args(bench)
     bench.set_defaults(model=None)  # None: the config's model, so a --config file is not overridden silently
     knobs = bench.add_argument_group("benchmark knobs (override the config)")
