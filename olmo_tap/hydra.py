@@ -211,6 +211,16 @@ class HydraTransformer(nn.Module):
         return self.lm_head.dtype
 
     @property
+    def cache_dtype(self) -> torch.dtype:
+        """Dtype of cached keys and values: fp32 on CPU (CPU matmuls on small bf16 attention tensors are ~5x
+        slower than fp32 ones), the weights' dtype elsewhere."""
+        return torch.float32 if self.device.type == "cpu" else self.dtype
+
+    def tower_blocks(self, head: int) -> list[tuple[Block, int]]:
+        """(block, tower index within it) of every layer one token of ``head`` goes through: trunk, then head."""
+        return [(block, 0) for block in self.trunk] + [(block, head) for block in self.heads]
+
+    @property
     def n_text_heads(self) -> int:
         """Heads that write text: all but the uncertainty head (which, when present, is the last)."""
         return self.n_heads - (1 if self.uncertainty_head is not None else 0)
@@ -229,10 +239,10 @@ class HydraTransformer(nn.Module):
             raise CacheOverflowError(
                 f"max_seq_len must be between 1 and the model's context of {c.max_seq_len}, got {max_seq_len}"
             )
-        # CPU matmuls on small bf16 attention tensors are ~5x slower than fp32 ones: keep a CPU cache in fp32.
-        cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         for block in self._blocks():
-            block.cache = KVCache(block.n, batch_size, c.n_kv_heads, max_seq_len, c.head_dim, cache_dtype, self.device)
+            block.cache = KVCache(
+                block.n, batch_size, c.n_kv_heads, max_seq_len, c.head_dim, self.cache_dtype, self.device
+            )
         self._cache_len = max_seq_len
         self._cache_batch = batch_size
         self.reset_kv_cache(omit_last)

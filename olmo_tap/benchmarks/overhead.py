@@ -12,6 +12,7 @@ sampling, Python) is the difference between the step and the first.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -28,8 +29,11 @@ LINEAR_NAMES = ("wqkv", "wo", "w13", "w2")
 
 def _tower_weights(model: HydraTransformer, head: int) -> list[tuple[torch.Tensor, slice, Any]]:
     """(weight stack (n, in, out), tower, its packs) of every linear layer one token goes through."""
-    calls = [(getattr(b, name), slice(0, 1), b._packed[name]) for b in model.trunk for name in LINEAR_NAMES]
-    calls += [(getattr(b, name), slice(head, head + 1), b._packed[name]) for b in model.heads for name in LINEAR_NAMES]
+    calls = [
+        (getattr(b, name), slice(t, t + 1), b._packed[name])
+        for b, t in model.tower_blocks(head)
+        for name in LINEAR_NAMES
+    ]
     calls.append((model.lm_head.unsqueeze(0), slice(0, 1), model._packed_lm_head))
     return calls
 
@@ -98,10 +102,10 @@ def compiled_step_layers(model: HydraTransformer, head: int, prompt_ids: list[in
     tower = model.compiled_tower(head, n + COMPILED_STEPS)
     tower.load_cache(n)
     tower.step(prompt_ids[-1], n)  # compiles
-    positions = iter(range(1 << 62))
+    positions = itertools.cycle(range(n, n + COMPILED_STEPS))
 
     def step() -> None:
-        tower.step(prompt_ids[-1], n + next(positions) % COMPILED_STEPS)
+        tower.step(prompt_ids[-1], next(positions))
 
     ours, stock_linear, n_matmuls = _linear_calls(model, head)
     step_ms, packed_ms, stock_ms = [], [], []

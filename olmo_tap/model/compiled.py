@@ -4,7 +4,8 @@ Why: an eager decode step of the embedded default issues ~1,500 small operator c
 30-60% on top of the step's linear layers on a 2-core CPU. TorchInductor fuses everything between two linear
 layers into a few native loops, and with freezing it prepacks the weights, so a compiled step costs little
 more than its linear layers. The price: a one-off compile (about a minute on 2 cores; the native code is
-cached on disk, the constant folding is not) and a packed copy of one tower's weights.
+cached on disk, the constant folding is not) and two copies of one tower's linear weights: (out, in) and
+packed.
 
 Shapes are static so one compile serves a whole generation: one token, batch 1, and a KV window of fixed
 length (a power of two) in which attention masks the positions past the current one. The window holds its
@@ -73,29 +74,30 @@ def _onednn_packing() -> Iterator[None]:
 
 
 class _TowerStep(nn.Module):
-    """The step as a module whose parameters are views of the Hydra's (Inductor freezes module parameters)."""
+    """The step as a module of the tower's weights (Inductor freezes module parameters into constants): the
+    norms and embedding are views of the Hydra's; the linear weights are (out, in) copies, because
+    ``F.linear`` on a contiguous (out, in) constant is the pattern Inductor prepacks."""
 
-    def __init__(self, model: HydraTransformer, head: int, window: int, cache_dtype: torch.dtype) -> None:
+    def __init__(self, model: HydraTransformer, head: int, window: int) -> None:
         super().__init__()
         c = self.config = model.base_config
         self.olmo2 = c.family == "olmo2"
         self.window = window
-        towers = [(block, 0) for block in model.trunk] + [(block, head) for block in model.heads]
 
         def frozen(t: torch.Tensor) -> nn.Parameter:
             return nn.Parameter(t.detach(), requires_grad=False)
 
         self.layers = nn.ModuleList()
-        for block, t in towers:
+        for block, t in model.tower_blocks(head):
             layer = nn.Module()
-            # (out, in) views: F.linear on them is the pattern Inductor prepacks
             for name in ("wqkv", "wo", "w13", "w2"):
                 setattr(layer, name, frozen(getattr(block, name)[t].t().contiguous()))
             norms = ("attn_norm", "ffn_norm") + (("q_norm", "k_norm") if self.olmo2 else ())
             for name in norms:
                 setattr(layer, name, frozen(getattr(block, name).weight[t]))
-            layer.register_buffer("k", torch.zeros(c.n_kv_heads, window, c.head_dim, dtype=cache_dtype))
-            layer.register_buffer("v", torch.zeros(c.n_kv_heads, window, c.head_dim, dtype=cache_dtype))
+            # the Hydra's cache dtype, so attention rounds as in eager decoding
+            layer.register_buffer("k", torch.zeros(c.n_kv_heads, window, c.head_dim, dtype=model.cache_dtype))
+            layer.register_buffer("v", torch.zeros(c.n_kv_heads, window, c.head_dim, dtype=model.cache_dtype))
             self.layers.append(layer)
         self.embed = frozen(model.embed.weight)
         self.norm = frozen(model.norm.weight)
@@ -171,9 +173,7 @@ class CompiledTower:
         self.head = head
         self.window = window
         self.weight_versions = _weight_versions(model)
-        # Same KV dtype as the Hydra's caches (fp32 on CPU), so attention rounds as in eager decoding.
-        cache_dtype = torch.float32 if model.device.type == "cpu" else model.dtype
-        self.module = _TowerStep(model, head, window, cache_dtype)
+        self.module = _TowerStep(model, head, window)
         self._run = torch.compile(self.module, fullgraph=True, dynamic=False)
         self.compiled = False
         self._position = torch.zeros(1, dtype=torch.long, device=model.device)
@@ -188,8 +188,7 @@ class CompiledTower:
         """Copy the Hydra's cached keys and values of positions [0, length) for this tower into the window."""
         if not 0 <= length < self.window:
             raise ValueError(f"{length} cached positions leave no room in the compiled window of {self.window}")
-        blocks = [(block, 0) for block in self.model.trunk] + [(block, self.head) for block in self.model.heads]
-        for layer, (block, t) in zip(self.module.layers, blocks, strict=True):
+        for layer, (block, t) in zip(self.module.layers, self.model.tower_blocks(self.head), strict=True):
             if block.cache is None:
                 raise RuntimeError("the Hydra has no KV cache to copy from (init_kv_cache and prefill first)")
             layer.k[:, :length].copy_(block.cache.k[t, 0, :, :length])
