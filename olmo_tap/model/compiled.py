@@ -46,7 +46,7 @@ def _onednn_packing() -> Iterator[None]:
     """Let Inductor pack fp32 linear weights for oneDNN rather than MKL while it compiles.
 
     Inductor packs fp32 weights for MKL on x86 unless oneDNN is known to take them (its test: an Arm build
-    with ACL); measured on SmolLM2's shapes, oneDNN's packed matrix-vector products are 10-20% faster. The
+    with ACL); on SmolLM2's shapes, oneDNN's packed matrix-vector products ran 5-18% faster (4 runs, 2-core EPYC). The
     answer is scoped to Inductor's packing pass; without that pass's hook (another torch), MKL packing stays,
     which is slower but equally correct.
     """
