@@ -14,6 +14,7 @@ from olmo_tap.weights.presets import DEFAULT_MODEL
 # Modules exposing ``register(subparsers, add_model_args)``, one per subsystem.
 SUBCOMMAND_MODULES: list[str] = [
     "olmo_tap.verify.cli",
+    "olmo_tap.verify.signing_cli",
     "olmo_tap.serve.cli",
     "olmo_tap.benchmarks.cli",
     "olmo_tap.train.cli",
@@ -125,6 +126,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from olmo_tap.terminal import TrustPrinter
 
+    signing_key = None
+    if args.signing_key:
+        from olmo_tap.verify.signing import load_private_key
+
+        # Before the model loads: a bad key should cost a second, not a model load.
+        signing_key = load_private_key(args.signing_key)
     model, tokenizer = load_model_and_tokenizer(args)
     decoder = build_decoder(args, model, tokenizer)
     if args.compile:
@@ -146,7 +153,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.save:
         from olmo_tap.inference.transcript import save_transcript
 
-        save_transcript(output, args.save, model=args.model)
+        transcript = save_transcript(output, args.save, args.model, signing_key)
+        print(f"transcript saved to {args.save} (digest {transcript['digest']})", file=sys.stderr)
+        if signing_key is not None:
+            print(f"signed by {transcript['signature']['fingerprint']}", file=sys.stderr)
     if args.save_tokens:
         from olmo_tap.verify.cli import write_token_sequence
 
@@ -210,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print the full PoEOutput as JSON instead of text")
     gen.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
     gen.add_argument("--save", default=None, help="write a transcript (JSON) for `olmo-tap audit`")
+    gen.add_argument(
+        "--signing-key",
+        default=None,
+        metavar="PATH",
+        help="sign the saved transcript's digest with this Ed25519 private key (olmo-tap keygen); needs --save",
+    )
     gen.add_argument("--save-tokens", default=None, help="append prompt and output ids (JSONL) for `olmo-tap verify`")
     gen.add_argument("--no-color", action="store_true", help="plain text even on a terminal")
     gen.set_defaults(func=cmd_generate)
@@ -227,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("generate needs a prompt (or --chat)")
     if args.command == "generate" and args.compile and args.mode != "single":
         parser.error("--compile needs --mode single (PoE and naive decoding run several heads per step)")
+    if args.command == "generate" and args.signing_key and not args.save:
+        parser.error("--signing-key signs the saved transcript: it needs --save PATH")
     try:
         return args.func(args)
     except (WeightsError, ConfigError, ValueError) as e:

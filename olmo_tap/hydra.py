@@ -14,7 +14,7 @@ counters.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,6 +224,12 @@ class HydraTransformer(nn.Module):
     def n_text_heads(self) -> int:
         """Heads that write text: all but the uncertainty head (which, when present, is the last)."""
         return self.n_heads - (1 if self.uncertainty_head is not None else 0)
+
+    def identical_heads(self, heads: Iterable[int] | None = None) -> bool:
+        """True when two of ``heads`` (default: all) have bit-identical weights: clones judge nothing apart."""
+        heads = list(range(self.n_heads)) if heads is None else list(heads)
+        stacks = [p for block in self.heads for p in block.parameters()]
+        return any(all(torch.equal(p[a], p[b]) for p in stacks) for i, a in enumerate(heads) for b in heads[i + 1 :])
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

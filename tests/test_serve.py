@@ -7,6 +7,8 @@ poll its /health with a generous limit so that nothing can hang; no assertion is
 
 from __future__ import annotations
 
+import copy
+
 import asyncio
 import json
 import threading
@@ -203,6 +205,25 @@ def test_audit_endpoint_replays_a_served_transcript(tiny):
         for bad in ({"format": "nope"}, wrong_split):
             response = client.post("/v1/audit", json={"transcript": bad})
             assert response.status_code == 400 and response.json()["error"]["param"] == "transcript"
+        # the forger's edits, one at a time: each is caught and named
+        assert report["digest"] == answer["trust"]["digest"] == transcript["digest"]
+        edited_text = copy.deepcopy(transcript)
+        edited_text["output"]["output_parts"][3] = " PWNED"
+        report = client.post("/v1/audit", json={"transcript": edited_text}).json()
+        assert report["honest"] is False
+        assert [m["field"] for m in report["field_mismatches"]] == ["output.output_parts[3]"]
+        edited_token = copy.deepcopy(transcript)
+        edited_token["token_ids"][5] = (edited_token["token_ids"][5] + 1) % VOCAB
+        report = client.post("/v1/audit", json={"transcript": edited_token}).json()
+        assert report["honest"] is False and 5 in report["inconsistent_positions"]
+        assert any(m["field"] == "digest" for m in report["field_mismatches"])
+        for name, value in (("max_new_tokens", "5"), ("seed", None), ("temperature", -1)):
+            broken = {**transcript, "settings": {**transcript["settings"], name: value}}
+            response = client.post("/v1/audit", json={"transcript": broken})
+            assert response.status_code == 400 and name in response.json()["error"]["message"]
+        single = chat(client, mode="single", temperature=1.0, seed=11, max_tokens=20).json()["trust"]["transcript"]
+        report = client.post("/v1/audit", json={"transcript": single}).json()
+        assert report["honest"] is True and report["jury"] is False and "not the jury" in report["label"]
 
 
 def test_verify_endpoint_scores_claimed_tokens(tiny):
@@ -226,6 +247,28 @@ def test_verify_endpoint_scores_claimed_tokens(tiny):
         assert response.status_code == 400 and response.json()["error"]["param"] == "head"
         response = client.post("/v1/verify", json={"outputs": [claimed]})
         assert response.status_code == 400 and response.json()["error"]["param"] == "temperature"
+
+
+def test_verify_endpoint_names_an_edited_token_under_the_exact_rule(tiny):
+    with make_client(tiny) as client:
+        transcript = chat(client, mode="single", draft_head=1, temperature=1.0, seed=3, max_tokens=20).json()["trust"][
+            "transcript"
+        ]
+        tokens = transcript["token_ids"]
+        edited = (tokens[-1] + 1) % VOCAB
+        claimed = {"prompt_token_ids": transcript["prompt_ids"], "output_token_ids": [*tokens[:-1], edited]}
+        request = {"temperature": 1.0, "seed": 3, "sampling_method": "olmo_tap", "head": 1, "outputs": [claimed]}
+        # olmo-tap's sampler: the exact rule by default, and the edited last token is named
+        verdict = client.post("/v1/verify", json=request).json()["verdict"]
+        assert verdict["rule"] == "exact" and verdict["honest"] is False and verdict["n_agreeing"] == 19
+        assert [(m["sequence"], m["index"], m["claimed"]) for m in verdict["not_reproduced"]] == [(0, 19, edited)]
+        assert "sequence 0 token 19: claimed" in verdict["reason"]
+        # the statistical rule pools the evidence: 19 of 20 tokens pass its test
+        statistical = client.post("/v1/verify", json={**request, "rule": "statistical"}).json()["verdict"]
+        assert statistical["rule"] == "statistical" and statistical["honest"] is True
+        assert statistical["not_reproduced"] is None
+        response = client.post("/v1/verify", json={**request, "threshold": 0.9})
+        assert response.status_code == 400 and "statistical rule" in response.json()["error"]["message"]
 
 
 def test_multiple_choice_reports_the_uncertainty_heads_p_correct():

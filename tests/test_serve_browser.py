@@ -102,8 +102,13 @@ def test_page_streams_an_answer_with_its_trust_card(browser, server, tmp_path):
         answer.locator("button.download").click()
     path = tmp_path / "transcript.json"
     download.value.save_as(path)
-    assert json.loads(path.read_text())["model"] == MODEL_ID
+    saved = json.loads(path.read_text())
+    assert saved["model"] == MODEL_ID
     assert olmo_tap_main(["audit", str(path)]) == 0
+    # the card quotes the transcript's digest (its full value on hover)
+    digest = answer.locator(".stat.digest")
+    assert digest.get_attribute("title").startswith(saved["digest"])
+    assert saved["digest"].removeprefix("sha256:")[:12] in digest.inner_text()
 
     # multi-turn: the second request carries the first exchange
     page.mouse.move(0, 0)

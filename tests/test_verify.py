@@ -10,16 +10,19 @@ import torch
 from tiny import LetterTokenizer, tiny_hydra
 
 from olmo_tap.inference.poe import PoE
-from olmo_tap.inference.transcript import transcript_dict
 from olmo_tap.verify import (
+    DEFAULT_MARGIN_TOLERANCE,
+    NotReproduced,
     SamplingMethod,
     TokenMetrics,
     TokenSequence,
     audit,
-    audit_poe,
     calibrate,
     compute_metrics_summary,
+    exact_verdict,
+    judge,
     read_token_sequences,
+    verdict_rule,
     verify_outputs,
     wilson_interval,
 )
@@ -193,73 +196,174 @@ def test_substitutions_are_flagged(jury, substitution):
     assert verdict.honest is False, verdict.reason
 
 
-# ----- the PoE audit -----------------------------------------------------------------------------------------
+# ----- the exact rule: a replay in the generator's own sampler and dtype must reproduce every token -----------
+
+EDITED = 2  # the sequence whose last token the tests below substitute (no later token sees the edit)
 
 
-@pytest.mark.parametrize(
-    "settings",
-    [
-        dict(temperature=1.0),
-        dict(temperature=0.7, beta=0.5, gamma=3),
-        dict(temperature=0),
-        dict(temperature=1.0, veto_threshold=0.005),
-    ],
-)
-def test_honest_poe_transcripts_pass(jury, settings):
+@pytest.fixture(scope="module")
+def own(jury):
+    """The jury's honest outputs (6 x 48 tokens), and every candidate's metrics at sequence EDITED's last token."""
     model, tokenizer = jury
-    temperature = settings.pop("temperature")
-    for output in generate(model, tokenizer, mode="poe", temperature=temperature, **settings):
-        report = audit_poe(transcript_dict(output), model)
-        assert report.honest is True, (report.verdict.reason, report.ending)
-        assert report.verdict.agreement_rate == 1.0
+    seqs = sequences(generate(model, tokenizer))
+    last = seqs[EDITED]
+    tries = [TokenSequence(last.prompt_token_ids, [*last.output_token_ids[:-1], t]) for t in range(VOCAB)]
+    return seqs, {t: metrics[-1] for t, metrics in enumerate(verify(tries, model, tokenizer))}
 
 
-def test_abstaining_transcript_passes_and_a_fake_abstention_fails(jury):
+def with_last(seqs, token):
+    """``seqs`` with sequence EDITED's last output token replaced by ``token``."""
+    edited = list(seqs)
+    last = seqs[EDITED]
+    edited[EDITED] = TokenSequence(last.prompt_token_ids, [*last.output_token_ids[:-1], token], last.seed)
+    return edited
+
+
+def misses_by_margin(candidates):
+    """The candidates the replay does not sample, from the narrowest miss (the runner-up) to the widest."""
+    return sorted((t for t, m in candidates.items() if not m.exact_match), key=lambda t: candidates[t].margin)
+
+
+def test_exact_verdict_lists_every_token_not_reproduced():
+    hit, tie = TokenMetrics(True, 1.0, 0.0, 0, 0), TokenMetrics(False, 0.4, 0.05, 1, 1)
+    wide = TokenMetrics(False, 0.01, 4.3125, 3, 3)
+    filtered = TokenMetrics(False, 0.0, math.inf, 9, math.inf)
+    results = [[hit, wide, hit], [tie, filtered]]
+    outputs = [TokenSequence([1], [4, 5, 6]), TokenSequence([1], [7, 8])]
+    verdict = exact_verdict(results, outputs=outputs)
+    assert (verdict.rule, verdict.honest, verdict.label) == ("exact", False, "NOT honest")
+    assert verdict.not_reproduced == [
+        NotReproduced(0, 1, 4.3125, 5),
+        NotReproduced(1, 0, 0.05, 7),
+        NotReproduced(1, 1, math.inf, 8),
+    ]
+    assert verdict.reason.startswith("3 of 5 tokens not reproduced (sequence 0 token 1: claimed 5, margin 4.31; ")
+    # the near-tie is explained by a tolerance, the wide and the filtered misses are not
+    tolerant = exact_verdict(results, margin_tolerance=0.1)
+    assert [(m.sequence, m.index, m.claimed) for m in tolerant.not_reproduced] == [(0, 1, None), (1, 1, None)]
+    assert (tolerant.n_near_ties, tolerant.n_agreeing, tolerant.agreement_rate) == (1, 3, 0.6)
+    assert tolerant.reason.endswith("; 1 near-tie within the margin tolerance 0.1")
+    data = json.loads(json.dumps(tolerant.to_dict(), allow_nan=False))  # JSON-safe: inf is written "inf"
+    assert data["rule"] == "exact" and data["not_reproduced"][1] == {
+        "sequence": 1,
+        "index": 1,
+        "margin": "inf",
+        "claimed": None,
+    }
+    assert (data["ci_low"], data["confidence"], data["threshold"]) == (None, None, 1.0)
+    # the reason names five, the verdict lists all
+    many = exact_verdict([[wide] * 8])
+    assert len(many.not_reproduced) == 8 and many.reason.endswith("sequence 0 token 4: margin 4.31; and 3 more)")
+    assert exact_verdict([[hit, hit], []]).reason == "all 2 tokens reproduced exactly"
+    assert (
+        exact_verdict([[hit, tie]], 0.1).reason
+        == "all 2 tokens reproduced: 1 exactly, 1 near-tie within the margin tolerance 0.1"
+    )
+    assert exact_verdict([[], []]).honest is None
+    # the statistical verdict keeps its keys and meaning, and says which rule and tolerance it used
+    statistical = audit(results).to_dict()
+    assert statistical["rule"] == "statistical" and statistical["not_reproduced"] is None
+    assert statistical["margin_tolerance"] == DEFAULT_MARGIN_TOLERANCE and statistical["confidence"] == 0.99
+    with pytest.raises(ValueError, match="margin_tolerance"):
+        exact_verdict(results, margin_tolerance=-1.0)
+    with pytest.raises(ValueError, match="do not match"):
+        exact_verdict(results, outputs=outputs[:1])
+
+
+def test_the_rule_defaults_by_sampler_and_refuses_statistical_knobs_with_the_exact_rule():
+    assert verdict_rule(None, "olmo_tap") == "exact"
+    assert verdict_rule(None, SamplingMethod.VLLM_GUMBEL_MAX) == "statistical"
+    assert verdict_rule("statistical", "olmo_tap", threshold=0.9) == "statistical"
+    assert verdict_rule("exact", "vllm_gumbel_max") == "exact"
+    with pytest.raises(ValueError, match="threshold applies to the statistical rule only"):
+        verdict_rule(None, "olmo_tap", threshold=0.9)
+    with pytest.raises(ValueError, match="threshold and confidence apply"):
+        judge([[]], "exact", threshold=0.9, confidence=0.9)
+    with pytest.raises(ValueError, match="unknown verdict rule"):
+        verdict_rule("lenient", "olmo_tap")
+
+
+def test_exact_rule_names_a_substituted_token_the_statistical_rule_lets_pass(jury, own):
     model, tokenizer = jury
-    outputs = generate(model, tokenizer, mode="poe", temperature=1.0, veto_threshold=0.2)
-    abstained = [o for o in outputs if o.abstained]
-    assert abstained, "a high veto threshold should make the jury abstain on some prompts"
-    for output in abstained:
-        assert audit_poe(transcript_dict(output), model).honest is True
-    fake = transcript_dict(next(o for o in generate(model, tokenizer, mode="poe") if not o.abstained))
-    fake["token_ids"] = fake["token_ids"][:10]
-    fake["output"] = dict(fake["output"], abstained=True, finish_reason="abstain")
-    report = audit_poe(fake, model)
-    assert report.honest is False and not report.ending_consistent
+    seqs, candidates = own
+    honest = exact_verdict(verify(seqs, model, tokenizer), outputs=seqs)
+    n = len(PROMPTS) * N_TOKENS
+    assert (honest.honest, honest.not_reproduced, honest.n_near_ties) == (True, [], 0)
+    assert honest.reason == f"all {n} tokens reproduced exactly"
+    wrong = misses_by_margin(candidates)[-1]  # the candidate that loses by most
+    assert candidates[wrong].margin > DEFAULT_MARGIN_TOLERANCE
+    forged = with_last(seqs, wrong)
+    results = verify(forged, model, tokenizer)
+    # one token in 288 (agreement 99.7%): token-difr's pooled test calls the outputs honest ...
+    statistical = audit(results)
+    assert statistical.honest is True and statistical.n_agreeing == n - 1
+    # ... the exact rule names it
+    verdict = exact_verdict(results, outputs=forged)
+    assert verdict.honest is False and verdict.n_agreeing == n - 1
+    assert [(m.sequence, m.index, m.claimed) for m in verdict.not_reproduced] == [(EDITED, N_TOKENS - 1, wrong)]
+    assert verdict.not_reproduced[0].margin == pytest.approx(candidates[wrong].margin)
+    assert verdict.reason.startswith(
+        f"1 of {n} tokens not reproduced (sequence {EDITED} token {N_TOKENS - 1}: claimed {wrong}, margin "
+    )
 
 
-@pytest.mark.parametrize("made_by", ["single", "naive", "poe other seed", "poe other beta", "poe without veto"])
-def test_responses_not_made_by_the_claimed_jury_fail(jury, made_by):
+def test_a_near_tie_is_explained_by_a_tolerance_above_its_margin(jury, own):
     model, tokenizer = jury
-    claimed = dict(mode="poe", seed=1, beta=1.0, veto_threshold=0.01, draft_head=0)
-    kwargs = dict(mode="poe", veto_threshold=0.01, seed=1, beta=1.0)
-    if made_by in ("single", "naive"):
-        kwargs = dict(mode=made_by)
-    elif made_by == "poe other seed":
-        kwargs["seed"] = 2
-    elif made_by == "poe other beta":
-        kwargs["beta"] = 3.0
-    else:
-        kwargs["veto_threshold"] = None
-    # An immediate abstention (no token) depends on the prompt and the veto only: nothing to forge there.
-    outputs = [o for o in generate(model, tokenizer, temperature=1.0, **kwargs) if o.token_ids]
-    assert len(outputs) >= len(PROMPTS) - 1
-    for output in outputs:
-        transcript = transcript_dict(output)
-        transcript["settings"] = dict(transcript["settings"], **claimed)
-        transcript["output"] = dict(transcript["output"], resampled_idxs=[])  # a forger need not tell
-        assert audit_poe(transcript, model).honest is False
+    seqs, candidates = own
+    runner_up = misses_by_margin(candidates)[0]
+    results = verify(with_last(seqs, runner_up), model, tokenizer)
+    margin = results[EDITED][-1].margin
+    assert not results[EDITED][-1].exact_match and margin == pytest.approx(candidates[runner_up].margin) and margin > 0
+    above = exact_verdict(results, margin_tolerance=margin * 1.001)
+    assert above.honest is True and above.not_reproduced == [] and above.n_near_ties == 1
+    assert "1 near-tie within the margin tolerance" in above.reason
+    below = exact_verdict(results, margin_tolerance=margin * 0.999)
+    assert below.honest is False and below.n_near_ties == 0
+    assert [(m.sequence, m.index) for m in below.not_reproduced] == [(EDITED, N_TOKENS - 1)]
 
 
-def test_a_changed_token_is_found(jury):
+def test_cli_verify_defaults_to_the_exact_rule_for_olmo_taps_sampler(jury, own, tmp_path, monkeypatch, capsys):
+    from olmo_tap.cli import main
+    from olmo_tap.verify import outputs as outputs_module
+
     model, tokenizer = jury
-    transcript = transcript_dict(generate(model, tokenizer, mode="poe", temperature=0)[0])
-    report = audit_poe(transcript, model)
-    j = 5
-    wrong = (transcript["token_ids"][j] + 1) % VOCAB
-    transcript["token_ids"][j] = wrong
-    report = audit_poe(transcript, model)
-    assert j in report.inconsistent_positions
+    seqs, candidates = own
+    real = outputs_module.verify_outputs
+    # the CLI loads --model by name; hand it the tiny jury instead (cmd_verify imports verify_outputs per call)
+    monkeypatch.setattr(
+        outputs_module, "verify_outputs", lambda outputs, _model, **kw: real(outputs, model, tokenizer=tokenizer, **kw)
+    )
+    path = tmp_path / "outputs.jsonl"
+    args = ["verify", str(path), "--temperature", "1.0", "--seed", "1", "--sampling-method", "olmo_tap", "--head", "0"]
+
+    def run(records, *extra):
+        path.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records))
+        capsys.readouterr()
+        code = main([*args, *extra])
+        return code, capsys.readouterr().out
+
+    code, out = run(seqs, "--json")
+    verdict = json.loads(out)["verdict"]
+    assert code == 0 and verdict["rule"] == "exact" and verdict["not_reproduced"] == []
+    assert verdict["margin_tolerance"] == 0.0
+    wrong = misses_by_margin(candidates)[-1]
+    forged = with_last(seqs, wrong)
+    code, out = run(forged, "--json")
+    verdict = json.loads(out)["verdict"]
+    assert code == 1 and verdict["honest"] is False
+    assert [(m["sequence"], m["index"], m["claimed"]) for m in verdict["not_reproduced"]] == [
+        (EDITED, N_TOKENS - 1, wrong)
+    ]
+    code, out = run(forged)
+    assert code == 1 and f"sequence {EDITED} token {N_TOKENS - 1}: claimed {wrong}, margin " in out
+    assert "verdict: NOT honest (exact rule)" in out
+    # the statistical rule: the old behaviour, one token in 288 passes
+    code, out = run(forged, "--json", "--rule", "statistical")
+    verdict = json.loads(out)["verdict"]
+    assert code == 0 and verdict["rule"] == "statistical" and verdict["not_reproduced"] is None
+    assert verdict["threshold"] == 0.99 and verdict["margin_tolerance"] == DEFAULT_MARGIN_TOLERANCE
+    # a statistical knob with the exact rule is bad input
+    assert run(forged, "--threshold", "0.9")[0] == 2
 
 
 # ----- bad input ---------------------------------------------------------------------------------------------
@@ -291,27 +395,14 @@ def test_bad_input_is_reported(jury, tmp_path):
         read_token_sequences(path)
 
 
-def test_bad_transcripts_are_reported(jury):
-    model, tokenizer = jury
-    transcript = transcript_dict(generate(model, tokenizer, mode="poe")[0])
-    with pytest.raises(ValueError, match="not an olmo-tap transcript"):
-        audit_poe({"format": "something else"}, model)
-    with pytest.raises(ValueError, match="vocabulary mismatch"):
-        audit_poe(dict(transcript, settings=dict(transcript["settings"], vocab_limit=VOCAB + 50)), model)
-    with pytest.raises(ValueError, match="outside the model's vocabulary"):
-        audit_poe(dict(transcript, token_ids=[*transcript["token_ids"][:3], VOCAB + 1]), model)
-    with pytest.raises(ValueError, match="text heads"):
-        audit_poe(dict(transcript, settings=dict(transcript["settings"], n_llm_heads=9)), model)
-
-
 # ----- the embedded default, through the CLI ------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_cli_generate_verify_and_audit_on_the_embedded_default(smollm, tmp_path, capsys):
+def test_cli_generate_and_verify_on_the_embedded_default(smollm, tmp_path, capsys):
     from olmo_tap.cli import main
 
-    tokens, transcript = tmp_path / "outputs.jsonl", tmp_path / "transcript.json"
+    tokens = tmp_path / "outputs.jsonl"
     common = ["--max-new-tokens", "24", "--temperature", "0.8", "--no-color"]
     for prompt, seed in (("Name three colours.", 3), ("What is 2 + 2?", 4)):
         args = ["generate", prompt, "--mode", "single", "--seed", str(seed), "--save-tokens", str(tokens), *common]
@@ -322,15 +413,7 @@ def test_cli_generate_verify_and_audit_on_the_embedded_default(smollm, tmp_path,
     assert main(verify_args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["summary"]["exact_match_rate"] == 1.0 and report["verdict"]["honest"] is True
+    # olmo-tap's sampler replayed in its own dtype: the exact rule by default, with nothing to report
+    assert report["verdict"]["rule"] == "exact" and report["verdict"]["not_reproduced"] == []
     # the same outputs claimed at another temperature fail, with exit code 1
     assert main([*verify_args[:3], "0.3", *verify_args[4:]]) == 1
-
-    assert main(["generate", "Name a fruit.", "--seed", "9", "--save", str(transcript), *common]) == 0
-    assert main(["audit", str(transcript)]) == 0
-    assert "verdict: honest" in capsys.readouterr().out
-    forged = json.loads(transcript.read_text())
-    forged["settings"]["seed"] = 10
-    transcript.write_text(json.dumps(forged))
-    assert main(["audit", str(transcript)]) == 1
-    transcript.write_text("{broken")
-    assert main(["audit", str(transcript)]) == 2

@@ -32,6 +32,20 @@ def check_veto_threshold(tau: float | None) -> float | None:
     return tau
 
 
+def veto_mask(verifier_logits: torch.Tensor, veto_threshold: float) -> torch.Tensor:
+    """(positions, vocab) bool: tokens every verifier gives probability >= tau under its own untempered softmax."""
+    return (torch.softmax(verifier_logits.float(), dim=-1) >= veto_threshold).all(dim=0)
+
+
+def jury_log_target(verifier_logits: torch.Tensor, temperature: float, beta: float) -> torch.Tensor:
+    """(positions, vocab): log P up to a per-position constant, ``beta * sum_i logits_i / T`` (T = 1 if greedy).
+
+    sum_i log softmax(l_i / T) = sum_i l_i / T - sum_i logsumexp(l_i / T); the second term is constant over
+    the vocabulary and cancels when normalised, so one sum over heads suffices."""
+    scale = temperature if temperature > 0 else 1.0
+    return verifier_logits.float().sum(dim=0) * (beta / scale)
+
+
 def jury_distribution(
     verifier_logits: torch.Tensor, temperature: float, beta: float, veto_threshold: float | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,13 +61,10 @@ def jury_distribution(
     was vetoed, in which case that row of P is meaningless and the jury must abstain).
     """
     logits = verifier_logits.float()
-    scale = temperature if temperature > 0 else 1.0
-    # sum_i log softmax(l_i / T) = sum_i l_i / T - sum_i logsumexp(l_i / T); the second term is constant
-    # over the vocabulary and cancels in the softmax below, so one sum over heads suffices.
-    log_target = logits.sum(dim=0) * (beta / scale)
+    log_target = jury_log_target(logits, temperature, beta)
     if veto_threshold is None:
         return torch.softmax(log_target, dim=-1), torch.ones(log_target.size(0), dtype=torch.bool)
-    allowed = (torch.softmax(logits, dim=-1) >= veto_threshold).all(dim=0)
+    allowed = veto_mask(logits, veto_threshold)
     log_target = log_target.masked_fill(~allowed, float("-inf"))
     any_allowed = allowed.any(dim=-1)
     # Rows with nothing allowed would be NaN; fill them harmlessly, they are never sampled.

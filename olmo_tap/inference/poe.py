@@ -130,6 +130,61 @@ class PoEOutput:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+def new_output(
+    tokenizer: Any, prompt_ids: list[int], decider: int | None, verifiers: list[int], settings: dict[str, Any]
+) -> PoEOutput:
+    """An answer with no token yet: the prompt's text, the decider and verifiers, the settings."""
+    return PoEOutput(
+        output_parts=[tokenizer.decode(prompt_ids, skip_special_tokens=True)],
+        original_tokens=[],
+        resampled_idxs=[],
+        token_entropies=[],
+        uncertainty=None,
+        stability_radii=[],
+        stability_margins=[],
+        validity_radii=[],
+        suppression_scores=[],
+        prompt_ids=list(prompt_ids),
+        mode=settings["mode"],
+        draft_head=decider,
+        verifier_heads=verifiers,
+        settings=settings,
+    )
+
+
+class OutputFold:
+    """Folds TokenEvents into a PoEOutput: text pieces (incremental detokenisation), signals, rejected drafts.
+    The decoder and the audit (which rebuilds every derived field from a replay) share it."""
+
+    def __init__(self, output: PoEOutput, tokenizer: Any) -> None:
+        self.output = output
+        self.tokenizer = tokenizer
+        self.text = TextStream(tokenizer)
+
+    def add(self, event: TokenEvent) -> None:
+        event.text = self.text.push(event.token_id)
+        if event.resampled and event.draft_token_id is not None:
+            event.draft_text = self.tokenizer.decode([event.draft_token_id])
+        output = self.output
+        output.output_parts.append(event.text)
+        output.token_ids.append(event.token_id)
+        output.token_entropies.append(event.entropy)
+        output.stability_radii.append(event.stability_radius)
+        output.stability_margins.append(event.stability_margin)
+        if event.resampled:
+            output.resampled_idxs.append(len(output.output_parts) - 1)
+            output.original_tokens.append(event.draft_text or "")
+            output.original_token_ids.append(int(event.draft_token_id or 0))
+            output.validity_radii.append(int(event.validity_radius or 0))
+            output.suppression_scores.append(float(event.suppression_score or 0.0))
+
+    def close(self) -> None:
+        """Text the detokeniser held back until the end (an unfinished character) joins the last piece."""
+        tail = self.text.flush()
+        if tail and len(self.output.output_parts) > 1:
+            self.output.output_parts[-1] += tail
+
+
 class PoEStream:
     """Iterate to receive TokenEvents as they are decided; ``output`` is complete afterwards."""
 
@@ -277,21 +332,12 @@ class PoE:
             decider, verifiers = None, list(range(self.n_llm_heads))
         else:
             decider, verifiers = single, [single]
-        output = PoEOutput(
-            output_parts=[self.tokenizer.decode(prompt_ids, skip_special_tokens=True)],
-            original_tokens=[],
-            resampled_idxs=[],
-            token_entropies=[],
-            uncertainty=None,
-            stability_radii=[],
-            stability_margins=[],
-            validity_radii=[],
-            suppression_scores=[],
-            prompt_ids=list(prompt_ids),
-            mode=self.mode,
-            draft_head=decider,
-            verifier_heads=verifiers,
-            settings={
+        output = new_output(
+            self.tokenizer,
+            prompt_ids,
+            decider,
+            verifiers,
+            {
                 "mode": self.mode,
                 "seed": seed,
                 "temperature": temperature,
@@ -308,24 +354,23 @@ class PoE:
                 "heads_depth": self.model.config.head_layers,
                 "dtype": str(self.model.dtype).removeprefix("torch."),
                 "device": str(self.model.device),
+                "compile": self.compile,  # compiled steps round differently: the audit then allows near-ties
+                # multiple choice: the question the uncertainty head scores, so an audit can re-score it
+                "mcq": bool(is_mcq),
+                "question": conversation[-1]["content"] if is_mcq else None,
             },
         )
         witness: dict[str, torch.Tensor] = {}
         started = time.perf_counter()
 
         def events() -> Iterator[TokenEvent]:
-            text = TextStream(self.tokenizer)
+            fold = OutputFold(output, self.tokenizer)
             decide = self._poe_rounds if self.mode == "poe" else self._plain_steps
             with torch.no_grad():
                 for event in decide(prompt_ids, temperature, seed, verifiers, draft, witness, output):
-                    event.text = text.push(event.token_id)
-                    if event.resampled and event.draft_token_id is not None:
-                        event.draft_text = self.tokenizer.decode([event.draft_token_id])
-                    self._record(output, event)
+                    fold.add(event)
                     yield event
-            tail = text.flush()
-            if tail and len(output.output_parts) > 1:
-                output.output_parts[-1] += tail
+            fold.close()
 
         def finish() -> None:
             output.elapsed_s = time.perf_counter() - started
@@ -433,7 +478,7 @@ class PoE:
             verifier_logits = model.project(verifier_hidden)[:, 0, :, : self.vocab_limit]
             target, allowed = jury_distribution(verifier_logits, temperature, self.beta, self.veto_threshold)
             q = torch.softmax(torch.stack(draft_logits).float() / temperature, dim=-1) if temperature > 0 else None
-            signals = _position_signals(verifier_logits, target)
+            signals = position_signals(verifier_logits, target)
             # DECIDE position by position; stop at the first rejection.
             for j in range(g):
                 position = decided + j
@@ -499,7 +544,7 @@ class PoE:
             combined = head_logits.float().mean(dim=0)
             token = sample_from_logits(combined[0], temperature, seed, position, Purpose.SAMPLE)
             scale = temperature if temperature > 0 else 1.0
-            signals = _position_signals(head_logits, torch.softmax(combined / scale, dim=-1))
+            signals = position_signals(head_logits, torch.softmax(combined / scale, dim=-1))
             output.n_rounds += 1
             yield signals.event(emitted, position, 0, token)
             if token in self.stop_ids:
@@ -522,23 +567,9 @@ class PoE:
             best = int(torch.argmax(verifier_logits[:, 0, decision.token]))
             witness["hidden"] = verifier_hidden[best, 0, 0]
 
-    @staticmethod
-    def _record(output: PoEOutput, event: TokenEvent) -> None:
-        output.output_parts.append(event.text)
-        output.token_ids.append(event.token_id)
-        output.token_entropies.append(event.entropy)
-        output.stability_radii.append(event.stability_radius)
-        output.stability_margins.append(event.stability_margin)
-        if event.resampled:
-            output.resampled_idxs.append(len(output.output_parts) - 1)
-            output.original_tokens.append(event.draft_text or "")
-            output.original_token_ids.append(int(event.draft_token_id or 0))
-            output.validity_radii.append(int(event.validity_radius or 0))
-            output.suppression_scores.append(float(event.suppression_score or 0.0))
-
 
 @dataclass
-class _PositionSignals:
+class PositionSignals:
     """Per-position trust signals of a block of positions, moved to the host once."""
 
     entropies: list[float]
@@ -557,7 +588,7 @@ class _PositionSignals:
         )
 
 
-def _position_signals(head_logits: torch.Tensor, target: torch.Tensor) -> _PositionSignals:
+def position_signals(head_logits: torch.Tensor, target: torch.Tensor) -> PositionSignals:
     """head_logits (n_heads, positions, vocab), target (positions, vocab)."""
     votes = head_logits.argmax(dim=-1).t().tolist()
-    return _PositionSignals(entropy_nats(target).tolist(), top2_margin(target).tolist(), votes)
+    return PositionSignals(entropy_nats(target).tolist(), top2_margin(target).tolist(), votes)

@@ -80,6 +80,23 @@ def check_temperature(temperature: float | None) -> float:
     return temperature
 
 
+def logit_scores(
+    logits: torch.Tensor, temperature: float, seed: int, position: int, purpose: Purpose | str = Purpose.SAMPLE
+) -> torch.Tensor:
+    """The scores whose argmax is the sampled token: ``logits`` at temperature 0, else ``logits / T + G``.
+    An audit reads how far another token was from winning (in nats) off the same scores."""
+    if temperature == 0:
+        return logits
+    noise = gumbel(seed, position, purpose, logits.size(-1)).to(logits.device)
+    return logits.float() / temperature + noise
+
+
+def prob_scores(probs: torch.Tensor, seed: int, position: int, purpose: Purpose | str) -> torch.Tensor:
+    """Gumbel-max scores of a probability vector: ``log p + G`` (zeros score -inf and never win)."""
+    noise = gumbel(seed, position, purpose, probs.size(-1)).to(probs.device)
+    return torch.log(probs.float()) + noise
+
+
 def sample_from_logits(
     logits: torch.Tensor,
     temperature: float,
@@ -88,13 +105,9 @@ def sample_from_logits(
     purpose: Purpose | str = Purpose.SAMPLE,
 ) -> int:
     """One token from 1-D ``logits`` (already filtered): greedy at temperature 0, else Gumbel-max."""
-    if temperature == 0:
-        return int(torch.argmax(logits))
-    noise = gumbel(seed, position, purpose, logits.size(-1)).to(logits.device)
-    return int(torch.argmax(logits.float() / temperature + noise))
+    return int(torch.argmax(logit_scores(logits, temperature, seed, position, purpose)))
 
 
 def sample_from_probs(probs: torch.Tensor, seed: int, position: int, purpose: Purpose | str) -> int:
     """One token from a 1-D probability vector by Gumbel-max on its logarithm (zeros never win)."""
-    noise = gumbel(seed, position, purpose, probs.size(-1)).to(probs.device)
-    return int(torch.argmax(torch.log(probs.float()) + noise))
+    return int(torch.argmax(prob_scores(probs, seed, position, purpose)))

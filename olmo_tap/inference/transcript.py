@@ -1,70 +1,166 @@
 """A transcript: everything needed to replay a response through the jury and audit it later.
 
-Format (JSON object, ``format`` = "olmo-tap-transcript", ``version`` = 1):
+Format (JSON object, ``format`` = "olmo-tap-transcript", ``version`` = 2). One copy of the truth:
 
 - ``model``: the model source the response came from (preset, directory or hub id), or null;
-- ``settings``: the decoder's settings (mode, seed, temperature, beta, veto_threshold, draft_head,
-  n_llm_heads, max_new_tokens, vocab_limit, stop_ids, n_heads, heads_depth, dtype, device);
+- ``settings``: the decoder's settings (mode, seed, temperature, gamma, beta, veto_threshold, draft_head,
+  n_llm_heads, max_new_tokens, vocab_limit, stop_ids, n_heads, heads_depth, dtype, device, compile, and for
+  multiple choice ``mcq`` and the ``question`` the uncertainty head scored);
 - ``prompt_ids`` / ``token_ids``: the templated prompt and the emitted tokens, as ids;
-- ``output``: the whole PoEOutput (trust signals, resampled positions and their drafts, abstention, ...).
+- ``digest``: ``sha256:`` + hex of the canonical JSON of the five fields above (``content_digest``), so an
+  answer can be quoted with its digest and any later edit of them shows;
+- ``output``: the whole PoEOutput. Every field of it is *derived* from the five above (text, per-token
+  signals, decisions, counts) and ``olmo-tap audit`` recomputes and compares each one, except the timings
+  (``elapsed_s``, ``tokens_per_second``), which no replay can know;
+- ``signature`` (optional): an Ed25519 signature of the digest by the server that vouches for the answer
+  (``olmo_tap.verify.signing``).
+
+Version 1 transcripts (no digest, no ``compile``/``mcq`` settings) are still read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-from olmo_tap.inference.poe import PoEOutput
+from olmo_tap.inference.poe import MODES, PoEOutput
 
 FORMAT = "olmo-tap-transcript"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 REQUIRED_SETTINGS = ("mode", "seed", "temperature", "beta", "veto_threshold", "draft_head", "n_llm_heads")
+# The digest covers exactly these fields: the claim. Everything in ``output`` is derived from them.
+DIGESTED_FIELDS = ("format", "version", "model", "settings", "prompt_ids", "token_ids")
+TOP_LEVEL_FIELDS = (*DIGESTED_FIELDS, "digest", "output", "signature")
+
+
+def content_digest(transcript: dict[str, Any]) -> str:
+    """``sha256:<hex>`` of the canonical JSON (sorted keys, no spaces, ASCII) of the transcript's claim."""
+    claim = {name: transcript.get(name) for name in DIGESTED_FIELDS}
+    canonical = json.dumps(claim, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return "sha256:" + hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
 def transcript_dict(output: PoEOutput, model: str | None = None) -> dict[str, Any]:
-    return {
+    transcript = {
         "format": FORMAT,
         "version": VERSION,
         "model": None if model is None else str(model),
         "settings": output.settings,
         "prompt_ids": output.prompt_ids,
         "token_ids": output.token_ids,
-        "output": output.to_dict(),
     }
+    transcript["digest"] = content_digest(transcript)
+    transcript["output"] = output.to_dict()
+    return transcript
 
 
-def save_transcript(output: PoEOutput, path: str | Path, model: str | None = None) -> Path:
-    path = Path(path)
-    path.write_text(json.dumps(transcript_dict(output, model), indent=2))
-    return path
+def save_transcript(
+    output: PoEOutput, path: str | Path, model: str | None = None, signing_key: Any = None
+) -> dict[str, Any]:
+    """Write the transcript of ``output`` to ``path``, signed when ``signing_key`` (an Ed25519 private key) is
+    given; returns it (its ``digest`` is worth printing)."""
+    transcript = transcript_dict(output, model)
+    if signing_key is not None:
+        from olmo_tap.verify.signing import sign_transcript  # lazily: decoding never needs cryptography
+
+        transcript = sign_transcript(transcript, signing_key)
+    Path(path).write_text(json.dumps(transcript, indent=2))
+    return transcript
+
+
+# ----- validation: a transcript is untrusted input ------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
 def _id_list(value: Any, name: str) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+    if not isinstance(value, list) or not all(_is_int(i) for i in value):
         raise ValueError(f"transcript field {name!r} must be a list of integer token ids")
     return value
 
 
-def check_transcript(data: Any) -> dict[str, Any]:
-    """``data`` if it is a well-formed transcript; otherwise ValueError naming what is wrong."""
-    if not isinstance(data, dict):
-        raise ValueError(f"a transcript must be a JSON object, got {type(data).__name__}")
-    if data.get("format") != FORMAT:
-        raise ValueError(f"not an olmo-tap transcript: 'format' is {data.get('format')!r}, expected {FORMAT!r}")
-    if data.get("version") != VERSION:
-        raise ValueError(f"unsupported transcript version {data.get('version')!r} (this olmo-tap reads {VERSION})")
-    settings = data.get("settings")
+def _check(ok: bool, name: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"transcript setting {name!r} must be {expected}, got {value!r}")
+
+
+def check_settings(settings: Any) -> dict[str, Any]:
+    """The settings if every value has the type and range a decoder could have used; ValueError otherwise."""
     if not isinstance(settings, dict):
         raise ValueError("transcript field 'settings' must be an object")
     missing = [k for k in REQUIRED_SETTINGS if k not in settings]
     if missing:
         raise ValueError(f"transcript settings lack {', '.join(missing)}")
+    s = settings
+    _check(s["mode"] in MODES, "mode", f"one of {MODES}", s["mode"])
+    _check(_is_int(s["seed"]), "seed", "an integer", s["seed"])
+    _check(_is_number(s["temperature"]) and s["temperature"] >= 0, "temperature", "a number >= 0", s["temperature"])
+    _check(_is_number(s["beta"]) and s["beta"] > 0, "beta", "a number > 0", s["beta"])
+    tau = s["veto_threshold"]
+    _check(tau is None or (_is_number(tau) and 0 <= tau < 1), "veto_threshold", "null or a number in [0, 1)", tau)
+    _check(_is_int(s["n_llm_heads"]) and s["n_llm_heads"] >= 1, "n_llm_heads", "an integer >= 1", s["n_llm_heads"])
+    head = s["draft_head"]
+    if s["mode"] == "naive":
+        _check(head is None, "draft_head", "null for naive averaging (every head decides)", head)
+    else:
+        ok = _is_int(head) and 0 <= head < s["n_llm_heads"]
+        _check(ok, "draft_head", f"a head index in [0, {s['n_llm_heads']})", head)
+    for name in ("gamma", "max_new_tokens", "vocab_limit", "n_heads", "heads_depth"):
+        if s.get(name) is not None:
+            _check(_is_int(s[name]) and s[name] >= (0 if name == "heads_depth" else 1), name, "an integer", s[name])
+    if s.get("stop_ids") is not None:
+        _id_list(s["stop_ids"], "settings.stop_ids")
+    for name in ("dtype", "device"):
+        if s.get(name) is not None:
+            _check(isinstance(s[name], str), name, "a string", s[name])
+    for name in ("compile", "mcq"):
+        if s.get(name) is not None:
+            _check(isinstance(s[name], bool), name, "true or false", s[name])
+    question = s.get("question")
+    _check(question is None or isinstance(question, str), "question", "null or a string", question)
+    if s.get("mcq") and question is None:
+        raise ValueError("transcript setting 'mcq' is true but no 'question' says what the uncertainty head scored")
+    return settings
+
+
+def check_transcript(data: Any) -> dict[str, Any]:
+    """``data`` if it is a well-formed transcript; otherwise ValueError naming what is wrong.
+
+    Well-formed is not honest: ``olmo_tap.verify.poe_audit`` decides that."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a transcript must be a JSON object, got {type(data).__name__}")
+    if data.get("format") != FORMAT:
+        raise ValueError(f"not an olmo-tap transcript: 'format' is {data.get('format')!r}, expected {FORMAT!r}")
+    if data.get("version") not in READABLE_VERSIONS:
+        raise ValueError(
+            f"unsupported transcript version {data.get('version')!r} (this olmo-tap reads {READABLE_VERSIONS})"
+        )
+    if data.get("model") is not None and not isinstance(data["model"], str):
+        raise ValueError("transcript field 'model' must be a string or null")
+    check_settings(data.get("settings"))
     if not _id_list(data.get("prompt_ids"), "prompt_ids"):
         raise ValueError("transcript field 'prompt_ids' must not be empty")
     _id_list(data.get("token_ids"), "token_ids")
     if not isinstance(data.get("output", {}), dict):
         raise ValueError("transcript field 'output' must be an object")
+    if data["version"] >= 2 and not isinstance(data.get("digest"), str):
+        raise ValueError("transcript field 'digest' must be a string (sha256:<hex>)")
+    if data.get("signature") is not None and not isinstance(data["signature"], dict):
+        raise ValueError("transcript field 'signature' must be an object")
+    try:
+        content_digest(data)
+    except ValueError:
+        raise ValueError("transcript settings hold a value JSON cannot represent (NaN or infinity)") from None
     return data
 
 
@@ -74,6 +170,7 @@ def read_transcript(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"no such transcript file: {path}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f"line {e.lineno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+        raise ValueError(f"{path} is not valid JSON ({where})") from None
     return check_transcript(data)

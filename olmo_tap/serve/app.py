@@ -2,6 +2,8 @@
 
 ``create_app(model, tokenizer, model_id)`` serves an already loaded Hydra. Every model call (decoding,
 verification) runs on the engine's one worker thread; the event loop only validates, queues and relays.
+With a signing key (``ServeConfig.signing_key``) every transcript the service returns is signed, and
+``GET /v1/signing-key`` gives its public key.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ class ClientGone(Exception):
 class Service:
     """What the routes share: the model, its worker, the settings and a tokenizer for request checks."""
 
-    def __init__(self, model: Any, tokenizer: Any, model_id: str, config: ServeConfig) -> None:
+    def __init__(self, model: Any, tokenizer: Any, model_id: str, config: ServeConfig, signing_key: Any = None) -> None:
         self.model = model
+        self.signing_key = signing_key  # an Ed25519PrivateKey, or None: transcripts go out unsigned
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.config = config
@@ -193,18 +196,34 @@ async def next_event(job: Job, request: Request | None, engine: Engine) -> tuple
             getter.cancel()
 
 
-def create_app(model: Any, tokenizer: Any, model_id: str, config: ServeConfig | None = None) -> FastAPI:
-    """The application serving ``model`` (a loaded HydraTransformer) under the name ``model_id``."""
-    service = Service(model, tokenizer, model_id, config or ServeConfig())
+def create_app(
+    model: Any, tokenizer: Any, model_id: str, config: ServeConfig | None = None, signing_key: Any = None
+) -> FastAPI:
+    """The application serving ``model`` (a loaded HydraTransformer) under the name ``model_id``.
+
+    ``signing_key``: an Ed25519PrivateKey already loaded; otherwise the key file ``config.signing_key``, if
+    any, is loaded here (ValueError when it is not a usable key)."""
+    config = config or ServeConfig()
+    if signing_key is None and config.signing_key:
+        from olmo_tap.verify.signing import load_private_key
+
+        signing_key = load_private_key(config.signing_key)
+    service = Service(model, tokenizer, model_id, config, signing_key)
+    signing_info: dict[str, str] | None = None
+    if signing_key is not None:
+        from olmo_tap.verify.signing import public_key_info
+
+        signing_info = public_key_info(signing_key.public_key())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.engine.start()
         log.info(
-            "serving %s (queue %d, time limit %g s)",
+            "serving %s (queue %d, time limit %g s, transcripts %s)",
             model_id,
             service.config.queue_size,
             service.config.request_timeout_s,
+            signing_info["fingerprint"] if signing_info else "unsigned",
         )
         try:
             yield
@@ -242,6 +261,13 @@ def create_app(model: Any, tokenizer: Any, model_id: str, config: ServeConfig | 
             )
         return service.model_card()
 
+    @app.get("/v1/signing-key")
+    async def signing_key_info() -> dict[str, Any]:
+        """The public key that signs this server's transcripts (for ``olmo-tap audit --public-key``)."""
+        if signing_info is None:
+            raise APIError(404, "this server does not sign its transcripts (start it with --signing-key)")
+        return signing_info
+
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         request_id = request.state.request_id
@@ -261,7 +287,7 @@ def create_app(model: Any, tokenizer: Any, model_id: str, config: ServeConfig | 
                 )
             output: PoEOutput = await service.result(job, request)
             log_answer(request_id, output, job)
-            trust = response_trust(output, model_id, mcq=plan.mcq, queue_s=job.queue_s)
+            trust = response_trust(output, model_id, mcq=plan.mcq, queue_s=job.queue_s, signing_key=service.signing_key)
             return JSONResponse(completion_body(completion_id, created, model_id, output, trust))
         except ClientGone:
             log.info("%s client disconnected; its request was cancelled", request_id)
@@ -285,7 +311,9 @@ def create_app(model: Any, tokenizer: Any, model_id: str, config: ServeConfig | 
             transcript = check_audit_request(model, model_id, body)
         except ValueError as e:
             raise APIError(400, f"transcript: {e}", param="transcript") from None
-        job = service.submit(request.state.request_id, lambda job: run_audit(job, model, model_id, transcript, body))
+        job = service.submit(
+            request.state.request_id, lambda job: run_audit(job, model, tokenizer, model_id, transcript, body)
+        )
         try:
             return JSONResponse(await service.result(job, request))
         except ClientGone:
@@ -312,7 +340,9 @@ def create_app(model: Any, tokenizer: Any, model_id: str, config: ServeConfig | 
                 elif kind == "done":
                     output: PoEOutput = payload
                     log_answer(job.request_id, output, job)
-                    trust = response_trust(output, model_id, mcq=plan.mcq, queue_s=job.queue_s)
+                    trust = response_trust(
+                        output, model_id, mcq=plan.mcq, queue_s=job.queue_s, signing_key=service.signing_key
+                    )
                     # Text the incremental detokeniser held back until the end (an unfinished character).
                     tail = output.text[len(sent) :] if output.text.startswith(sent) else ""
                     finish = OPENAI_FINISH.get(output.finish_reason, "stop")

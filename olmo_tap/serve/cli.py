@@ -20,8 +20,9 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
         "serve",
         help="serve an OpenAI-compatible chat API and a web page, with the jury's trust signals",
         description="Serve the model: POST /v1/chat/completions (OpenAI format + trust), GET /v1/models, "
-        "GET /health, POST /v1/verify, POST /v1/audit, and the chat page at /. Every flag's default can be set "
-        f"by an environment variable: --queue-size by {env_name('--queue-size')}, --model by {env_name('--model')}, "
+        "GET /health, POST /v1/verify, POST /v1/audit, GET /v1/signing-key, and the chat page at /. "
+        "Every flag's default can be set by an environment variable: "
+        f"--queue-size by {env_name('--queue-size')}, --model by {env_name('--model')}, "
         "and so on.",
     )
     add_model_args(parser)
@@ -54,6 +55,14 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
     option("--temperature", defaults.default_temperature, float, "temperature when a request sets none")
     option("--max-body-bytes", defaults.max_body_bytes, int, "largest request body accepted; larger ones get 413")
     option("--log-level", defaults.log_level, str, "log level", choices=["debug", "info", "warning", "error"])
+    option(
+        "--signing-key",
+        defaults.signing_key,
+        str,
+        "Ed25519 private key (olmo-tap keygen) that signs every transcript's digest, so auditors can tell "
+        "this server vouched for an answer; its public key is served at GET /v1/signing-key",
+        metavar="PATH",
+    )
     parser.set_defaults(env_errors=env_errors)
     parser.set_defaults(func=cmd_serve)
 
@@ -77,13 +86,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         default_temperature=args.temperature,
         max_body_bytes=args.max_body_bytes,
         log_level=args.log_level,
+        signing_key=args.signing_key or None,
     )
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    signing_key = None
+    if config.signing_key:
+        from olmo_tap.verify.signing import key_fingerprint, load_private_key
+
+        # Before the model loads: a bad key should cost a second, not a model load.
+        signing_key = load_private_key(config.signing_key)
+        print(f"olmo-tap serve: signing transcripts as {key_fingerprint(signing_key.public_key())}", file=sys.stderr)
     print(f"olmo-tap serve: loading {args.model} ...", file=sys.stderr)
     model, tokenizer = load_model_and_tokenizer(args)
-    app = create_app(model, tokenizer, str(args.model), config)
+    app = create_app(model, tokenizer, str(args.model), config, signing_key=signing_key)
     print(
         f"olmo-tap serve: http://{config.host}:{config.port}/ (page), /v1 (OpenAI API); ready when /health says ok",
         file=sys.stderr,

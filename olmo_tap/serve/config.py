@@ -22,6 +22,7 @@ class ServeConfig:
     default_temperature: float = 0.7  # when a request gives no temperature
     max_body_bytes: int = 1_000_000  # larger request bodies get 413
     log_level: str = "info"
+    signing_key: str | None = None  # Ed25519 private key (PEM) that signs every transcript's digest; None: unsigned
 
     def __post_init__(self) -> None:
         checks = {

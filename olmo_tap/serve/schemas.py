@@ -133,6 +133,9 @@ class VerifyRequest(VerdictOptions):
     sampling_method: Literal["vllm_gumbel_max", "olmo_tap"] = "vllm_gumbel_max"
     head: int | None = Field(default=None, ge=0)
     margin_tolerance: float | None = Field(default=None, ge=0)
+    # The verdict's rule; None: exact for sampling_method olmo_tap (the server shares the generator's sampler:
+    # every token not reproduced is listed, and threshold/confidence are refused), statistical for vLLM's.
+    rule: Literal["exact", "statistical"] | None = None
 
 
 class AuditRequest(VerdictOptions):

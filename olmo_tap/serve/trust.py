@@ -6,7 +6,8 @@ draft, the rejected draft, its validity radius and suppression score.
 
 Per answer: whether the jury certified it or abstained, acceptance statistics, the lowest stability, the
 uncertainty head's p(correct) for multiple-choice questions, every setting needed to replay it, and the
-transcript itself (the JSON ``olmo-tap audit`` checks).
+transcript itself (the JSON ``olmo-tap audit`` checks) with its digest; when the server has a signing key,
+the transcript carries its Ed25519 signature and ``signed_by`` the key's fingerprint.
 """
 
 from __future__ import annotations
@@ -65,9 +66,19 @@ def tokens_from_output(output: PoEOutput) -> list[dict[str, Any]]:
     ]
 
 
-def response_trust(output: PoEOutput, model_id: str, *, mcq: bool, queue_s: float) -> dict[str, Any]:
-    """The ``trust`` object of a whole answer (non-streamed responses and the last streamed chunk)."""
+def response_trust(
+    output: PoEOutput, model_id: str, *, mcq: bool, queue_s: float, signing_key: Any = None
+) -> dict[str, Any]:
+    """The ``trust`` object of a whole answer (non-streamed responses and the last streamed chunk); with
+    ``signing_key`` (an Ed25519PrivateKey) its transcript is signed."""
     settings = output.settings
+    transcript = transcript_dict(output, model_id)
+    signed_by = None
+    if signing_key is not None:
+        from olmo_tap.verify.signing import sign_transcript
+
+        transcript = sign_transcript(transcript, signing_key)
+        signed_by = transcript["signature"]["fingerprint"]
     n = len(output.token_ids)
     finished = output.finish_reason in ("eos", "length")
     return {
@@ -99,5 +110,7 @@ def response_trust(output: PoEOutput, model_id: str, *, mcq: bool, queue_s: floa
         "tokens_per_second": output.tokens_per_second,
         "tokens": tokens_from_output(output),
         "resampled": resampled_from_output(output),
-        "transcript": transcript_dict(output, model_id),
+        "digest": transcript["digest"],
+        "signed_by": signed_by,
+        "transcript": transcript,
     }

@@ -2,44 +2,31 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from olmo_tap.inference.transcript import check_transcript
+from olmo_tap.jsonl import json_safe
 from olmo_tap.serve.engine import DeadlinePassed, Job
 from olmo_tap.serve.schemas import AuditRequest, VerifyRequest
-from olmo_tap.verify import TokenSequence, audit, audit_poe, compute_metrics_summary, verify_outputs
-from olmo_tap.verify.verdict import (
-    DEFAULT_AUDIT_THRESHOLD,
-    DEFAULT_CONFIDENCE,
-    DEFAULT_MARGIN_TOLERANCE,
-    DEFAULT_THRESHOLD,
-)
-
-
-def json_safe(value: Any) -> Any:
-    """JSON has no infinity or NaN: write them as strings, as TokenMetrics.to_dict does."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
+from olmo_tap.verify import TokenSequence, audit_poe, compute_metrics_summary, judge, verdict_rule, verify_outputs
+from olmo_tap.verify.verdict import DEFAULT_AUDIT_THRESHOLD, DEFAULT_CONFIDENCE
 
 
 def run_verify(job: Job, model: Any, tokenizer: Any, body: VerifyRequest) -> dict[str, Any]:
-    """token-difr's metrics for each claimed sequence, their summary and the verdict.
+    """token-difr's metrics for each claimed sequence, their summary and the verdict (under ``body.rule``;
+    by default exact for olmo-tap's sampler, statistical for vLLM's).
 
     Sequences are replayed one by one so that a client that left, or the time limit, stops the work between
     them (a cut-short verification is an error, never a partial verdict)."""
+    rule = verdict_rule(body.rule, body.sampling_method, body.threshold, body.confidence)
+    outputs = [TokenSequence(s.prompt_token_ids, s.output_token_ids, s.seed) for s in body.outputs]
     results = []
-    for i, sequence in enumerate(body.outputs):
+    for i, sequence in enumerate(outputs):
         if reason := job.stop_reason():
             job.stopped = reason
-            raise DeadlinePassed(f"verification stopped ({reason}) after {i} of {len(body.outputs)} sequences")
+            raise DeadlinePassed(f"verification stopped ({reason}) after {i} of {len(outputs)} sequences")
         results += verify_outputs(
-            [TokenSequence(sequence.prompt_token_ids, sequence.output_token_ids, sequence.seed)],
+            [sequence],
             model,
             temperature=body.temperature,
             top_k=body.top_k,
@@ -50,11 +37,13 @@ def run_verify(job: Job, model: Any, tokenizer: Any, body: VerifyRequest) -> dic
             tokenizer=tokenizer,
             verbose=False,
         )
-    verdict = audit(
+    verdict = judge(
         results,
-        DEFAULT_THRESHOLD if body.threshold is None else body.threshold,
-        DEFAULT_CONFIDENCE if body.confidence is None else body.confidence,
-        DEFAULT_MARGIN_TOLERANCE if body.margin_tolerance is None else body.margin_tolerance,
+        rule,
+        threshold=body.threshold,
+        confidence=body.confidence,
+        margin_tolerance=body.margin_tolerance,
+        outputs=outputs,
     )
     return json_safe(
         {
@@ -79,10 +68,13 @@ def check_audit_request(model: Any, model_id: str, body: AuditRequest) -> dict[s
     return transcript
 
 
-def run_audit(job: Job, model: Any, model_id: str, transcript: dict[str, Any], body: AuditRequest) -> dict[str, Any]:
+def run_audit(
+    job: Job, model: Any, tokenizer: Any, model_id: str, transcript: dict[str, Any], body: AuditRequest
+) -> dict[str, Any]:
     report = audit_poe(
         transcript,
         model,
+        tokenizer=tokenizer,
         threshold=DEFAULT_AUDIT_THRESHOLD if body.threshold is None else body.threshold,
         confidence=DEFAULT_CONFIDENCE if body.confidence is None else body.confidence,
     )

@@ -14,9 +14,13 @@ from olmo_tap.verify.verdict import (
     DEFAULT_MARGIN_TOLERANCE,
     DEFAULT_THRESHOLD,
     Calibration,
+    NotReproduced,
     Verdict,
     audit,
     calibrate,
+    exact_verdict,
+    judge,
+    verdict_rule,
     wilson_interval,
 )
 
@@ -25,6 +29,7 @@ __all__ = [
     "DEFAULT_MARGIN_TOLERANCE",
     "DEFAULT_THRESHOLD",
     "Calibration",
+    "NotReproduced",
     "PoEAudit",
     "PositionCheck",
     "SamplingMethod",
@@ -35,7 +40,10 @@ __all__ = [
     "audit_poe",
     "calibrate",
     "compute_metrics_summary",
+    "exact_verdict",
+    "judge",
     "read_token_sequences",
+    "verdict_rule",
     "verify_outputs",
     "wilson_interval",
 ]

@@ -31,17 +31,30 @@ def register(sub: Any, add_model_args: Callable[..., None]) -> None:
         "--sampling-method",
         default="vllm_gumbel_max",
         choices=["vllm_gumbel_max", "olmo_tap"],
-        help="the generator's sampler: vLLM's (token-difr, default) or olmo-tap's own",
+        help="the generator's sampler: vLLM's (token-difr, default) or olmo-tap's own (its default rule is exact)",
+    )
+    verify.add_argument(
+        "--rule",
+        default=None,
+        choices=["exact", "statistical"],
+        help="the verdict's rule. exact (default for --sampling-method olmo_tap: the replay shares the "
+        "generator's sampler, dtype and device class): any token not reproduced (neither the verifier's sample "
+        "nor a near-tie within --margin-tolerance, default 0) makes the outputs not honest, and is listed with "
+        "its position; --threshold and --confidence do not apply (an error if given). statistical (default for "
+        "vllm_gumbel_max: token-difr's use, another provider or dtype): a test of the pooled agreement rate",
     )
     verify.add_argument("--head", type=int, default=None, help="for a saved ensemble: the head to verify against")
     verify.add_argument("--max-model-len", type=int, default=None, help="refuse longer sequences")
     verify.add_argument("--metrics-out", default=None, help="write per-token metrics as JSONL here")
     add_verdict_args(verify, DEFAULT_THRESHOLD)
+    verify.set_defaults(threshold=None, confidence=None)  # None: the statistical defaults, unless given
     verify.add_argument(
         "--margin-tolerance",
         type=float,
         default=None,
-        help="a miss by at most this logit margin still agrees (numerical drift; default from calibration)",
+        help="a miss by at most this logit margin still agrees (numerical drift). Default: 0 with the exact "
+        "rule; 0.3 with the statistical one (calibrated on bf16 generation verified in fp32, also the value "
+        "for the exact rule across dtypes)",
     )
     verify.add_argument("--json", action="store_true", help="print summary and verdict as JSON")
     verify.set_defaults(func=cmd_verify)
@@ -56,6 +69,18 @@ def register(sub: Any, add_model_args: Callable[..., None]) -> None:
     audit.add_argument("transcript", help="transcript JSON file")
     add_model_args(audit, split=False, model_default=None)
     add_verdict_args(audit, DEFAULT_AUDIT_THRESHOLD)
+    audit.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="nats a decision may be off and count as a near-tie (default: 0 when replayed in the generator's "
+        "dtype and device class, else the calibrated cross-dtype tolerance)",
+    )
+    audit.add_argument(
+        "--public-key",
+        default=None,
+        help="Ed25519 public key (PEM, or the base64 a transcript embeds) of the server that must have signed it",
+    )
     audit.add_argument("--positions", action="store_true", help="list every position, not only disagreements")
     audit.add_argument("--json", action="store_true", help="print the full audit report as JSON")
     audit.set_defaults(func=cmd_audit)
@@ -91,8 +116,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from olmo_tap.verify.outputs import verify_outputs
     from olmo_tap.verify.records import read_token_sequences
     from olmo_tap.verify.scoring import compute_metrics_summary
-    from olmo_tap.verify.verdict import DEFAULT_MARGIN_TOLERANCE, audit
+    from olmo_tap.verify.verdict import judge, verdict_rule
 
+    rule = verdict_rule(args.rule, args.sampling_method, args.threshold, args.confidence)
     sequences = read_token_sequences(args.outputs)
     results = verify_outputs(
         sequences,
@@ -114,8 +140,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
             ({"sequence": i, "token": j, **m.to_dict()} for i, seq in enumerate(results) for j, m in enumerate(seq)),
         )
     summary = compute_metrics_summary(results)
-    tolerance = DEFAULT_MARGIN_TOLERANCE if args.margin_tolerance is None else args.margin_tolerance
-    verdict = audit(results, args.threshold, args.confidence, tolerance)
+    verdict = judge(
+        results,
+        rule,
+        threshold=args.threshold,
+        confidence=args.confidence,
+        margin_tolerance=args.margin_tolerance,
+        outputs=sequences,
+    )
     if args.json:
         print(json.dumps({"summary": summary, "verdict": verdict.to_dict(), "sequences": len(results)}, indent=2))
         return exit_code(verdict.honest)
@@ -126,7 +158,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         table.add_row(key, "n/a" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value))
     console = Console()
     console.print(table)
-    console.print(f"[bold]verdict: {verdict.label}[/bold] - {verdict.reason}", highlight=False)
+    misses, shown = verdict.not_reproduced or [], 50  # --json lists every one
+    for miss in misses[:shown]:
+        console.print(f"  not reproduced: {miss.describe()}", highlight=False)
+    if len(misses) > shown:
+        console.print(f"  ... and {len(misses) - shown} more (--json lists them all)", highlight=False)
+    console.print(f"[bold]verdict: {verdict.label}[/bold] ({verdict.rule} rule) - {verdict.reason}", highlight=False)
     if args.metrics_out:
         console.print(f"per-token metrics written to {args.metrics_out}")
     return exit_code(verdict.honest)
@@ -136,27 +173,37 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from olmo_tap.inference.transcript import read_transcript
+    from olmo_tap.jsonl import json_safe
     from olmo_tap.verify.poe_audit import audit_poe
 
+    public_key = None
+    if args.public_key is not None:
+        from olmo_tap.verify.signing import load_public_key
+
+        public_key = load_public_key(args.public_key)
     transcript = read_transcript(args.transcript)
     report = audit_poe(
         transcript,
         args.model,
+        tolerance=args.tolerance,
+        public_key=public_key,
         threshold=args.threshold,
         confidence=args.confidence,
         dtype=args.dtype,
         device=args.device,
     )
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps(json_safe(report.to_dict()), indent=2))
         return exit_code(report.honest)
-    console = Console()
+    console = Console(highlight=False)
     s = report.settings
     console.print(
         f"mode {s['mode']}, seed {s['seed']}, temperature {s['temperature']}, beta {s['beta']}, "
-        f"veto {s['veto_threshold']}, draft head {s['draft_head']} of {s['n_llm_heads']} text heads",
-        highlight=False,
+        f"veto {s['veto_threshold']}, draft head {s['draft_head']} of {s['n_llm_heads']} text heads"
     )
+    console.print(f"digest {report.digest}")
+    rule = "exact replay" if report.exact else f"near-ties within {report.tolerance:g} nats explained"
+    console.print(f"rule: every decision must be reproduced ({rule})")
     shown = report.positions if args.positions else [p for p in report.positions if not p.consistent]
     for p in shown:
         mark = "ok " if p.consistent else "BAD"
@@ -166,12 +213,21 @@ def cmd_audit(args: argparse.Namespace) -> int:
             extra += f", replay {'resamples' if p.expected_resampled else 'accepts'}"
             extra += f", transcript {'resampled' if p.claimed_resampled else 'accepted'}"
         console.print(
-            f"  {mark} token {p.index} (position {p.position}): emitted {p.token_id}, replay {expected}{extra}"
+            f"  {mark} token {p.index} (position {p.position}): emitted {p.token_id}, replay {expected}{extra}; "
+            f"{p.decision} slack {p.slack:.3g}, margin {p.margin:.3g} nats"
         )
+    for mismatch in report.field_mismatches:
+        console.print(f"  BAD {mismatch}")
     console.print(f"ending: {report.ending} ({'consistent' if report.ending_consistent else 'INCONSISTENT'})")
+    if report.signature is not None:
+        sig = report.signature
+        console.print(f"signature: {sig.get('fingerprint') or 'none'} - {sig.get('reason')}")
+    console.print(f"pooled agreement (information, not the rule): {report.statistics.reason}")
     for note in report.notes:
-        console.print(f"note: {note}", highlight=False)
-    console.print(f"[bold]verdict: {report.label}[/bold] - {report.verdict.reason}", highlight=False)
+        console.print(f"note: {note}")
+    console.print("text (the decoding of the audited ids):")
+    console.print(report.text, markup=False)
+    console.print(f"[bold]verdict: {report.label}[/bold] - {report.reason}")
     return exit_code(report.honest)
 
 

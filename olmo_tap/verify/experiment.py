@@ -1,19 +1,22 @@
-"""The verification experiment: honest outputs vs substitutions, on the embedded default.
+"""The verification experiments, on the embedded default.
 
-    python -m olmo_tap.verify.experiment [--prompts 20] [--tokens 64] [--out results/verification]
+    python -m olmo_tap.verify.experiment [--part verify] [--prompts 20] [--tokens 64] [--out results/verification]
+    python -m olmo_tap.verify.experiment --part audit [--n 200] [--out results/verification]
 
-For each case, ``--prompts`` responses of ``--tokens`` tokens are generated (sampled, temperature 0.8, one
-seed per prompt) and checked against the *claimed* settings: single-head outputs with ``verify_outputs``
-(olmo-tap's sampler), jury outputs with ``audit_poe``. It also calibrates the verdict on honest replays
-across dtypes (bf16 generation, fp32 verification) and measures verification vs generation throughput.
-Writes ``results.json`` and ``results.md`` (the README's table) to ``--out``.
+``--part verify``: for each case, ``--prompts`` single-head responses of ``--tokens`` tokens are generated
+(sampled, temperature 0.8, one seed per prompt) and checked with ``verify_outputs`` (olmo-tap's sampler)
+against the *claimed* settings, under the statistical rules (token-difr's use) and the exact rule. It also
+calibrates the statistical verdict on honest replays across dtypes (bf16 generation, fp32 verification) and
+measures verification vs generation throughput. Writes ``results.json`` and ``results.md``.
+
+``--part audit``: the jury's transcripts against forgeries of every kind (``olmo_tap.verify.audit_experiment``),
+``audit.json`` and ``audit.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -25,19 +28,16 @@ from tqdm.auto import tqdm
 
 from olmo_tap.hydra import HydraTransformer
 from olmo_tap.inference.poe import PoE, PoEOutput
-from olmo_tap.inference.sampling import head_for_seed
-from olmo_tap.inference.transcript import transcript_dict
 from olmo_tap.verify.outputs import verify_outputs
-from olmo_tap.verify.poe_audit import audit_poe
 from olmo_tap.verify.records import TokenMetrics, TokenSequence
 from olmo_tap.verify.scoring import compute_metrics_summary
 from olmo_tap.verify.verdict import (
-    DEFAULT_AUDIT_THRESHOLD,
     DEFAULT_CONFIDENCE,
     DEFAULT_MARGIN_TOLERANCE,
     DEFAULT_THRESHOLD,
     calibrate,
     decide,
+    exact_verdict,
 )
 from olmo_tap.weights.presets import DEFAULT_MODEL
 from olmo_tap.weights.tokenizer import load_tokenizer
@@ -86,17 +86,6 @@ def as_sequences(outputs: list[PoEOutput], seed_offset: int = 0) -> list[TokenSe
     return [TokenSequence(o.prompt_ids, o.token_ids, o.settings["seed"] + seed_offset) for o in outputs]
 
 
-def claimed_poe(output: PoEOutput, n_text_heads: int, seed_offset: int = 0) -> dict[str, Any]:
-    """The transcript a provider would show for ``output`` while claiming the jury made it."""
-    transcript = transcript_dict(output, DEFAULT_MODEL)
-    seed = output.settings["seed"] + seed_offset
-    claimed = dict(mode="poe", seed=seed, draft_head=head_for_seed(seed, n_text_heads), beta=1.0, veto_threshold=None)
-    transcript["settings"] = dict(transcript["settings"], **claimed)
-    if output.mode != "poe":
-        transcript["output"] = dict(transcript["output"], resampled_idxs=[])
-    return transcript
-
-
 def row(case: str, check: str, flags_per_sequence: list[list[bool]], verdicts: dict[str, Callable]) -> dict[str, Any]:
     """One table row: pooled agreement, and for each named verdict rule the pooled verdict and the number of
     responses it flags one by one."""
@@ -119,13 +108,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--out", default="results/verification")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--part",
+        choices=["verify", "audit"],
+        default="verify",
+        help="verify: verify_outputs and the pooled audit (results.md); audit: honest transcripts vs forgeries "
+        "of every kind, per-position rule (audit.md, see olmo_tap.verify.audit_experiment)",
+    )
+    args, rest = parser.parse_known_args(argv)
+    if args.part == "audit":
+        from olmo_tap.verify import audit_experiment
+
+        audit_experiment.main([*rest, "--model", args.model, "--out", args.out])
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if not 1 <= args.prompts <= len(PROMPTS):
         parser.error(f"--prompts must be between 1 and {len(PROMPTS)}")
     prompts = PROMPTS[: args.prompts]
     tokenizer = load_tokenizer(args.model)
     model = HydraTransformer.from_pretrained(args.model, dtype="float32", device="cpu")
-    n_text = model.n_text_heads
     T = TEMPERATURE
 
     def verify(outputs: list[PoEOutput], seed_offset: int = 0, temperature: float = T) -> list[list[TokenMetrics]]:
@@ -160,6 +162,12 @@ def main(argv: list[str] | None = None) -> None:
         }
         entry = row(case, "verify_outputs", [list(r) for r in results], verdicts)
         entry["exact_match_rate"] = compute_metrics_summary(results)["exact_match_rate"]
+        # the exact rule: every token reproduced, or a near-tie within the tolerance (0 in the generator's dtype)
+        for name, tolerance in (("exact", 0.0), ("exact_cross_dtype", DEFAULT_MARGIN_TOLERANCE)):
+            entry[name] = {
+                "margin_tolerance": tolerance,
+                "responses_flagged": sum(exact_verdict([r], tolerance).honest is False for r in results),
+            }
         return entry
 
     rows = [
@@ -186,27 +194,6 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(verify_row("other weights (2% noise on the head layers)", verify(outputs)))
         del other
 
-    # The jury: honest transcripts, and other decoders' outputs presented as the jury's.
-    def audit_row(case: str, transcripts: list[dict[str, Any]]) -> dict[str, Any]:
-        reports = [audit_poe(t, model) for t in transcripts]
-        flags = [[p.consistent for p in r.positions] for r in reports]
-        verdicts = {
-            "default": lambda f: decide(f, DEFAULT_AUDIT_THRESHOLD, DEFAULT_CONFIDENCE),
-            "strict": lambda f: decide(f, strict.threshold, DEFAULT_CONFIDENCE),
-        }
-        entry = row(case, "audit_poe", flags, verdicts)
-        entry["exact_match_rate"] = entry["default"]["agreement_rate"]
-        return entry
-
-    poe_outputs, poe_s = generate(model, tokenizer, prompts, args.tokens, "poe", T, "honest PoE fp32")
-    rows.append(audit_row("PoE, honest (fp32)", [transcript_dict(o, DEFAULT_MODEL) for o in poe_outputs]))
-    poe_bf16, _ = generate(bf16, tokenizer, prompts, args.tokens, "poe", T, "honest PoE bf16")
-    rows.append(audit_row("PoE, honest (bf16 generation, fp32 audit)", [transcript_dict(o) for o in poe_bf16]))
-    rows.append(audit_row("PoE with another seed", [claimed_poe(o, n_text, 1000) for o in poe_outputs]))
-    rows.append(audit_row("single head claimed as PoE", [claimed_poe(o, n_text) for o in honest]))
-    naive, _ = generate(model, tokenizer, prompts, args.tokens, "naive", T, "naive")
-    rows.append(audit_row("naive averaging claimed as PoE", [claimed_poe(o, n_text) for o in naive]))
-
     results = {
         "model": args.model,
         "prompts": len(prompts),
@@ -216,7 +203,6 @@ def main(argv: list[str] | None = None) -> None:
         "defaults": {
             "margin_tolerance": DEFAULT_MARGIN_TOLERANCE,
             "threshold": DEFAULT_THRESHOLD,
-            "audit_threshold": DEFAULT_AUDIT_THRESHOLD,
         },
         "calibration_cross_dtype": asdict(cross),
         "calibration_same_dtype": asdict(strict),
@@ -224,21 +210,33 @@ def main(argv: list[str] | None = None) -> None:
             "generated_tokens_per_s": n_tokens / gen_s,
             "verified_tokens_per_s": n_tokens / verify_s,
             "ratio": gen_s / verify_s,
-            "poe_generated_tokens_per_s": sum(len(o.token_ids) for o in poe_outputs) / poe_s,
         },
         "rows": rows,
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
+        "machine": machine(),
     }
-    out = Path(args.out)
+    write_results(args.out, "results", results, markdown(results))
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on: CPU model and flags, threads, torch."""
+    from olmo_tap.benchmarks.harness import machine_info
+
+    info = machine_info(torch.device("cpu"))
+    keep = ("platform", "cpu", "cpu_flags", "cpu_count", "torch_threads")
+    return {k: info[k] for k in keep} | {"torch": torch.__version__}
+
+
+def write_results(out: str | Path, stem: str, results: dict[str, Any], text: str) -> None:
+    """``stem``.json and ``stem``.md (the README's table) in ``out``; the table is printed too."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(markdown(results))
-    print(markdown(results))
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    (out / f"{stem}.md").write_text(text)
+    print(text)
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    return f"{m['cpu']} ({', '.join(m['cpu_flags']) or 'no AVX2'}), {m['torch_threads']} threads, torch {m['torch']}"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -251,30 +249,35 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"{results['prompts']} prompts x {results['tokens_per_response']} tokens, temperature "
         f"{results['temperature']}, {results['model']} (5 heads x 3 layers), CPU fp32 unless noted. "
-        "Agreement: exact match (verify) or consistent decision (audit); default rule: a miss within the "
-        f"margin tolerance {d['margin_tolerance']} agrees, threshold {d['threshold']} (audit {d['audit_threshold']}); "
-        f"strict rule: calibrated on same-dtype honest replays (tolerance {strict['margin_tolerance']:.2g}, "
-        f"threshold {strict['threshold']:.3f}). Verdicts at {results['confidence']:.0%} confidence, pooled over "
-        "all responses; 'flagged' counts responses flagged one by one.",
+        "Statistical rules (token-difr's use): default: a miss within the margin tolerance "
+        f"{d['margin_tolerance']} agrees, threshold {d['threshold']}; strict: calibrated on same-dtype honest "
+        f"replays (tolerance {strict['margin_tolerance']:.2g}, threshold {strict['threshold']:.3f}); verdicts at "
+        f"{results['confidence']:.0%} confidence, pooled over all responses. Exact rule: a response is flagged if "
+        "any token is neither reproduced nor a near-tie within the tolerance (0 in the generator's dtype; "
+        f"{d['margin_tolerance']} across dtypes). 'flagged' counts responses flagged one by one.",
         "",
-        "| case | check | exact | default: agreement / verdict / flagged | strict: verdict / flagged |",
-        "|---|---|---:|---|---|",
+        "| case | exact match | default: agreement / verdict / flagged | strict: verdict / flagged "
+        "| exact rule, tolerance 0 / 0.3: flagged |",
+        "|---|---:|---|---|---|",
     ]
     for r in results["rows"]:
         default, strict_row = r["default"], r["strict"]
         lines.append(
-            f"| {r['case']} | {r['check']} | {r['exact_match_rate']:.1%} "
+            f"| {r['case']} | {r['exact_match_rate']:.1%} "
             f"| {default['agreement_rate']:.1%} / {default['pooled_verdict']} / "
             f"{default['responses_flagged']}/{r['responses']} "
-            f"| {strict_row['pooled_verdict']} / {strict_row['responses_flagged']}/{r['responses']} |"
+            f"| {strict_row['pooled_verdict']} / {strict_row['responses_flagged']}/{r['responses']} "
+            f"| {r['exact']['responses_flagged']}/{r['responses']} / "
+            f"{r['exact_cross_dtype']['responses_flagged']}/{r['responses']} |"
         )
     lines += [
         "",
         f"Cross-dtype calibration (bf16 generation, fp32 verification, {c['n_tokens']} tokens): exact match "
         f"{c['honest_exact_match_rate']:.2%}, largest honest miss x 2 = tolerance {c['margin_tolerance']:.3f}, "
         f"threshold {c['threshold']:.3f}.",
-        f"Throughput ({results['machine']['threads']} threads): generation {t['generated_tokens_per_s']:.1f} "
-        f"tok/s (single head), PoE {t['poe_generated_tokens_per_s']:.1f} tok/s, verification "
+        f"Machine: {machine_line(results['machine'])}.",
+        f"Throughput: generation {t['generated_tokens_per_s']:.1f} "
+        f"tok/s (single head), verification "
         f"{t['verified_tokens_per_s']:.0f} tok/s = {t['ratio']:.1f}x generation.",
     ]
     return "\n".join(lines) + "\n"

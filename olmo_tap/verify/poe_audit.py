@@ -1,17 +1,34 @@
-"""``audit_poe``: check that a response really went through the whole jury.
+"""``audit_poe``: check that a response really went through the whole jury, position by position.
 
-Because every random draw of olmo-tap's decoders is keyed by (seed, absolute position, purpose) and every
-draft is made from the emitted prefix, each position's decision depends only on that prefix and the seed. One
-teacher-forced pass of the trunk and every text head over prompt + response therefore gives all the logits
-the jury saw, and the audit re-takes each decision: the draft head's proposal, the veto, the acceptance test
-and the resample. A response made by one head, by naive averaging, with another seed, temperature, beta or
-veto, or by other weights, disagrees with the replay at the positions where the jury would have decided
-otherwise. (Where every head agrees, e.g. untrained clones at temperature 0, the jury's output *is* the
-single head's, and no audit can tell them apart.)
+Every random draw of olmo-tap's decoders is keyed by (seed, absolute position, purpose) and every draft is
+made from the emitted prefix, so each position's decision depends only on that prefix and the seed. One
+teacher-forced pass of the trunk and every text head over prompt + response gives all the logits the jury
+saw, and the audit re-takes each decision: the draft head's proposal, the veto, the acceptance test and the
+resample (or a plain decoder's draw).
+
+The rule is per position, not a percentage. For each emitted token the replay computes the *slack*: how far,
+in nats, the replayed numbers would have to move for the transcript's claimed outcome to happen (0 when the
+replay reproduces it). Each decision has its own deciding quantity:
+
+- a draw (a draft, a plain decoder's token, greedy argmax): the gap between the best score and the claimed
+  token's score, scores being ``logits / T + Gumbel`` (``logits`` when greedy);
+- the veto: ``log tau - log min_i p_i(token)`` when the token is below a verifier's threshold;
+- the acceptance test (accept iff ``u * q(x) < P(x)``): ``log(u q(x)) - log P(x)`` on the wrong side;
+- the resample: the Gumbel-max gap on ``log norm(max(0, P - q))``.
+
+A position is consistent when its slack is within the tolerance; every other position is listed and makes
+the transcript NOT honest, however few there are. Replayed in the generator's own dtype and device class
+(and without ``--compile``), the tolerance is zero: the replay must be exact. Across dtypes or devices a
+calibrated tolerance explains near-ties only (``DEFAULT_DECISION_TOLERANCE``, README "Verification").
+
+The transcript's derived fields (text, per-token signals, drafts, counts, p(correct)) are rebuilt from the
+replay with the decoder's own fold and compared; its digest is recomputed; a signature, if any, is checked.
+The pooled agreement statistics are kept as information, not as the rule.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,12 +36,29 @@ from typing import Any
 import torch
 
 from olmo_tap.hydra import HydraTransformer
-from olmo_tap.inference.jury import jury_distribution, speculative_decision
-from olmo_tap.inference.poe import MODES
-from olmo_tap.inference.sampling import Purpose, check_temperature, sample_from_logits
-from olmo_tap.inference.transcript import check_transcript, read_transcript
-from olmo_tap.verify.replay import check_token_ids, teacher_forced_logits
+from olmo_tap.inference.jury import jury_distribution, jury_log_target, speculative_decision, veto_mask
+from olmo_tap.inference.metrics import validity_radius
+from olmo_tap.inference.poe import OutputFold, PoE, PoEOutput, new_output, position_signals
+from olmo_tap.inference.prompts import stop_token_ids
+from olmo_tap.inference.sampling import Purpose, check_temperature, logit_scores, prob_scores, uniform
+from olmo_tap.inference.transcript import TOP_LEVEL_FIELDS, check_transcript, content_digest, read_transcript
+from olmo_tap.verify.replay import check_token_ids, teacher_forced_pass
 from olmo_tap.verify.verdict import DEFAULT_AUDIT_THRESHOLD, DEFAULT_CONFIDENCE, Verdict, decide, verdict_label
+from olmo_tap.weights.tokenizer import vocab_limit
+
+# Nats a replay in another dtype or device class may be off at a decision (calibrated on honest bf16
+# transcripts audited in fp32: python -m olmo_tap.verify.experiment, results/verification/).
+DEFAULT_DECISION_TOLERANCE = 0.5
+# Float signals (entropies in nats; margins, suppression scores and p(correct) as probabilities): the
+# generator's KV-cached steps and the replay's one pass differ in rounding, even in one dtype.
+SAME_DTYPE_SIGNAL_TOLERANCE = 1e-3
+CROSS_DTYPE_SIGNAL_TOLERANCE = 0.1
+UNAUDITED_OUTPUT_FIELDS = ("elapsed_s", "tokens_per_second")  # timings: no replay can know them
+SETTING_NAMES = (
+    "mode", "seed", "temperature", "gamma", "beta", "veto_threshold", "draft_head", "n_llm_heads",
+    "max_new_tokens", "vocab_limit", "stop_ids", "n_heads", "heads_depth", "dtype", "device", "compile",
+    "mcq", "question",
+)  # fmt: skip
 
 
 @dataclass
@@ -36,32 +70,71 @@ class PositionCheck:
     token_id: int  # emitted, as claimed
     expected_token_id: int | None  # what the replayed decoder emits here (None: it abstains)
     consistent: bool
+    slack: float = 0.0  # nats the replay must move for the claimed outcome (0: reproduced)
+    margin: float = math.inf  # nats from the nearest decision flip on the claimed path
+    decision: str = ""  # the decision that is off (or the closest one), e.g. "draft", "accept", "veto"
     jury_prob: float | None = None  # the jury's probability of the emitted token (PoE)
     draft_token_id: int | None = None  # the replayed draft (PoE)
+    claimed_draft_token_id: int | None = None
     expected_resampled: bool | None = None  # the replay rejects the draft (PoE)
     claimed_resampled: bool | None = None
 
 
 @dataclass
+class FieldMismatch:
+    """A field of the transcript that is not what its claim (settings + ids) gives."""
+
+    field: str  # e.g. "output.output_parts[3]", "digest", "settings.vocab_limit"
+    claimed: Any
+    expected: Any
+
+    def __str__(self) -> str:
+        return f"{self.field}: transcript says {_short(self.claimed)}, the replay gives {_short(self.expected)}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@dataclass
 class PoEAudit:
-    verdict: Verdict
-    ending_consistent: bool  # the transcript's finish (eos / length / abstain) is what the replay gives
+    honest: bool
+    reason: str
+    digest: str
+    text: str  # the decoding of the audited ids: what a reader may be shown
+    mode: str
+    jury: bool  # the transcript claims the jury (PoE), not one head or naive averaging
+    independent_heads: bool  # no two text heads of the replaying model have identical weights
+    tolerance: float  # nats; 0 = exact replay
+    exact: bool
+    ending_consistent: bool
     ending: str
     positions: list[PositionCheck]
+    field_mismatches: list[FieldMismatch]
+    near_ties: int  # consistent positions whose margin is within the tolerance
     settings: dict[str, Any]
+    statistics: Verdict  # pooled agreement: information, not the rule
+    signature: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    replayed_output: PoEOutput | None = field(default=None, repr=False)  # the derived fields the claim gives
 
     @property
-    def honest(self) -> bool | None:
-        if not self.ending_consistent:
-            return False
-        if self.verdict.n_tokens == 0:
-            return True  # an immediate abstention: the ending, the only decision there was, checked out
-        return self.verdict.honest
+    def verdict(self) -> Verdict:
+        return self.statistics
+
+    @property
+    def certified(self) -> bool:
+        """Honest, made by the jury, and the jury's heads are really different weights."""
+        return self.honest and self.jury and self.independent_heads
 
     @property
     def label(self) -> str:
-        return verdict_label(self.honest)
+        if not self.honest:
+            return verdict_label(False)
+        if not self.jury:
+            return f"honest {self.mode} response (not the jury)"
+        return "honest" if self.independent_heads else "honest (identical heads: no independent jury)"
 
     @property
     def inconsistent_positions(self) -> list[int]:
@@ -71,10 +144,24 @@ class PoEAudit:
         return {
             "honest": self.honest,
             "label": self.label,
-            "verdict": self.verdict.to_dict(),
+            "reason": self.reason,
+            "certified": self.certified,
+            "digest": self.digest,
+            "text": self.text,
+            "mode": self.mode,
+            "jury": self.jury,
+            "independent_heads": self.independent_heads,
+            "tolerance": self.tolerance,
+            "exact": self.exact,
             "ending_consistent": self.ending_consistent,
             "ending": self.ending,
             "inconsistent_positions": self.inconsistent_positions,
+            "field_mismatches": [
+                {"field": m.field, "claimed": m.claimed, "expected": m.expected} for m in self.field_mismatches
+            ],
+            "near_ties": self.near_ties,
+            "signature": self.signature,
+            "statistics": self.statistics.to_dict(),
             "positions": [asdict(p) for p in self.positions],
             "settings": self.settings,
             "notes": self.notes,
@@ -86,9 +173,11 @@ def load_audit_model(
     model: str | Path | None = None,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
-) -> HydraTransformer:
-    """The Hydra a transcript claims: its model source (or ``model``), split as the transcript says."""
+) -> tuple[HydraTransformer, Any]:
+    """The Hydra a transcript claims (its model source, or ``model``), split as the transcript says, and its
+    tokenizer."""
     from olmo_tap.weights.sources import resolve
+    from olmo_tap.weights.tokenizer import load_tokenizer
 
     source = model if model is not None else transcript.get("model")
     if source is None:
@@ -96,10 +185,24 @@ def load_audit_model(
     settings = transcript["settings"]
     resolved = resolve(source)
     if resolved.kind == "ensemble_dir":
-        return HydraTransformer.from_pretrained(resolved, dtype=dtype, device=device)
-    return HydraTransformer.from_pretrained(
-        resolved, n_heads=settings.get("n_heads"), heads_depth=settings.get("heads_depth"), dtype=dtype, device=device
-    )
+        hydra = HydraTransformer.from_pretrained(resolved, dtype=dtype, device=device)
+    else:
+        hydra = HydraTransformer.from_pretrained(
+            resolved,
+            n_heads=settings.get("n_heads"),
+            heads_depth=settings.get("heads_depth"),
+            dtype=dtype,
+            device=device,
+        )
+    return hydra, load_tokenizer(resolved, progress=False)
+
+
+def replays_exactly(settings: dict[str, Any], model: HydraTransformer) -> bool:
+    """True when the replay runs in the generator's own dtype and device class (and it did not compile its
+    steps): then olmo-tap's arithmetic reproduces every decision and no drift needs tolerating."""
+    dtype = str(model.dtype).removeprefix("torch.")
+    device = str(settings.get("device") or "").split(":")[0]
+    return settings.get("dtype") == dtype and device == model.device.type and not settings.get("compile", False)
 
 
 @torch.no_grad()
@@ -107,6 +210,10 @@ def audit_poe(
     transcript: dict[str, Any] | str | Path,
     model: HydraTransformer | str | Path | None = None,
     *,
+    tokenizer: Any = None,
+    tolerance: float | None = None,
+    signal_tolerance: float | None = None,
+    public_key: Any = None,
     threshold: float = DEFAULT_AUDIT_THRESHOLD,
     confidence: float = DEFAULT_CONFIDENCE,
     dtype: torch.dtype | str | None = None,
@@ -114,18 +221,36 @@ def audit_poe(
 ) -> PoEAudit:
     """Replay a transcript (dict or file) through ``model`` (default: the model it names) and judge it.
 
+    :param tokenizer: the model's tokenizer (needed to check the text; loaded with the model when ``model`` is
+        a source, or from the transcript's model name when a loaded Hydra comes without one).
+    :param tolerance: nats a decision may be off and still count as a near-tie. Default: 0 when the replay
+        runs in the generator's dtype and device class, else ``DEFAULT_DECISION_TOLERANCE``.
+    :param signal_tolerance: how far a float signal (entropy in nats; margins, scores, p(correct) as
+        probabilities) may differ from the replay's. Default: ``SAME_DTYPE_SIGNAL_TOLERANCE`` for an exact
+        replay, else ``CROSS_DTYPE_SIGNAL_TOLERANCE``.
+    :param public_key: an Ed25519 public key the transcript's signature must come from (else its signature,
+        if any, is checked for integrity only).
+    :param threshold, confidence: of the pooled agreement statistics (information only).
+
     Works for every decoder mode the transcript may claim: "poe" (the jury), "naive" and "single".
     """
     data = read_transcript(transcript) if isinstance(transcript, str | Path) else check_transcript(transcript)
-    hydra = model if isinstance(model, HydraTransformer) else load_audit_model(data, model, dtype, device)
+    if isinstance(model, HydraTransformer):
+        hydra = model
+        if tokenizer is None:
+            tokenizer = _tokenizer_for(data)
+    else:
+        hydra, loaded_tokenizer = load_audit_model(data, model, dtype, device)
+        tokenizer = tokenizer or loaded_tokenizer
     settings = dict(data["settings"])
     mode = settings["mode"]
-    if mode not in MODES:
-        raise ValueError(f"transcript mode {mode!r} is not one of {MODES}")
-    n_text = int(settings["n_llm_heads"])
+    n_text = settings["n_llm_heads"]
     if not 1 <= n_text <= hydra.n_heads:
         raise ValueError(f"the transcript used {n_text} text heads; this model has {hydra.n_heads} heads")
-    vocab = int(settings.get("vocab_limit") or hydra.base_config.vocab_size)
+    if mode == "poe" and n_text < 2:
+        raise ValueError("a PoE transcript needs at least 2 text heads (one drafts, the rest verify)")
+    model_vocab = vocab_limit(tokenizer, hydra.base_config.vocab_size)
+    vocab = settings.get("vocab_limit") or model_vocab
     if vocab > hydra.base_config.vocab_size:
         raise ValueError(
             f"vocabulary mismatch: the transcript sampled over {vocab} tokens, "
@@ -136,107 +261,431 @@ def audit_poe(
     check_token_ids(emitted, vocab, "transcript response")
     if len(prompt) + len(emitted) + 1 > hydra.base_config.max_seq_len:
         raise ValueError("the transcript is longer than the model's context")
+    exact = replays_exactly(settings, hydra)
+    if tolerance is None:
+        tolerance = 0.0 if exact else DEFAULT_DECISION_TOLERANCE
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0 nats, got {tolerance}")
     temperature = check_temperature(settings["temperature"])
-    seed = int(settings["seed"])
-    logits = teacher_forced_logits(hydra, prompt, emitted, list(range(n_text)), include_next=True)[..., :vocab]
-    output = data.get("output", {})
-    claimed_resampled = set(output.get("resampled_idxs", []))  # indices into output_parts: emitted index + 1
-    replay = _replay_poe if mode == "poe" else _replay_plain
-    positions, abstains_next = replay(logits, emitted, len(prompt), settings, temperature, seed, claimed_resampled)
-    ending_ok, ending = _check_ending(output, emitted, settings, abstains_next)
-    verdict = decide([p.consistent for p in positions], threshold, confidence)
-    notes = []
-    if temperature == 0 and mode == "poe":
-        notes.append("greedy: the replay checks argmax decisions; heads that always agree cannot be told apart")
-    return PoEAudit(verdict, ending_ok, ending, positions, settings, notes)
+    output = data.get("output") or {}
+    mismatches = _check_claim(data, settings, hydra, tokenizer, model_vocab)
+    claims = _claimed_path(output, emitted, mode, mismatches)
 
+    logits, witness_states = teacher_forced_pass(hydra, prompt, emitted, list(range(n_text)), include_next=True)
+    logits = logits[..., :vocab]
+    replay = _Replay(logits, settings, temperature, len(prompt))
+    expected = new_output(tokenizer, prompt, *replay.roles(), settings)
+    fold = OutputFold(expected, tokenizer)
+    positions = []
+    for j, (token, draft, resampled) in enumerate(claims):
+        check, event = replay.position(j, token, draft, resampled)
+        check.consistent = check.slack <= tolerance
+        positions.append(check)
+        fold.add(event)
+    ending_ok, ending, finish_reason = _check_ending(output, emitted, settings, replay, tolerance)
+    cut = finish_reason == "time_limit"  # the service closed the decoder mid-stream: no final flush, no p(correct)
+    if not cut:
+        fold.close()
+    replay.count(expected, claims, finish_reason)
+    if signal_tolerance is None:
+        signal_tolerance = SAME_DTYPE_SIGNAL_TOLERANCE if tolerance == 0 else CROSS_DTYPE_SIGNAL_TOLERANCE
+    if settings.get("mcq") and not cut:
+        expected.uncertainty = _p_correct(hydra, tokenizer, settings, expected, replay, witness_states, mismatches)
+    if output:
+        mismatches += _compare_output(output, expected, signal_tolerance, replay.vote_margins, tolerance)
+    text = tokenizer.decode(emitted, skip_special_tokens=True)
 
-def _replay_poe(
-    logits: torch.Tensor,
-    emitted: list[int],
-    first: int,
-    settings: dict[str, Any],
-    temperature: float,
-    seed: int,
-    claimed_resampled: set[int],
-) -> tuple[list[PositionCheck], bool]:
-    draft_head = settings["draft_head"]
-    n_text = logits.size(0)
-    if not isinstance(draft_head, int) or not 0 <= draft_head < n_text:
-        raise ValueError(f"transcript draft_head {draft_head!r} is not one of the {n_text} text heads")
-    verifiers = [h for h in range(n_text) if h != draft_head]
-    target, allowed = jury_distribution(
-        logits[verifiers], temperature, float(settings["beta"]), settings["veto_threshold"]
+    signature = None
+    if data.get("signature") is not None or public_key is not None:
+        from olmo_tap.verify.signing import check_signature
+
+        signature = check_signature(data, public_key).to_dict()
+    report = PoEAudit(
+        honest=False,
+        reason="",
+        digest=content_digest(data),
+        text=text,
+        mode=mode,
+        jury=mode == "poe",
+        independent_heads=not hydra.identical_heads(range(n_text)),
+        tolerance=tolerance,
+        exact=tolerance == 0,
+        ending_consistent=ending_ok,
+        ending=ending,
+        positions=positions,
+        field_mismatches=mismatches,
+        near_ties=sum(p.consistent and p.margin <= tolerance and tolerance > 0 for p in positions),
+        settings=settings,
+        statistics=decide([p.consistent for p in positions], threshold, confidence),
+        signature=signature,
+        replayed_output=expected,
     )
-    draft_logits = logits[draft_head]
-    checks = []
-    for j, token in enumerate(emitted):
-        position = first + j
-        draft = sample_from_logits(draft_logits[j], temperature, seed, position, Purpose.SAMPLE)
-        check = PositionCheck(
-            j, position, token, None, False, draft_token_id=draft, claimed_resampled=(j + 1) in claimed_resampled
-        )
-        if allowed[j]:
-            q = torch.softmax(draft_logits[j] / temperature, dim=-1) if temperature > 0 else None
-            decision = speculative_decision(target[j], q, draft, temperature, seed, position)
-            check.expected_token_id = decision.token
-            check.expected_resampled = not decision.accepted
-            check.jury_prob = float(target[j, token])
-            check.consistent = decision.token == token and check.expected_resampled == check.claimed_resampled
-        checks.append(check)
-    return checks, not bool(allowed[len(emitted)])
+    report.honest, report.reason = _judge(report, finish_reason, public_key is not None)
+    report.notes = _notes(report, data, temperature)
+    return report
 
 
-def _replay_plain(
-    logits: torch.Tensor,
-    emitted: list[int],
-    first: int,
-    settings: dict[str, Any],
-    temperature: float,
-    seed: int,
-    claimed_resampled: set[int],
-) -> tuple[list[PositionCheck], bool]:
-    if settings["mode"] == "naive":
-        combined = logits.mean(dim=0)
+def _tokenizer_for(data: dict[str, Any]) -> Any:
+    from olmo_tap.weights.tokenizer import load_tokenizer
+
+    if data.get("model") is None:
+        raise ValueError("auditing a transcript's text needs the model's tokenizer: pass tokenizer=...")
+    return load_tokenizer(data["model"], progress=False)
+
+
+# ----- the claim: settings and derived fields that need no replay -------------------------------------------
+
+
+def _check_claim(
+    data: dict[str, Any], settings: dict[str, Any], hydra: HydraTransformer, tokenizer: Any, model_vocab: int
+) -> list[FieldMismatch]:
+    mismatches = []
+    for name in data:
+        if name not in TOP_LEVEL_FIELDS:
+            mismatches.append(FieldMismatch(name, data[name], "(no such field in a transcript)"))
+    for name in settings:
+        if name not in SETTING_NAMES:
+            mismatches.append(FieldMismatch(f"settings.{name}", settings[name], "(not a setting olmo-tap records)"))
+    digest = content_digest(data)
+    if data.get("digest") is not None and data["digest"] != digest:
+        mismatches.append(FieldMismatch("digest", data["digest"], digest))
+    if settings.get("vocab_limit") is not None and settings["vocab_limit"] != model_vocab:
+        mismatches.append(FieldMismatch("settings.vocab_limit", settings["vocab_limit"], model_vocab))
+    stops = sorted(stop_token_ids(tokenizer, hydra.base_config.eos_token_id))
+    if settings.get("stop_ids") is not None and sorted(settings["stop_ids"]) not in (stops, []):
+        mismatches.append(FieldMismatch("settings.stop_ids", settings["stop_ids"], f"{stops} (or [] to run on)"))
+    for name, actual in (("n_heads", hydra.n_heads), ("heads_depth", hydra.config.head_layers)):
+        if settings.get(name) is not None and settings[name] != actual:
+            mismatches.append(FieldMismatch(f"settings.{name}", settings[name], actual))
+    question = settings.get("question")
+    if settings.get("mcq") and question not in tokenizer.decode(data["prompt_ids"], skip_special_tokens=True):
+        mismatches.append(FieldMismatch("settings.question", question, "(text of the prompt)"))
+    return mismatches
+
+
+def _claimed_path(
+    output: dict[str, Any], emitted: list[int], mode: str, mismatches: list[FieldMismatch]
+) -> list[tuple[int, int, bool]]:
+    """(token, draft the jury judged, resampled) per position, as the transcript tells it."""
+    parts = output.get("resampled_idxs", [])
+    drafts = output.get("original_token_ids", [])
+    resampled: dict[int, int] = {}
+    well_formed = (
+        isinstance(parts, list)
+        and isinstance(drafts, list)
+        and all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= len(emitted) for p in parts)
+        and all(isinstance(d, int) and not isinstance(d, bool) for d in drafts)
+        and (len(drafts) == len(parts) or (not drafts and mode != "poe"))
+    )
+    if not well_formed:
+        mismatches.append(FieldMismatch("output.resampled_idxs", parts, "indices 1..n of output_parts, one per draft"))
     else:
-        head = settings["draft_head"]
-        if not isinstance(head, int) or not 0 <= head < logits.size(0):
-            raise ValueError(f"transcript head {head!r} is not one of the {logits.size(0)} text heads")
-        combined = logits[head]
-    checks = []
-    for j, token in enumerate(emitted):
-        expected = sample_from_logits(combined[j], temperature, seed, first + j, Purpose.SAMPLE)
-        resampled = (j + 1) in claimed_resampled  # a plain decoder never resamples
-        checks.append(
-            PositionCheck(
-                j, first + j, token, expected, expected == token and not resampled, claimed_resampled=resampled
+        resampled = {p - 1: (drafts[i] if drafts else -1) for i, p in enumerate(parts)}
+    return [(t, resampled.get(j, t), j in resampled) for j, t in enumerate(emitted)]
+
+
+# ----- the replay ---------------------------------------------------------------------------------------------
+
+
+def _gap(scores: torch.Tensor, token: int) -> float:
+    """Nats by which ``token`` loses the argmax of ``scores`` (0 when it wins or ties; inf when impossible)."""
+    if not 0 <= token < scores.size(-1):
+        return math.inf
+    value = float(scores[token])
+    if value == -math.inf:
+        return math.inf
+    return max(0.0, float(scores.max()) - value)
+
+
+def _top2_gap(scores: torch.Tensor) -> float:
+    top = torch.topk(scores.float(), 2).values
+    return float(top[0] - top[1]) if math.isfinite(float(top[1])) else math.inf
+
+
+class _Replay:
+    """The replayed decoder: logits (n_text, positions + 1, vocab) of every text head, teacher-forced."""
+
+    def __init__(self, logits: torch.Tensor, settings: dict[str, Any], temperature: float, first: int) -> None:
+        self.settings, self.temperature, self.first = settings, temperature, first
+        self.seed = settings["seed"]
+        self.mode = settings["mode"]
+        self.tau = settings["veto_threshold"]
+        n_text = logits.size(0)
+        if self.mode == "poe":
+            self.decider = settings["draft_head"]
+            self.voters = [h for h in range(n_text) if h != self.decider]
+            voter_logits = logits[self.voters]
+            self.target, self.allowed = jury_distribution(voter_logits, temperature, float(settings["beta"]), self.tau)
+            self.log_target = jury_log_target(voter_logits, temperature, float(settings["beta"]))
+            self.draft_logits = logits[self.decider]
+            self.q = torch.softmax(self.draft_logits / temperature, dim=-1) if temperature > 0 else None
+            if self.tau is not None:
+                self.min_log_p = torch.log_softmax(voter_logits, dim=-1).min(dim=0).values
+                self.token_allowed = veto_mask(voter_logits, self.tau)
+        else:
+            self.decider = None if self.mode == "naive" else settings["draft_head"]
+            self.voters = list(range(n_text)) if self.mode == "naive" else [self.decider]
+            voter_logits = logits[self.voters]
+            self.combined = voter_logits.mean(dim=0)
+            scale = temperature if temperature > 0 else 1.0
+            self.target = torch.softmax(self.combined / scale, dim=-1)
+            self.allowed = torch.ones(logits.size(1), dtype=torch.bool)
+        self.signals = position_signals(voter_logits, self.target)
+        self.voter_logits = voter_logits
+        top2 = torch.topk(voter_logits, 2, dim=-1).values  # a head's vote flips at a near-tie of its top two
+        self.vote_margins = (top2[..., 0] - top2[..., 1]).min(dim=0).values.tolist()
+
+    def roles(self) -> tuple[int | None, list[int]]:
+        return self.decider, self.voters
+
+    def position(self, j: int, token: int, draft: int, resampled: bool) -> tuple[PositionCheck, Any]:
+        position = self.first + j
+        check = PositionCheck(j, position, token, None, False, claimed_resampled=resampled)
+        event = self.signals.event(j, position, j, token)
+        if self.mode == "poe":
+            self._poe(check, j, token, draft, resampled)
+            check.claimed_draft_token_id = draft
+            if resampled:
+                event.resampled = True
+                event.draft_token_id = draft
+                event.validity_radius = validity_radius(self.signals.votes[j], draft) if draft >= 0 else 0
+                event.suppression_score = float(self.target[j, draft]) if 0 <= draft < self.target.size(1) else 0.0
+        else:
+            scores = logit_scores(self.combined[j], self.temperature, self.seed, position, Purpose.SAMPLE)
+            check.expected_token_id = int(torch.argmax(scores))
+            check.slack = math.inf if resampled else _gap(scores, token)  # a plain decoder never resamples
+            check.margin, check.decision = _top2_gap(scores), "sample" if self.temperature > 0 else "argmax"
+        return check, event
+
+    def _veto_slack(self, j: int, token: int) -> float:
+        if self.tau is None or self.tau == 0 or bool(self.token_allowed[j, token]):
+            return 0.0
+        return max(0.0, math.log(self.tau) - float(self.min_log_p[j, token]))
+
+    def _veto_margin(self, j: int, token: int) -> float:
+        if self.tau is None or self.tau == 0:
+            return math.inf
+        return abs(float(self.min_log_p[j, token]) - math.log(self.tau))
+
+    def _log_p(self, j: int, forced: int) -> torch.Tensor:
+        """log P at position j with ``forced`` counted as allowed (the claim needs it to be)."""
+        log_target = self.log_target[j]
+        if self.tau is not None:
+            keep = self.token_allowed[j].clone()
+            keep[forced] = True
+            log_target = log_target.masked_fill(~keep, -math.inf)
+        return torch.log_softmax(log_target, dim=-1)
+
+    def _poe(self, check: PositionCheck, j: int, token: int, draft: int, resampled: bool) -> None:
+        T, seed, position = self.temperature, self.seed, check.position
+        draft_scores = logit_scores(self.draft_logits[j], T, seed, position, Purpose.SAMPLE)
+        check.draft_token_id = int(torch.argmax(draft_scores))
+        check.jury_prob = float(self.target[j, token]) if bool(self.allowed[j]) else 0.0
+        if not 0 <= draft < draft_scores.size(0) or (resampled and draft == token and T == 0):
+            check.slack, check.decision = math.inf, "draft"  # no decoder makes this claim
+            return
+        if bool(self.allowed[j]):  # the replay's own decision, from its own draft
+            q = self.q[j] if self.q is not None else None
+            decision = speculative_decision(self.target[j], q, check.draft_token_id, T, seed, position)
+            check.expected_token_id, check.expected_resampled = decision.token, not decision.accepted
+        slacks = {"draft": _gap(draft_scores, draft), "veto": self._veto_slack(j, token)}
+        margins = {"draft": _top2_gap(draft_scores), "veto": self._veto_margin(j, token)}
+        log_p = self._log_p(j, token)
+        if T == 0:
+            slacks["argmax"] = _gap(log_p, token)
+            margins["argmax"] = _top2_gap(log_p)
+        else:
+            log_uq = math.log(float(uniform(seed, position, Purpose.ACCEPT)[0]) or 1e-45) + math.log(
+                max(float(self.q[j, draft]), 1e-45)
             )
+            accept_by = float(log_p[draft]) - log_uq  # > 0: accepted
+            slacks["accept"] = max(0.0, accept_by) if resampled else max(0.0, -accept_by)
+            margins["accept"] = abs(accept_by)
+            if resampled:
+                p = log_p.exp()
+                residual = (p - self.q[j]).clamp_(min=0)
+                mass = float(residual.sum())
+                dist = residual / mass if mass > 1e-12 and mass == mass else p
+                scores = prob_scores(dist, seed, position, Purpose.RESAMPLE)
+                slacks["resample"], margins["resample"] = _gap(scores, token), _top2_gap(scores)
+        # Reproduced: the same draft, the same outcome of the test, the same token. Otherwise the slack adds up
+        # what each decision on the claimed path (the claimed draft, then its test) would need to flip.
+        reproduced = (
+            check.draft_token_id == draft and check.expected_token_id == token and check.expected_resampled == resampled
         )
-    return checks, False  # plain decoders never abstain
+        check.slack = 0.0 if reproduced else sum(slacks.values())
+        off = [name for name, slack in slacks.items() if slack > 0]
+        check.margin = min(margins.values())
+        check.decision = ", ".join(off) if off and not reproduced else min(margins, key=margins.__getitem__)
+
+    def abstain_slack(self, j: int) -> float:
+        """Nats the most-allowed token at position j is above the veto (0: the jury abstains there)."""
+        if self.mode != "poe" or self.tau is None:
+            return math.inf
+        return max(0.0, float(self.min_log_p[j].max()) - math.log(self.tau)) if bool(self.allowed[j]) else 0.0
+
+    def count(self, output: PoEOutput, claims: list[tuple[int, int, bool]], finish_reason: str) -> None:
+        """Rounds, drafts and acceptances as the decoder counts them, from the decided path."""
+        abstained = finish_reason == "abstain"
+        output.abstained, output.finish_reason = abstained, finish_reason
+        if self.mode != "poe":
+            output.n_rounds = len(claims)
+            return
+        gamma = self.settings.get("gamma") or 1
+        max_new = self.settings.get("max_new_tokens") or len(claims) + 1
+        decided = [resampled for _, _, resampled in claims] + ([False] if abstained else [])
+        k = g = 0
+        for emitted, resampled in enumerate(decided):
+            if k == 0:
+                output.n_rounds += 1
+                g = min(gamma, max_new - emitted)
+            k = 0 if resampled or k + 1 >= g else k + 1
+        output.n_drafted = len(decided)
+        output.n_accepted = sum(not r for _, _, r in claims)
 
 
 def _check_ending(
-    output: dict[str, Any], emitted: list[int], settings: dict[str, Any], abstains_next: bool
-) -> tuple[bool, str]:
-    """Did the response end where and how the replayed decoder would have ended it?"""
+    output: dict[str, Any], emitted: list[int], settings: dict[str, Any], replay: _Replay, tolerance: float
+) -> tuple[bool, str, str]:
+    """(consistent, why, the finish reason the replay gives) for how and where the response ended."""
     stop_ids = set(settings.get("stop_ids") or [])
     max_new = settings.get("max_new_tokens")
-    claims_abstention = output.get("finish_reason") == "abstain" or bool(output.get("abstained"))
+    claimed = output.get("finish_reason")
+    claims_abstention = claimed == "abstain" or output.get("abstained") is True
     if stop_ids & set(emitted[:-1]):
-        return False, "the response continues past an end-of-text token"
+        return False, "the response continues past an end-of-text token", "eos"
     if emitted and emitted[-1] in stop_ids:
-        return not claims_abstention, "ended with an end-of-text token"
-    if max_new is not None and len(emitted) >= max_new:
-        return not claims_abstention, "length limit reached"
-    if abstains_next:
-        if claims_abstention:
-            return True, "abstained: the jury allows no token at the next position"
-        return False, "the jury allows no token at the next position, but the response claims it did not abstain"
+        return not claims_abstention, "ended with an end-of-text token", "eos"
+    if max_new is not None and len(emitted) > max_new:
+        return False, f"the response has {len(emitted)} tokens, more than max_new_tokens {max_new}", "length"
+    if max_new is not None and len(emitted) == max_new:
+        return not claims_abstention, "length limit reached", "length"
     if claims_abstention:
-        return False, "the response claims an abstention, but the jury allows tokens at that position"
-    if output.get("finish_reason") == "time_limit":
-        # a service cut the response short: not a jury decision, and every emitted token is still checked
-        return True, "cut short by the service's time limit (the tokens before the cut are checked)"
+        slack = replay.abstain_slack(len(emitted))
+        if slack <= tolerance:
+            return True, "abstained: the jury allows no token at the next position", "abstain"
+        return False, f"the response claims an abstention, but the jury allows a token there ({slack:.3g} nats)", ""
+    if claimed == "time_limit":
+        return True, "cut short by the service's time limit: the jury did not end this response", "time_limit"
     if max_new is None:
-        return True, "no length limit recorded; ending not checked"
-    return False, f"the response stops after {len(emitted)} tokens without end-of-text, limit or abstention"
+        return True, "no length limit recorded; ending not checked", claimed or "length"
+    return False, f"the response stops after {len(emitted)} tokens without end-of-text, limit or abstention", ""
+
+
+# ----- derived fields ----------------------------------------------------------------------------------------
+
+
+def _p_correct(
+    hydra: HydraTransformer,
+    tokenizer: Any,
+    settings: dict[str, Any],
+    expected: PoEOutput,
+    replay: _Replay,
+    witness_states: torch.Tensor,
+    mismatches: list[FieldMismatch],
+) -> float | None:
+    """The uncertainty head's p(correct), re-scored from the replay's witness state (None where PoE gives none)."""
+    n_text = settings["n_llm_heads"]
+    if hydra.n_heads <= n_text or not expected.token_ids:
+        return None
+    decoder = PoE(hydra, tokenizer, n_llm_heads=n_text, mode=settings["mode"])
+    if settings["mode"] != "poe":
+        witness = witness_states[replay.voters[0]]
+    elif 1 not in expected.resampled_idxs:
+        witness = witness_states[replay.decider]
+    else:  # the verifier giving the emitted first token the highest logit answered it
+        best = int(torch.argmax(replay.voter_logits[:, 0, expected.token_ids[0]]))
+        witness = witness_states[replay.voters[best]]
+    return decoder.get_uncertainty_score(settings["question"], expected.text, witness)
+
+
+def _close(claimed: Any, expected: Any, tolerance: float) -> bool:
+    if isinstance(expected, float) and isinstance(claimed, int | float) and not isinstance(claimed, bool):
+        return abs(claimed - expected) <= tolerance or claimed == expected
+    return type(claimed) is type(expected) and claimed == expected
+
+
+def _compare_output(
+    claimed: dict[str, Any],
+    expected: PoEOutput,
+    signal_tolerance: float,
+    vote_margins: list[float],
+    tolerance: float,
+) -> list[FieldMismatch]:
+    """Every derived field of the transcript's ``output`` against the replay's, by name and position."""
+    mismatches = []
+    wanted = {k: v for k, v in expected.to_dict().items() if k not in UNAUDITED_OUTPUT_FIELDS}
+    for name in claimed:
+        if name not in wanted and name not in UNAUDITED_OUTPUT_FIELDS:
+            mismatches.append(FieldMismatch(f"output.{name}", claimed[name], "(not a field olmo-tap writes)"))
+    per_draft = [part - 1 for part in expected.resampled_idxs]  # lists parallel to resampled_idxs
+
+    def near_tie(name: str, i: int) -> bool:
+        """Across dtypes a head's vote may flip where its top two logits nearly tie: radii then differ honestly."""
+        position = i if name == "stability_radii" else per_draft[i] if name == "validity_radii" else None
+        return position is not None and tolerance > 0 and vote_margins[position] <= tolerance
+
+    for name, value in wanted.items():
+        if name not in claimed:
+            mismatches.append(FieldMismatch(f"output.{name}", "(missing)", value))
+            continue
+        got = claimed[name]
+        if isinstance(value, list) and isinstance(got, list) and len(got) == len(value):
+            for i, (g, v) in enumerate(zip(got, value, strict=True)):
+                if not _close(g, v, signal_tolerance) and not near_tie(name, i):
+                    mismatches.append(FieldMismatch(f"output.{name}[{i}]", g, v))
+                    break
+        elif not _close(got, value, signal_tolerance):
+            mismatches.append(FieldMismatch(f"output.{name}", got, value))
+    return mismatches
+
+
+# ----- the verdict -------------------------------------------------------------------------------------------
+
+
+def _judge(report: PoEAudit, finish_reason: str, key_given: bool) -> tuple[bool, str]:
+    bad = [p for p in report.positions if not p.consistent]
+    reasons = []
+    if bad:
+        listed = "; ".join(
+            f"token {p.index} (id {p.token_id}): {p.decision} off by {p.slack:.3g} nats" for p in bad[:5]
+        )
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        reasons.append(f"{len(bad)} of {len(report.positions)} decisions not reproduced ({listed}{more})")
+    if not report.ending_consistent:
+        reasons.append(f"ending: {report.ending}")
+    if report.field_mismatches:
+        shown = "; ".join(str(m) for m in report.field_mismatches[:3])
+        more = f" and {len(report.field_mismatches) - 3} more" if len(report.field_mismatches) > 3 else ""
+        reasons.append(f"{len(report.field_mismatches)} field(s) differ from the replay ({shown}{more})")
+    signature = report.signature
+    # a broken signature is a failed claim; so is any signature but the trusted key's when one was given
+    if signature is not None and (
+        (signature["present"] and not signature["valid"]) or (key_given and not signature["trusted"])
+    ):
+        reasons.append(f"signature: {signature['reason']}")
+    if finish_reason == "time_limit" and not (signature and signature.get("valid") and signature.get("trusted")):
+        reasons.append(
+            "truncated: it claims a cut by a service's time limit, which only that server's signature, checked "
+            "against its public key, can vouch for"
+        )
+    if reasons:
+        return False, "; ".join(reasons)
+    exact = "exactly" if report.exact else f"within {report.tolerance:g} nats"
+    what = "the jury" if report.jury else f"the {report.mode} decoder"
+    return True, f"all {len(report.positions)} decisions of {what} reproduced {exact}; every field matches"
+
+
+def _notes(report: PoEAudit, data: dict[str, Any], temperature: float) -> list[str]:
+    notes = []
+    if not report.jury:
+        notes.append(f"mode {report.mode}: this response was not decided by the jury; nothing here certifies it")
+    if not report.independent_heads:
+        notes.append("the text heads have identical weights: a jury of clones is one head, it certifies nothing")
+    if temperature == 0:
+        notes.append("greedy: the seed does not change the response, and beta only scales the jury's scores")
+    if report.near_ties:
+        notes.append(f"{report.near_ties} consistent position(s) were near-ties (within the tolerance)")
+    if data.get("version") == 1:
+        notes.append("version 1 transcript: no stored digest to compare")
+    return notes

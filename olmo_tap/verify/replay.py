@@ -68,6 +68,30 @@ def check_token_ids(ids: list[int], vocab_size: int, what: str) -> None:
 
 
 @torch.no_grad()
+def teacher_forced_pass(
+    model: HydraTransformer,
+    prompt_ids: list[int],
+    output_ids: list[int],
+    head_indices: list[int],
+    include_next: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One uncached pass of the trunk and the selected heads over prompt + output.
+
+    Returns logits (n_heads, positions, vocab) fp32 for each output position (and, with ``include_next``, the
+    position after the last output token), and each head's pre-norm hidden state (n_heads, d_model) at the
+    last prompt position (the uncertainty head's witness)."""
+    ids = prompt_ids + (output_ids if include_next else output_ids[:-1])
+    n_out = len(output_ids) + int(include_next)
+    tokens = torch.tensor([ids or prompt_ids], device=model.device)
+    trunk = model.forward_trunk(tokens, use_cache=False)
+    # Only the positions that predict outputs go through the lm_head: the prompt's other logits are never used.
+    hidden = model.head_hidden_states(trunk, head_indices, use_cache=False)[:, :, len(prompt_ids) - 1 :]
+    witness = hidden[:, 0, 0]
+    if n_out == 0:
+        return torch.empty(len(head_indices), 0, model.base_config.vocab_size), witness
+    return model.project(hidden[:, :, :n_out])[:, 0].float(), witness
+
+
 def teacher_forced_logits(
     model: HydraTransformer,
     prompt_ids: list[int],
@@ -75,14 +99,5 @@ def teacher_forced_logits(
     head_indices: list[int],
     include_next: bool = False,
 ) -> torch.Tensor:
-    """Logits (n_heads, positions, vocab) fp32 for each output position (and, with ``include_next``, the
-    position after the last output token), from one uncached pass of the trunk and the selected heads."""
-    ids = prompt_ids + (output_ids if include_next else output_ids[:-1])
-    n_out = len(output_ids) + int(include_next)
-    if n_out == 0:
-        return torch.empty(len(head_indices), 0, model.base_config.vocab_size)
-    tokens = torch.tensor([ids], device=model.device)
-    trunk = model.forward_trunk(tokens, use_cache=False)
-    # Only the positions that predict outputs go through the lm_head: the prompt's other logits are never used.
-    hidden = model.head_hidden_states(trunk, head_indices, use_cache=False)[:, :, len(prompt_ids) - 1 :]
-    return model.project(hidden)[:, 0].float()
+    """The logits of ``teacher_forced_pass``."""
+    return teacher_forced_pass(model, prompt_ids, output_ids, head_indices, include_next)[0]

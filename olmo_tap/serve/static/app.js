@@ -183,6 +183,14 @@ function renderCard(msg, trust) {
     card.append(stat("p(correct)", p === null ? "n/a (no uncertainty head)" : fmt(p, 2)));
   }
   card.append(stat("seed", String(trust.seed)));
+  if (trust.digest) {
+    // The transcript's content digest (settings + ids): quote it with the answer; `olmo-tap audit` prints it.
+    const digest = stat("digest", `${trust.digest.replace("sha256:", "").slice(0, 12)}…`);
+    digest.title = `${trust.digest}: sha256 of the settings and token ids this answer was decoded from`;
+    digest.classList.add("digest");
+    card.append(digest);
+  }
+  if (trust.signed_by) card.append(stat("signed by", trust.signed_by));
   if (trust.tokens_per_second) card.append(stat("speed", `${trust.tokens_per_second.toFixed(1)} tok/s`));
   const download = document.createElement("button");
   download.type = "button";

@@ -1,0 +1,475 @@
+"""The PoE audit: honest transcripts pass exactly; every edit a forger would try is caught and named."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+
+import pytest
+import torch
+from tiny import LetterTokenizer, tiny_hydra
+
+from olmo_tap.inference.poe import PoE
+from olmo_tap.inference.transcript import content_digest, transcript_dict
+from olmo_tap.verify import audit_poe, forgery
+from olmo_tap.verify.poe_audit import DEFAULT_DECISION_TOLERANCE, _Replay
+from olmo_tap.verify.replay import teacher_forced_logits
+
+VOCAB = 20
+PROMPTS = ["abc", "hello", "bad", "fig"]
+N_TOKENS = 40
+
+
+@pytest.fixture(scope="module")
+def jury(one_thread):
+    """A tiny Hydra whose 4 heads really differ, and its letter tokenizer."""
+    return tiny_hydra(vocab=VOCAB, n_heads=4, scale=1.0), LetterTokenizer(VOCAB)
+
+
+def answers(jury, *, mode="poe", temperature=1.0, seed=1, prompts=PROMPTS, **kwargs):
+    model, tokenizer = jury
+    kwargs.setdefault("draft_head", None if mode == "naive" else 0)
+    decoder = PoE(model, tokenizer, max_new_tokens=N_TOKENS, seed=seed, mode=mode, **kwargs)
+    return [transcript_dict(decoder.generate_with_cache(p, temperature=temperature)) for p in prompts]
+
+
+def check(jury, transcript, **kwargs):
+    model, tokenizer = jury
+    return audit_poe(transcript, model, tokenizer=tokenizer, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def sampled(jury):
+    return answers(jury, temperature=1.0)
+
+
+@pytest.fixture(scope="module")
+def greedy(jury):
+    return answers(jury, temperature=0)
+
+
+# ----- honest transcripts ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(temperature=1.0),
+        dict(temperature=0.7, beta=0.5, gamma=3),
+        dict(temperature=0),
+        dict(temperature=1.0, veto_threshold=0.005),
+        dict(temperature=1.0, mode="single", draft_head=2),
+        dict(temperature=0.8, mode="naive"),
+        dict(temperature=0, mode="naive"),
+    ],
+)
+def test_honest_transcripts_are_reproduced_exactly(jury, settings):
+    for transcript in answers(jury, **settings):
+        report = check(jury, transcript)
+        assert report.honest, report.reason
+        assert report.exact and report.tolerance == 0  # the generator's own dtype and device class
+        assert not report.field_mismatches and report.statistics.agreement_rate == 1.0
+        assert report.digest == transcript["digest"] == content_digest(transcript)
+        assert report.text == jury[1].decode(transcript["token_ids"], skip_special_tokens=True)
+        assert report.jury is (settings.get("mode", "poe") == "poe")
+
+
+def test_plain_decoders_are_honest_but_not_the_jury(jury):
+    report = check(jury, answers(jury, mode="single", prompts=["abc"])[0])
+    assert report.honest and not report.jury and not report.certified
+    assert "not the jury" in report.label and any("not decided by the jury" in n for n in report.notes)
+    poe = check(jury, answers(jury, prompts=["abc"])[0])
+    assert poe.certified and poe.label == "honest" and poe.independent_heads
+
+
+def test_a_jury_of_clones_certifies_nothing(jury):
+    model, tokenizer = jury
+    clones = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clones.heads.parameters():
+            p.copy_(p[0].expand_as(p))
+    assert clones.identical_heads() and not model.identical_heads()
+    transcript = answers((clones, tokenizer), prompts=["abc"])[0]
+    report = audit_poe(transcript, clones, tokenizer=tokenizer)
+    assert report.honest and not report.independent_heads and not report.certified
+    assert "identical heads" in report.label
+
+
+def test_abstentions_and_fake_abstentions(jury):
+    transcripts = answers(jury, veto_threshold=0.2)
+    abstained = [t for t in transcripts if t["output"]["abstained"]]
+    assert abstained, "a high veto threshold should make the jury abstain on some prompts"
+    for transcript in abstained:
+        assert check(jury, transcript).honest
+    fake = forgery.truncate(answers(jury, prompts=["abc"])[0], jury[1], 10)
+    fake["output"].update(abstained=True, finish_reason="abstain")
+    report = check(jury, fake)
+    assert not report.honest and not report.ending_consistent
+
+
+# ----- the decision rule, against numbers computed here --------------------------------------------------------
+
+
+def test_slack_is_the_nats_a_greedy_argmax_misses_by(jury, greedy):
+    """A plain greedy decoder emits argmax(logits): the slack of another token is its logit gap to the max."""
+    model, tokenizer = jury
+    transcript = answers(jury, mode="single", temperature=0, prompts=["hello"])[0]
+    j = 7
+    logits = teacher_forced_logits(model, transcript["prompt_ids"], transcript["token_ids"], [0])[0, j]
+    token = int(torch.argsort(logits, descending=True)[3])
+    forged = forgery.substitute(transcript, tokenizer, j, token)
+    report = check(jury, forged)
+    assert report.positions[j].slack == pytest.approx(float(logits.max() - logits[token]), abs=1e-5)
+    assert j in report.inconsistent_positions and not report.honest
+    # a tolerance just above that slack explains it as a near-tie (the cross-dtype rule); just below does not
+    slack = report.positions[j].slack
+    assert check(jury, forged, tolerance=slack * 1.001).positions[j].consistent
+    assert not check(jury, forged, tolerance=slack * 0.999).positions[j].consistent
+
+
+def test_slack_of_the_acceptance_test_is_log_uq_against_log_p():
+    """Verifiers 1 and 2, draft head 0, T = 1, hand-built logits. Claiming the other outcome of the acceptance
+    test (accept iff u q(x) < P(x)) at the replay's own draft is off by |log(u q(x)) - log P(x)| nats, and by
+    nothing else when the claimed token is the one that outcome gives."""
+    from olmo_tap.inference.sampling import Purpose, prob_scores, uniform
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 1, 6)
+    branches = set()
+    for seed in range(12):
+        settings = dict(mode="poe", seed=seed, draft_head=0, beta=1.0, veto_threshold=None, n_llm_heads=3)
+        replay = _Replay(logits, settings, 1.0, 10)
+        draft = replay.position(0, 0, 0, False)[0].draft_token_id
+        p = torch.softmax(logits[1:, 0].sum(0), -1)
+        q = torch.softmax(logits[0, 0], -1)
+        u = float(uniform(seed, 10, Purpose.ACCEPT)[0])
+        expected = abs(math.log(u * float(q[draft])) - math.log(float(p[draft])))
+        if u * q[draft] < p[draft]:  # the jury accepts: claim a rejection and the resample it would give
+            residual = (p - q).clamp(min=0)
+            resampled = int(torch.argmax(prob_scores(residual / residual.sum(), seed, 10, Purpose.RESAMPLE)))
+            claim = replay.position(0, resampled, draft, True)[0]
+            branches.add("accepted")
+        else:  # the jury rejects: claim it accepted the draft
+            claim = replay.position(0, draft, draft, False)[0]
+            branches.add("rejected")
+        assert claim.slack == pytest.approx(expected, rel=1e-4), seed
+        assert claim.decision == "accept"
+    assert branches == {"accepted", "rejected"}
+
+
+# ----- tampering: each kind a forger would try -----------------------------------------------------------------
+
+
+def caught(jury, transcript, **kwargs):
+    try:
+        report = check(jury, transcript, **kwargs)
+    except ValueError:
+        return True  # refused as a claim no decoder could make
+    return not report.honest
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_every_single_token_edit_is_caught_at_its_position(jury, temperature, sampled, greedy):
+    transcripts = sampled if temperature else greedy
+    rng = random.Random(0)
+    tokenizer = jury[1]
+    for transcript in transcripts:
+        for j in range(0, len(transcript["token_ids"]), 3):
+            token = forgery.random_other_token(rng, VOCAB, transcript["token_ids"][j])
+            forged = forgery.substitute(transcript, tokenizer, j, token)
+            report = check(jury, forged)
+            assert not report.honest and j in report.inconsistent_positions, (j, report.reason)
+            assert f"token {j} " in report.reason
+
+
+def test_an_edit_caught_under_either_claim_of_the_forger(jury, sampled):
+    """At an edited position the forger may claim the draft was accepted, or that the replay's own draft was
+    rejected and the new token resampled: both fail."""
+    tokenizer = jury[1]
+    transcript = sampled[0]
+    honest = check(jury, transcript)
+    for j in (2, 11, 23):
+        token = (transcript["token_ids"][j] + 5) % VOCAB
+        forged = forgery.substitute(transcript, tokenizer, j, token)
+        output = forged["output"]
+        pairs = dict(zip(output["resampled_idxs"], output["original_token_ids"], strict=True))
+        pairs[j + 1] = honest.positions[j].draft_token_id
+        output["resampled_idxs"] = sorted(pairs)
+        output["original_token_ids"] = [pairs[p] for p in output["resampled_idxs"]]
+        assert j in check(jury, forged).inconsistent_positions
+
+
+@pytest.mark.parametrize(
+    "edit",
+    ["insert", "delete", "truncate", "extend", "prompt", "prompt text"],
+)
+def test_inserted_deleted_truncated_extended_and_prompt_edits_are_caught(jury, sampled, edit):
+    tokenizer = jury[1]
+    for transcript in sampled:
+        if edit == "insert":
+            forged = forgery.insert(transcript, tokenizer, 5, [3])
+        elif edit == "delete":
+            forged = forgery.delete(transcript, tokenizer, 5)
+        elif edit == "truncate":
+            forged = forgery.truncate(transcript, tokenizer, 20)
+        elif edit == "extend":  # past max_new_tokens
+            forged = forgery.insert(transcript, tokenizer, len(transcript["token_ids"]), [1, 2])
+        elif edit == "prompt":
+            forged = forgery.change_prompt(transcript, tokenizer, 1, (transcript["prompt_ids"][1] + 1) % VOCAB)
+        else:  # the ids changed but the prompt text a reader sees left as it was
+            forged = copy.deepcopy(transcript)
+            forged["prompt_ids"][1] = (forged["prompt_ids"][1] + 1) % VOCAB
+            forged["digest"] = content_digest(forged)
+        assert caught(jury, forged), edit
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("seed", lambda s: s["seed"] + 1),
+        ("temperature", lambda s: 0.5),
+        ("beta", lambda s: 3.0),
+        ("veto_threshold", lambda s: 0.05),
+        ("draft_head", lambda s: 1),
+        ("n_llm_heads", lambda s: 3),
+        ("mode", lambda s: "naive"),
+        ("max_new_tokens", lambda s: 60),
+        ("stop_ids", lambda s: [5]),
+        ("vocab_limit", lambda s: 15),
+        ("n_heads", lambda s: 5),
+    ],
+)
+def test_changed_settings_are_caught(jury, sampled, name, value):
+    tokenizer = jury[1]
+    for transcript in sampled:
+        forged = forgery.change_setting(transcript, tokenizer, name, value(transcript["settings"]))
+        assert caught(jury, forged), name
+        stale = copy.deepcopy(transcript)  # the naive forger: the digest still covers the old settings
+        stale["settings"][name] = value(transcript["settings"])
+        assert caught(jury, stale), name
+
+
+@pytest.mark.parametrize(
+    "name, index, value",
+    [
+        ("output_parts", 3, " PWNED"),
+        ("output_parts", 0, "a different question"),
+        ("text", None, "something else"),
+        ("token_ids", 2, 7),
+        ("token_entropies", 4, 0.0),
+        ("stability_radii", 4, 9),
+        ("stability_margins", 4, 0.99),
+        ("n_accepted", None, 999),
+        ("n_rounds", None, 1),
+        ("acceptance_rate", None, 1.0),
+        ("abstained", None, True),
+        ("finish_reason", None, "eos"),
+        ("uncertainty", None, 0.99),
+        ("verifier_heads", None, [0, 1, 2, 3]),
+        ("mode", None, "naive"),
+        ("settings", None, {}),
+        ("certified_by", None, "a jury of nine"),
+    ],
+)
+def test_changed_derived_fields_are_named(jury, sampled, name, index, value):
+    transcript = sampled[1]
+    forged = forgery.change_output(transcript, name, index, value)
+    report = check(jury, forged)
+    assert not report.honest
+    where = f"output.{name}" + ("" if index is None else f"[{index}]")
+    assert any(m.field == where for m in report.field_mismatches), [str(m) for m in report.field_mismatches]
+
+
+def test_resampled_signals_are_checked(jury, sampled):
+    transcript = next(t for t in sampled if t["output"]["resampled_idxs"])
+    for name, value in (("suppression_scores", 0.5), ("validity_radii", 7), ("original_tokens", "zz")):
+        forged = forgery.change_output(transcript, name, 0, value)
+        assert any(m.field == f"output.{name}[0]" for m in check(jury, forged).field_mismatches), name
+    draft = transcript["output"]["original_token_ids"][0]
+    forged = forgery.change_output(transcript, "original_token_ids", 0, (draft + 1) % VOCAB)
+    assert not check(jury, forged).honest
+
+
+def test_stale_digest_and_unknown_fields_are_named(jury, sampled):
+    forged = copy.deepcopy(sampled[0])
+    forged["token_ids"][3] = (forged["token_ids"][3] + 1) % VOCAB
+    report = check(jury, forged)
+    assert any(m.field == "digest" for m in report.field_mismatches)
+    assert any(m.field.startswith("output.token_ids[") for m in report.field_mismatches)
+    extra = dict(sampled[0], certified=True)
+    assert any(m.field == "certified" for m in check(jury, extra).field_mismatches)
+    unknown = forgery.change_setting(sampled[0], jury[1], "trusted", True)
+    assert any(m.field == "settings.trusted" for m in check(jury, unknown).field_mismatches)
+
+
+@pytest.mark.parametrize("made_by", ["single", "naive", "other weights", "other seed"])
+def test_other_decoders_presented_as_the_jury_are_caught(jury, sampled, made_by):
+    tokenizer = jury[1]
+    if made_by == "other weights":
+        other = tiny_hydra(vocab=VOCAB, n_heads=4, scale=1.0, seed=5)
+        made = answers((other, tokenizer))
+    elif made_by == "other seed":
+        made = answers(jury, seed=2)
+    else:
+        made = answers(jury, mode=made_by)
+    for transcript, honest in zip(made, sampled, strict=True):
+        forged = copy.deepcopy(transcript)
+        forged["settings"] = copy.deepcopy(honest["settings"])
+        for name in ("mode", "draft_head", "verifier_heads"):
+            forged["output"][name] = honest["output"][name]
+        if made_by in ("single", "naive"):
+            forged["output"].update(resampled_idxs=[], original_tokens=[], original_token_ids=[])
+        forged = forgery.restamp(forged, tokenizer)
+        report = check(jury, forged)
+        assert not report.honest and report.inconsistent_positions, made_by
+
+
+def test_a_time_limit_cut_needs_the_servers_signature(jury, sampled, tmp_path):
+    from olmo_tap.verify.signing import generate_keypair, load_private_key, load_public_key, sign_transcript
+
+    model, tokenizer = jury
+    decoder = PoE(model, tokenizer, max_new_tokens=N_TOKENS, seed=1, draft_head=0)
+    stream = decoder.stream("abc", temperature=1.0)
+    events = iter(stream)
+    for _ in range(12):  # as the service does when its deadline passes: stop asking, close the decoder
+        next(events)
+    events.close()
+    stream.output.finish_reason = "time_limit"
+    cut = transcript_dict(stream.output)
+    report = check(jury, cut)
+    assert not report.honest and "truncated" in report.reason
+    private, public = generate_keypair(tmp_path / "server.key")
+    signed = sign_transcript(cut, load_private_key(private))
+    assert check(jury, signed, public_key=load_public_key(public)).honest
+    assert not check(jury, signed).honest  # signed, but by whom? no trusted key given
+    _, other_public = generate_keypair(tmp_path / "other.key")
+    assert not check(jury, signed, public_key=load_public_key(other_public)).honest
+
+
+def test_signatures_are_checked_when_present_or_asked_for(jury, sampled, tmp_path):
+    from olmo_tap.verify.signing import generate_keypair, load_private_key, load_public_key, sign_transcript
+
+    private, public = generate_keypair(tmp_path / "k")
+    signed = sign_transcript(sampled[2], load_private_key(private))
+    report = check(jury, signed, public_key=load_public_key(public))
+    assert report.honest and report.signature["valid"] and report.signature["trusted"]
+    # a forger who re-derives everything still cannot re-sign
+    forged = forgery.substitute(signed, jury[1], 4, (signed["token_ids"][4] + 1) % VOCAB)
+    report = check(jury, forged)
+    assert not report.honest and not report.signature["valid"]
+    assert not check(jury, sampled[2], public_key=load_public_key(public)).honest  # unsigned, key required
+
+
+# ----- across dtypes: a calibrated tolerance for near-ties only ------------------------------------------------
+
+
+def test_a_bf16_transcript_audited_in_fp32_uses_the_cross_dtype_tolerance(jury):
+    model, tokenizer = jury
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    transcripts = answers((bf16, tokenizer), temperature=0.8)
+    for transcript in transcripts:
+        report = check(jury, transcript)
+        assert not report.exact and report.tolerance == DEFAULT_DECISION_TOLERANCE
+        assert report.honest, report.reason
+    rng = random.Random(1)
+    for transcript in transcripts:
+        honest = check(jury, transcript)
+        clear = [p.index for p in honest.positions if p.margin > 4 * report.tolerance]
+        j = rng.choice(clear)
+        forged = forgery.substitute(transcript, tokenizer, j, (transcript["token_ids"][j] + 7) % VOCAB)
+        assert j in check(jury, forged).inconsistent_positions
+
+
+# ----- bad input -----------------------------------------------------------------------------------------------
+
+
+def test_bad_transcripts_are_refused_with_the_field_named(jury, sampled):
+    model, tokenizer = jury
+    transcript = sampled[0]
+
+    def refused(data, match):
+        with pytest.raises(ValueError, match=match):
+            audit_poe(data, model, tokenizer=tokenizer)
+
+    refused({"format": "something else"}, "not an olmo-tap transcript")
+    refused(dict(transcript, version=7), "unsupported transcript version")
+    refused(dict(transcript, settings=dict(transcript["settings"], vocab_limit=VOCAB + 50)), "vocabulary mismatch")
+    refused(dict(transcript, token_ids=[*transcript["token_ids"][:3], VOCAB + 1]), "outside the model's vocabulary")
+    refused(dict(transcript, settings=dict(transcript["settings"], n_llm_heads=9)), "text heads")
+    for name, value in (
+        ("max_new_tokens", "5"),
+        ("seed", None),
+        ("seed", 1.5),
+        ("temperature", -1),
+        ("temperature", "hot"),
+        ("beta", 0),
+        ("veto_threshold", 1.5),
+        ("draft_head", 7),
+        ("mode", "jury"),
+        ("gamma", True),
+    ):
+        refused(dict(transcript, settings=dict(transcript["settings"], **{name: value})), f"'{name}'")
+    refused(dict(transcript, digest=None), "digest")
+    refused(dict(transcript, output=[]), "output")
+    refused(dict(transcript, prompt_ids=[]), "prompt_ids")
+    with pytest.raises(ValueError, match="tokenizer"):
+        audit_poe(transcript, model)  # no tokenizer, and the transcript names no model to load one from
+
+
+def test_version_1_transcripts_are_still_read(jury, sampled):
+    old = copy.deepcopy(sampled[0])
+    old["version"] = 1
+    del old["digest"]
+    for name in ("compile", "mcq", "question"):
+        del old["settings"][name]
+        del old["output"]["settings"][name]
+    report = check(jury, old)
+    assert report.honest, report.reason
+    assert any("version 1" in note for note in report.notes)
+
+
+# ----- the CLI and the embedded default --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_issues_forgeries_on_the_embedded_default(smollm, tmp_path, capsys):
+    """The forger's table from the issue: each edit of a saved transcript fails `olmo-tap audit`, which names
+    the position or the field; a signed transcript checks against the server's key."""
+    from olmo_tap.cli import main
+    from olmo_tap.verify.signing import generate_keypair
+
+    key, public = generate_keypair(tmp_path / "server.key")
+    path = tmp_path / "t.json"
+    common = ["--max-new-tokens", "40", "--no-color", "--seed", "5"]
+    assert main(["generate", "Name three colours.", "--save", str(path), "--signing-key", str(key), *common]) == 0
+    assert "digest sha256:" in capsys.readouterr().err
+    saved = json.loads(path.read_text())
+    assert main(["audit", str(path), "--public-key", str(public)]) == 0
+    out = capsys.readouterr().out
+    assert saved["digest"] in out and "verdict: honest" in out
+
+    def audit_of(edit) -> str:
+        forged = copy.deepcopy(saved)
+        edit(forged)
+        path.write_text(json.dumps(forged))
+        assert main(["audit", str(path)]) == 1
+        return capsys.readouterr().out
+
+    other = (saved["token_ids"][2] + 1) % 49152
+    out = audit_of(lambda t: t["token_ids"].__setitem__(2, other))
+    assert "BAD token 2 (position" in out and "BAD digest" in out
+    out = audit_of(lambda t: t["output"]["token_ids"].__setitem__(2, other))
+    assert "output.token_ids" in out
+    out = audit_of(lambda t: t["output"]["output_parts"].__setitem__(3, " PWNED"))
+    assert "output.output_parts[3]" in out
+    # a sampled transcript: five single-token edits at random positions, each caught by the decision rule
+    assert main(["generate", "Name three colours.", "--save", str(path), "--temperature", "0.8", *common]) == 0
+    sampled = json.loads(path.read_text())
+    tokenizer = smollm[1]
+    rng = random.Random(5)
+    for j in rng.sample(range(len(sampled["token_ids"])), 5):
+        forged = forgery.substitute(sampled, tokenizer, j, rng.randrange(49152))
+        report = audit_poe(forged, smollm[0], tokenizer=tokenizer)
+        assert j in report.inconsistent_positions
