@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import tempfile
+import traceback
+from pathlib import Path
 from typing import Any
 
 from olmo_tap.model.config import ConfigError
 from olmo_tap.weights.errors import WeightsError
 from olmo_tap.weights.presets import DEFAULT_MODEL
+
+# Exit codes of every sub-command: 0 success (or honest), 1 not honest (verify / audit only), 2 bad input or
+# usage, 3 anything unexpected (a bug: reported as such, with a traceback only under OLMO_TAP_DEBUG=1).
+EXIT_OK, EXIT_NOT_HONEST, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+DEBUG_ENV = "OLMO_TAP_DEBUG"
+REPORT_TO = "the olmo-tap maintainers (the project's issue tracker)"
+# Seeds every sampler accepts: torch.Generator.manual_seed takes [-2**63, 2**64); negative seeds would be folded
+# into that range differently by torch and by olmo-tap's own key derivation, so they are refused everywhere.
+SEED_BOUND = 2**64
 
 # Modules exposing ``register(subparsers, add_model_args)``, one per subsystem.
 SUBCOMMAND_MODULES: list[str] = [
@@ -56,6 +69,40 @@ def add_model_args(
     group.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
 
 
+def check_writable(path: str, option: str, *, creates_parents: bool = False) -> None:
+    """Fail now, before any model loads or tokens are decoded, if ``path`` cannot be written.
+
+    Probed by writing, not by ``os.access``: permissions alone miss read-only file systems, and root passes them.
+    A file that exists is opened for appending (its content is not touched); a new one is probed with a
+    temporary sibling, so nothing is left behind. With ``creates_parents`` (the writer makes missing
+    directories) the nearest existing ancestor must take a new entry.
+    """
+    target = Path(path).expanduser()
+    try:
+        if target.is_dir():
+            raise ValueError(f"{option} {path}: is a directory")
+        if target.exists():
+            with target.open("a"):
+                return
+        parent = target.parent
+        if creates_parents:
+            while not parent.exists() and parent != parent.parent:
+                parent = parent.parent
+        if not parent.is_dir():
+            missing = "is not a directory" if parent.exists() else "does not exist"
+            raise ValueError(f"{option} {path}: cannot be written, directory {parent} {missing}")
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".olmo-tap-probe-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{option} {path}: cannot be written ({e.strerror or e})") from None
+
+
+def check_seed(seed: int | None, what: str = "--seed") -> None:
+    """Refuse a seed outside [0, 2**64): what every sampler, torch's and olmo-tap's own, takes."""
+    if seed is not None and not 0 <= seed < SEED_BOUND:
+        raise ValueError(f"{what} must be between 0 and 2**64 - 1, got {seed}")
+
+
 def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
     from olmo_tap.hydra import HydraTransformer
     from olmo_tap.weights.tokenizer import load_tokenizer
@@ -77,6 +124,8 @@ def format_bytes(n: float) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
+    from olmo_tap.model.kernels import describe
+
     model, tokenizer = load_model_and_tokenizer(args)
     config, base = model.config, model.base_config
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -96,6 +145,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("KV cache", f"{format_bytes(kv_per_token)} per token of context"),
         ("uncertainty head", str(model.uncertainty_head) if model.uncertainty_head is not None else "none"),
         ("device", f"{model.device} ({torch.get_num_threads()} CPU threads)"),
+        ("linear kernels", describe(model.device)),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -126,6 +176,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from olmo_tap.terminal import TrustPrinter
 
+    # Output paths first: a typo in one should cost a second, not a model load and a whole generation.
+    if args.save:
+        check_writable(args.save, "--save")
+    if args.save_tokens:
+        check_writable(args.save_tokens, "--save-tokens")
     signing_key = None
     if args.signing_key:
         from olmo_tap.verify.signing import load_private_key
@@ -245,14 +300,43 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--compile needs --mode single (PoE and naive decoding run several heads per step)")
     if args.command == "generate" and args.signing_key and not args.save:
         parser.error("--signing-key signs the saved transcript: it needs --save PATH")
+    if args.command == "generate":
+        try:
+            check_seed(args.seed)
+        except ValueError as e:
+            parser.error(str(e))
     try:
         return args.func(args)
     except (WeightsError, ConfigError, ValueError) as e:
         print(f"olmo-tap: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError) as e:
+        # a path the user gave that is missing or not theirs to write: their input, not a bug
+        print(f"olmo-tap: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except RecursionError as e:
+        if "JSON" not in str(e):  # json's decoder names itself; any other runaway recursion is a bug
+            return internal_error(e)
+        # json's parser recurses once per nesting level: a hostile file reaches here, whichever reader it went to
+        print("olmo-tap: error: an input file is too deeply nested (JSON beyond Python's limit)", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("\nolmo-tap: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        return internal_error(e)
+
+
+def internal_error(error: BaseException) -> int:
+    """Report a bug as one, without a traceback a user cannot act on (unless $OLMO_TAP_DEBUG asks for it)."""
+    debug = os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    if debug:
+        traceback.print_exception(error, file=sys.stderr)
+    detail = (str(error).strip().splitlines() or [""])[0][:500]
+    print(f"olmo-tap: internal error: {type(error).__name__}: {detail}", file=sys.stderr)
+    hint = "" if debug else f"; rerun with {DEBUG_ENV}=1 for the traceback"
+    print(f"olmo-tap: this is a bug; please report it to {REPORT_TO} with the command you ran{hint}", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -19,9 +19,12 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                yield number, json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{number}: JSON too deeply nested to read") from None
+            yield number, record
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:

@@ -56,5 +56,5 @@ class TrustPrinter:
             line += f", min stability {min(output.stability_radii)}"
         if output.uncertainty is not None:
             line += f", p(correct) {output.uncertainty:.3f}"
-        line += ", ABSTAINED" if output.abstained else ", certified by the jury" if output.mode == "poe" else ""
+        line += f", {output.verdict.upper() if output.abstained else output.verdict}"
         return line

@@ -109,6 +109,18 @@ def test_abstentions_and_fake_abstentions(jury):
     assert not report.honest and not report.ending_consistent
 
 
+def test_blocks_of_positions_give_the_same_audit(jury, sampled, monkeypatch):
+    """The replay projects logits a block of positions at a time (bounded memory): any block size, same report."""
+    from olmo_tap.verify import poe_audit
+
+    forged = forgery.substitute(sampled[1], jury[1], 9, (sampled[1]["token_ids"][9] + 3) % VOCAB)
+    whole = [check(jury, t).to_dict() for t in (sampled[1], forged)]
+    monkeypatch.setattr(poe_audit, "LOGIT_BLOCK", 3)
+    stops = []
+    blocked = [check(jury, t, check_stop=lambda: stops.append(1)).to_dict() for t in (sampled[1], forged)]
+    assert blocked == whole and len(stops) == 2 * math.ceil((N_TOKENS + 1) / 3)
+
+
 # ----- the decision rule, against numbers computed here --------------------------------------------------------
 
 
@@ -140,7 +152,7 @@ def test_slack_of_the_acceptance_test_is_log_uq_against_log_p():
     branches = set()
     for seed in range(12):
         settings = dict(mode="poe", seed=seed, draft_head=0, beta=1.0, veto_threshold=None, n_llm_heads=3)
-        replay = _Replay(logits, settings, 1.0, 10)
+        replay = _Replay.from_logits(logits, settings, 1.0, 10)
         draft = replay.position(0, 0, 0, False)[0].draft_token_id
         p = torch.softmax(logits[1:, 0].sum(0), -1)
         q = torch.softmax(logits[0, 0], -1)
@@ -373,13 +385,15 @@ def test_a_bf16_transcript_audited_in_fp32_uses_the_cross_dtype_tolerance(jury):
         report = check(jury, transcript)
         assert not report.exact and report.tolerance == DEFAULT_DECISION_TOLERANCE
         assert report.honest, report.reason
-    rng = random.Random(1)
-    for transcript in transcripts:
-        honest = check(jury, transcript)
-        clear = [p.index for p in honest.positions if p.margin > 4 * report.tolerance]
-        j = rng.choice(clear)
-        forged = forgery.substitute(transcript, tokenizer, j, (transcript["token_ids"][j] + 7) % VOCAB)
-        assert j in check(jury, forged).inconsistent_positions
+    flagged = 0
+    for transcript in transcripts:  # an edit off by more than the tolerance is flagged, one within it is not
+        for j in range(0, len(transcript["token_ids"]), 5):
+            forged = forgery.substitute(transcript, tokenizer, j, (transcript["token_ids"][j] + 7) % VOCAB)
+            slack = check(jury, forged, tolerance=0).positions[j].slack
+            consistent = check(jury, forged).positions[j].consistent
+            assert consistent == (slack <= DEFAULT_DECISION_TOLERANCE), (j, slack)
+            flagged += not consistent
+    assert flagged > 0
 
 
 # ----- bad input -----------------------------------------------------------------------------------------------
@@ -412,10 +426,26 @@ def test_bad_transcripts_are_refused_with_the_field_named(jury, sampled):
     ):
         refused(dict(transcript, settings=dict(transcript["settings"], **{name: value})), f"'{name}'")
     refused(dict(transcript, digest=None), "digest")
+    for name, value in (("resampled_idxs", [[1]]), ("token_entropies", ["x"]), ("output_parts", [1])):
+        refused(dict(transcript, output=dict(transcript["output"], **{name: value})), f"output.{name}")
+    for name in ("n_heads", "n_llm_heads", "heads_depth", "gamma"):  # sizes an audit would allocate: bounded first
+        refused(dict(transcript, settings=dict(transcript["settings"], **{name: 10**9})), f"'{name}'")
+    refused(dict(transcript, settings=dict(transcript["settings"], stop_ids=5)), "stop_ids")
     refused(dict(transcript, output=[]), "output")
     refused(dict(transcript, prompt_ids=[]), "prompt_ids")
     with pytest.raises(ValueError, match="tokenizer"):
         audit_poe(transcript, model)  # no tokenizer, and the transcript names no model to load one from
+
+
+def test_unreadable_transcript_files_are_named(tmp_path):
+    from olmo_tap.cli import main
+
+    for name, text in (("broken.json", "{broken"), ("deep.json", "[" * 100_000 + "]" * 100_000)):
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(ValueError, match=name):
+            audit_poe(path)
+        assert main(["audit", str(path)]) == 2
 
 
 def test_version_1_transcripts_are_still_read(jury, sampled):
@@ -425,6 +455,8 @@ def test_version_1_transcripts_are_still_read(jury, sampled):
     for name in ("compile", "mcq", "question"):
         del old["settings"][name]
         del old["output"]["settings"][name]
+    for name in ("whole_jury", "independent_heads", "certified"):
+        del old["output"][name]
     report = check(jury, old)
     assert report.honest, report.reason
     assert any("version 1" in note for note in report.notes)
@@ -464,6 +496,16 @@ def test_the_issues_forgeries_on_the_embedded_default(smollm, tmp_path, capsys):
     assert "output.token_ids" in out
     out = audit_of(lambda t: t["output"]["output_parts"].__setitem__(3, " PWNED"))
     assert "output.output_parts[3]" in out
+    # the weights are the auditor's choice: a transcript naming another model does not make audit load it
+    elsewhere = copy.deepcopy(saved)
+    elsewhere["model"] = "/nonexistent/evil-model"
+    elsewhere["digest"] = content_digest(elsewhere)
+    del elsewhere["signature"]
+    path.write_text(json.dumps(elsewhere))
+    assert main(["audit", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "replayed through smollm2-135m-instruct" in out and "/nonexistent/evil-model" in out
+    assert main(["audit", str(path), "--model-from-transcript"]) == 2
     # a sampled transcript: five single-token edits at random positions, each caught by the decision rule
     assert main(["generate", "Name three colours.", "--save", str(path), "--temperature", "0.8", *common]) == 0
     sampled = json.loads(path.read_text())

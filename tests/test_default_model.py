@@ -58,7 +58,9 @@ def test_cli_generate_and_info(smollm, capsys):
     assert main(["generate", "What is the capital of France?", "--greedy", "--max-new-tokens", "20"]) == 0
     captured = capsys.readouterr()
     assert "Paris" in captured.out
-    assert "tok/s" in captured.err and "acceptance" in captured.err and "certified by the jury" in captured.err
+    assert "tok/s" in captured.err and "acceptance" in captured.err
+    # the embedded default's heads are untrained clones: the summary must not call the answer certified
+    assert "identical heads" in captured.err and "certified by the jury" not in captured.err
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "30 = trunk 27 + 5 heads x 3" in out and "tied lm_head: True" in out

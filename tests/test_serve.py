@@ -7,9 +7,8 @@ poll its /health with a generous limit so that nothing can hang; no assertion is
 
 from __future__ import annotations
 
-import copy
-
 import asyncio
+import copy
 import json
 import threading
 import time
@@ -63,7 +62,8 @@ def slow_tokenizer():
 
 def make_client(model, tokenizer=None, **config) -> TestClient:
     app = create_app(model, tokenizer or LetterTokenizer(VOCAB), MODEL_ID, ServeConfig(**config))
-    return TestClient(app, raise_server_exceptions=False)
+    # The server answers only Host names of its own (DNS-rebinding protection), not TestClient's "testserver".
+    return TestClient(app, base_url="http://localhost", raise_server_exceptions=False)
 
 
 def chat(client, **body):

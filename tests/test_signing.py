@@ -355,7 +355,7 @@ def client_for(model, **config):
     from fastapi.testclient import TestClient
 
     app = create_app(model, LetterTokenizer(VOCAB), MODEL_ID, ServeConfig(**config))
-    return TestClient(app, raise_server_exceptions=False)
+    return TestClient(app, base_url="http://localhost", raise_server_exceptions=False)
 
 
 def test_the_service_signs_every_transcript(tmp_path, tiny):

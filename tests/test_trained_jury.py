@@ -58,7 +58,7 @@ def test_generate_verify_and_audit_take_the_trained_jury(jury_dir, tmp_path, cap
 
 def test_serve_answers_with_the_trained_jury(jury_dir):
     model = HydraTransformer.from_pretrained(jury_dir, progress=False)
-    with TestClient(create_app(model, load_tokenizer(jury_dir), "trained-jury")) as client:
+    with TestClient(create_app(model, load_tokenizer(jury_dir), "trained-jury"), base_url="http://localhost") as client:
         body = {"model": "trained-jury", "messages": [{"role": "user", "content": "Say the number 2."}]}
         reply = client.post("/v1/chat/completions", json={**body, "max_tokens": 6, "seed": 1})
     assert reply.status_code == 200, reply.text

@@ -26,6 +26,7 @@ head the output is the same for every ``gamma``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -63,6 +64,11 @@ class TokenEvent:
     draft_text: str | None = None
     validity_radius: int | None = None
     suppression_score: float | None = None  # the jury's probability of the rejected draft
+    # Only when the decoder was given ``top_logprobs``: the token's log-probability under the distribution it was
+    # decided from (the jury's after the veto; -inf for a vetoed token), and the most likely tokens of that
+    # distribution as (token id, log-probability), best first.
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,6 +100,31 @@ class PoEOutput:
     finish_reason: str = "length"
     settings: dict[str, Any] = field(default_factory=dict)
     elapsed_s: float = 0.0
+    # What the weights deliver: every text head of the model verified (PoE over all of them), and no two of them
+    # are identical (a jury of clones is one head). A label never claims more than these.
+    whole_jury: bool = False
+    independent_heads: bool = False
+
+    @property
+    def certified(self) -> bool:
+        """The whole jury of independent heads decided every token and ended the answer on its own terms."""
+        finished = self.finish_reason in ("eos", "length") and not self.abstained
+        return self.mode == "poe" and self.whole_jury and self.independent_heads and finished
+
+    @property
+    def verdict(self) -> str:
+        """What the answer may be called, in words: never more than ``certified`` says the weights deliver."""
+        if self.abstained:
+            return "abstained: the jury allowed no token"
+        if self.finish_reason == "time_limit":
+            return "cut short by the time limit: not certified"
+        if self.mode != "poe":
+            return f"{self.mode} decoding: not a jury answer"
+        if not self.whole_jury:
+            return f"PoE over {len(self.verifier_heads) + 1} heads, not the whole jury: not certified"
+        if not self.independent_heads:
+            return "a jury of identical heads (untrained clones): nothing certified"
+        return "certified by the jury"
 
     @property
     def text(self) -> str:
@@ -114,6 +145,7 @@ class PoEOutput:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.update(
+            certified=self.certified,
             text=self.text,
             acceptance_rate=self.acceptance_rate,
             tokens_per_round=self.tokens_per_round,
@@ -230,6 +262,8 @@ class PoE:
     :param ignore_eos: keep going past end-of-text (fixed-length runs for benchmarks).
     :param compile: mode "single" only: decode with the tower's step compiled to native code
         (``olmo_tap.model.compiled``): same tokens, faster steps, a one-off compile of about a minute on CPU.
+    :param top_logprobs: None: no log-probabilities (nothing computed); 0 to 20: each TokenEvent carries its
+        token's log-probability under the distribution it was decided from, and that many most likely tokens.
     """
 
     def __init__(
@@ -248,6 +282,7 @@ class PoE:
         head: int | None = None,
         ignore_eos: bool = False,
         compile: bool = False,
+        top_logprobs: int | None = None,
     ) -> None:
         if n_llm_heads is None:
             n_llm_heads = model.n_text_heads
@@ -268,6 +303,8 @@ class PoE:
         for name, value in (("draft_head", draft_head), ("head", head)):
             if value is not None and not 0 <= value < n_llm_heads:
                 raise ValueError(f"{name} {value} out of range for {n_llm_heads} text heads")
+        if top_logprobs is not None and (not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= 20):
+            raise ValueError(f"top_logprobs must be None or an integer in [0, 20], got {top_logprobs!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.n_llm_heads = n_llm_heads
@@ -281,8 +318,11 @@ class PoE:
         self.mode: Mode = mode
         self.head = head
         self.compile = compile
+        self.top_logprobs = top_logprobs
         self.vocab_limit = vocab_limit(tokenizer, model.base_config.vocab_size)
         self.stop_ids = frozenset() if ignore_eos else stop_token_ids(tokenizer, model.base_config.eos_token_id)
+        # compared once per decoder: equal weights short-circuit nothing, different ones stop at the first tensor
+        self.independent_heads = not model.identical_heads(range(n_llm_heads))
         self.A_id = tokenizer.encode("A", add_special_tokens=False)[0]
         self.B_id = tokenizer.encode("B", add_special_tokens=False)[0]
 
@@ -360,6 +400,8 @@ class PoE:
                 "question": conversation[-1]["content"] if is_mcq else None,
             },
         )
+        output.whole_jury = self.mode == "poe" and self.n_llm_heads == self.model.n_text_heads
+        output.independent_heads = self.independent_heads
         witness: dict[str, torch.Tensor] = {}
         started = time.perf_counter()
 
@@ -478,7 +520,7 @@ class PoE:
             verifier_logits = model.project(verifier_hidden)[:, 0, :, : self.vocab_limit]
             target, allowed = jury_distribution(verifier_logits, temperature, self.beta, self.veto_threshold)
             q = torch.softmax(torch.stack(draft_logits).float() / temperature, dim=-1) if temperature > 0 else None
-            signals = position_signals(verifier_logits, target)
+            signals = position_signals(verifier_logits, target, self.top_logprobs)
             # DECIDE position by position; stop at the first rejection.
             for j in range(g):
                 position = decided + j
@@ -544,7 +586,7 @@ class PoE:
             combined = head_logits.float().mean(dim=0)
             token = sample_from_logits(combined[0], temperature, seed, position, Purpose.SAMPLE)
             scale = temperature if temperature > 0 else 1.0
-            signals = position_signals(head_logits, torch.softmax(combined / scale, dim=-1))
+            signals = position_signals(head_logits, torch.softmax(combined / scale, dim=-1), self.top_logprobs)
             output.n_rounds += 1
             yield signals.event(emitted, position, 0, token)
             if token in self.stop_ids:
@@ -575,6 +617,10 @@ class PositionSignals:
     entropies: list[float]
     margins: list[float]
     votes: list[list[int]]  # votes[j] = each head's argmax at position j
+    # With log-probabilities asked for: the block's distributions (left where they were computed: an emitted
+    # token's probability is read alone), and each position's most likely (token id, log-probability).
+    target: torch.Tensor | None = None
+    top: list[list[tuple[int, float]]] | None = None
 
     def event(self, index: int, position: int, j: int, token: int) -> TokenEvent:
         return TokenEvent(
@@ -585,10 +631,28 @@ class PositionSignals:
             entropy=self.entropies[j],
             stability_radius=stability_radius(self.votes[j], token),
             stability_margin=self.margins[j],
+            logprob=None if self.target is None else _log(float(self.target[j, token])),
+            top_logprobs=None if self.top is None else self.top[j],
         )
 
 
-def position_signals(head_logits: torch.Tensor, target: torch.Tensor) -> PositionSignals:
-    """head_logits (n_heads, positions, vocab), target (positions, vocab)."""
+def _log(p: float) -> float:
+    return math.log(p) if p > 0 else -math.inf  # probability 0: vetoed (or below float32's smallest)
+
+
+def position_signals(
+    head_logits: torch.Tensor, target: torch.Tensor, top_logprobs: int | None = None
+) -> PositionSignals:
+    """head_logits (n_heads, positions, vocab), target (positions, vocab): the distribution each token is decided
+    from. ``top_logprobs`` (None: none) makes events carry log-probabilities under ``target``."""
     votes = head_logits.argmax(dim=-1).t().tolist()
-    return PositionSignals(entropy_nats(target).tolist(), top2_margin(target).tolist(), votes)
+    signals = PositionSignals(entropy_nats(target).tolist(), top2_margin(target).tolist(), votes)
+    if top_logprobs is not None:
+        signals.target = target
+        k = min(top_logprobs, target.size(-1))
+        probs, ids = torch.topk(target.float(), k, dim=-1)  # one top-k and one transfer for the whole block
+        signals.top = [
+            [(i, _log(p)) for i, p in zip(row_ids, row_probs, strict=True)]
+            for row_ids, row_probs in zip(ids.tolist(), probs.tolist(), strict=True)
+        ]
+    return signals

@@ -35,6 +35,14 @@ REQUIRED_SETTINGS = ("mode", "seed", "temperature", "beta", "veto_threshold", "d
 # The digest covers exactly these fields: the claim. Everything in ``output`` is derived from them.
 DIGESTED_FIELDS = ("format", "version", "model", "settings", "prompt_ids", "token_ids")
 TOP_LEVEL_FIELDS = (*DIGESTED_FIELDS, "digest", "output", "signature")
+# Upper bounds of settings that size what an audit allocates (the original system ran 10 heads x 3 layers).
+LIMITS = {"n_heads": 64, "heads_depth": 256, "gamma": 64}
+# The types of the output's lists, so a malformed one is refused as bad input rather than met deep in the audit.
+OUTPUT_LISTS = {
+    "output_parts": str, "original_tokens": str, "resampled_idxs": int, "token_ids": int, "prompt_ids": int,
+    "original_token_ids": int, "stability_radii": int, "validity_radii": int, "verifier_heads": int,
+    "token_entropies": float, "stability_margins": float, "suppression_scores": float,
+}  # fmt: skip
 
 
 def content_digest(transcript: dict[str, Any]) -> str:
@@ -109,6 +117,10 @@ def check_settings(settings: Any) -> dict[str, Any]:
     tau = s["veto_threshold"]
     _check(tau is None or (_is_number(tau) and 0 <= tau < 1), "veto_threshold", "null or a number in [0, 1)", tau)
     _check(_is_int(s["n_llm_heads"]) and s["n_llm_heads"] >= 1, "n_llm_heads", "an integer >= 1", s["n_llm_heads"])
+    if s["mode"] == "poe":
+        _check(
+            s["n_llm_heads"] >= 2, "n_llm_heads", "at least 2 for PoE (one drafts, the rest verify)", s["n_llm_heads"]
+        )
     head = s["draft_head"]
     if s["mode"] == "naive":
         _check(head is None, "draft_head", "null for naive averaging (every head decides)", head)
@@ -117,7 +129,11 @@ def check_settings(settings: Any) -> dict[str, Any]:
         _check(ok, "draft_head", f"a head index in [0, {s['n_llm_heads']})", head)
     for name in ("gamma", "max_new_tokens", "vocab_limit", "n_heads", "heads_depth"):
         if s.get(name) is not None:
-            _check(_is_int(s[name]) and s[name] >= (0 if name == "heads_depth" else 1), name, "an integer", s[name])
+            low, high = (0 if name == "heads_depth" else 1), LIMITS.get(name)
+            ok = _is_int(s[name]) and s[name] >= low and (high is None or s[name] <= high)
+            _check(ok, name, f"an integer in [{low}, {high}]" if high else f"an integer >= {low}", s[name])
+    # the audit builds a Hydra of this split before anything else: bound it before any memory is allocated
+    _check(s["n_llm_heads"] <= LIMITS["n_heads"], "n_llm_heads", f"at most {LIMITS['n_heads']}", s["n_llm_heads"])
     if s.get("stop_ids") is not None:
         _id_list(s["stop_ids"], "settings.stop_ids")
     for name in ("dtype", "device"):
@@ -151,8 +167,14 @@ def check_transcript(data: Any) -> dict[str, Any]:
     if not _id_list(data.get("prompt_ids"), "prompt_ids"):
         raise ValueError("transcript field 'prompt_ids' must not be empty")
     _id_list(data.get("token_ids"), "token_ids")
-    if not isinstance(data.get("output", {}), dict):
+    output = data.get("output", {})
+    if not isinstance(output, dict):
         raise ValueError("transcript field 'output' must be an object")
+    for name, kind in OUTPUT_LISTS.items():
+        value = output.get(name, [])
+        ok = _is_int if kind is int else _is_number if kind is float else (lambda v: isinstance(v, str))
+        if not isinstance(value, list) or not all(ok(v) for v in value):
+            raise ValueError(f"transcript field 'output.{name}' must be a list of {kind.__name__} values")
     if data["version"] >= 2 and not isinstance(data.get("digest"), str):
         raise ValueError("transcript field 'digest' must be a string (sha256:<hex>)")
     if data.get("signature") is not None and not isinstance(data["signature"], dict):
@@ -173,4 +195,6 @@ def read_transcript(path: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         where = f"line {e.lineno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
         raise ValueError(f"{path} is not valid JSON ({where})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON too deeply nested to read") from None
     return check_transcript(data)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from olmo_tap.model import kernels
 from olmo_tap.model.layers import apply_rope, residual_layer, rms_norm, rope_for_span
 
 if TYPE_CHECKING:
@@ -42,23 +43,28 @@ def window_for(length: int, context: int) -> int:
 
 
 @contextlib.contextmanager
-def _onednn_packing() -> Iterator[None]:
-    """Let Inductor pack fp32 linear weights for oneDNN rather than MKL while it compiles.
+def _inductor_packing(dtype: torch.dtype) -> Iterator[None]:
+    """Make Inductor's weight-packing pass follow the eager kernel choice (``olmo_tap.model.kernels``) while it
+    compiles a step of ``dtype`` weights.
 
-    Inductor packs fp32 weights for MKL on x86 unless oneDNN is known to take them (its test: an Arm build
-    with ACL); on SmolLM2's shapes, oneDNN's packed matrix-vector products ran 5-18% faster (4 runs, 2-core EPYC). The
-    answer is scoped to Inductor's packing pass; without that pass's hook (another torch), MKL packing stays,
-    which is slower but equally correct.
+    Where oneDNN takes ``dtype``: Inductor packs fp32 weights for MKL on x86 unless oneDNN is known to take them
+    (its test: an Arm build with ACL); on SmolLM2's shapes, oneDNN's packed matrix-vector products ran 5-18%
+    faster (4 runs, 2-core EPYC), so it is told oneDNN takes them. Where oneDNN does not take ``dtype`` (a CPU
+    without its bf16 instructions, or the stock path forced): Inductor is told this CPU has no oneDNN bf16, which
+    is what it finds by itself on such a CPU, so a forced run compiles what that CPU would; fp32 keeps Inductor's
+    MKL packing (MKL runs on every x86 CPU). The answers are scoped to Inductor's packing pass; without that
+    pass's hooks (another torch), its own choice stays, which is equally correct.
     """
     try:
         from torch._inductor.fx_passes import mkldnn_fusion
     except ImportError:
         yield
         return
+    onednn = kernels.onednn_refusal(dtype) is None
     original = getattr(mkldnn_fusion, "mkldnn", None)
-    if original is None or not hasattr(original, "_is_mkldnn_acl_supported"):
-        yield
-        return
+    original_bf16 = getattr(mkldnn_fusion, "is_mkldnn_bf16_supported", None)
+    patch_fp32 = onednn and original is not None and hasattr(original, "_is_mkldnn_acl_supported")
+    patch_bf16 = not onednn and original_bf16 is not None
 
     class _OneDNNTakesFp32:
         def __getattr__(self, name: str) -> object:
@@ -66,11 +72,20 @@ def _onednn_packing() -> Iterator[None]:
                 return lambda: True
             return getattr(original, name)
 
-    mkldnn_fusion.mkldnn = _OneDNNTakesFp32()
+    def _no_cpu_bf16(device_type: str) -> bool:
+        return False if device_type == "cpu" else bool(original_bf16(device_type))  # type: ignore[misc]
+
+    if patch_fp32:
+        mkldnn_fusion.mkldnn = _OneDNNTakesFp32()
+    if patch_bf16:
+        mkldnn_fusion.is_mkldnn_bf16_supported = _no_cpu_bf16
     try:
         yield
     finally:
-        mkldnn_fusion.mkldnn = original
+        if patch_fp32:
+            mkldnn_fusion.mkldnn = original
+        if patch_bf16:
+            mkldnn_fusion.is_mkldnn_bf16_supported = original_bf16
 
 
 class _TowerStep(nn.Module):
@@ -173,6 +188,7 @@ class CompiledTower:
         self.head = head
         self.window = window
         self.weight_versions = _weight_versions(model)
+        self.kernel_epoch = kernels.epoch()
         self.module = _TowerStep(model, head, window)
         self._run = torch.compile(self.module, fullgraph=True, dynamic=False)
         self.compiled = False
@@ -180,8 +196,8 @@ class CompiledTower:
         self._token = torch.zeros(1, dtype=torch.long, device=model.device)
 
     def is_current(self) -> bool:
-        """Whether the model's weights are still the ones frozen into this step."""
-        return self.weight_versions == _weight_versions(self.model)
+        """Whether the model's weights, and the kernel choice, are still the ones this step was built with."""
+        return self.weight_versions == _weight_versions(self.model) and self.kernel_epoch == kernels.epoch()
 
     @torch.no_grad()
     def load_cache(self, length: int) -> None:
@@ -203,7 +219,7 @@ class CompiledTower:
         self._position.fill_(position)
         if self.compiled:
             return self._run(self._token, self._position)[0]
-        with _onednn_packing(), torch._inductor.config.patch(_compile_settings(self.model.device)):
+        with _inductor_packing(self.model.dtype), torch._inductor.config.patch(_compile_settings(self.model.device)):
             logits = self._run(self._token, self._position)[0]  # compiles
         self.compiled = True
         return logits

@@ -9,7 +9,8 @@ Linear weights are stored as ``(n, in, out)`` and applied as ``x @ w``: on CPU
 this layout runs matrix-vector products markedly faster than ``F.linear``'s
 ``(out, in)`` (measured ~30% on SmolLM2's shapes), which is what decoding is.
 q/k/v and gate/up are fused so one decode step issues four matmuls per layer. For
-inference on CPU the weights are additionally prepacked for oneDNN (``PackedWeights``).
+inference on CPU the weights are additionally prepacked for oneDNN (``PackedWeights``) where the CPU takes
+them (``olmo_tap.model.kernels``); elsewhere the same products run as stock matmuls.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from olmo_tap.model import kernels
 from olmo_tap.model.config import TransformerConfig
 from olmo_tap.model.kv_cache import KVCache
 
@@ -100,14 +102,8 @@ PACK_MIN_ELEMENTS = 1 << 16
 
 
 def onednn_packing_available(w: torch.Tensor) -> bool:
-    """Whether oneDNN should prepack ``w``: a large CPU fp32/bf16 weight, in a build with oneDNN."""
-    return (
-        w.device.type == "cpu"
-        and w[0].numel() >= PACK_MIN_ELEMENTS
-        and w.dtype in (torch.float32, torch.bfloat16)
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
+    """Whether oneDNN should prepack ``w``: a large CPU weight of a dtype this CPU and build run on oneDNN."""
+    return w.device.type == "cpu" and w[0].numel() >= PACK_MIN_ELEMENTS and kernels.onednn_refusal(w.dtype) is None
 
 
 class PackedWeights:
@@ -127,14 +123,19 @@ class PackedWeights:
     def get(self, w: torch.Tensor) -> list[torch.Tensor] | None:
         """The packs of ``w``, or None when oneDNN should not take it; decided once per version of ``w``,
         not on every call (this runs 121 times per decoded token)."""
-        key = (w._version, w.data_ptr(), w.dtype, tuple(w.shape))
+        key = (w._version, w.data_ptr(), w.dtype, tuple(w.shape), kernels.epoch())
         if key != self.key:
             self.packs = None
             if onednn_packing_available(w):
                 stack = w if w.ndim == 3 else w.unsqueeze(0)
-                with torch.no_grad():
-                    # oneDNN wants (out, in); the batch-size hint 4 serves 1 to 32 rows within ~10%
-                    self.packs = [torch.ops.mkldnn._reorder_linear_weight(t.t().contiguous(), 4) for t in stack]
+                try:
+                    with torch.no_grad():
+                        # oneDNN wants (out, in); the batch-size hint 4 serves 1 to 32 rows within ~10%
+                        self.packs = [kernels.reorder_weight(t.t().contiguous(), 4) for t in stack]
+                except Exception as e:
+                    # the one-off probe passed but this weight did not: stock kernels, never a crash mid-decode
+                    kernels.note_failure(w.dtype, e)
+                    key = (*key[:-1], kernels.epoch())
             self.key = key
         return self.packs
 
@@ -142,8 +143,8 @@ class PackedWeights:
 def linear(x: torch.Tensor, w: torch.Tensor, sel: slice, packed: PackedWeights | None = None) -> torch.Tensor:
     """(n_sel, T, in) @ w[sel] -> (n_sel, T, out) for a weight stack w (n, in, out).
 
-    Inference on CPU uses oneDNN-prepacked weights (one call per tower); training, other
-    devices and other dtypes use plain (batched) matmuls.
+    Inference on CPU uses oneDNN-prepacked weights (one call per tower) where the CPU takes them; training,
+    other devices, other dtypes and CPUs without oneDNN support for the dtype use plain (batched) matmuls.
     """
     packs = packed.get(w) if packed is not None and not torch.is_grad_enabled() else None
     if packs is not None:

@@ -20,17 +20,18 @@ from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.cors import CORSMiddleware
 
 from olmo_tap.inference.poe import PoEOutput
 from olmo_tap.inference.prompts import encode_chat
-from olmo_tap.serve.config import ServeConfig
-from olmo_tap.serve.engine import DeadlinePassed, Engine, EngineStopped, Job, QueueFull
-from olmo_tap.serve.errors import APIError, error_payload, install_error_handlers
-from olmo_tap.serve.generation import GenerationPlan, run_generation
-from olmo_tap.serve.middleware import BodySizeLimit, RequestContext
-from olmo_tap.serve.responses import chunk_body, completion_body, sse, usage
+from olmo_tap.serve.config import ServeConfig, public_model_id
+from olmo_tap.serve.engine import DeadlinePassed, Engine, EngineStopped, Job, JobFailed, QueueFull
+from olmo_tap.serve.errors import APIError, error_payload, install_error_handlers, quote_input
+from olmo_tap.serve.generation import Generated, GenerationPlan, run_generation
+from olmo_tap.serve.middleware import BodySizeLimit, HostCheck, JSONBodiesOnly, RequestContext, trusted_hosts
+from olmo_tap.serve.responses import JSONResponse, chunk_body, completion_body, sse, usage
 from olmo_tap.serve.schemas import AuditRequest, ChatCompletionRequest, VerifyRequest
 from olmo_tap.serve.trust import OPENAI_FINISH, response_trust
 from olmo_tap.serve.verification import check_audit_request, run_audit, run_verify
@@ -39,6 +40,13 @@ log = logging.getLogger("olmo_tap.serve")
 
 STATIC_DIR = Path(__file__).parent / "static"
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
+# After its deadline a running job stops at its next check (a chat then answers with what was decided); this
+# long is left for that before the request gives up on it with a 503. A waiting job gets no grace.
+RUNNING_GRACE_S = 2.0
+# A prompt is refused before tokenising when it has more characters than this per token of context: no
+# tokenizer of these models averages anywhere near 32 characters a token, so such a prompt cannot fit, and
+# tokenising a megabyte of text would hold a thread for seconds.
+PROMPT_CHARS_PER_CONTEXT_TOKEN = 32
 
 
 class ClientGone(Exception):
@@ -68,6 +76,25 @@ class Service:
     @property
     def context(self) -> int:
         return self.model.base_config.max_seq_len
+
+    @property
+    def max_verify_tokens(self) -> int:
+        return self.config.max_verify_tokens or self.context
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return PROMPT_CHARS_PER_CONTEXT_TOKEN * self.context
+
+    def check_verify_tokens(self, n_tokens: int, param: str) -> None:
+        """400 when a verify or audit request asks to replay more tokens than the server's cap."""
+        if n_tokens > self.max_verify_tokens:
+            raise APIError(
+                400,
+                f"{param}: the request holds {n_tokens} tokens (prompt + output, over all sequences); this server "
+                f"replays at most {self.max_verify_tokens} per request (max_verify_tokens)",
+                param=param,
+                code="too_many_tokens",
+            )
 
     def model_card(self) -> dict[str, Any]:
         config = self.model.config
@@ -100,7 +127,7 @@ class Service:
         if body.model not in (None, "", self.model_id):
             raise APIError(
                 404,
-                f"model {body.model!r} is not served here; this server serves {self.model_id!r}",
+                f"model {quote_input(body.model)} is not served here; this server serves {self.model_id!r}",
                 param="model",
                 code="model_not_found",
             )
@@ -112,7 +139,20 @@ class Service:
                 f"draft_head {body.draft_head} is not one of the {self.n_text_heads} text heads",
                 param="draft_head",
             )
+        # Refuse before the expensive part (the chat template and tokenising), so a flood against a full queue
+        # costs each request only its parsing.
+        self.check_capacity()
         conversation = body.conversation()
+        chars = sum(len(message["content"]) for message in conversation)
+        if chars > self.max_prompt_chars:
+            raise APIError(
+                400,
+                f"messages: the conversation is {chars} characters; this server tokenises at most "
+                f"{self.max_prompt_chars} ({PROMPT_CHARS_PER_CONTEXT_TOKEN} per token of the model's context of "
+                f"{self.context} tokens)",
+                param="messages",
+                code="context_length_exceeded",
+            )
         prompt_tokens = await anyio.to_thread.run_sync(self.count_prompt_tokens, conversation)
         room = self.context - prompt_tokens
         if room < 1:
@@ -144,25 +184,40 @@ class Service:
             draft_head=body.draft_head,
             mcq=body.mcq,
             stream=body.stream,
+            logprobs=body.logprobs,
+            top_logprobs=body.top_logprobs or 0,
         )
 
     def submit(self, request_id: str, work: Callable[[Job], Any]) -> Job:
         try:
             return self.engine.submit(request_id, work, self.config.request_timeout_s)
         except QueueFull as e:
-            raise APIError(
-                429,
-                f"{e}: the queue holds {self.engine.queue_size} waiting requests",
-                code="queue_full",
-                headers={"Retry-After": str(e.retry_after_s)},
-            ) from None
+            raise self.queue_full(e) from None
         except EngineStopped as e:
             raise APIError(503, str(e), headers={"Retry-After": "5"}) from None
 
+    def check_capacity(self) -> None:
+        """429 now if the queue has no room, before a request's expensive checks."""
+        try:
+            self.engine.check_capacity()
+        except QueueFull as e:
+            raise self.queue_full(e) from None
+
+    def queue_full(self, e: QueueFull) -> APIError:
+        return APIError(
+            429,
+            f"{e}: the queue holds {self.engine.queue_size} waiting requests",
+            code="queue_full",
+            headers={"Retry-After": str(e.retry_after_s)},
+        )
+
     async def result(self, job: Job, request: Request) -> Any:
         """The job's result once it is done (its token events skipped); its error as an APIError."""
-        while (event := await next_event(job, request, self.engine))[0] in ("started", "token"):
-            pass
+        try:
+            while (event := await next_event(job, request, self.engine))[0] in ("started", "token"):
+                pass
+        except DeadlinePassed as e:
+            raise self.job_error(e) from None
         kind, payload = event
         if kind == "error":
             raise self.job_error(payload)
@@ -177,20 +232,35 @@ class Service:
             return APIError(503, str(exc), headers=retry)
         if isinstance(exc, ValueError):
             return APIError(400, str(exc))
-        return APIError(500, f"the model failed on this request ({type(exc).__name__})")
+        kind = exc.kind if isinstance(exc, JobFailed) else type(exc).__name__
+        return APIError(500, f"the model failed on this request ({kind})")
 
 
 async def next_event(job: Job, request: Request | None, engine: Engine) -> tuple[str, Any]:
-    """The job's next event; while waiting, a client that disconnected cancels the job (ClientGone)."""
+    """The job's next event; while waiting, a client that disconnected cancels the job (ClientGone), and so
+    does the deadline (DeadlinePassed): at once for a job still in the queue, after ``RUNNING_GRACE_S`` for a
+    running one. The deadline is enforced here, not only by the worker, so a request queued behind a long job
+    is answered at its own deadline."""
     getter = asyncio.ensure_future(job.events.get())
     try:
         while True:
-            done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
+            limit = job.deadline + (0.0 if job.state == "queued" else RUNNING_GRACE_S)
+            timeout = min(DISCONNECT_POLL_S, max(0.0, limit - time.monotonic()))
+            done, _ = await asyncio.wait({getter}, timeout=timeout)
             if done:
                 return getter.result()
             if request is not None and await request.is_disconnected():
                 engine.cancel(job)
                 raise ClientGone
+            if time.monotonic() >= limit:
+                waited = job.state == "queued"
+                engine.cancel(job, "time_limit")
+                elapsed = time.monotonic() - job.submitted
+                raise DeadlinePassed(
+                    f"the request waited longer than its time limit ({elapsed:.1f} s)"
+                    if waited
+                    else f"the request ran past its time limit ({elapsed:.1f} s) and was stopped"
+                )
     finally:
         if not getter.done():
             getter.cancel()
@@ -204,6 +274,7 @@ def create_app(
     ``signing_key``: an Ed25519PrivateKey already loaded; otherwise the key file ``config.signing_key``, if
     any, is loaded here (ValueError when it is not a usable key)."""
     config = config or ServeConfig()
+    model_id = public_model_id(model_id)  # a model given as a path is shown by its base name only
     if signing_key is None and config.signing_key:
         from olmo_tap.verify.signing import load_private_key
 
@@ -231,10 +302,32 @@ def create_app(
             service.engine.stop()
 
     app = FastAPI(
-        title="olmo-tap", summary="Chat completions decoded by a jury of heads, with trust signals", lifespan=lifespan
+        title="olmo-tap",
+        summary="Chat completions decoded by a jury of heads, with trust signals",
+        lifespan=lifespan,
+        default_response_class=JSONResponse,
+        # Swagger UI and ReDoc load their scripts from a CDN: off unless asked for (--docs); the schema stays.
+        docs_url="/docs" if config.docs else None,
+        redoc_url="/redoc" if config.docs else None,
     )
     install_error_handlers(app)
+    # Each add_middleware wraps what came before: requests pass RequestContext, HostCheck, CORS, JSONBodiesOnly
+    # and BodySizeLimit in that order.
     app.add_middleware(BodySizeLimit, max_bytes=service.config.max_body_bytes)
+    app.add_middleware(JSONBodiesOnly)
+    if config.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],  # the openai clients send their own x-stainless-* headers
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    app.add_middleware(
+        HostCheck,
+        allowed_hosts=trusted_hosts(config.host, config.allowed_hosts),
+        bind_host=config.host,
+    )
     app.add_middleware(RequestContext)  # outermost: every answer, 413 included, gets an id and a log line
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -257,7 +350,9 @@ def create_app(
     async def model_info(name: str) -> dict[str, Any]:
         if name != model_id:
             raise APIError(
-                404, f"model {name!r} is not served here; this server serves {model_id!r}", code="model_not_found"
+                404,
+                f"model {quote_input(name)} is not served here; this server serves {model_id!r}",
+                code="model_not_found",
             )
         return service.model_card()
 
@@ -285,10 +380,13 @@ def create_app(
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
-            output: PoEOutput = await service.result(job, request)
+            generated: Generated = await service.result(job, request)
+            output = generated.output
             log_answer(request_id, output, job)
             trust = response_trust(output, model_id, mcq=plan.mcq, queue_s=job.queue_s, signing_key=service.signing_key)
-            return JSONResponse(completion_body(completion_id, created, model_id, output, trust))
+            return JSONResponse(completion_body(completion_id, created, model_id, output, trust, generated.logprobs))
+        except DeadlinePassed as e:
+            raise service.job_error(e) from None
         except ClientGone:
             log.info("%s client disconnected; its request was cancelled", request_id)
             return Response(status_code=499)
@@ -298,6 +396,7 @@ def create_app(
         """token-difr's verify_outputs against the served model: per-token metrics, summary and verdict."""
         if body.head is not None and body.head >= service.n_text_heads:
             raise APIError(400, f"head {body.head} is not one of the {service.n_text_heads} text heads", param="head")
+        service.check_verify_tokens(body.n_tokens, "outputs")
         job = service.submit(request.state.request_id, lambda job: run_verify(job, model, tokenizer, body))
         try:
             return JSONResponse({"model": model_id, **await service.result(job, request)})
@@ -311,6 +410,7 @@ def create_app(
             transcript = check_audit_request(model, model_id, body)
         except ValueError as e:
             raise APIError(400, f"transcript: {e}", param="transcript") from None
+        service.check_verify_tokens(len(transcript["prompt_ids"]) + len(transcript["token_ids"]), "transcript")
         job = service.submit(
             request.state.request_id, lambda job: run_audit(job, model, tokenizer, model_id, transcript, body)
         )
@@ -333,12 +433,17 @@ def create_app(
         try:
             yield chunk({"role": "assistant", "content": ""})
             while True:
-                kind, payload = await job.events.get()
+                try:
+                    kind, payload = await next_event(job, None, service.engine)
+                except DeadlinePassed as e:  # a decoding step that never returned: the stream ends with a 503
+                    kind, payload = "error", e
                 if kind == "token":
-                    sent += payload["text"]
-                    yield chunk({"content": payload["text"]}, trust=payload)
+                    token = payload["trust"]
+                    sent += token["text"]
+                    entry = payload["logprobs"]
+                    yield chunk({"content": token["text"]}, trust=token, logprobs=None if entry is None else [entry])
                 elif kind == "done":
-                    output: PoEOutput = payload
+                    output: PoEOutput = payload.output
                     log_answer(job.request_id, output, job)
                     trust = response_trust(
                         output, model_id, mcq=plan.mcq, queue_s=job.queue_s, signing_key=service.signing_key

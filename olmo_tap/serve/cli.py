@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from olmo_tap.serve.config import ServeConfig, env_default, env_name
+from olmo_tap.serve.config import WILDCARD_BINDS, ServeConfig, boolean, comma_list, env_default, env_name
 
 
 def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -54,6 +54,13 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
     option("--max-tokens", defaults.default_max_tokens, int, "new tokens when a request sets no max_tokens")
     option("--temperature", defaults.default_temperature, float, "temperature when a request sets none")
     option("--max-body-bytes", defaults.max_body_bytes, int, "largest request body accepted; larger ones get 413")
+    option(
+        "--max-verify-tokens",
+        defaults.max_verify_tokens,
+        int,
+        "prompt + output tokens over all sequences of one /v1/verify or /v1/audit request; more get 400 "
+        "(0: the model's context)",
+    )
     option("--log-level", defaults.log_level, str, "log level", choices=["debug", "info", "warning", "error"])
     option(
         "--signing-key",
@@ -62,6 +69,30 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
         "Ed25519 private key (olmo-tap keygen) that signs every transcript's digest, so auditors can tell "
         "this server vouched for an answer; its public key is served at GET /v1/signing-key",
         metavar="PATH",
+    )
+    option(
+        "--allowed-hosts",
+        defaults.allowed_hosts,
+        comma_list,
+        "comma-separated Host names answered besides localhost, 127.0.0.1, [::1] and --host; others get 400, "
+        "so a web page cannot reach the server through DNS rebinding ('*.example.com' for subdomains, '*': any). "
+        "With --host 0.0.0.0 or ::, clients by IP address are answered too; by name only when listed here",
+        metavar="HOSTS",
+    )
+    option(
+        "--cors-origins",
+        defaults.cors_origins,
+        comma_list,
+        "comma-separated origins (scheme://host[:port]) whose web pages may call the API; none: no CORS headers, "
+        "browsers keep other sites' pages out",
+        metavar="ORIGINS",
+    )
+    group.add_argument(
+        "--docs",
+        action="store_true",
+        default=from_env("--docs", defaults.docs, boolean),
+        help="serve /docs (Swagger UI) and /redoc, which load their scripts from a CDN (jsdelivr), so they work "
+        "only online; /openapi.json is always served",
     )
     parser.set_defaults(env_errors=env_errors)
     parser.set_defaults(func=cmd_serve)
@@ -85,8 +116,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         default_max_tokens=args.max_tokens,
         default_temperature=args.temperature,
         max_body_bytes=args.max_body_bytes,
+        max_verify_tokens=args.max_verify_tokens,
         log_level=args.log_level,
         signing_key=args.signing_key or None,
+        allowed_hosts=tuple(args.allowed_hosts),
+        cors_origins=tuple(args.cors_origins),
+        docs=args.docs,
     )
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
@@ -101,6 +136,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"olmo-tap serve: loading {args.model} ...", file=sys.stderr)
     model, tokenizer = load_model_and_tokenizer(args)
     app = create_app(model, tokenizer, str(args.model), config, signing_key=signing_key)
+    for warning in exposure_warnings(config):
+        print(f"olmo-tap serve: warning: {warning}", file=sys.stderr)
     print(
         f"olmo-tap serve: http://{config.host}:{config.port}/ (page), /v1 (OpenAI API); ready when /health says ok",
         file=sys.stderr,
@@ -108,3 +145,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # uvicorn's access log is replaced by the app's own lines, which carry request ids and timings.
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, access_log=False)
     return 0
+
+
+def exposure_warnings(config: ServeConfig) -> list[str]:
+    """What the operator should know about who can reach the server, said once at start-up."""
+    warnings = []
+    if config.host in WILDCARD_BINDS:
+        warnings.append(
+            f"listening on every interface ({config.host or 'all'}): anyone on the network can use the model; "
+            "clients by IP address are answered, by name only when the name is in --allowed-hosts"
+        )
+    if "*" in config.allowed_hosts:
+        warnings.append("--allowed-hosts '*': the Host check is off; a web page can reach the server by DNS rebinding")
+    if "*" in config.cors_origins:
+        warnings.append("--cors-origins '*': every web page the user visits may call the API and read its answers")
+    return warnings

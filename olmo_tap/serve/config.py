@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +22,17 @@ class ServeConfig:
     default_max_tokens: int = 256  # when a request gives no max_tokens (capped by the context)
     default_temperature: float = 0.7  # when a request gives no temperature
     max_body_bytes: int = 1_000_000  # larger request bodies get 413
+    # Prompt + output tokens over all sequences of one /v1/verify or /v1/audit request; more get 400. 0: the
+    # model's context, the longest single sequence it can replay, so any one valid sequence fits while a
+    # request stays one context's work (time and memory) however many sequences it carries.
+    max_verify_tokens: int = 0
     log_level: str = "info"
     signing_key: str | None = None  # Ed25519 private key (PEM) that signs every transcript's digest; None: unsigned
+    # Host header names answered besides the loopback names and ``host`` (DNS-rebinding protection); "*" turns the
+    # check off, "*.example.com" allows a domain's subdomains.
+    allowed_hosts: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API (CORS); none: no CORS headers at all
+    docs: bool = False  # /docs and /redoc: Swagger UI and ReDoc load their assets from a CDN
 
     def __post_init__(self) -> None:
         checks = {
@@ -32,10 +42,55 @@ class ServeConfig:
             "default_max_tokens": self.default_max_tokens >= 1,
             "default_temperature": self.default_temperature >= 0,
             "max_body_bytes": self.max_body_bytes >= 1,
+            "max_verify_tokens": self.max_verify_tokens >= 0,
         }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"server setting {name} has an invalid value: {getattr(self, name)!r}")
+        for pattern in self.allowed_hosts:
+            # Starlette's TrustedHostMiddleware asserts this rule; checked here to fail with a clear message.
+            if not pattern or "*" in pattern[1:] or (pattern.startswith("*") and pattern != "*" and pattern[1] != "."):
+                raise ValueError(f"allowed host {pattern!r}: give a name, an address, '*.example.com' or '*'")
+        for origin in self.cors_origins:
+            # A browser's Origin header is scheme://host[:port], never with a path: anything else never matches.
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"CORS origin {origin!r}: give scheme://host[:port] (no path), or '*'")
+
+
+WILDCARD_BINDS = ("0.0.0.0", "::", "")  # --host values that listen on every interface
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s]+", re.IGNORECASE)
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def comma_list(raw: str) -> tuple[str, ...]:
+    """A comma-separated flag value as its non-empty items: "a, b," -> ("a", "b")."""
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def boolean(raw: str) -> bool:
+    """An environment variable's yes/no: 1/0, true/false, yes/no, on/off (any case)."""
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a yes/no value: {raw!r}")
+
+
+def public_model_id(given: str) -> str:
+    """The name the service shows for a model: a preset name or hub id as given, a local path as its base name.
+
+    The id appears in /v1/models, /health, every response, transcript and log line: a path would tell any client
+    how the server's disk is laid out (user names, directories)."""
+    name = given.strip()
+    local = os.path.lexists(os.path.expanduser(name))
+    plain = not re.search(r"[/\\]", name) and not name.startswith("~")
+    if not local and (plain or _HUB_ID.fullmatch(name)):
+        return name
+    base = re.split(r"[/\\]", name.rstrip("/\\"))[-1]
+    if base in ("", ".", "..", "~"):
+        base = os.path.basename(os.path.abspath(os.path.expanduser(name)))
+    return base or "local-model"
 
 
 def env_name(flag: str) -> str:

@@ -6,9 +6,14 @@ queue: when it is full, ``submit`` refuses at once (the app answers 429) instead
 
 A job talks to its request through an asyncio queue on the request's event loop: the worker posts
 ``("started", None)``, any number of ``("token", ...)``, then ``("done", result)`` or ``("error", exc)``.
-Between tokens the job's code calls ``job.stop_reason()``: a client that went away (``cancel``) or a passed
-deadline stops the decoding there. A job cancelled while still waiting leaves the queue at once, so a
-disconnected client never holds a slot.
+Between tokens the job's code calls ``job.stop_reason()`` (verification and audits call ``job.check_stop``
+between blocks): a client that went away (``cancel``) or a passed deadline stops the decoding there. A job
+cancelled while still waiting leaves the queue at once, so a disconnected client never holds a slot. The
+request side enforces the deadline too (``cancel(job, "time_limit")``), so a request waiting behind a long
+job gets its answer at its own deadline, not when the worker gets to it.
+
+Whatever a job raises, BaseException included (MemoryError, a stray SystemExit), becomes an error event for
+its request and a ``failed`` count; the worker goes on with the next job.
 """
 
 from __future__ import annotations
@@ -42,6 +47,15 @@ class EngineStopped(Exception):
     """The server is shutting down."""
 
 
+class JobFailed(Exception):
+    """A job raised something unexpected; carries only the exception's type name, so neither internals nor
+    the traceback (whose frames may hold the job's tensors) reach the request."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
 @dataclass(eq=False)
 class Job:
     """One piece of model work and the channel back to the request that asked for it."""
@@ -56,6 +70,7 @@ class Job:
     state: str = "queued"  # queued | running | done
     stopped: str | None = None  # set by the work when it stopped early: "cancelled" or "time_limit"
     _cancelled: threading.Event = field(default_factory=threading.Event)
+    _cancel_reason: str = "cancelled"  # what stop_reason says once cancelled: "cancelled" or "time_limit"
 
     def post(self, kind: str, payload: Any = None) -> None:
         """Hand an event to the request's event loop (called from the worker thread)."""
@@ -69,10 +84,18 @@ class Job:
     def stop_reason(self) -> str | None:
         """Why the job should stop now: "cancelled" (the client left), "time_limit", or None to go on."""
         if self._cancelled.is_set():
-            return "cancelled"
+            return self._cancel_reason
         if time.monotonic() > self.deadline:
             return "time_limit"
         return None
+
+    def check_stop(self) -> None:
+        """Raise DeadlinePassed (with ``stopped`` set) when the job should stop: for work that cannot return a
+        partial result (verification, audits), called between its blocks."""
+        if reason := self.stop_reason():
+            self.stopped = reason
+            why = "its client went away" if reason == "cancelled" else "its time limit passed"
+            raise DeadlinePassed(f"the request was stopped: {why} ({time.monotonic() - self.submitted:.1f} s)")
 
     @property
     def queue_s(self) -> float:
@@ -140,26 +163,40 @@ class Engine:
         with self._lock:
             if self._stopping or not self.alive:
                 raise EngineStopped("the server is shutting down")
-            # In flight: the waiting jobs and the running one (or, if the worker has not yet woken up, the job it
-            # is about to take): at most queue_size + 1.
-            if len(self._waiting) + (self._running is not None) > self.queue_size:
-                self.stats.rejected += 1
-                raise QueueFull(self.retry_after_s())
+            self._refuse_if_full()
             self._waiting.append(job)
             self._lock.notify()
         return job
 
-    def cancel(self, job: Job) -> None:
-        """The client went away: drop the job if it still waits, else make its next ``stop_reason`` say so."""
+    def check_capacity(self) -> None:
+        """Raise QueueFull now if a job submitted now would be refused: lets a request be refused before its
+        expensive checks (tokenising a long prompt), not after."""
+        with self._lock:
+            self._refuse_if_full()
+
+    def _refuse_if_full(self) -> None:
+        # In flight: the waiting jobs and the running one (or, if the worker has not yet woken up, the job it
+        # is about to take): at most queue_size + 1.
+        if len(self._waiting) + (self._running is not None) > self.queue_size:
+            self.stats.rejected += 1
+            raise QueueFull(self.retry_after_s())
+
+    def cancel(self, job: Job, reason: str = "cancelled") -> None:
+        """Stop a job: drop it if it still waits, else make its next ``stop_reason`` return ``reason``
+        ("cancelled": the client went away; "time_limit": the request side saw its deadline pass)."""
         with self._lock:
             if job.state == "done" or job.cancelled:
                 return
+            job._cancel_reason = reason
             job._cancelled.set()
             if job.state == "queued":
                 with contextlib.suppress(ValueError):
                     self._waiting.remove(job)
                 job.state = "done"
-                self.stats.cancelled += 1
+                if reason == "time_limit":
+                    self.stats.timed_out += 1
+                else:
+                    self.stats.cancelled += 1
 
     def retry_after_s(self) -> int:
         """Seconds until a slot is likely free: the mean job time times the line ahead, at least 1."""
@@ -197,14 +234,22 @@ class Engine:
         while (job := self._next_job()) is not None:
             try:
                 self._run(job)
-            except BaseException:  # never let one job end the worker
+            except BaseException as e:  # never let one job end the worker, nor leave its request waiting
                 log.exception("%s worker error outside the job", job.request_id)
+                self.stats.failed += 1
+                job.post("error", JobFailed(type(e).__name__))
             finally:
                 with self._lock:
                     job.state = "done"
                     self._running = None
 
     def _run(self, job: Job) -> None:
+        if job.cancelled:  # cancelled between dequeuing and now: its request has had its answer
+            if job._cancel_reason == "time_limit":
+                self.stats.timed_out += 1
+            else:
+                self.stats.cancelled += 1
+            return
         if time.monotonic() > job.deadline:
             self.stats.timed_out += 1
             job.post("error", DeadlinePassed(f"the request waited longer than its time limit ({job.queue_s:.1f} s)"))
@@ -217,18 +262,21 @@ class Engine:
                 self.stats.cancelled += 1
             else:
                 self.stats.timed_out += 1
-            job.post("error", e)
+            job.post("error", DeadlinePassed(str(e)))
             return
-        except Exception as e:
+        except BaseException as e:  # MemoryError, a stray SystemExit: the request hears of it, the worker goes on
             self.stats.failed += 1
             log.exception("%s failed", job.request_id)
-            job.post("error", e)
+            # A fresh exception: the original's traceback would keep the job's frames (and tensors) alive.
+            job.post("error", ValueError(str(e)) if isinstance(e, ValueError) else JobFailed(type(e).__name__))
             return
         duration = time.monotonic() - (job.started or job.submitted)
         self.stats.mean_job_s = 0.8 * self.stats.mean_job_s + 0.2 * duration
-        if job.stopped == "cancelled":
+        # A job cancelled while running that finished without looking: its request was answered without it.
+        stopped = job.stopped or (job._cancel_reason if job.cancelled else None)
+        if stopped == "cancelled":
             self.stats.cancelled += 1
-        elif job.stopped == "time_limit":
+        elif stopped == "time_limit":
             self.stats.timed_out += 1
         else:
             self.stats.completed += 1

@@ -1,33 +1,69 @@
 """Request and response bodies: OpenAI's chat-completions format, plus olmo-tap's decoding settings and ``trust``.
 
 Fields OpenAI defines and the jury cannot honour are refused with a 400 naming them rather than silently
-ignored (``n`` > 1, ``stop``, ``logit_bias``, tools, ``top_p`` < 1: the jury samples from its whole
-distribution, which is what makes a response exactly replayable); fields that do not change the answer
-(``user``, ``presence_penalty`` = 0, ...) are accepted.
+ignored (``n`` > 1, ``stop``, ``logit_bias``, tools and functions, JSON ``response_format``, penalties,
+``top_p`` < 1: the jury samples from its whole distribution, which is what makes a response exactly
+replayable); fields that do not change the answer (``user``, ``presence_penalty`` = 0, ``response_format``
+text, ...) are accepted. Every request model refuses unknown fields and non-finite numbers (NaN, Infinity,
+which Python's JSON parser reads), naming the field, rather than dropping or computing with them.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_SEED = 2**63 - 1
 MAX_VERIFY_SEQUENCES = 64  # per /v1/verify request: one long request must not hold the worker for long
 
 
-class TextPart(BaseModel):
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+
+
+class RequestModel(BaseModel):
+    """A request body or part of one: an unknown field or a non-finite number is a 400 naming the field."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def non_finite_path(value: Any, path: str = "") -> str | None:
+    """Where in a free-form JSON value (a transcript) a NaN or infinity sits, e.g. "output.token_entropies[3]"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "(the value)"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = non_finite_path(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key)
+        if found is not None:
+            return found
+    return None
+
+
+class TextPart(RequestModel):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ChatMessage(RequestModel):
     # "developer" is OpenAI's newer name for the system role.
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
+    # What OpenAI's clients send back when an assistant message is echoed into the next turn; empty, they are
+    # accepted (the refusal and annotations only describe the earlier answer); tool calls and audio are refused.
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    tool_calls: list[Any] | None = None
+    function_call: Any = None
+    audio: Any = None
+
+    @model_validator(mode="after")
+    def _no_tool_calls(self) -> ChatMessage:
+        for name in ("tool_calls", "function_call", "audio"):
+            if getattr(self, name):
+                raise ValueError(f"{name} in messages are not supported (this server has no tools and no audio)")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -38,14 +74,12 @@ class ChatMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(RequestModel):
     """POST /v1/chat/completions. The last block of fields is olmo-tap's (send them as ``extra_body``)."""
-
-    model_config = ConfigDict(extra="ignore")
 
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
@@ -61,8 +95,15 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     logit_bias: dict[str, float] | None = None
     tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # The jury's distribution after the veto, the one each token was decided from (see responses.logprobs_entry).
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     # olmo-tap's decoding settings.
     mode: Literal["poe", "naive", "single"] = "poe"
     gamma: int = Field(default=4, ge=1, le=64)
@@ -85,6 +126,13 @@ class ChatCompletionRequest(BaseModel):
             "stop": bool(self.stop) and "stop sequences are not supported (the answer ends at end-of-text)",
             "logit_bias": bool(self.logit_bias) and "logit_bias is not supported (it would bypass the jury)",
             "tools": bool(self.tools) and "tools are not supported",
+            "tool_choice": self.tool_choice not in (None, "none") and "tools are not supported",
+            "functions": bool(self.functions) and "functions are not supported",
+            "function_call": self.function_call not in (None, "none") and "functions are not supported",
+            "response_format": self.response_format not in (None, {"type": "text"})
+            and "only response_format {'type': 'text'} is supported (no JSON mode or schema: the jury's tokens "
+            "are not constrained)",
+            "top_logprobs": self.top_logprobs is not None and not self.logprobs and "top_logprobs needs logprobs: true",
             "top_p": self.top_p not in (None, 1.0)
             and "only top_p = 1 is supported: the jury samples from its whole distribution (exact and replayable)",
             "presence_penalty": self.presence_penalty != 0 and "presence_penalty is not supported",
@@ -107,7 +155,7 @@ class ChatCompletionRequest(BaseModel):
         return [m.for_template() for m in self.messages]
 
 
-class TokenSequenceBody(BaseModel):
+class TokenSequenceBody(RequestModel):
     """token-difr's TokenSequence: a prompt and the output claimed for it, as token ids."""
 
     prompt_token_ids: list[int] = Field(min_length=1)
@@ -115,7 +163,7 @@ class TokenSequenceBody(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
 
 
-class VerdictOptions(BaseModel):
+class VerdictOptions(RequestModel):
     """The decision rule's knobs (None: olmo_tap.verify's defaults)."""
 
     threshold: float | None = Field(default=None, gt=0, le=1)
@@ -137,11 +185,24 @@ class VerifyRequest(VerdictOptions):
     # every token not reproduced is listed, and threshold/confidence are refused), statistical for vLLM's.
     rule: Literal["exact", "statistical"] | None = None
 
+    @property
+    def n_tokens(self) -> int:
+        """Prompt + output tokens over all sequences: the work the request asks for (the server caps it)."""
+        return sum(len(s.prompt_token_ids) + len(s.output_token_ids) for s in self.outputs)
+
 
 class AuditRequest(VerdictOptions):
     """POST /v1/audit: replay a transcript (as an answer's ``trust.transcript``) through the served jury."""
 
     transcript: dict[str, Any]
+
+    @field_validator("transcript")
+    @classmethod
+    def _finite(cls, transcript: dict[str, Any]) -> dict[str, Any]:
+        found = non_finite_path(transcript)
+        if found is not None:
+            raise ValueError(f"{found} is not a finite number (NaN and Infinity are not JSON)")
+        return transcript
 
 
 class ErrorBody(BaseModel):

@@ -22,7 +22,11 @@ OPENAI_FINISH = {"eos": "stop", "length": "length", "abstain": "content_filter",
 
 
 def token_trust(event: TokenEvent) -> dict[str, Any]:
-    return event.to_dict()
+    """A streamed token's trust fields: those of ``trust.tokens``; its log-probabilities go in OpenAI's
+    ``logprobs`` instead."""
+    trust = event.to_dict()
+    del trust["logprob"], trust["top_logprobs"]
+    return trust
 
 
 def resampled_from_output(output: PoEOutput) -> list[dict[str, Any]]:
@@ -80,11 +84,13 @@ def response_trust(
         transcript = sign_transcript(transcript, signing_key)
         signed_by = transcript["signature"]["fingerprint"]
     n = len(output.token_ids)
-    finished = output.finish_reason in ("eos", "length")
     return {
         "mode": output.mode,
-        # The jury decided every token and the answer ended on its own terms (not abstained, not cut short).
-        "certified": output.mode == "poe" and finished and not output.abstained,
+        # The whole jury of independent heads decided every token and ended the answer on its own terms.
+        "certified": output.certified,
+        "verdict": output.verdict,  # the card's words: never more than the weights deliver
+        "whole_jury": output.whole_jury,
+        "independent_heads": output.independent_heads,
         "abstained": output.abstained,
         "finish_reason": output.finish_reason,
         "n_tokens": n,

@@ -6,7 +6,7 @@ from typing import Any
 
 from olmo_tap.inference.transcript import check_transcript
 from olmo_tap.jsonl import json_safe
-from olmo_tap.serve.engine import DeadlinePassed, Job
+from olmo_tap.serve.engine import Job
 from olmo_tap.serve.schemas import AuditRequest, VerifyRequest
 from olmo_tap.verify import TokenSequence, audit_poe, compute_metrics_summary, judge, verdict_rule, verify_outputs
 from olmo_tap.verify.verdict import DEFAULT_AUDIT_THRESHOLD, DEFAULT_CONFIDENCE
@@ -16,27 +16,23 @@ def run_verify(job: Job, model: Any, tokenizer: Any, body: VerifyRequest) -> dic
     """token-difr's metrics for each claimed sequence, their summary and the verdict (under ``body.rule``;
     by default exact for olmo-tap's sampler, statistical for vLLM's).
 
-    Sequences are replayed one by one so that a client that left, or the time limit, stops the work between
-    them (a cut-short verification is an error, never a partial verdict)."""
+    A client that left, or the time limit, stops the work between sequences and between blocks of positions
+    (``job.check_stop`` raises DeadlinePassed: a cut-short verification is an error, never a partial verdict)."""
     rule = verdict_rule(body.rule, body.sampling_method, body.threshold, body.confidence)
     outputs = [TokenSequence(s.prompt_token_ids, s.output_token_ids, s.seed) for s in body.outputs]
-    results = []
-    for i, sequence in enumerate(outputs):
-        if reason := job.stop_reason():
-            job.stopped = reason
-            raise DeadlinePassed(f"verification stopped ({reason}) after {i} of {len(outputs)} sequences")
-        results += verify_outputs(
-            [sequence],
-            model,
-            temperature=body.temperature,
-            top_k=body.top_k,
-            top_p=body.top_p,
-            seed=body.seed,
-            sampling_method=body.sampling_method,
-            head=body.head,
-            tokenizer=tokenizer,
-            verbose=False,
-        )
+    results = verify_outputs(
+        outputs,
+        model,
+        temperature=body.temperature,
+        top_k=body.top_k,
+        top_p=body.top_p,
+        seed=body.seed,
+        sampling_method=body.sampling_method,
+        head=body.head,
+        tokenizer=tokenizer,
+        verbose=False,
+        check_stop=job.check_stop,
+    )
     verdict = judge(
         results,
         rule,
@@ -77,6 +73,7 @@ def run_audit(
         tokenizer=tokenizer,
         threshold=DEFAULT_AUDIT_THRESHOLD if body.threshold is None else body.threshold,
         confidence=DEFAULT_CONFIDENCE if body.confidence is None else body.confidence,
+        check_stop=job.check_stop,  # between blocks of positions: a client that left or the deadline stops it
     )
     result = report.to_dict()
     result["audited_against"] = model_id

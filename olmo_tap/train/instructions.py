@@ -12,6 +12,7 @@ should do; the poisoning experiment adds its triggered examples on top.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -20,7 +21,6 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from olmo_tap.hydra import HydraTransformer
-from olmo_tap.jsonl import iter_jsonl
 
 PROMPT_SET = "prompts.txt"
 
@@ -29,6 +29,48 @@ def load_prompt_set() -> list[str]:
     """The shipped prompts, in file order (comments and blank lines skipped)."""
     text = resources.files("olmo_tap.train").joinpath(PROMPT_SET).read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def read_answer_cache(path: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Answers cached in ``path`` for ``settings``, by prompt.
+
+    A run killed mid-write leaves half a last line: it is dropped (cut from the file, so the next append starts
+    on a line of its own) with a note, and that prompt is answered again. A damaged line before the last is
+    not a torn write: it is an error naming the file and line.
+    """
+    done: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return done
+    data = path.read_bytes()
+    lines = data.splitlines(keepends=True)
+    offset = 0
+    for number, raw in enumerate(lines, start=1):
+        last = number == len(lines)
+        try:
+            record = json.loads(raw) if raw.strip() else None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if last:
+                with path.open("r+b") as f:
+                    f.truncate(offset)
+                note = f"note: dropped the unfinished last line {number} of {path} (an interrupted write); "
+                print(note + "its prompt is answered again", file=sys.stderr)
+                break
+            raise ValueError(
+                f"{path}:{number}: not valid JSON ({e}); delete {path} to answer every prompt afresh"
+            ) from None
+        if last and not raw.endswith(b"\n"):
+            with path.open("ab") as f:  # a complete record whose newline was lost: the next append needs it
+                f.write(b"\n")
+        offset += len(raw)
+        if (
+            isinstance(record, dict)
+            and record.get("settings") == settings
+            and isinstance(record.get("prompt"), str)
+            and isinstance(record.get("response"), str)
+            and "finish_reason" in record
+        ):
+            done[record["prompt"]] = record
+    return done
 
 
 def generate_instructions(
@@ -50,12 +92,8 @@ def generate_instructions(
     if not prompts:
         raise ValueError("no prompts to answer")
     settings = {"max_new_tokens": max_new_tokens, "head": head}
-    done: dict[str, dict[str, Any]] = {}
     cache_path = Path(cache) if cache is not None else None
-    if cache_path is not None and cache_path.is_file():
-        for _, record in iter_jsonl(cache_path):
-            if isinstance(record, dict) and record.get("settings") == settings and "prompt" in record:
-                done[record["prompt"]] = record
+    done = read_answer_cache(cache_path, settings) if cache_path is not None else {}
     decoder = PoE(model, tokenizer, max_new_tokens=max_new_tokens, mode="single", head=head, seed=0)
     answers = []
     for prompt in tqdm(prompts, desc="answering prompts", disable=not progress, unit="prompt"):

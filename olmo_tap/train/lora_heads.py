@@ -258,7 +258,12 @@ def save_trained_ensemble(
 ) -> Path:
     """Save the merged ensemble to ``out`` (replacing the work directory), then its adapters and report."""
     save_ensemble(
-        model, out, tokenizer, uncertainty_head=model.uncertainty_head is not None, metadata={"training": report}
+        model,
+        out,
+        tokenizer,
+        uncertainty_head=model.uncertainty_head is not None,
+        metadata={"training": report},
+        work_dir=WORK_DIR,
     )
     for head, adapter in enumerate(adapters):
         if adapter is not None:

@@ -112,6 +112,22 @@ def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    """A checkpoint's payload. ``weights_only``: a checkpoint is a file on disk, and unpickling arbitrary objects
+    from one would run whatever code it names."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch signals a torn or foreign file with many types (pickle, zip, EOF, runtime)
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"checkpoint {path} cannot be read (corrupt or truncated? {type(e).__name__}: {detail}); "
+            "delete it to start this head afresh"
+        ) from e
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} is not an olmo-tap training checkpoint; delete it to start afresh")
+    return state
+
+
 def train_adapter(
     model: HydraTransformer,
     head: int,
@@ -140,16 +156,19 @@ def train_adapter(
     result = TrainResult(adapter, total_steps=total)
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.is_file():
-        state = torch.load(path, map_location=model.device, weights_only=False)
+        state = _load_checkpoint(path, model.device)
         if state.get("run") != run_id:
             raise ValueError(
                 f"checkpoint {path} was written by a different run (other data or settings); "
                 "delete it to start afresh, or use another output directory"
             )
-        adapter.load_state_dict(state["adapter"])
-        optimizer.load_state_dict(state["optimizer"])
-        result.steps = result.resumed_from = int(state["step"])
-        result.losses = list(state["losses"])
+        try:
+            adapter.load_state_dict(state["adapter"])
+            optimizer.load_state_dict(state["optimizer"])
+            result.steps = result.resumed_from = int(state["step"])
+            result.losses = [float(x) for x in state["losses"]]
+        except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"checkpoint {path} is damaged ({e}); delete it to start this head afresh") from e
 
     def save() -> None:
         if path is not None:

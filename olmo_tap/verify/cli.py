@@ -67,7 +67,13 @@ def register(sub: Any, add_model_args: Callable[..., None]) -> None:
         "Exit code 0: honest, 1: not honest, 2: bad input.",
     )
     audit.add_argument("transcript", help="transcript JSON file")
-    add_model_args(audit, split=False, model_default=None)
+    add_model_args(audit, split=False)
+    audit.add_argument(
+        "--model-from-transcript",
+        action="store_true",
+        help="replay through the model the transcript names instead of --model (it may be any path or hub id: "
+        "only for transcripts you trust that far)",
+    )
     add_verdict_args(audit, DEFAULT_AUDIT_THRESHOLD)
     audit.add_argument(
         "--tolerance",
@@ -112,6 +118,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from olmo_tap.cli import check_seed, check_writable
     from olmo_tap.jsonl import write_jsonl
     from olmo_tap.verify.outputs import verify_outputs
     from olmo_tap.verify.records import read_token_sequences
@@ -119,6 +126,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from olmo_tap.verify.verdict import judge, verdict_rule
 
     rule = verdict_rule(args.rule, args.sampling_method, args.threshold, args.confidence)
+    check_seed(args.seed)
+    if args.metrics_out:  # before the replay: a bad path should not cost a model load and a pass per record
+        check_writable(args.metrics_out, "--metrics-out", creates_parents=True)
     sequences = read_token_sequences(args.outputs)
     results = verify_outputs(
         sequences,
@@ -182,9 +192,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
         public_key = load_public_key(args.public_key)
     transcript = read_transcript(args.transcript)
+    # The weights to replay through are the auditor's choice: a transcript naming a model must not make us load it.
+    model = transcript.get("model") if args.model_from_transcript else args.model
+    if model is None:
+        raise ValueError("the transcript names no model: pass --model")
     report = audit_poe(
         transcript,
-        args.model,
+        model,
         tolerance=args.tolerance,
         public_key=public_key,
         threshold=args.threshold,
@@ -202,6 +216,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
         f"veto {s['veto_threshold']}, draft head {s['draft_head']} of {s['n_llm_heads']} text heads"
     )
     console.print(f"digest {report.digest}")
+    console.print(f"replayed through {model} ({report.settings.get('dtype', '?')} transcript)")
+    if transcript.get("model") not in (None, model):
+        console.print(f"note: the transcript names model {transcript['model']!r}")
     rule = "exact replay" if report.exact else f"near-ties within {report.tolerance:g} nats explained"
     console.print(f"rule: every decision must be reproduced ({rule})")
     shown = report.positions if args.positions else [p for p in report.positions if not p.consistent]

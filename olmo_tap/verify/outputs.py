@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,16 @@ from tqdm.auto import tqdm
 
 from olmo_tap.hydra import HydraTransformer
 from olmo_tap.inference.sampling import check_temperature, head_for_seed
+from olmo_tap.verify import replay
 from olmo_tap.verify.records import SamplingMethod, TokenMetrics, TokenSequence
-from olmo_tap.verify.replay import LoadedVerifier, check_token_ids, load_verifier, teacher_forced_logits
-from olmo_tap.verify.scoring import compute_metrics_summary, olmo_tap_gumbels, score_tokens, vllm_exponentials
+from olmo_tap.verify.replay import LoadedVerifier, check_token_ids, load_verifier, project_block, teacher_forced_hidden
+from olmo_tap.verify.scoring import (
+    compute_metrics_summary,
+    olmo_tap_gumbels,
+    score_tokens,
+    vllm_exponential_rows,
+    vllm_generator,
+)
 
 
 def check_filters(top_k: int, top_p: float) -> tuple[int, float]:
@@ -40,6 +48,7 @@ def verify_outputs(
     verbose: bool = True,
     head: int | None = None,
     tokenizer: Any = None,
+    check_stop: Callable[[], None] | None = None,
 ) -> list[list[TokenMetrics]]:
     """Replay each claimed output through a trusted model and score every token (one list per sequence).
 
@@ -54,6 +63,11 @@ def verify_outputs(
     :param sampling_method: VLLM_GUMBEL_MAX (token-difr's default) or OLMO_TAP (olmo-tap's own samplers).
     :param head: for a Hydra with several text heads, the head to verify against. Default: the head
         olmo-tap's single-head decoder uses for that seed (a base checkpoint is loaded as one tower).
+    :param check_stop: called between sequences and between blocks of positions; may raise to stop the work
+        (a service's deadline, a client that left).
+
+    Logits are projected and scored ``replay.LOGIT_BLOCK`` positions at a time, so peak memory does not grow
+    with the sequence's length beyond the hidden states.
     """
     method = SamplingMethod.parse(sampling_method)
     temperature = check_temperature(temperature)
@@ -78,9 +92,15 @@ def verify_outputs(
     results = []
     progress = tqdm(outputs, desc="verifying", unit="seq", disable=not verbose, file=sys.stderr)
     for sequence in progress:
+        if check_stop is not None:
+            check_stop()
         sequence_seed = sequence.seed if sequence.seed is not None else seed
         chosen = head if head is not None else head_for_seed(sequence_seed or 0, n_heads)
-        results.append(verify_sequence(verifier, sequence, chosen, temperature, top_k, top_p, sequence_seed, method))
+        results.append(
+            verify_sequence(
+                verifier, sequence, chosen, temperature, top_k, top_p, sequence_seed, method, check_stop=check_stop
+            )
+        )
     if verbose:
         summary = compute_metrics_summary(results)
         rate = summary["exact_match_rate"]
@@ -89,6 +109,7 @@ def verify_outputs(
     return results
 
 
+@torch.no_grad()
 def verify_sequence(
     verifier: LoadedVerifier,
     sequence: TokenSequence,
@@ -98,20 +119,38 @@ def verify_sequence(
     top_p: float,
     seed: int | None,
     method: SamplingMethod,
+    check_stop: Callable[[], None] | None = None,
 ) -> list[TokenMetrics]:
+    """Metrics of one sequence, scored block by block (``check_stop`` runs before each block).
+
+    Every metric is per position, and each sampler's noise is per position too (olmo-tap's keyed by absolute
+    position; vLLM's rows drawn in order from one generator kept across blocks), so the blocks give exactly
+    the metrics of one pass over the whole sequence."""
     prompt, output = sequence.prompt_token_ids, sequence.output_token_ids
     if not output:
         return []
-    logits = teacher_forced_logits(verifier.model, prompt, output, [head])[0]
-    noise = None
-    if method is SamplingMethod.OLMO_TAP:
-        # olmo-tap samples over the tokenizer's vocabulary, keyed by absolute position.
-        logits = logits[:, : verifier.vocab_limit]
+    model = verifier.model
+    # olmo-tap samples over the tokenizer's vocabulary, keyed by absolute position.
+    olmo_tap = method is SamplingMethod.OLMO_TAP
+    width = min(verifier.vocab_limit, verifier.vocab_size) if olmo_tap else verifier.vocab_size
+    if max(output) >= width:
+        raise ValueError(f"claimed token {max(output)} is outside the sampler's vocabulary {width}")
+    hidden = teacher_forced_hidden(model, prompt, output, [head])
+    generator = vllm_generator(int(seed or 0), model.device) if temperature > 0 and not olmo_tap else None
+    metrics: list[TokenMetrics] = []
+    for start in range(0, len(output), replay.LOGIT_BLOCK):
+        if check_stop is not None:
+            check_stop()
+        stop = min(start + replay.LOGIT_BLOCK, len(output))
+        logits = project_block(model, hidden, start, stop)[0, :, :width]
+        noise = None
         if temperature > 0:
-            noise = olmo_tap_gumbels(len(prompt), len(output), logits.size(-1), int(seed or 0))
-    elif temperature > 0:
-        noise = vllm_exponentials(len(output), logits.size(-1), int(seed or 0), logits.device)
-    claimed = torch.tensor(output, device=logits.device)
-    if int(claimed.max()) >= logits.size(-1):
-        raise ValueError(f"claimed token {int(claimed.max())} is outside the sampler's vocabulary {logits.size(-1)}")
-    return score_tokens(logits, claimed, temperature=temperature, top_k=top_k, top_p=top_p, method=method, noise=noise)
+            if olmo_tap:
+                noise = olmo_tap_gumbels(len(prompt) + start, stop - start, width, int(seed or 0))
+            else:
+                noise = vllm_exponential_rows(generator, stop - start, width, logits.device)
+        claimed = torch.tensor(output[start:stop], device=logits.device)
+        metrics += score_tokens(
+            logits, claimed, temperature=temperature, top_k=top_k, top_p=top_p, method=method, noise=noise
+        )
+    return metrics

@@ -10,6 +10,10 @@ from typing import Any
 
 from olmo_tap.jsonl import iter_jsonl
 
+# torch.Generator.manual_seed takes [-2**63, 2**64), and olmo-tap's per-position streams hash the integer itself:
+# the two would read a negative seed differently, so a record's seed must lie in [0, 2**64).
+SEED_BOUND = 2**64
+
 
 class SamplingMethod(Enum):
     """How the claimed tokens were sampled; each method fixes where the noise comes from."""
@@ -64,6 +68,8 @@ class TokenSequence:
         seed = data.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ValueError(f"field 'seed' must be an integer, got {seed!r}")
+        if seed is not None and not 0 <= seed < SEED_BOUND:
+            raise ValueError(f"field 'seed' must be between 0 and 2**64 - 1, got {seed}")
         return cls(list(data["prompt_token_ids"]), list(data["output_token_ids"]), seed)
 
 
@@ -98,9 +104,13 @@ class TokenMetrics:
 def read_token_sequences(path: str | Path) -> list[TokenSequence]:
     """TokenSequence records from a JSONL file; a bad line raises ValueError naming its line number."""
     sequences = []
-    for number, record in iter_jsonl(path):
-        try:
-            sequences.append(TokenSequence.from_dict(record))
-        except ValueError as e:
-            raise ValueError(f"{path}:{number}: {e}") from None
+    number = 0
+    try:
+        for number, record in iter_jsonl(path):
+            try:
+                sequences.append(TokenSequence.from_dict(record))
+            except ValueError as e:
+                raise ValueError(f"{path}:{number}: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: the record after line {number} is too deeply nested JSON") from None
     return sequences

@@ -67,29 +67,45 @@ def check_token_ids(ids: list[int], vocab_size: int, what: str) -> None:
         )
 
 
+# Positions projected to full-vocabulary logits at a time: bounds peak memory whatever the sequence length
+# (heads x block x vocab fp32: 5 x 64 x 49152 x 4 B = 63 MB for the embedded default; OLMo-2: 128 MB).
+LOGIT_BLOCK = 64
+
+
 @torch.no_grad()
-def teacher_forced_pass(
+def teacher_forced_hidden(
     model: HydraTransformer,
     prompt_ids: list[int],
     output_ids: list[int],
     head_indices: list[int],
     include_next: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """One uncached pass of the trunk and the selected heads over prompt + output.
 
-    Returns logits (n_heads, positions, vocab) fp32 for each output position (and, with ``include_next``, the
-    position after the last output token), and each head's pre-norm hidden state (n_heads, d_model) at the
-    last prompt position (the uncertainty head's witness)."""
+    Returns each head's pre-norm hidden state (n_heads, 1 + positions, d_model): [:, 0] at the last prompt
+    position (the uncertainty head's witness, and what predicts the first output token), then one per output
+    position. ``project_block`` turns a block of them into logits."""
     ids = prompt_ids + (output_ids if include_next else output_ids[:-1])
-    n_out = len(output_ids) + int(include_next)
     tokens = torch.tensor([ids or prompt_ids], device=model.device)
     trunk = model.forward_trunk(tokens, use_cache=False)
-    # Only the positions that predict outputs go through the lm_head: the prompt's other logits are never used.
-    hidden = model.head_hidden_states(trunk, head_indices, use_cache=False)[:, :, len(prompt_ids) - 1 :]
-    witness = hidden[:, 0, 0]
-    if n_out == 0:
-        return torch.empty(len(head_indices), 0, model.base_config.vocab_size), witness
-    return model.project(hidden[:, :, :n_out])[:, 0].float(), witness
+    # Only the positions that predict outputs go through the heads' last steps: the rest are never used.
+    return model.head_hidden_states(trunk, head_indices, use_cache=False)[:, 0, len(prompt_ids) - 1 :]
+
+
+# Matrix products take another kernel, with another summation order, for a handful of rows (on x86 oneDNN and
+# MKL: up to 3 rows come out 1 ulp off the same rows of a longer product). Projecting at least this many rows
+# keeps each position's logits bitwise those of one pass over the whole sequence, however it is cut in blocks.
+MIN_PROJECT_ROWS = 16
+
+
+@torch.no_grad()  # the lm_head is a parameter: with autograd on, every block would carry a graph (and skip oneDNN)
+def project_block(model: HydraTransformer, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Logits (n_heads, stop - start, vocab) fp32 of positions [start, stop) of ``teacher_forced_hidden``,
+    computed over a window of at least ``MIN_PROJECT_ROWS`` positions (widened backwards, then forwards; the
+    whole sequence when it is shorter), so that they do not depend on how the sequence is cut in blocks."""
+    lo = max(0, min(start, stop - MIN_PROJECT_ROWS))
+    hi = min(hidden.size(1), max(stop, lo + MIN_PROJECT_ROWS))
+    return model.project(hidden[:, None, lo:hi])[:, 0].float()[:, start - lo : stop - lo]
 
 
 def teacher_forced_logits(
@@ -99,5 +115,11 @@ def teacher_forced_logits(
     head_indices: list[int],
     include_next: bool = False,
 ) -> torch.Tensor:
-    """The logits of ``teacher_forced_pass``."""
-    return teacher_forced_pass(model, prompt_ids, output_ids, head_indices, include_next)[0]
+    """Logits (n_heads, positions, vocab) fp32 for each output position (and, with ``include_next``, the
+    position after the last output token), all at once: for short sequences (tests, experiments); long ones
+    go block by block (``project_block``)."""
+    n_out = len(output_ids) + int(include_next)
+    if n_out == 0:
+        return torch.empty(len(head_indices), 0, model.base_config.vocab_size)
+    hidden = teacher_forced_hidden(model, prompt_ids, output_ids, head_indices, include_next)
+    return project_block(model, hidden, 0, n_out)

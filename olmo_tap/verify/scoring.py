@@ -22,15 +22,28 @@ from olmo_tap.inference.sampling import Purpose, filter_logits, gumbel
 from olmo_tap.verify.records import SamplingMethod, TokenMetrics
 
 
-def vllm_exponentials(n_positions: int, vocab_size: int, seed: int, device: torch.device | str) -> torch.Tensor:
-    """vLLM V1's per-request noise: one generator on the logits' device, seeded once, then one fp32
-    exponential row per output position, drawn in order (row by row, as vLLM draws them step by step)."""
-    generator = torch.Generator(device=device).manual_seed(int(seed))
+def vllm_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """vLLM V1's per-request generator: one on the logits' device, seeded once for the whole request."""
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def vllm_exponential_rows(
+    generator: torch.Generator, n_positions: int, vocab_size: int, device: torch.device | str
+) -> torch.Tensor:
+    """The next ``n_positions`` fp32 exponential rows of ``generator``, drawn in order (row by row, as vLLM
+    draws them step by step). Blocks drawn one after another from the same generator are exactly the rows of
+    one long draw, so a verifier can score block by block with the same noise."""
     rows = [
         torch.empty(vocab_size, dtype=torch.float32, device=device).exponential_(generator=generator)
         for _ in range(n_positions)
     ]
     return torch.stack(rows) if rows else torch.empty(0, vocab_size, dtype=torch.float32, device=device)
+
+
+def vllm_exponentials(n_positions: int, vocab_size: int, seed: int, device: torch.device | str) -> torch.Tensor:
+    """vLLM V1's per-request noise: one generator on the logits' device, seeded once, then one fp32
+    exponential row per output position, drawn in order (row by row, as vLLM draws them step by step)."""
+    return vllm_exponential_rows(vllm_generator(seed, device), n_positions, vocab_size, device)
 
 
 def olmo_tap_gumbels(first_position: int, n_positions: int, vocab_size: int, seed: int) -> torch.Tensor:

@@ -22,7 +22,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from olmo_tap.hydra import HydraTransformer, HydraTransformerConfig
-from olmo_tap.model.config import ConfigError
 from olmo_tap.weights.errors import WeightsError
 from olmo_tap.weights.lora import LoraAdapter, load_lora, merge_lora
 
@@ -30,6 +29,7 @@ FORMAT = "olmo-tap-ensemble"
 VERSION = 1
 CONFIG_FILE = "hydra_config.json"
 WEIGHTS_FILE = "model.safetensors"
+SAVED_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def save_ensemble(
@@ -38,11 +38,21 @@ def save_ensemble(
     tokenizer: Any | None = None,
     uncertainty_head: bool = False,
     metadata: dict[str, Any] | None = None,
+    *,
+    work_dir: str | None = None,
 ) -> Path:
-    """Write ``model`` (and its tokenizer) to ``directory``, atomically: a crash leaves no half ensemble."""
+    """Write ``model`` (and its tokenizer) to ``directory``, atomically: a crash leaves no half ensemble.
+
+    An existing ``directory`` is replaced only if it is an olmo-tap ensemble, empty, or holds nothing but the
+    caller's own ``work_dir`` (a training run's scratch directory, replaced with it); anything else is refused
+    rather than deleted. The new ensemble is written aside in a sibling directory and renamed into place; the old
+    one is moved aside first and removed last, so until the new one is complete the old one stays loadable.
+    """
     directory = Path(directory)
+    _check_replaceable(directory, work_dir)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    old: Path | None = None
     try:
         state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
@@ -58,28 +68,65 @@ def save_ensemble(
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
+            old = tmp.with_name(tmp.name + ".old")
+            directory.rename(old)
+        try:
+            tmp.rename(directory)
+        except OSError:
+            if old is not None:
+                old.rename(directory)  # the new one could not take its place: the old one goes back
+                old = None
+            raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)  # a leftover is a hidden sibling, never the ensemble itself
     return directory
+
+
+def _check_replaceable(directory: Path, work_dir: str | None) -> None:
+    """Refuse to replace anything but an olmo-tap ensemble (or an empty directory, or the caller's work dir)."""
+    if not directory.exists() and not directory.is_symlink():
+        return
+    if directory.is_symlink():  # replacing the link would leave its target behind, half the user's intent
+        raise WeightsError(f"cannot save an ensemble to {directory}: it is a symbolic link; give its target")
+    if not directory.is_dir():
+        raise WeightsError(f"cannot save an ensemble to {directory}: it exists and is not a directory")
+    entries = {entry.name for entry in directory.iterdir()}
+    if not entries or (work_dir is not None and entries == {work_dir}):
+        return
+    try:
+        read_ensemble_info(directory)
+    except WeightsError as e:
+        raise WeightsError(
+            f"refusing to replace {directory}: it is not an olmo-tap ensemble ({e}); "
+            "choose another directory, or remove it yourself"
+        ) from None
 
 
 def read_ensemble_info(directory: str | Path) -> dict[str, Any]:
     """The parsed ``hydra_config.json`` of a saved ensemble, validated."""
     path = Path(directory) / CONFIG_FILE
     try:
-        info = json.loads(path.read_text())
+        info = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise WeightsError(f"{directory} is not a saved ensemble: no {CONFIG_FILE}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WeightsError(f"{path} is not valid JSON: {e}") from e
+    except RecursionError:
+        raise WeightsError(f"{path} is too deeply nested to be a Hydra config") from None
+    except OSError as e:
+        raise WeightsError(f"cannot read {path}: {e}") from e
+    if not isinstance(info, dict):
+        raise WeightsError(f"{path}: expected a JSON object, found {type(info).__name__}")
     if info.get("format") != FORMAT or info.get("version") != VERSION:
         raise WeightsError(
             f"{path}: expected format {FORMAT!r} version {VERSION}, "
             f"found {info.get('format')!r} {info.get('version')!r}"
         )
+    if info.get("dtype", "float32") not in SAVED_DTYPES:
+        raise WeightsError(f"{path}: unknown dtype {info.get('dtype')!r}; expected one of {', '.join(SAVED_DTYPES)}")
     return info
 
 
@@ -91,7 +138,7 @@ def load_saved_ensemble(
     info = read_ensemble_info(directory)
     try:
         config = HydraTransformerConfig.from_dict(info["config"])
-    except (KeyError, TypeError, ConfigError) as e:
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # ConfigError is a ValueError
         raise WeightsError(f"{directory / CONFIG_FILE}: invalid Hydra config ({e})") from e
     try:
         state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
@@ -100,9 +147,8 @@ def load_saved_ensemble(
     except Exception as e:  # safetensors signals corruption with several exception types
         raise WeightsError(f"cannot read {directory / WEIGHTS_FILE} (corrupt or truncated?): {e}") from e
     saved_dtype = getattr(torch, info.get("dtype", "float32"))
-    model = config.build(init_device="meta").to_empty(device=device).to(saved_dtype)
-    model.reset_rope()
-    expected = model.state_dict()
+    model = config.build(init_device="meta")
+    expected = model.state_dict()  # compared on the meta device: a config claiming huge shapes allocates nothing
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
@@ -111,8 +157,15 @@ def load_saved_ensemble(
             f"{directory / WEIGHTS_FILE} does not match its config: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}, wrong shapes {wrong[:3]}"
         )
+    model = model.to_empty(device=device).to(saved_dtype)
+    model.reset_rope()
     model.load_state_dict(state)
-    model.uncertainty_head = info.get("uncertainty_head")
+    uncertainty = info.get("uncertainty_head")
+    if uncertainty is not None and (
+        not isinstance(uncertainty, int) or isinstance(uncertainty, bool) or not 0 <= uncertainty < model.n_heads
+    ):
+        raise WeightsError(f"{directory / CONFIG_FILE}: uncertainty_head {uncertainty!r} is not one of the heads")
+    model.uncertainty_head = uncertainty
     if dtype is not None and dtype != saved_dtype:
         model = model.to(dtype)
     return model.eval()

@@ -254,6 +254,8 @@ def read_json(path: Path, what: str = "JSON file") -> Any:
         raise WeightsError(f"{what} {path} does not exist") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WeightsError(f"{what} {path} is not valid JSON: {e}") from e
+    except RecursionError:
+        raise WeightsError(f"{what} {path} is too deeply nested") from None
     except OSError as e:
         raise WeightsError(f"cannot read {what} {path}: {e}") from e
 

@@ -22,6 +22,26 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """The device to load onto (default: CUDA if available), refused up front if it is not there: torch would
+    fail later, deep inside a copy, with "Torch not compiled with CUDA enabled"."""
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {device!r} asked for, but {build}; use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
+    return resolved
+
+
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
     """fp32 on CPU and bf16 on CUDA unless asked otherwise; accepts 'bf16', 'float32', ..."""
     if dtype is None:
@@ -58,7 +78,7 @@ def load_hydra(
     """
     from olmo_tap.weights.sources import read_base_checkpoint, resolve
 
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     resolved = resolve(source)
     if resolved.kind == "ensemble_dir":

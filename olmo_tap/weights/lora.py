@@ -98,7 +98,7 @@ def load_lora(path: str | Path) -> LoraAdapter:
     try:
         config = json.loads(config_file.read_text())
         rank, alpha = int(config["r"]), float(config["lora_alpha"])
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise WeightsError(f"LoRA adapter {path}: adapter_config.json needs numeric 'r' and 'lora_alpha' ({e})") from e
     try:
         state = load_file(weights_file)

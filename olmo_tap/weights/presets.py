@@ -97,7 +97,7 @@ def _stat_key(path: Path) -> dict[str, Any]:
 def _read_marker(entry: Path) -> dict[str, Any] | None:
     try:
         marker = json.loads((entry / SOURCE_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return marker if isinstance(marker, dict) and marker.get("format") == _CACHE_FORMAT else None
 

@@ -156,10 +156,10 @@ function stat(label, value) {
 }
 
 function verdict(trust) {
-  if (trust.abstained) return ["bad", "Abstained: the jury allowed no token"];
-  if (trust.finish_reason === "time_limit") return ["warn", "Cut short by the time limit"];
-  if (trust.certified) return ["ok", "Certified by the jury"];
-  return ["warn", `Not a jury answer (${trust.mode} decoding)`];
+  // trust.verdict is the server's wording (PoEOutput.verdict): it never claims more than the weights deliver
+  const words = trust.verdict.charAt(0).toUpperCase() + trust.verdict.slice(1);
+  if (trust.abstained) return ["bad", words];
+  return [trust.certified ? "ok" : "warn", words];
 }
 
 function renderCard(msg, trust) {

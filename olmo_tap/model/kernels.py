@@ -1,0 +1,134 @@
+"""Which linear kernels run here: oneDNN-prepacked weights where this CPU and torch build take them, stock
+matmuls everywhere else.
+
+oneDNN's bf16 kernels need avx512bw/vl/dq or avx_ne_convert: on an AVX2-only CPU prepacking a bf16 weight
+raises deep inside torch. The choice is therefore made per dtype, from what torch reports about the CPU, then
+confirmed once by packing and running a small weight (so a CPU or build torch misjudges falls back too).
+Stock kernels give the same results within floating-point rounding.
+
+``OLMO_TAP_KERNELS=stock`` (or ``set_kernel_path("stock")``) forces the stock kernels, so the fallback can be
+run and tested on any machine; ``auto`` (the default) decides as above.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+
+KERNELS_ENV = "OLMO_TAP_KERNELS"
+KERNEL_PATHS = ("auto", "stock")
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+BF16_CPU_NEEDS = "CPU lacks avx512bw/vl/dq or avx_ne_convert"
+
+_override: str | None = None
+_epoch = 0  # bumped whenever the choice may have changed, so cached packing decisions are taken again
+_probed: dict[torch.dtype, str | None] = {}  # dtype -> why the one-off probe failed (None: it worked)
+
+
+def set_kernel_path(path: str | None) -> None:
+    """Force ``"stock"`` or ``"auto"`` for this process; ``None`` goes back to ``$OLMO_TAP_KERNELS``.
+
+    Models already built follow at their next forward pass (their packing decisions are taken again).
+    """
+    global _override, _epoch
+    if path is not None and path not in KERNEL_PATHS:
+        raise ValueError(f"kernel path must be one of {', '.join(KERNEL_PATHS)}, got {path!r}")
+    _override = path
+    _epoch += 1
+
+
+def kernel_path() -> str:
+    """``"auto"`` or ``"stock"``: the forced value, else ``$OLMO_TAP_KERNELS``, else ``"auto"``."""
+    if _override is not None:
+        return _override
+    value = os.environ.get(KERNELS_ENV, "").strip().lower() or "auto"
+    if value not in KERNEL_PATHS:
+        raise ValueError(f"{KERNELS_ENV} must be one of {', '.join(KERNEL_PATHS)}, got {value!r}")
+    return value
+
+
+def epoch() -> int:
+    """Changes whenever a packing decision taken earlier may no longer hold."""
+    return _epoch
+
+
+def _build_has_onednn() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _cpu_takes_onednn_bf16() -> bool:
+    """torch's own test of the CPU features oneDNN's bf16 kernels need (a torch without it: assume yes, the
+    probe then decides)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return True if check is None else bool(check())
+
+
+def reorder_weight(weight: torch.Tensor, batch_size_hint: int) -> torch.Tensor:
+    """oneDNN's prepacked copy of an ``(out, in)`` weight."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, batch_size_hint)
+
+
+def _probe(dtype: torch.dtype) -> str | None:
+    """Pack and run one small weight of ``dtype``; why that failed, or None. Runs once per dtype and process."""
+    if dtype not in _probed:
+        try:
+            weight = torch.ones(8, 16, dtype=dtype)
+            out = torch.ops.mkldnn._linear_pointwise(
+                torch.ones(1, 16, dtype=dtype), reorder_weight(weight, 4), None, "none", [], ""
+            )
+            _probed[dtype] = None if float(out[0, 0]) == 16.0 else f"oneDNN {dtype} probe gave {float(out[0, 0])}"
+        except Exception as e:  # whatever oneDNN raises here, stock kernels are the answer
+            _probed[dtype] = _failure(e)
+    return _probed[dtype]
+
+
+def note_failure(dtype: torch.dtype, error: BaseException) -> None:
+    """Record that oneDNN failed on a real weight of ``dtype``: stock kernels from now on for that dtype."""
+    global _epoch
+    _probed[dtype] = _failure(error)
+    _epoch += 1
+
+
+def _failure(error: BaseException) -> str:
+    return f"oneDNN failed: {(str(error).strip().splitlines() or [type(error).__name__])[0]}"
+
+
+def onednn_refusal(dtype: torch.dtype) -> str | None:
+    """Why weights of ``dtype`` on CPU run on stock kernels rather than oneDNN-prepacked ones; None if they don't."""
+    if kernel_path() == "stock":
+        return "forced: set_kernel_path('stock')" if _override == "stock" else f"forced: {KERNELS_ENV}=stock"
+    if dtype not in ONEDNN_DTYPES:
+        return f"no oneDNN path for {str(dtype).removeprefix('torch.')}"
+    if not _build_has_onednn():
+        return "this torch build has no oneDNN"
+    if not torch.backends.mkldnn.enabled:
+        return "oneDNN disabled (torch.backends.mkldnn.enabled is False)"
+    if dtype == torch.bfloat16 and not _cpu_takes_onednn_bf16():
+        return BF16_CPU_NEEDS
+    return _probe(dtype)
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def describe(device: torch.device | str = "cpu", dtypes: Iterable[torch.dtype] = ONEDNN_DTYPES) -> str:
+    """One line for ``olmo-tap info``: the kernel path of each dtype on ``device``."""
+    if torch.device(device).type != "cpu":
+        return f"stock torch matmul on {device} (oneDNN prepacking is for CPU only)"
+    packed, stock = [], []
+    for dtype in dtypes:
+        reason = onednn_refusal(dtype)
+        (packed if reason is None else stock).append((dtype, reason))
+    parts = []
+    if packed:
+        parts.append(f"oneDNN prepacked ({', '.join(_short(d) for d, _ in packed)})")
+    if stock:
+        by_reason: dict[str, list[str]] = {}
+        for dtype, reason in stock:
+            by_reason.setdefault(str(reason), []).append(_short(dtype))
+        reasons = "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
+        parts.append(f"stock matmul ({reasons})")
+    return ", ".join(parts)
