@@ -448,6 +448,15 @@ def test_unreadable_transcript_files_are_named(tmp_path):
         assert main(["audit", str(path)]) == 2
 
 
+def test_the_digest_survives_another_json_writer(jury, sampled):
+    """A browser's JSON.stringify writes 1.0 as 1 and 0.0 as 0: the transcript it saves keeps its digest."""
+    transcript = copy.deepcopy(sampled[0])
+    as_a_browser_writes = json.loads(json.dumps(transcript).replace(": 1.0,", ": 1,").replace(": 0.0,", ": 0,"))
+    assert as_a_browser_writes["settings"]["beta"] == 1 and isinstance(as_a_browser_writes["settings"]["beta"], int)
+    assert content_digest(as_a_browser_writes) == transcript["digest"]
+    assert check(jury, as_a_browser_writes).honest
+
+
 def test_version_1_transcripts_are_still_read(jury, sampled):
     old = copy.deepcopy(sampled[0])
     old["version"] = 1

@@ -45,9 +45,22 @@ OUTPUT_LISTS = {
 }  # fmt: skip
 
 
+def _canonical(value: Any) -> Any:
+    """JSON writers disagree on integral numbers (Python writes 1.0, a browser's JSON.stringify 1): the digest
+    takes them as integers, so a transcript saved by any of them keeps its digest."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    return value
+
+
 def content_digest(transcript: dict[str, Any]) -> str:
-    """``sha256:<hex>`` of the canonical JSON (sorted keys, no spaces, ASCII) of the transcript's claim."""
-    claim = {name: transcript.get(name) for name in DIGESTED_FIELDS}
+    """``sha256:<hex>`` of the canonical JSON (sorted keys, no spaces, ASCII, integral numbers as integers) of
+    the transcript's claim."""
+    claim = _canonical({name: transcript.get(name) for name in DIGESTED_FIELDS})
     canonical = json.dumps(claim, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return "sha256:" + hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
