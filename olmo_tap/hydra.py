@@ -229,7 +229,14 @@ class HydraTransformer(nn.Module):
         """True when two of ``heads`` (default: all) have bit-identical weights: clones judge nothing apart."""
         heads = list(range(self.n_heads)) if heads is None else list(heads)
         stacks = [p for block in self.heads for p in block.parameters()]
-        return any(all(torch.equal(p[a], p[b]) for p in stacks) for i, a in enumerate(heads) for b in heads[i + 1 :])
+        # The service builds a decoder per request: compare clones' weights once per weight version, not each time.
+        key = (tuple(heads), tuple((p.data_ptr(), p._version) for p in stacks))
+        cached = getattr(self, "_identical_heads_cache", None)
+        if cached is None or cached[0] != key:
+            pairs = [(a, b) for i, a in enumerate(heads) for b in heads[i + 1 :]]
+            same = any(all(torch.equal(p[a], p[b]) for p in stacks) for a, b in pairs)
+            self._identical_heads_cache = cached = (key, same)
+        return cached[1]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

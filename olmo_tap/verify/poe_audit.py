@@ -112,7 +112,6 @@ class PoEAudit:
     whole_jury: bool  # PoE over every text head of the replaying model, not a subset
     independent_heads: bool  # no two text heads of the replaying model have identical weights
     tolerance: float  # nats; 0 = exact replay
-    exact: bool
     ending_consistent: bool
     ending: str
     positions: list[PositionCheck]
@@ -123,6 +122,10 @@ class PoEAudit:
     signature: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     replayed_output: PoEOutput | None = field(default=None, repr=False)  # the derived fields the claim gives
+
+    @property
+    def exact(self) -> bool:
+        return self.tolerance == 0
 
     @property
     def verdict(self) -> Verdict:
@@ -327,7 +330,6 @@ def audit_poe(
         whole_jury=expected.whole_jury,
         independent_heads=expected.independent_heads,
         tolerance=tolerance,
-        exact=tolerance == 0,
         ending_consistent=ending_ok,
         ending=ending,
         positions=positions,
