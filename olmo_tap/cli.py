@@ -144,6 +144,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         ),
         ("KV cache", f"{format_bytes(kv_per_token)} per token of context"),
         ("uncertainty head", str(model.uncertainty_head) if model.uncertainty_head is not None else "none"),
+        (
+            "text heads",
+            f"{model.n_text_heads}, "
+            + (
+                "identical copies: no independent jury"
+                if model.identical_heads(range(model.n_text_heads))
+                else "independent weights"
+            ),
+        ),
         ("device", f"{model.device} ({torch.get_num_threads()} CPU threads)"),
         ("linear kernels", describe(model.device)),
     ]

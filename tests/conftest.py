@@ -74,8 +74,18 @@ def olmo_tap_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm(olmo_tap_cache):
-    """The embedded default as a 5 x 3 Hydra (fp32, CPU) and its tokenizer."""
+    """The embedded default, the trained jury (5 text heads x 3 layers + the uncertainty head; fp32, CPU), and its
+    tokenizer."""
     from olmo_tap import HydraTransformer, load_tokenizer
 
     model = HydraTransformer.from_pretrained("smollm2-135m-instruct", progress=False)
     return model, load_tokenizer("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm_clones(olmo_tap_cache):
+    """The embedded model as released, split into 5 identical heads of 3 layers (the clones preset)."""
+    from olmo_tap import HydraTransformer, load_tokenizer
+
+    model = HydraTransformer.from_pretrained("smollm2-135m-instruct-clones", progress=False)
+    return model, load_tokenizer("smollm2-135m-instruct-clones")

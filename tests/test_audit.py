@@ -116,9 +116,92 @@ def test_blocks_of_positions_give_the_same_audit(jury, sampled, monkeypatch):
     forged = forgery.substitute(sampled[1], jury[1], 9, (sampled[1]["token_ids"][9] + 3) % VOCAB)
     whole = [check(jury, t).to_dict() for t in (sampled[1], forged)]
     monkeypatch.setattr(poe_audit, "LOGIT_BLOCK", 3)
-    stops = []
-    blocked = [check(jury, t, check_stop=lambda: stops.append(1)).to_dict() for t in (sampled[1], forged)]
-    assert blocked == whole and len(stops) == 2 * math.ceil((N_TOKENS + 1) / 3)
+    stops: dict[int, list[int]] = {0: [], 1: []}
+    blocked = []
+    for i, t in enumerate((sampled[1], forged)):
+        blocked.append(check(jury, t, check_stop=lambda i=i: stops[i].append(1)).to_dict())
+    assert blocked == whole
+    blocks = math.ceil((N_TOKENS + 1) / 3)
+    assert len(stops[0]) == blocks  # one call per block
+    assert len(stops[1]) > blocks  # and one per token of the generator run again on the forged claim
+
+
+def _replay_rounding_tie(monkeypatch, index, token):
+    """Make the audit's block replay see ``token`` 1e-5 above the best logit of every head at emitted ``index``:
+    the rounding tie by which a block of rows and the generator's own shapes can part on a CPU."""
+    from olmo_tap.verify import poe_audit
+
+    project = poe_audit.project_block
+
+    def tied(hydra, hidden, start, stop):
+        logits = project(hydra, hidden, start, stop).clone()
+        if start <= index < stop:
+            row = logits[:, index - start]
+            row[:, token] = row.max(dim=-1).values + 1e-5
+        return logits
+
+    monkeypatch.setattr(poe_audit, "project_block", tied)
+
+
+@pytest.mark.parametrize("mode", ["poe", "single"])
+def test_a_rounding_tie_of_the_block_replay_is_settled_by_the_generator(jury, monkeypatch, mode):
+    """Greedy, so the tie decides the token. The generator, run again with the claim's settings, reproduces the
+    claim: honest; the same tie under a forged token is not, and the forged position is named."""
+    _model, tokenizer = jury
+    transcript = answers(jury, mode=mode, temperature=0, prompts=["hello"])[0]
+    j = 11
+    emitted = transcript["token_ids"][j]
+    other = (emitted + 1) % VOCAB
+    _replay_rounding_tie(monkeypatch, j, other)
+    report = check(jury, transcript)
+    assert report.honest, report.reason
+    assert report.regeneration is not None and report.regeneration.reproduced
+    assert "rounding tie" in report.positions[j].decision and report.exact
+    assert any("rounding tie" in n for n in report.notes)
+    assert report.to_dict()["regeneration"]["reproduced"] is True
+
+    forged = forgery.substitute(transcript, tokenizer, j, other)  # the token the tied replay prefers
+    report = check(jury, forged)
+    assert not report.honest
+    assert report.regeneration is not None and report.regeneration.diverged_at == j
+    assert j in report.inconsistent_positions and "generator" in report.positions[j].decision
+
+
+def test_the_generator_is_run_again_only_when_the_block_replay_disagrees(jury, sampled, monkeypatch):
+    from olmo_tap.verify import poe_audit
+
+    calls = []
+    real = poe_audit.regenerate
+    monkeypatch.setattr(poe_audit, "regenerate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert check(jury, sampled[0]).honest and not calls  # agreement: no second decode
+    forged = forgery.change_output(sampled[0], "token_entropies", 3, 0.5)
+    assert not check(jury, forged).honest and len(calls) == 1  # a signal off: only the generator can say
+    assert not check(jury, forgery.change_output(sampled[0], "n_accepted", None, 0)).honest
+    assert len(calls) == 1  # counts follow from the claimed path: no rounding can move them
+
+
+def test_regenerate_compares_every_token_and_the_ending(jury):
+    from olmo_tap.verify.poe_audit import _claimed_path
+    from olmo_tap.verify.regenerate import regenerate
+
+    model, tokenizer = jury
+    transcript = answers(jury, temperature=1.0, prompts=["fig"])[0]
+    settings, prompt = transcript["settings"], transcript["prompt_ids"]
+    assert settings["threads"] == torch.get_num_threads()
+    claims = _claimed_path(transcript["output"], transcript["token_ids"], "poe", [])
+    reason = transcript["output"]["finish_reason"]
+    assert regenerate(model, tokenizer, settings, prompt, claims, reason).reproduced
+    cut = regenerate(model, tokenizer, settings, prompt, claims[:9], "time_limit")
+    assert cut.reproduced and len(cut.events) == 9
+    short = regenerate(model, tokenizer, settings, prompt, claims[:9], reason)
+    assert not short.reproduced and short.diverged_at == 9 and "past" in short.detail
+    token, draft, resampled = claims[4]
+    bad = [*claims[:4], ((token + 1) % VOCAB, draft, resampled), *claims[5:]]
+    wrong = regenerate(model, tokenizer, settings, prompt, bad, reason)
+    assert not wrong.reproduced and wrong.diverged_at == 4 and len(wrong.events) == 4
+    threads = torch.get_num_threads()
+    other = regenerate(model, tokenizer, {**settings, "threads": threads + 1}, prompt, claims, reason)
+    assert other.reproduced and torch.get_num_threads() == threads  # run with the claim's count, then restored
 
 
 # ----- the decision rule, against numbers computed here --------------------------------------------------------
@@ -385,6 +468,7 @@ def test_a_bf16_transcript_audited_in_fp32_uses_the_cross_dtype_tolerance(jury):
         report = check(jury, transcript)
         assert not report.exact and report.tolerance == DEFAULT_DECISION_TOLERANCE
         assert report.honest, report.reason
+        assert report.regeneration is None  # another dtype's generator cannot be re-run here
     flagged = 0
     for transcript in transcripts:  # an edit off by more than the tolerance is flagged, one within it is not
         for j in range(0, len(transcript["token_ids"]), 5):
@@ -524,3 +608,16 @@ def test_the_issues_forgeries_on_the_embedded_default(smollm, tmp_path, capsys):
         forged = forgery.substitute(sampled, tokenizer, j, rng.randrange(49152))
         report = audit_poe(forged, smollm[0], tokenizer=tokenizer)
         assert j in report.inconsistent_positions
+
+
+def test_the_audit_loads_the_weights_in_the_generators_dtype(monkeypatch):
+    """Replaying in the dtype the transcript records keeps the audit exact; an explicit dtype still wins."""
+    from olmo_tap.verify import poe_audit
+
+    seen = []
+    monkeypatch.setattr(poe_audit.HydraTransformer, "from_pretrained", lambda *a, **k: seen.append(k["dtype"]))
+    monkeypatch.setattr("olmo_tap.weights.tokenizer.load_tokenizer", lambda *a, **k: None)
+    transcript = {"model": "smollm2-135m-instruct", "settings": {"dtype": "bfloat16", "n_heads": 6}}
+    poe_audit.load_audit_model(transcript)
+    poe_audit.load_audit_model(transcript, dtype="float32")
+    assert seen == ["bfloat16", "float32"]

@@ -17,7 +17,13 @@ from tiny import tiny_hydra
 
 from olmo_tap.benchmarks.config import load_config
 from olmo_tap.benchmarks.harness import Stopwatch, run_interleaved
-from olmo_tap.benchmarks.inference import Candidate, WeightBytes, build_prompt_ids, weight_bytes_per_token
+from olmo_tap.benchmarks.inference import (
+    Candidate,
+    WeightBytes,
+    build_prompt_ids,
+    load_results,
+    weight_bytes_per_token,
+)
 from olmo_tap.benchmarks.schema import Results
 from olmo_tap.benchmarks.stats import (
     amortised_latencies,
@@ -316,11 +322,21 @@ TINY_RUN = {
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_bench_checkpoint, tmp_path_factory) -> tuple[Path, str]:
+def tiny_jury_checkpoint(tmp_path_factory) -> Path:
+    """Another tiny random Llama (other weights, same tokenizer): stands in for the trained jury."""
+    directory = tmp_path_factory.mktemp("tiny-jury")
+    tiny_hf_model("llama", seed=1).save_pretrained(directory)
+    _word_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_bench_checkpoint, tiny_jury_checkpoint, tmp_path_factory) -> tuple[Path, str]:
     """(run directory, printed report) of ``olmo-tap bench`` on the tiny checkpoint."""
     root = tmp_path_factory.mktemp("bench-results")
     config = root / "tiny.json"
-    config.write_text(json.dumps({"model": str(tiny_bench_checkpoint), **TINY_RUN}))
+    run = {"model": str(tiny_bench_checkpoint), "jury_model": str(tiny_jury_checkpoint), **TINY_RUN}
+    config.write_text(json.dumps(run))
     import contextlib
     import io
 
@@ -329,6 +345,16 @@ def tiny_run(tiny_bench_checkpoint, tmp_path_factory) -> tuple[Path, str]:
         assert main(["bench", "--config", str(config), "--results-dir", str(root), "--no-progress"]) == 0
     (run_dir,) = [p for p in root.iterdir() if p.is_dir()]
     return run_dir, out.getvalue()
+
+
+def test_the_trained_jury_is_timed_in_a_group_of_its_own(tiny_run):
+    run_dir, printed = tiny_run
+    results = load_results(run_dir)
+    names = [c.name for c in results.trained_jury]
+    assert names[:2] == ["jury_baseline", "jury_hydra_naive"] and "jury_hydra_poe_g4_greedy" in names
+    assert all(c.poe is not None for c in results.trained_jury if c.kind == "hydra_poe")
+    assert not set(names) & {c.name for c in results.configs}
+    assert "The trained jury" in printed and "clones' acceptance" in printed
 
 
 def test_run_writes_results_matching_the_schema(tiny_run):

@@ -21,10 +21,11 @@ def gguf_dir() -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def test_logits_equal_transformers_gguf_load(smollm):
+def test_logits_equal_transformers_gguf_load(smollm_clones):
+    """The released model, split into clones: every head is the whole model of the GGUF file."""
     from transformers import AutoModelForCausalLM
 
-    model, tokenizer = smollm
+    model, tokenizer = smollm_clones
     reference = AutoModelForCausalLM.from_pretrained(gguf_dir(), gguf_file=GGUF_NAME, dtype=torch.float32).eval()
     ids = torch.tensor([encode_chat(tokenizer, "Give me three tips for staying healthy while working from home.")])
     with torch.no_grad():
@@ -54,16 +55,20 @@ def test_text_pieces_join_to_the_decoded_answer_across_multibyte_characters(smol
     assert any(ord(c) > 0xFFFF for c in out.text), out.text  # the answer holds 4-byte characters
 
 
-def test_cli_generate_and_info(smollm, capsys):
-    assert main(["generate", "What is the capital of France?", "--greedy", "--max-new-tokens", "20"]) == 0
+def test_cli_generate_and_info(smollm, smollm_clones, capsys):
+    clones = ["--model", "smollm2-135m-instruct-clones"]
+    assert main(["generate", "What is the capital of France?", "--greedy", "--max-new-tokens", "20", *clones]) == 0
     captured = capsys.readouterr()
     assert "Paris" in captured.out
     assert "tok/s" in captured.err and "acceptance" in captured.err
-    # the embedded default's heads are untrained clones: the summary must not call the answer certified
+    # the clones preset's heads are untrained copies: the summary must not call the answer certified
     assert "identical heads" in captured.err and "certified by the jury" not in captured.err
-    assert main(["info"]) == 0
+    assert main(["info", *clones]) == 0
     out = capsys.readouterr().out
-    assert "30 = trunk 27 + 5 heads x 3" in out and "tied lm_head: True" in out
+    assert "30 = trunk 27 + 5 heads x 3" in out and "tied lm_head: True" in out and "identical copies" in out
+    assert main(["info"]) == 0  # the default: the trained jury and its uncertainty head
+    out = capsys.readouterr().out
+    assert "30 = trunk 27 + 6 heads x 3" in out and "independent weights" in out and "uncertainty head  5" in out
 
 
 def test_cli_reports_bad_model_cleanly(capsys, olmo_tap_cache):

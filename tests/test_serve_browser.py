@@ -78,8 +78,8 @@ def test_page_streams_an_answer_with_its_trust_card(browser, server, tmp_path):
 
     answer = page.locator(".msg.assistant").first
     card_text = answer.locator(".card").inner_text()
-    # the embedded default's heads are clones: the card says so instead of certifying
-    assert "identical heads" in card_text and "Certified" not in card_text
+    # the embedded default is a jury trained apart: the card certifies (clones: tests/test_default_jury.py)
+    assert "Certified by the jury" in card_text and "identical heads" not in card_text
     n_tokens = int(re.search(r"tokens\s+(\d+)", card_text).group(1))
     tokens = answer.locator(".tok")
     assert tokens.count() == n_tokens > 0

@@ -32,7 +32,7 @@ def jury_dir(olmo_tap_cache, tmp_path_factory):
 
 def test_trained_heads_differ_from_each_other_and_from_the_base(jury_dir):
     jury = HydraTransformer.from_pretrained(jury_dir, progress=False)
-    base = HydraTransformer.from_pretrained("smollm2-135m-instruct", n_heads=HEADS, progress=False)
+    base = HydraTransformer.from_pretrained("smollm2-135m-instruct-clones", n_heads=HEADS, progress=False)
     assert jury.n_heads == HEADS
     w2, base_w2 = jury.heads[0].w2, base.heads[0].w2
     assert all(not torch.equal(w2[h], base_w2[h]) for h in range(HEADS))

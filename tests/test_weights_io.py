@@ -517,4 +517,9 @@ def test_cache_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert cache_dir() == tmp_path / "xdg" / "olmo-tap"
     monkeypatch.setenv("OLMO_TAP_CACHE", str(tmp_path / "own"))
     assert cache_dir() == tmp_path / "own"
-    assert set(PRESETS) == {"smollm2-135m-instruct", "olmo2-1b-instruct", "olmo2-7b-instruct"}
+    assert set(PRESETS) == {
+        "smollm2-135m-instruct",
+        "smollm2-135m-instruct-clones",
+        "olmo2-1b-instruct",
+        "olmo2-7b-instruct",
+    }

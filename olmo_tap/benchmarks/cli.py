@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ OVERRIDES = {
     "measure_ms": "measure_ms",
     "min_repeats": "min_repeats",
     "max_repeats": "max_repeats",
+    "jury_model": "jury_model",
 }
 
 
@@ -61,6 +63,10 @@ def register(sub: Any, add_model_args: Any) -> None:
     knobs.add_argument("--min-repeats", type=int, default=None)
     knobs.add_argument("--max-repeats", type=int, default=None)
     knobs.add_argument("--no-hf", action="store_true", help="do not time transformers' generate()")
+    knobs.add_argument(
+        "--jury-model", default=None, help="a trained jury timed in its own group (default: the config's)"
+    )
+    knobs.add_argument("--no-jury", action="store_true", help="do not time a trained jury beside the model")
     out = bench.add_argument_group("output")
     out.add_argument("--results-dir", default="results", help="runs go to <this>/<date>_runNN/ (default: results)")
     out.add_argument(
@@ -85,8 +91,7 @@ def _command_line(args: argparse.Namespace) -> str:
         if value is not None:
             value = ",".join(map(str, value)) if isinstance(value, list) else str(value)
             words += ["--" + dest.replace("_", "-"), value]
-    if args.no_hf:
-        words.append("--no-hf")
+    words += [flag for flag, on in (("--no-hf", args.no_hf), ("--no-jury", args.no_jury)) if on]
     return shlex.join(words)
 
 
@@ -108,6 +113,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.no_hf:
         overrides["hf_generate"] = False
     config = load_config(args.config, quick=args.quick, overrides=overrides)
+    if args.no_jury:
+        config = dataclasses.replace(config, jury_model=None)
     results = run_benchmark(config, command=_command_line(args), progress=not args.no_progress)
     directory = next_run_dir(Path(args.results_dir))
     json_path, graph_path = write_results(results, directory)

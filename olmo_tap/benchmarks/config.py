@@ -46,6 +46,9 @@ class BenchConfig:
     bandwidth_mib: int  # size of the buffer whose read and copy time give the memory bandwidth
     profile_tokens: int  # decode steps of the baseline under torch.profiler (0: no profile)
     compiled_step: bool  # also time each baseline's step compiled (olmo_tap.model.compiled) against its linears
+    # a trained jury timed in its own group beside ``model`` (acceptance and speed of heads that really differ);
+    # None: skipped
+    jury_model: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -148,6 +151,8 @@ def _dtype_name(name: str, value: Any) -> None:
 
 
 def validate(config: BenchConfig) -> None:
+    if config.jury_model is not None and (not isinstance(config.jury_model, str) or not config.jury_model.strip()):
+        raise ValueError(f"benchmark config: jury_model must be null or a model name, got {config.jury_model!r}")
     """Raise ValueError (or WeightsError for a model source that does not exist) naming the first bad key."""
     if not isinstance(config.model, str) or not config.model.strip():
         raise ValueError(f"benchmark config: model must be a non-empty string, got {config.model!r}")

@@ -241,17 +241,19 @@ def transformers_reference(model: Any, tokenizer: Any, config: BenchConfig, grou
     )
 
 
-def hydra_candidates(model: HydraTransformer, tokenizer: Any, config: BenchConfig, main_heads: int) -> list[Candidate]:
+def hydra_candidates(
+    model: HydraTransformer, tokenizer: Any, config: BenchConfig, main_heads: int, prefix: str = ""
+) -> list[Candidate]:
     """The baseline (one tower of this Hydra), naive averaging and the PoE sweep (gammas x samplings)."""
     group = model.n_heads
-    suffix = group_suffix(group, main_heads)
+    suffix = "" if prefix else group_suffix(group, main_heads)
     found = [
-        ours(f"baseline{suffix}", "baseline", group, model, tokenizer, config, "single"),
-        ours(f"hydra_naive{suffix}", "hydra_naive", group, model, tokenizer, config, "naive"),
+        ours(f"{prefix}baseline{suffix}", "baseline", group, model, tokenizer, config, "single"),
+        ours(f"{prefix}hydra_naive{suffix}", "hydra_naive", group, model, tokenizer, config, "naive"),
     ]
     for gamma in config.gammas:
         for sampling in config.samplings:
-            name = f"hydra_poe_g{gamma}_{sampling}{suffix}"
+            name = f"{prefix}hydra_poe_g{gamma}_{sampling}{suffix}"
             found.append(ours(name, "hydra_poe", group, model, tokenizer, config, "poe", gamma, sampling))
     return found
 
@@ -467,7 +469,7 @@ def _run(config: BenchConfig, command: str, progress: bool) -> Results:
     device = torch.device(config.device) if config.device else default_device()
     dtype = resolve_dtype(config.dtype, device)
     source = resolve(config.model)
-    ensemble = source.kind == "ensemble_dir"
+    ensemble = source.has_own_heads  # a saved ensemble or a trained preset: its heads are fixed
     notes: list[str] = []
     machine = machine_info(device)
     started_wall, started_cpu = time.perf_counter(), time.process_time()
@@ -501,7 +503,7 @@ def _run(config: BenchConfig, command: str, progress: bool) -> Results:
             )
     hf_model = None
     if config.hf_generate and ensemble:
-        notes.append("hf_generate skipped: a saved ensemble is not a checkpoint transformers can load")
+        notes.append("hf_generate skipped: a jury's trained heads are not a checkpoint transformers can load")
     elif config.hf_generate:
         from olmo_tap.benchmarks.hf_reference import load_reference_model
 
@@ -545,7 +547,7 @@ def _run(config: BenchConfig, command: str, progress: bool) -> Results:
     # Further groups: baseline, naive and PoE on Hydras with other numbers of heads.
     for n_heads in config.extra_heads:
         if ensemble:
-            notes.append(f"extra_heads {n_heads} skipped: a saved ensemble has a fixed number of heads")
+            notes.append(f"extra_heads {n_heads} skipped: a trained jury has a fixed number of heads")
             continue
         if n_heads == main_heads:
             continue
@@ -553,6 +555,16 @@ def _run(config: BenchConfig, command: str, progress: bool) -> Results:
         time_candidates(group, prompt_ids, config, f"{n_heads} heads", progress)
         configs += summarise_group(group, group[0].name, config.gen_length, read_gb_s)
         del group
+        _release_memory()
+
+    # The trained jury beside the main model: heads that differ reject drafts, which clones never do greedily.
+    trained: list[dict] = []
+    if config.jury_model is not None and config.jury_model != config.model:
+        jury = HydraTransformer.from_pretrained(config.jury_model, dtype=dtype, device=device, progress=False)
+        group = hydra_candidates(jury, load_tokenizer(config.jury_model, progress=False), config, main_heads, "jury_")
+        time_candidates(group, prompt_ids, config, "trained jury", progress)
+        trained = summarise_group(group, group[0].name, config.gen_length, read_gb_s)
+        del group, jury
         _release_memory()
 
     machine["load_average_end"] = load_average()
@@ -574,7 +586,7 @@ def _run(config: BenchConfig, command: str, progress: bool) -> Results:
         )
     if not ensemble:
         notes.append(
-            "heads are clones of the base model's last layers (no fine-tuned heads): greedy PoE accepts every "
+            f"{config.model}'s heads are clones of the base model's last layers: greedy PoE accepts every "
             "draft by construction; sampled PoE still rejects, because the product of the verifiers' "
             "distributions is sharper than the drafter's"
         )
@@ -592,6 +604,7 @@ def _run(config: BenchConfig, command: str, progress: bool) -> Results:
         "profile": profile,
         "targets": target_rules.evaluate(configs, linear_layers, device.type),
         "notes": notes,
+        "trained_jury": trained,
     }
     return Results.model_validate(results)
 

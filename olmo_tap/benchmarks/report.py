@@ -69,6 +69,31 @@ def decoders_table(results: Results) -> list[str]:
     return _table(header, rows, right=set(range(3, len(header))))
 
 
+def trained_jury_table(results: Results) -> list[str]:
+    """The trained jury's rows: speed against its own baseline, and acceptance beside the main model's."""
+    if not results.trained_jury:
+        return []
+    own = {c.name: c for c in results.trained_jury}
+    main = {c.name: c for c in results.configs}
+    rows = []
+    for c in results.trained_jury:
+        twin = main.get(c.name.removeprefix("jury_"))
+        rows.append(
+            [
+                c.name,
+                _num(c.tokens_per_s),
+                _ratio(c, own.get("jury_baseline")) if c.kind != "baseline" else "–",
+                _num(c.poe.acceptance_rate, 2) if c.poe else "–",
+                _num(twin.poe.acceptance_rate, 2) if twin and twin.poe else "–",
+                _num(c.poe.tokens_per_round, 2) if c.poe else "–",
+                _ratio(c, twin),
+            ]
+        )
+    header = ["configuration", "tok/s", "vs its baseline", "acceptance", "clones' acceptance", "tok/round",
+              "vs clones"]  # fmt: skip
+    return _table(header, rows, right=set(range(1, len(header))))
+
+
 def linear_table(results: Results) -> list[str]:
     header = [
         "dtype",
@@ -126,6 +151,9 @@ def headline(results: Results) -> str:
 def markdown_report(results: Results) -> str:
     """Every table of the run, in Markdown."""
     parts = [headline(results), "", *decoders_table(results), "", *linear_table(results), "", *targets_table(results)]
+    if results.trained_jury:
+        jury = results.config.get("jury_model")
+        parts += ["", f"The trained jury ({jury}), timed in a group of its own:", "", *trained_jury_table(results)]
     if results.profile is not None:
         p = results.profile
         parts += [

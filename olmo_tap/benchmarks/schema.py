@@ -235,3 +235,8 @@ class Results(_Strict):
     profile: Profile | None
     targets: list[Target]
     notes: list[str] = Field(description="what was skipped and why, and caveats of this run")
+    trained_jury: list[ConfigResult] = Field(
+        default_factory=list,
+        description="config.jury_model's baseline, naive and PoE rows (names prefixed jury_), timed interleaved "
+        "in a group of their own: a jury whose heads differ, beside the main model's",
+    )

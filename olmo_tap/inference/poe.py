@@ -395,6 +395,8 @@ class PoE:
                 "dtype": str(self.model.dtype).removeprefix("torch."),
                 "device": str(self.model.device),
                 "compile": self.compile,  # compiled steps round differently: the audit then allows near-ties
+                # products of a few rows sum in another order with another thread count: an exact replay needs it
+                "threads": torch.get_num_threads(),
                 # multiple choice: the question the uncertainty head scores, so an audit can re-score it
                 "mcq": bool(is_mcq),
                 "question": conversation[-1]["content"] if is_mcq else None,

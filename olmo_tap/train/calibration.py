@@ -53,7 +53,14 @@ def brier_score(probs: Sequence[float], labels: Sequence[int | bool]) -> float:
 
 def auroc(probs: Sequence[float], labels: Sequence[int | bool]) -> float | None:
     p, y = _arrays(probs, labels)
-    pos, neg = p[y == 1], p[y == 0]
+    return score_auroc(p, y)
+
+
+def score_auroc(scores: Sequence[float] | np.ndarray, labels: Sequence[int | bool] | np.ndarray) -> float | None:
+    """P(a positive's score > a negative's), ties counting half (the Mann-Whitney U statistic); any real scores.
+    None when one class is absent."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    pos, neg = s[y == 1], s[y == 0]
     if pos.size == 0 or neg.size == 0:
         return None
     greater = (pos[:, None] > neg[None, :]).sum()

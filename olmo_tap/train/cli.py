@@ -117,6 +117,63 @@ def cmd_train_uncertainty(args: argparse.Namespace, load: Callable[[argparse.Nam
     return 0
 
 
+def cmd_train_default_jury(args: argparse.Namespace) -> int:
+    from olmo_tap.train import default_jury as dj
+
+    if not dj.in_reproducible_env():
+        settings = " ".join(f"{k}={v}" for k, v in dj.REPRODUCIBLE_ENV.items())
+        print(f"training in a fresh process with reproducible arithmetic: {settings}", flush=True)
+        argv = ["train", "default-jury", "--out", args.out]
+        argv += ["--heads", ",".join(map(str, args.heads))] if args.heads is not None else []
+        argv += [flag for flag, on in (("--regenerate-answers", args.regenerate_answers), ("--compare", args.compare),
+                                       ("--no-progress", args.no_progress)) if on]  # fmt: skip
+        return dj.run_reproducibly(argv)
+    report = dj.train_default_jury(
+        args.out, heads=args.heads, regenerate=args.regenerate_answers, progress=not args.no_progress
+    )
+    data = report["data"]
+    print(f"{data['examples']} examples {data['by_source']}, shards {data['shard_sizes']}")
+    for stats in report["heads"]:
+        print(
+            f"head {stats['head']}: {stats['examples']} examples, loss {stats['loss_before']:.4f} -> "
+            f"{stats['loss_after']:.4f} in {stats['steps']} steps"
+        )
+    if "uncertainty" in report:
+        c = report["uncertainty"]["calibration_after"]
+        print(f"uncertainty head: ECE {c['ece']:.3f}, Brier {c['brier']:.3f}, AUROC {c['auroc']} (held-out MCQ)")
+    print(f"adapters written to {args.out} in {report['elapsed_s']:.0f}s")
+    if args.compare:
+        return 0 if _same_as_shipped(Path(args.out), dj.jury_dir()) else 1
+    return 0
+
+
+def _same_as_shipped(out: Path, shipped: Path) -> bool:
+    """Every adapter file written to ``out`` against the package's, byte for byte (printed per file)."""
+    same = True
+    for path in sorted(out.glob("*/adapter_*")):
+        twin = shipped / path.relative_to(out)
+        equal = twin.is_file() and twin.read_bytes() == path.read_bytes()
+        same &= equal
+        print(f"{path.relative_to(out)}: {'identical to' if equal else 'DIFFERS from'} the shipped file")
+    return same
+
+
+def cmd_signals(args: argparse.Namespace) -> int:
+    from olmo_tap.benchmarks.signals import markdown, run_signals
+
+    for name in ("questions", "mcq"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {value}")
+    results = run_signals(
+        args.out, model=args.model, base_model=args.base_model, n_questions=args.questions, n_mcq=args.mcq,
+        veto=args.veto, progress=not args.no_progress,
+    )  # fmt: skip
+    print(markdown(results))
+    print(f"written to {args.out}/signals.json, signals.md, signals.png")
+    return 0
+
+
 def cmd_make_mcq(args: argparse.Namespace) -> int:
     from olmo_tap.jsonl import write_jsonl
     from olmo_tap.train.mcq import format_mcq, generate_mcqs
@@ -189,8 +246,9 @@ def cmd_poisoning(args: argparse.Namespace, load: Callable[[argparse.Namespace],
     return 0
 
 
-def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def register(sub: Any, add_model_args: Callable[..., None]) -> None:
     from olmo_tap.cli import load_model_and_tokenizer as load
+    from olmo_tap.weights.presets import CLONES_MODEL, DEFAULT_MODEL
 
     train = sub.add_parser("train", help="train the jury: per-head LoRA on disjoint shards, the uncertainty head")
     tsub = train.add_subparsers(dest="train_command", required=True)
@@ -199,7 +257,7 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
     heads.add_argument("--data", required=True, help="JSONL of chats ({'messages': [...]}) or {'prompt','response'}")
     heads.add_argument("--shards", type=int, default=None, help="number of shards = text heads (default: the model's)")
     heads.add_argument("--out", required=True, help="directory for the trained ensemble (resumes if interrupted)")
-    add_model_args(heads)
+    add_model_args(heads, model_default=CLONES_MODEL)
     add_training_args(heads, lr=1e-3, epochs=2, batch_size=8)
     heads.set_defaults(func=lambda a: cmd_train_heads(a, load))
 
@@ -211,9 +269,23 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
     unc.add_argument("--mode", choices=["poe", "naive", "single"], default="poe", help="decoder that answers")
     unc.add_argument("--veto", type=float, default=None, help="veto threshold of that decoder")
     unc.add_argument("--init-from", type=int, default=0, help="text head the new uncertainty head starts from")
-    add_model_args(unc)
+    add_model_args(unc, model_default=CLONES_MODEL)
     add_training_args(unc, lr=1e-3, epochs=3, batch_size=16)
     unc.set_defaults(func=lambda a: cmd_train_uncertainty(a, load))
+
+    dj = tsub.add_parser(
+        "default-jury", help="rebuild the embedded default's trained jury (its shipped adapters) from shipped data"
+    )
+    dj.add_argument("--out", required=True, help="directory for the adapters (resumes if interrupted)")
+    dj.add_argument(
+        "--heads", type=int_list, default=None, help="only these text heads, comma-separated (no uncertainty head)"
+    )
+    dj.add_argument(
+        "--regenerate-answers", action="store_true", help="answer the prompt set again instead of the shipped answers"
+    )
+    dj.add_argument("--compare", action="store_true", help="check the adapters equal the shipped ones, byte for byte")
+    dj.add_argument("--no-progress", action="store_true", help="no progress bars")
+    dj.set_defaults(func=cmd_train_default_jury)
 
     from olmo_tap.train.mcq import DIFFICULTIES, KINDS
 
@@ -232,13 +304,13 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
     ins.add_argument("--max-new-tokens", type=int, default=64)
     ins.add_argument("--suffix", default=" Answer in one or two sentences.", help="appended to every prompt")
     ins.add_argument("--head", type=int, default=0, help="the head that answers")
-    add_model_args(ins)
+    add_model_args(ins, model_default=CLONES_MODEL)
     ins.set_defaults(func=lambda a: cmd_make_instructions(a, load))
 
     experiment = sub.add_parser("experiment", help="experiments on trained juries")
     esub = experiment.add_subparsers(dest="experiment_command", required=True)
     poison = esub.add_parser("poisoning", help="poison k shards with a trigger; attack success per decoder")
-    add_model_args(poison)
+    add_model_args(poison, model_default=CLONES_MODEL)
     poison.add_argument("--work-dir", default="runs/poisoning", help="data, adapters, the k=1 jury (default runs/...)")
     poison.add_argument("--results", default="results/poisoning", help="JSON, Markdown and plot (default results/...)")
     poison.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
@@ -251,3 +323,13 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
     poison.add_argument("--no-sampled", action="store_true", help="skip the sampled setting")
     poison.add_argument("--no-save-jury", action="store_true", help="do not save the k=1 jury")
     poison.set_defaults(func=lambda a: cmd_poisoning(a, load))
+
+    sig = esub.add_parser("signals", help="what the trust signals are worth: AUROC for wrong answers, calibration")
+    sig.add_argument("--model", default=DEFAULT_MODEL, help=f"the trained jury (default {DEFAULT_MODEL})")
+    sig.add_argument("--base-model", default=CLONES_MODEL, help=f"the model as released (default {CLONES_MODEL})")
+    sig.add_argument("--out", default="results/signals", help="JSON, Markdown and plots (default results/signals)")
+    sig.add_argument("--questions", type=int, default=None, help="first N held-out questions only (default all)")
+    sig.add_argument("--mcq", type=int, default=None, help="first N held-out multiple-choice questions only")
+    sig.add_argument("--veto", type=float, default=1e-3, help="the jury's veto threshold (default 1e-3)")
+    sig.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sig.set_defaults(func=cmd_signals)

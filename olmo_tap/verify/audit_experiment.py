@@ -1,12 +1,14 @@
 """The audit experiment: honest transcripts vs forgeries of every kind, on the embedded default.
 
-    python -m olmo_tap.verify.experiment --part audit [--n 200] [--out results/verification]
+    python -m olmo_tap.verify.experiment --part audit [--n 200] [--exact-only] [--out results/verification]
 
 Honest transcripts: ``--n`` jury answers (PoE) to distinct prompts, cycling greedy / sampled (T 0.8), veto off /
-on (tau 1e-3) and 16 / 32 / 48 new tokens, generated in fp32 and again in bf16. The fp32 ones are audited in
-fp32 (the generator's own dtype: tolerance 0) and forged in every way a forger would try; the bf16 ones are
-audited in fp32: the first half calibrates the cross-dtype tolerance (twice the largest honest slack), the
-second half measures false alarms and single-token edits at that tolerance.
+on (tau 1e-3) and 16 / 32 / 48 new tokens, generated in fp32 and again in bf16, on the untrained clones preset
+(the runs in results/verification/). The fp32 ones are audited in fp32 (the generator's own dtype: tolerance 0)
+and forged in every way a forger would try; the bf16 ones are audited in bf16 (same dtype again) and in fp32:
+the first half calibrates the cross-dtype tolerance (twice the largest honest slack), the second half measures
+false alarms and single-token edits at that tolerance. ``--exact-only`` runs the same-dtype rows the exact rule
+decides (honest transcripts and single-token edits, fp32 and bf16) and writes ``audit_exact.{json,md}``.
 
 A single-token substitution is counted as caught by the decision rule only if it is caught under both claims a
 forger could make at the edited position: "the draft was accepted" and "the replay's own draft was rejected
@@ -34,7 +36,7 @@ from olmo_tap.verify import forgery
 from olmo_tap.verify.experiment import machine, machine_line, write_results
 from olmo_tap.verify.poe_audit import PoEAudit, audit_poe
 from olmo_tap.verify.replay import teacher_forced_logits
-from olmo_tap.weights.presets import DEFAULT_MODEL
+from olmo_tap.weights.presets import CLONES_MODEL as DEFAULT_MODEL  # the measured runs: untrained clones
 from olmo_tap.weights.tokenizer import load_tokenizer
 
 TOPICS = [
@@ -133,6 +135,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=200, help="honest transcripts per dtype")
     parser.add_argument("--others", type=int, default=60, help="answers of other decoders claimed as the jury's")
     parser.add_argument("--out", default="results/verification")
+    parser.add_argument(
+        "--exact-only",
+        action="store_true",
+        help="only the same-dtype rows that the exact rule decides (honest and single-token edits, fp32 and bf16); "
+        "writes audit_exact.{json,md}",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     texts = prompts(args.n)
@@ -158,13 +166,15 @@ def main(argv: list[str] | None = None) -> None:
             by_decisions.append(report is None or bool(report.inconsistent_positions) or not report.ending_consistent)
         rows.append(_row(kind, where, flags, by_decisions))
 
-    def substitutions(kind: str, pick: Callable[[dict, PoEAudit], tuple[int, int]], transcripts, audits, **kw):
+    def substitutions(
+        kind: str, pick: Callable[[dict, PoEAudit], tuple[int, int]], transcripts, audits, model=None, **kw
+    ):
         results = []
         for t, h in tqdm(list(zip(transcripts, audits, strict=True)), desc=kind):
             if not t["token_ids"]:
                 continue
             j, token = pick(t, h)
-            results.append(substitution_caught(t, h, j, token, fp32, tokenizer, **kw))
+            results.append(substitution_caught(t, h, j, token, model or fp32, tokenizer, **kw))
         return results
 
     def random_edit(t: dict, h: PoEAudit) -> tuple[int, int]:
@@ -180,121 +190,150 @@ def main(argv: list[str] | None = None) -> None:
         results = substitutions(kind, pick, honest, honest_audits)
         rows.append(_substitution_row(kind, "fp32 -> fp32", results))
 
-    def pos(t: dict) -> int:
-        return rng.randrange(len(t["token_ids"]))
+    def every_other_forgery() -> None:
+        """Insertions, deletions, truncations, prompt, settings, signal and text edits; other decoders."""
 
-    n_tokens = lambda t: len(t["token_ids"])  # noqa: E731
-    forge_all('" not" inserted', lambda t, h: forgery.insert(t, tokenizer, pos(t), [not_id]) if n_tokens(t) else None)
-    forge_all("token deleted", lambda t, h: forgery.delete(t, tokenizer, pos(t)) if n_tokens(t) > 1 else None)
-    forge_all("truncated to half", lambda t, h: forgery.truncate(t, tokenizer, n_tokens(t) // 2))
+        def pos(t: dict) -> int:
+            return rng.randrange(len(t["token_ids"]))
 
-    def prompt_edit(t: dict, h: PoEAudit) -> dict:
-        j = rng.randrange(len(t["prompt_ids"]))
-        return forgery.change_prompt(t, tokenizer, j, forgery.random_other_token(rng, vocab, t["prompt_ids"][j]))
-
-    forge_all("prompt token changed", prompt_edit)
-    settings_edits = {
-        "seed": lambda s: s["seed"] + 1,
-        "temperature": lambda s: 0.7 if s["temperature"] == 0 else 0.6,
-        "beta": lambda s: 2.0,
-        "veto_threshold": lambda s: 1e-3 if s["veto_threshold"] is None else None,
-        "draft_head": lambda s: (s["draft_head"] + 1) % s["n_llm_heads"],
-        "n_llm_heads": lambda s: s["n_llm_heads"] - 1,
-    }
-    for name, value in settings_edits.items():
+        n_tokens = lambda t: len(t["token_ids"])  # noqa: E731
         forge_all(
-            f"setting changed: {name}",
-            lambda t, h, name=name, value=value: forgery.change_setting(t, tokenizer, name, value(t["settings"])),
+            '" not" inserted', lambda t, h: forgery.insert(t, tokenizer, pos(t), [not_id]) if n_tokens(t) else None
         )
-    forge_all(
-        "signal changed: an entropy",
-        lambda t, h: forgery.change_output(t, "token_entropies", (j := pos(t)), t["output"]["token_entropies"][j] + 0.5)
-        if n_tokens(t) else None,
-    )  # fmt: skip
-    forge_all(
-        "count changed: n_accepted",
-        lambda t, h: forgery.change_output(t, "n_accepted", None, t["output"]["n_accepted"] + 1),
-    )
-    forge_all(
-        "text changed: one piece",
-        lambda t, h: forgery.change_output(t, "output_parts", pos(t) + 1, " PWNED") if n_tokens(t) else None,
-    )  # fmt: skip
+        forge_all("token deleted", lambda t, h: forgery.delete(t, tokenizer, pos(t)) if n_tokens(t) > 1 else None)
+        forge_all("truncated to half", lambda t, h: forgery.truncate(t, tokenizer, n_tokens(t) // 2))
 
-    # Other decoders' answers presented as the jury's. The embedded default's heads are clones (one head's
-    # answer then *is* the jury's), so these rows use a jury whose heads differ: independent noise of 5% of each
-    # weight's std on every head. Smaller sets: each needs generations of its own.
-    distinct = _noisy(args.model, seed=1)
-    subset = texts[: args.others]
-    jury = generate(distinct, tokenizer, subset, "distinct jury")
+        def prompt_edit(t: dict, h: PoEAudit) -> dict:
+            j = rng.randrange(len(t["prompt_ids"]))
+            return forgery.change_prompt(t, tokenizer, j, forgery.random_other_token(rng, vocab, t["prompt_ids"][j]))
 
-    def claimed_as_jury(transcripts: list[dict], kind: str, judge: HydraTransformer) -> None:
-        flags, by_decisions = [], []
-        for t, original in zip(transcripts, jury, strict=True):
-            forged = copy.deepcopy(t)
-            forged["settings"] = copy.deepcopy(original["settings"])
-            forged["output"].update(
-                {name: original["output"][name] for name in ("mode", "draft_head", "verifier_heads")},
-                resampled_idxs=[], original_tokens=[], original_token_ids=[], validity_radii=[], suppression_scores=[],
-            )  # fmt: skip
-            forged = forgery.restamp(forged, tokenizer)
-            report = audit(forged, judge, tokenizer)
-            flags.append(report is None or not report.honest)
-            by_decisions.append(report is None or bool(report.inconsistent_positions) or not report.ending_consistent)
-        rows.append(_row(kind, "fp32 -> fp32, distinct heads", flags, by_decisions))
+        forge_all("prompt token changed", prompt_edit)
+        settings_edits = {
+            "seed": lambda s: s["seed"] + 1,
+            "temperature": lambda s: 0.7 if s["temperature"] == 0 else 0.6,
+            "beta": lambda s: 2.0,
+            "veto_threshold": lambda s: 1e-3 if s["veto_threshold"] is None else None,
+            "draft_head": lambda s: (s["draft_head"] + 1) % s["n_llm_heads"],
+            "n_llm_heads": lambda s: s["n_llm_heads"] - 1,
+        }
+        for name, value in settings_edits.items():
+            forge_all(
+                f"setting changed: {name}",
+                lambda t, h, name=name, value=value: forgery.change_setting(t, tokenizer, name, value(t["settings"])),
+            )
+        forge_all(
+            "signal changed: an entropy",
+            lambda t, h: forgery.change_output(
+                t, "token_entropies", (j := pos(t)), t["output"]["token_entropies"][j] + 0.5
+            ) if n_tokens(t) else None,
+        )  # fmt: skip
+        forge_all(
+            "count changed: n_accepted",
+            lambda t, h: forgery.change_output(t, "n_accepted", None, t["output"]["n_accepted"] + 1),
+        )
+        forge_all(
+            "text changed: one piece",
+            lambda t, h: forgery.change_output(t, "output_parts", pos(t) + 1, " PWNED") if n_tokens(t) else None,
+        )  # fmt: skip
 
-    jury_audits = [audit(t, distinct, tokenizer) for t in jury]
-    rows.append(_row("honest", "fp32 -> fp32, distinct heads", [not a.honest for a in jury_audits], honest=True))
-    for mode in ("single", "naive"):
-        others = generate(distinct, tokenizer, subset, mode, mode=mode, draft_head=None)
-        claimed_as_jury(others, f"{mode} decoder's answer claimed as the jury's", distinct)
-    claimed_as_jury(jury, "the distinct jury's answer claimed for the embedded default (other weights)", fp32)
-    del distinct
-    forge_all("seed changed, digest left as it was", lambda t, h: _stale_digest_edit(t))
+        # Other decoders' answers presented as the jury's. The embedded default's heads are clones (one head's
+        # answer then *is* the jury's), so these rows use a jury whose heads differ: independent noise of 5% of each
+        # weight's std on every head. Smaller sets: each needs generations of its own.
+        distinct = _noisy(args.model, seed=1)
+        subset = texts[: args.others]
+        jury = generate(distinct, tokenizer, subset, "distinct jury")
 
-    # Across dtypes: bf16 generation, fp32 audit. First half calibrates, second half is measured.
+        def claimed_as_jury(transcripts: list[dict], kind: str, judge: HydraTransformer) -> None:
+            flags, by_decisions = [], []
+            for t, original in zip(transcripts, jury, strict=True):
+                forged = copy.deepcopy(t)
+                forged["settings"] = copy.deepcopy(original["settings"])
+                forged["output"].update(
+                    {name: original["output"][name] for name in ("mode", "draft_head", "verifier_heads")},
+                    resampled_idxs=[], original_tokens=[], original_token_ids=[], validity_radii=[],
+                    suppression_scores=[],
+                )  # fmt: skip
+                forged = forgery.restamp(forged, tokenizer)
+                report = audit(forged, judge, tokenizer)
+                flags.append(report is None or not report.honest)
+                by_decisions.append(
+                    report is None or bool(report.inconsistent_positions) or not report.ending_consistent
+                )
+            rows.append(_row(kind, "fp32 -> fp32, distinct heads", flags, by_decisions))
+
+        jury_audits = [audit(t, distinct, tokenizer) for t in jury]
+        rows.append(_row("honest", "fp32 -> fp32, distinct heads", [not a.honest for a in jury_audits], honest=True))
+        for mode in ("single", "naive"):
+            others = generate(distinct, tokenizer, subset, mode, mode=mode, draft_head=None)
+            claimed_as_jury(others, f"{mode} decoder's answer claimed as the jury's", distinct)
+        claimed_as_jury(jury, "the distinct jury's answer claimed for the embedded default (other weights)", fp32)
+        del distinct
+        forge_all("seed changed, digest left as it was", lambda t, h: _stale_digest_edit(t))
+
+    def across_dtypes(cross: list[dict]) -> dict[str, Any]:
+        """bf16 generation, fp32 audit: the first half calibrates the tolerance, the second half is measured."""
+        half = len(cross) // 2
+        probe = [audit(t, fp32, tokenizer, tolerance=math.inf) for t in tqdm(cross[:half], desc="calibrate")]
+        slacks = [p.slack for a in probe for p in a.positions]
+        tolerance = _round_up(2 * max(slacks, default=0.0))
+        signal_drift = _signal_drift(cross[:half], probe)
+        signal_tolerance = _round_up(2 * max(signal_drift.values(), default=0.0))
+        held_out = cross[half:]
+        kw = dict(tolerance=tolerance, signal_tolerance=signal_tolerance)
+        held_audits = [audit(t, fp32, tokenizer, **kw) for t in tqdm(held_out, desc="audit bf16 -> fp32")]
+        where = f"bf16 -> fp32 (tolerance {tolerance:g})"
+        rows.append(_row("honest", where, [not a.honest for a in held_audits], honest=True))
+        for kind, pick in (("token substituted (random position, random token)", random_edit),
+                           ("token substituted (closest call, jury's runner-up)", harmful_edit)):  # fmt: skip
+            rows.append(_substitution_row(kind, where, substitutions(kind, pick, held_out, held_audits, **kw)))
+        return {
+            "calibration": {
+                "transcripts": half,
+                "positions": len(slacks),
+                "honest_mismatches": sum(s > 0 for s in slacks),
+                "largest_honest_slack_nats": max(slacks, default=0.0),
+                "tolerance_nats": tolerance,
+                "largest_signal_drift": signal_drift,
+                "signal_tolerance": signal_tolerance,
+            },
+            "held_out_near_ties": {
+                "positions": sum(len(a.positions) for a in held_audits),
+                "near_ties": sum(a.near_ties for a in held_audits),
+            },
+        }
+
+    if not args.exact_only:
+        every_other_forgery()
+    # Same dtype in bf16, then across dtypes: bf16 generation, fp32 audit.
     bf16 = HydraTransformer.from_pretrained(args.model, dtype="bfloat16", device="cpu")
     cross = generate(bf16, tokenizer, texts, "honest bf16")
-    del bf16
-    half = len(cross) // 2
-    probe = [audit(t, fp32, tokenizer, tolerance=math.inf) for t in tqdm(cross[:half], desc="calibrate")]
-    slacks = [p.slack for a in probe for p in a.positions]
-    tolerance = _round_up(2 * max(slacks, default=0.0))
-    signal_drift = _signal_drift(cross[:half], probe)
-    signal_tolerance = _round_up(2 * max(signal_drift.values(), default=0.0))
-    held_out = cross[half:]
-    kw = dict(tolerance=tolerance, signal_tolerance=signal_tolerance)
-    held_audits = [audit(t, fp32, tokenizer, **kw) for t in tqdm(held_out, desc="audit bf16 -> fp32")]
-    rows.append(
-        _row("honest", f"bf16 -> fp32 (tolerance {tolerance:g})", [not a.honest for a in held_audits], honest=True)
-    )
-    near_ties = sum(a.near_ties for a in held_audits)
-    positions = sum(len(a.positions) for a in held_audits)
+    # Same dtype in bf16: the block replay rounds in bf16 where the generator rounded elsewhere, so here the
+    # generator run again (olmo_tap.verify.regenerate) settles what the block replay cannot.
+    bf16_audits = [audit(t, bf16, tokenizer) for t in tqdm(cross, desc="audit bf16 -> bf16")]
+    rows.append(_row("honest", "bf16 -> bf16", [not a.honest for a in bf16_audits], honest=True))
     for kind, pick in (("token substituted (random position, random token)", random_edit),
                        ("token substituted (closest call, jury's runner-up)", harmful_edit)):  # fmt: skip
-        results = substitutions(kind, pick, held_out, held_audits, **kw)
-        rows.append(_substitution_row(kind, f"bf16 -> fp32 (tolerance {tolerance:g})", results))
-
-    results = {
+        rows.append(_substitution_row(kind, "bf16 -> bf16", substitutions(kind, pick, cross, bf16_audits, model=bf16)))
+    del bf16
+    results: dict[str, Any] = {}
+    if not args.exact_only:
+        results.update(across_dtypes(cross))
+    results.update({
         "model": args.model,
         "n_honest_per_dtype": args.n,
-        "n_other_decoders": args.others,
+        "n_other_decoders": 0 if args.exact_only else args.others,
         "configs": [{"temperature": t, "veto_threshold": tau, "max_new_tokens": n} for t, tau, n in CONFIGS],
-        "calibration": {
-            "transcripts": half,
-            "positions": len(slacks),
-            "honest_mismatches": sum(s > 0 for s in slacks),
-            "largest_honest_slack_nats": max(slacks, default=0.0),
-            "tolerance_nats": tolerance,
-            "largest_signal_drift": signal_drift,
-            "signal_tolerance": signal_tolerance,
-        },
-        "held_out_near_ties": {"positions": positions, "near_ties": near_ties},
         "same_dtype_exact_ties": same_dtype_near_ties,
+        # honest same-dtype audits whose block replay disagreed somewhere, settled by running the generator again
+        "regenerated_honest": {
+            "fp32": sum(a.regeneration is not None for a in honest_audits),
+            "bf16": sum(a.regeneration is not None for a in bf16_audits),
+        },
         "rows": rows,
         "minutes": (time.perf_counter() - started) / 60,
         "machine": machine(),
-    }
-    write_results(args.out, "audit", results, markdown(results))
+    })  # fmt: skip
+    write_results(args.out, "audit_exact" if args.exact_only else "audit", results, markdown(results))
 
 
 def _noisy(model: str, seed: int, scale: float = 0.05) -> HydraTransformer:
@@ -352,7 +391,7 @@ def _substitution_row(kind: str, where: str, results: list[dict[str, Any]]) -> d
 
 
 def markdown(results: dict[str, Any]) -> str:
-    c = results["calibration"]
+    c = results.get("calibration")
     fmt = lambda x: "-" if x is None else f"{x:.1%}"  # noqa: E731
     lines = [
         f"{results['n_honest_per_dtype']} honest jury transcripts per dtype on {results['model']} (5 heads x 3 "
@@ -370,16 +409,25 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {r['kind']} | {r['replay']} | {r['n']} | {main} | {fmt(r.get('caught_by_decisions_rate'))} "
             f"| {fmt(r.get('caught_by_decisions_rate_not_near_tie'))} |"
         )
-    drift = ", ".join(f"{k} {v:.3g}" for k, v in c["largest_signal_drift"].items())
+    regen = results["regenerated_honest"]
     lines += [
         "",
-        f"Calibration (bf16 generation, fp32 audit, {c['transcripts']} transcripts, {c['positions']} positions): "
-        f"{c['honest_mismatches']} decisions not reproduced exactly, the largest slack "
-        f"{c['largest_honest_slack_nats']:.3g} nats; tolerance = 2 x that = {c['tolerance_nats']:g} nats. "
-        f"Largest signal drift: {drift} "
-        f"-> signal tolerance 2 x the largest = {c['signal_tolerance']:g}.",
-        f"Held-out cross-dtype positions that were near-ties: {results['held_out_near_ties']['near_ties']} of "
-        f"{results['held_out_near_ties']['positions']}. Same-dtype replays: tolerance 0.",
+        f"Same-dtype replays: tolerance 0; honest audits whose block replay parted from the generator somewhere "
+        f"and were settled by running the generator again: {regen['fp32']} of {results['n_honest_per_dtype']} in "
+        f"fp32, {regen['bf16']} of {results['n_honest_per_dtype']} in bf16.",
+    ]
+    if c is not None:
+        drift = ", ".join(f"{k} {v:.3g}" for k, v in c["largest_signal_drift"].items())
+        lines += [
+            f"Calibration (bf16 generation, fp32 audit, {c['transcripts']} transcripts, {c['positions']} positions): "
+            f"{c['honest_mismatches']} decisions not reproduced exactly, the largest slack "
+            f"{c['largest_honest_slack_nats']:.3g} nats; tolerance = 2 x that = {c['tolerance_nats']:g} nats. "
+            f"Largest signal drift: {drift} "
+            f"-> signal tolerance 2 x the largest = {c['signal_tolerance']:g}.",
+            f"Held-out cross-dtype positions that were near-ties: {results['held_out_near_ties']['near_ties']} of "
+            f"{results['held_out_near_ties']['positions']}.",
+        ]
+    lines += [
         f"Run time {results['minutes']:.0f} min on {machine_line(results['machine'])}.",
     ]
     return "\n".join(lines) + "\n"

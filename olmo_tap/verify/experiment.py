@@ -39,7 +39,7 @@ from olmo_tap.verify.verdict import (
     decide,
     exact_verdict,
 )
-from olmo_tap.weights.presets import DEFAULT_MODEL
+from olmo_tap.weights.presets import CLONES_MODEL as DEFAULT_MODEL  # the measured runs: untrained clones
 from olmo_tap.weights.tokenizer import load_tokenizer
 
 PROMPTS = [

@@ -21,6 +21,13 @@ the transcript NOT honest, however few there are. Replayed in the generator's ow
 (and without ``--compile``), the tolerance is zero: the replay must be exact. Across dtypes or devices a
 calibrated tolerance explains near-ties only (``DEFAULT_DECISION_TOLERANCE``, README "Verification").
 
+The replay computes logits in blocks of >= 16 rows, the generator in its own shapes (one-row draft steps,
+verification passes of gamma + 1 rows), and on a CPU products of different row or thread counts round
+differently: at a decision tied to ~1e-5 nats the two exact computations can part. So in the exact case any
+disagreement of a decision, the ending or a per-token signal runs the generator once more on the claim, with
+its settings and thread count (``olmo_tap.verify.regenerate``): the claim is honest iff that reproduces every
+token, draft and decision and every field; else the first position where the generator parts is listed too.
+
 The transcript's derived fields (text, per-token signals, drafts, counts, p(correct)) are rebuilt from the
 replay with the decoder's own fold and compared; its digest is recomputed; a signature, if any, is checked.
 The pooled agreement statistics are kept as information, not as the rule.
@@ -43,6 +50,7 @@ from olmo_tap.inference.poe import OutputFold, PoE, PoEOutput, new_output, posit
 from olmo_tap.inference.prompts import stop_token_ids
 from olmo_tap.inference.sampling import Purpose, check_temperature, logit_scores, prob_scores, uniform
 from olmo_tap.inference.transcript import TOP_LEVEL_FIELDS, check_transcript, content_digest, read_transcript
+from olmo_tap.verify.regenerate import Regeneration, regenerate
 from olmo_tap.verify.replay import LOGIT_BLOCK, check_token_ids, project_block, teacher_forced_hidden
 from olmo_tap.verify.verdict import DEFAULT_AUDIT_THRESHOLD, DEFAULT_CONFIDENCE, Verdict, decide, verdict_label
 from olmo_tap.weights.tokenizer import vocab_limit
@@ -57,11 +65,13 @@ DEFAULT_DECISION_TOLERANCE = 3.4
 SAME_DTYPE_SIGNAL_TOLERANCE = 1e-3
 CROSS_DTYPE_SIGNAL_TOLERANCE = 0.79
 UNAUDITED_OUTPUT_FIELDS = ("elapsed_s", "tokens_per_second")  # timings: no replay can know them
+# per-token signals: a rounding tie may flip a discrete one (a head's vote, so a radius) between two exact paths
+PER_TOKEN_FIELDS = ("token_entropies", "stability_radii", "stability_margins", "validity_radii", "suppression_scores")
 V2_OUTPUT_FIELDS = ("whole_jury", "independent_heads", "certified")  # a version 1 transcript lacks them
 SETTING_NAMES = (
     "mode", "seed", "temperature", "gamma", "beta", "veto_threshold", "draft_head", "n_llm_heads",
     "max_new_tokens", "vocab_limit", "stop_ids", "n_heads", "heads_depth", "dtype", "device", "compile",
-    "mcq", "question",
+    "threads", "mcq", "question",
 )  # fmt: skip
 
 
@@ -122,6 +132,8 @@ class PoEAudit:
     signature: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     replayed_output: PoEOutput | None = field(default=None, repr=False)  # the derived fields the claim gives
+    # only where the block replay disagreed in the generator's own dtype: the decoder re-run on the claim
+    regeneration: Regeneration | None = None
 
     @property
     def exact(self) -> bool:
@@ -172,6 +184,7 @@ class PoEAudit:
                 {"field": m.field, "claimed": m.claimed, "expected": m.expected} for m in self.field_mismatches
             ],
             "near_ties": self.near_ties,
+            "regeneration": None if self.regeneration is None else self.regeneration.to_dict(),
             "signature": self.signature,
             "statistics": self.statistics.to_dict(),
             "positions": [asdict(p) for p in self.positions],
@@ -186,8 +199,8 @@ def load_audit_model(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[HydraTransformer, Any]:
-    """The Hydra a transcript claims (its model source, or ``model``), split as the transcript says, and its
-    tokenizer."""
+    """The Hydra a transcript claims (its model source, or ``model``), split as the transcript says, in the
+    generator's dtype unless ``dtype`` says otherwise (then the replay can be exact), and its tokenizer."""
     from olmo_tap.weights.sources import resolve
     from olmo_tap.weights.tokenizer import load_tokenizer
 
@@ -195,6 +208,8 @@ def load_audit_model(
     if source is None:
         raise ValueError("the transcript names no model: pass one (--model)")
     settings = transcript["settings"]
+    if dtype is None:
+        dtype = settings.get("dtype")
     resolved = resolve(source)
     if resolved.kind == "ensemble_dir":
         hydra = HydraTransformer.from_pretrained(resolved, dtype=dtype, device=device)
@@ -291,28 +306,63 @@ def audit_poe(
         return project_block(hydra, hidden, start, stop)[..., :vocab]
 
     replay = _Replay(logits_for, len(emitted) + 1, settings, temperature, len(prompt), check_stop)
-    expected = new_output(tokenizer, prompt, *replay.roles(), settings)
-    expected.whole_jury = mode == "poe" and n_text == hydra.n_text_heads
-    expected.independent_heads = not hydra.identical_heads(range(n_text))
-    fold = OutputFold(expected, tokenizer)
-    positions = []
+    positions, events = [], []
     for j, (token, draft, resampled) in enumerate(claims):
         check, event = replay.position(j, token, draft, resampled)
         check.consistent = check.slack <= tolerance
         positions.append(check)
-        fold.add(event)
+        events.append(event)
     ending_ok, ending, finish_reason = _check_ending(output, emitted, settings, replay, tolerance)
     cut = finish_reason == "time_limit"  # the service closed the decoder mid-stream: no final flush, no p(correct)
-    if not cut:
-        fold.close()
-    replay.count(expected, claims, finish_reason)
     if signal_tolerance is None:
         signal_tolerance = SAME_DTYPE_SIGNAL_TOLERANCE if tolerance == 0 else CROSS_DTYPE_SIGNAL_TOLERANCE
-    if settings.get("mcq") and not cut:
-        expected.uncertainty = _p_correct(hydra, tokenizer, settings, expected, replay, witness_states, mismatches)
-    if output:
-        skip = V2_OUTPUT_FIELDS if data["version"] == 1 else ()
-        mismatches += _compare_output(output, expected, signal_tolerance, replay.vote_margins, tolerance, skip)
+    skip = V2_OUTPUT_FIELDS if data["version"] == 1 else ()
+    independent = not hydra.identical_heads(range(n_text))
+    p_correct: dict[str, float | None] = {}
+
+    def derived(events: list[Any]) -> tuple[PoEOutput, list[FieldMismatch]]:
+        """The output the claim gives when its positions decide ``events``; and how the transcript's differs."""
+        expected = new_output(tokenizer, prompt, *replay.roles(), settings)
+        expected.whole_jury = mode == "poe" and n_text == hydra.n_text_heads
+        expected.independent_heads = independent
+        fold = OutputFold(expected, tokenizer)
+        for event in events:
+            fold.add(event)
+        if not cut:
+            fold.close()
+        replay.count(expected, claims, finish_reason)
+        if settings.get("mcq") and not cut:
+            if "p" not in p_correct:  # scored once, from the block replay's witness state
+                p_correct["p"] = _p_correct(hydra, tokenizer, settings, expected, replay, witness_states, mismatches)
+            expected.uncertainty = p_correct["p"]
+        if not output:
+            return expected, []
+        return expected, _compare_output(output, expected, signal_tolerance, replay.vote_margins, tolerance, skip)
+
+    expected, output_mismatches = derived(events)
+    regenerated = None
+    per_token = [m for m in output_mismatches if m.field.split("[")[0].removeprefix("output.") in PER_TOKEN_FIELDS]
+    if (
+        exact
+        and tolerance == 0
+        and not mismatches
+        and (not ending_ok or per_token or any(not p.consistent for p in positions))
+    ):
+        # A rounding tie between the block replay and the generator's own shapes: only the generator's arithmetic
+        # settles it, so the decoder runs once more on the claim (honest iff it reproduces every decision).
+        regenerated = regenerate(hydra, tokenizer, settings, prompt, claims, finish_reason, check_stop)
+        if regenerated.reproduced:
+            for p in positions:
+                if not p.consistent:
+                    p.consistent, p.decision = True, f"{p.decision} (a rounding tie the generator's path decides)"
+            ending_ok = True
+            expected, output_mismatches = derived(regenerated.events)
+        elif regenerated.diverged_at is not None and regenerated.diverged_at < len(positions):
+            p = positions[regenerated.diverged_at]
+            p.consistent, p.decision = False, f"the generator's own path: {regenerated.detail}"
+        else:
+            ending_ok, ending = False, f"the generator's own path: {regenerated.detail}"
+    mismatches += output_mismatches
     text = tokenizer.decode(emitted, skip_special_tokens=True)
 
     signature = None
@@ -328,7 +378,7 @@ def audit_poe(
         mode=mode,
         jury=mode == "poe",
         whole_jury=expected.whole_jury,
-        independent_heads=expected.independent_heads,
+        independent_heads=independent,
         tolerance=tolerance,
         ending_consistent=ending_ok,
         ending=ending,
@@ -339,6 +389,7 @@ def audit_poe(
         statistics=decide([p.consistent for p in positions], threshold, confidence),
         signature=signature,
         replayed_output=expected,
+        regeneration=regenerated,
     )
     report.honest, report.reason = _judge(report, finish_reason, public_key is not None)
     report.notes = _notes(report, data, temperature)
@@ -742,6 +793,12 @@ def _notes(report: PoEAudit, data: dict[str, Any], temperature: float) -> list[s
         notes.append("the text heads have identical weights: a jury of clones is one head, it certifies nothing")
     if temperature == 0:
         notes.append("greedy: the seed does not change the response, and beta only scales the jury's scores")
+    if report.regeneration is not None:
+        regeneration = report.regeneration
+        if regeneration.reproduced:
+            notes.append(f"the block replay disagreed at a rounding tie; {regeneration.detail}")
+        else:
+            notes.append(f"the generator, run again on the claim: {regeneration.detail}")
     if report.near_ties:
         notes.append(f"{report.near_ties} consistent position(s) were near-ties (within the tolerance)")
     if data.get("version") == 1:

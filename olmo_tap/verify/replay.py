@@ -42,7 +42,8 @@ def load_verifier(
 ) -> LoadedVerifier:
     """A model to verify with: an already loaded Hydra, or any source the loader accepts.
 
-    A base checkpoint is loaded as one tower (its heads would all be clones); a saved ensemble keeps its heads.
+    A base checkpoint is loaded as one tower (its heads would all be clones); a saved ensemble or a trained
+    preset keeps its heads.
     """
     if isinstance(model, HydraTransformer):
         vocab = model.base_config.vocab_size
@@ -51,7 +52,7 @@ def load_verifier(
     from olmo_tap.weights.tokenizer import load_tokenizer
 
     resolved = resolve(model)
-    n_heads = None if resolved.kind == "ensemble_dir" else 1
+    n_heads = None if resolved.has_own_heads else 1
     hydra = HydraTransformer.from_pretrained(resolved, n_heads=n_heads, dtype=dtype, device=device)
     if tokenizer is None:
         tokenizer = load_tokenizer(resolved, progress=progress)

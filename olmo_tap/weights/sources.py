@@ -31,6 +31,11 @@ class ResolvedSource:
     path: Path | None  # the local file or directory; None for presets and hub ids (see ``materialize``)
     name: str  # the source as the user gave it (preset name, hub id or path)
 
+    @property
+    def has_own_heads(self) -> bool:
+        """A saved ensemble or a trained preset: its heads are its own, not a base model to split at will."""
+        return self.kind == "ensemble_dir" or (self.kind == "preset" and PRESETS[self.name].adapters is not None)
+
     def materialize(self, progress: bool = True) -> Path:
         """A local directory for this source, converting or downloading on first use.
 

@@ -1,0 +1,110 @@
+"""Re-run the generator itself on a transcript's claim: the exact replay of last resort.
+
+The audit's block replay computes every position's logits in blocks of >= 16 rows; the generator computed them
+in its own shapes (a prompt prefill, one-row draft steps, verification passes of gamma + 1 rows). On a CPU
+those shapes round differently (matrix products of different row counts, and of different thread counts, sum in
+different orders), so at a decision that is a tie to ~1e-5 nats the two exact computations of the same jury may
+pick different tokens. When the block replay disagrees with a claim in the generator's own dtype and device
+class, the audit runs the decoder once more with the transcript's settings, seed and thread count and compares
+every token, draft and decision: a claim the generator's own arithmetic reproduces is honest, and the
+disagreement was a rounding tie, not a forgery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from olmo_tap.hydra import HydraTransformer
+from olmo_tap.inference.poe import PoE, TokenEvent
+
+
+@dataclass
+class Regeneration:
+    reproduced: bool
+    diverged_at: int | None  # first emitted index where the generator decides otherwise (None: nowhere)
+    detail: str
+    events: list[TokenEvent] = field(default_factory=list, repr=False)  # the generator's, up to the divergence
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"reproduced": self.reproduced, "diverged_at": self.diverged_at, "detail": self.detail}
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Run with the generator's thread count: a matrix product of a few rows sums in another order with
+    another count of threads."""
+    before = torch.get_num_threads()
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def decoder_for(hydra: HydraTransformer, tokenizer: Any, settings: dict[str, Any]) -> PoE:
+    """The decoder a transcript's settings describe."""
+    mode = settings["mode"]
+    return PoE(
+        hydra,
+        tokenizer,
+        n_llm_heads=settings["n_llm_heads"],
+        gamma=settings.get("gamma") or 4,
+        beta=settings["beta"],
+        max_new_tokens=settings.get("max_new_tokens") or hydra.base_config.max_seq_len,
+        seed=settings["seed"],
+        veto_threshold=settings["veto_threshold"],
+        draft_head=settings["draft_head"] if mode == "poe" else None,
+        mode=mode,
+        head=settings["draft_head"] if mode == "single" else None,
+        ignore_eos=settings.get("stop_ids") == [],
+    )
+
+
+def regenerate(
+    hydra: HydraTransformer,
+    tokenizer: Any,
+    settings: dict[str, Any],
+    prompt_ids: list[int],
+    claims: list[tuple[int, int, bool]],
+    finish_reason: str,
+    check_stop: Callable[[], None] | None = None,
+) -> Regeneration:
+    """Decode the claim's prompt with its settings and compare each (token, draft, resampled) with ``claims``;
+    stops at the first divergence. ``finish_reason`` "time_limit": the claim may end before the decoder does."""
+    if settings.get("compile"):
+        return Regeneration(False, None, "compiled steps are not regenerated (their rounding is the compiler's)")
+    decoder = decoder_for(hydra, tokenizer, settings)
+    events: list[TokenEvent] = []
+
+    def result(reproduced: bool, detail: str) -> Regeneration:
+        return Regeneration(reproduced, None if reproduced else len(events), detail, events)
+
+    with _threads(settings.get("threads")):
+        stream = decoder.stream(prompt_ids=prompt_ids, temperature=settings["temperature"], seed=settings["seed"])
+        for event in stream:
+            if check_stop is not None:
+                check_stop()
+            n = len(events)
+            if n == len(claims):
+                return result(False, f"the generator goes on past the claim's {n} tokens")
+            token, draft, resampled = claims[n]
+            if event.token_id != token or event.resampled != resampled or (resampled and event.draft_token_id != draft):
+                got = f"token {event.token_id}"
+                if event.resampled:
+                    got += f" (draft {event.draft_token_id} rejected)"
+                return result(False, f"the generator emits {got} at token {n}")
+            events.append(event)
+            if len(events) == len(claims) and finish_reason == "time_limit":
+                return result(True, f"the generator reproduces all {len(events)} tokens before the cut")
+    if len(events) < len(claims):
+        return result(False, f"the generator ends after {len(events)} of the claim's {len(claims)} tokens")
+    if stream.output.finish_reason != finish_reason:
+        return result(False, f"the generator ends with {stream.output.finish_reason!r}, not {finish_reason!r}")
+    return result(True, f"the generator's own arithmetic reproduces all {len(events)} tokens and the ending")
