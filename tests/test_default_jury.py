@@ -115,3 +115,10 @@ def test_experiment_signals_end_to_end(smollm, smollm_clones, tmp_path, capsys):
     assert (out / "signals.png").stat().st_size > 0 and (out / "signals.md").read_text() in printed
     assert main([*args[:2], "--questions", "0"]) == 2  # a bad count is refused by name
     assert "--questions must be a positive integer" in capsys.readouterr().err
+
+
+def test_train_default_jury_refuses_unknown_heads_before_any_work(tmp_path, capsys):
+    for heads in ("7", ",", "0,5"):
+        assert main(["train", "default-jury", "--out", str(tmp_path / "j"), "--heads", heads]) == 2
+        assert "--heads must list text heads in 0..4" in capsys.readouterr().err
+    assert not (tmp_path / "j").exists()

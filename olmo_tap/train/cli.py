@@ -120,6 +120,8 @@ def cmd_train_uncertainty(args: argparse.Namespace, load: Callable[[argparse.Nam
 def cmd_train_default_jury(args: argparse.Namespace) -> int:
     from olmo_tap.train import default_jury as dj
 
+    if args.heads is not None and (not args.heads or any(not 0 <= h < dj.N_TEXT_HEADS for h in args.heads)):
+        raise ValueError(f"--heads must list text heads in 0..{dj.N_TEXT_HEADS - 1}, got {args.heads}")
     if not dj.in_reproducible_env():
         settings = " ".join(f"{k}={v}" for k, v in dj.REPRODUCIBLE_ENV.items())
         print(f"training in a fresh process with reproducible arithmetic: {settings}", flush=True)
