@@ -57,6 +57,7 @@ from olmo_tap.benchmarks.stats import (
 from olmo_tap.hydra import HydraTransformer
 from olmo_tap.inference.poe import PoE, PoEOutput
 from olmo_tap.inference.prompts import encode_chat
+from olmo_tap.model.kernels import torch_threads
 
 PROMPT_TEXT = "Explain, step by step, how a bicycle works and why it stays upright. "
 TTFT_MAX_REPEATS = 200
@@ -451,13 +452,8 @@ def model_info(model: HydraTransformer, source: str) -> dict[str, Any]:
 def run_benchmark(config: BenchConfig, command: str = "olmo-tap bench", progress: bool = True) -> Results:
     """Time every configuration of ``config``; returns the validated results (nothing is written). The torch
     thread count is set for the run (``config.threads``) and restored afterwards."""
-    threads = torch.get_num_threads()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         return _run(config, command, progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(config: BenchConfig, command: str, progress: bool) -> Results:

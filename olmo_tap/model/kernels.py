@@ -13,7 +13,8 @@ run and tested on any machine; ``auto`` (the default) decides as above.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -132,3 +133,17 @@ def describe(device: torch.device | str = "cpu", dtypes: Iterable[torch.dtype] =
         reasons = "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
         parts.append(f"stock matmul ({reasons})")
     return ", ".join(parts)
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch CPU threads (None: as is), restoring the count after. Matrix products of a few rows
+    sum in another order with another thread count, so an exact replay runs with the generator's."""
+    before = torch.get_num_threads()
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)

@@ -12,15 +12,13 @@ disagreement was a rounding tie, not a forgery.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from olmo_tap.hydra import HydraTransformer
 from olmo_tap.inference.poe import PoE, TokenEvent
+from olmo_tap.model.kernels import torch_threads
 
 
 @dataclass
@@ -32,20 +30,6 @@ class Regeneration:
 
     def to_dict(self) -> dict[str, Any]:
         return {"reproduced": self.reproduced, "diverged_at": self.diverged_at, "detail": self.detail}
-
-
-@contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    """Run with the generator's thread count: a matrix product of a few rows sums in another order with
-    another count of threads."""
-    before = torch.get_num_threads()
-    if n is not None and n != before:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
 
 
 def decoder_for(hydra: HydraTransformer, tokenizer: Any, settings: dict[str, Any]) -> PoE:
@@ -86,7 +70,7 @@ def regenerate(
     def result(reproduced: bool, detail: str) -> Regeneration:
         return Regeneration(reproduced, None if reproduced else len(events), detail, events)
 
-    with _threads(settings.get("threads")):
+    with torch_threads(settings.get("threads")):
         stream = decoder.stream(prompt_ids=prompt_ids, temperature=settings["temperature"], seed=settings["seed"])
         for event in stream:
             if check_stop is not None:
