@@ -254,6 +254,53 @@ def test_slack_of_the_acceptance_test_is_log_uq_against_log_p():
     assert branches == {"accepted", "rejected"}
 
 
+def _resample_winner(p: torch.Tensor, q: torch.Tensor, noise: torch.Tensor) -> int:
+    return int(torch.argmax(torch.log((p - q).clamp(min=0).double()) + noise.double()))
+
+
+def test_resample_slack_and_margin_are_the_smallest_moves_of_p_and_q_that_flip_it():
+    """Brute force on small vocabularies: moving the claimed token's P up and q down by e^slack (a hair more)
+    makes it win the resample, a hair less does not; moving the nearest other token's by e^margin makes it win.
+    Where P(x) = q(x) exactly the residual is 0 and its log -inf, yet the slack stays finite and small: the
+    decision is a near-tie of P against q, not an impossibility."""
+    from olmo_tap.verify.poe_audit import _resample_slack_and_margin
+
+    gen = torch.Generator().manual_seed(0)
+    checked = {"slack": 0, "margin": 0}
+    for _ in range(40):
+        p = torch.softmax(torch.randn(12, generator=gen, dtype=torch.float64) * 2, -1)
+        q = torch.softmax(torch.randn(12, generator=gen, dtype=torch.float64) * 2, -1)
+        noise = -torch.log(-torch.log(torch.rand(12, generator=gen, dtype=torch.float64)))
+        winner = _resample_winner(p, q, noise)
+        for x in range(12):
+            slack, margin = _resample_slack_and_margin(p, q, noise, x)
+            if x == winner:
+                assert slack == 0 and margin > 0
+                flips = []
+                for y in range(12):  # no other token wins with a move of less than the margin; one does with it
+                    for scale in (1 - 1e-6, 1 + 1e-6):
+                        moved_p, moved_q = p.clone(), q.clone()
+                        moved_p[y] *= math.exp(margin * scale)
+                        moved_q[y] *= math.exp(-margin * scale)
+                        flips.append((scale, _resample_winner(moved_p, moved_q, noise) != x))
+                assert not any(flip for scale, flip in flips if scale < 1)
+                assert any(flip for scale, flip in flips if scale > 1)
+                checked["margin"] += 1
+                continue
+            assert 0 < slack < math.inf
+            for scale, wins in ((1 + 1e-6, True), (1 - 1e-6, False)):
+                moved_p, moved_q = p.clone(), q.clone()
+                moved_p[x] *= math.exp(slack * scale)
+                moved_q[x] *= math.exp(-slack * scale)
+                assert (_resample_winner(moved_p, moved_q, noise) == x) is wins
+            checked["slack"] += 1
+    assert checked["slack"] > 300 and checked["margin"] == 40
+    p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    q = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)  # residual 0 at token 1: log -inf
+    slack, _ = _resample_slack_and_margin(p, q, torch.zeros(3, dtype=torch.float64), 1)
+    assert 0 < slack < 1.5
+
+
 # ----- tampering: each kind a forger would try -----------------------------------------------------------------
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from olmo_tap.train.facts import SUFFIX, Fact, all_facts, is_correct, split_facts
+from olmo_tap.train.facts import SUFFIX, Fact, all_facts, fact_mcqs, is_correct, split_facts
 
 
 def test_the_splits_are_disjoint_deterministic_and_large_enough():
@@ -46,3 +46,19 @@ def test_the_splits_are_disjoint_deterministic_and_large_enough():
 )
 def test_marking_rule(fact, answer, right):
     assert is_correct(fact, answer) is right
+
+
+def test_fact_mcqs_have_one_right_option_and_follow_the_split():
+    train, held_out = split_facts()
+    questions = fact_mcqs(held_out, seed=2)
+    assert questions == fact_mcqs(held_out, seed=2)  # deterministic
+    facts = {f.question: f for f in held_out}
+    assert {q.kind for q in questions} == {"fact:capital", "fact:symbol", "fact:opposite", "fact:sequence"}
+    assert len(questions) == sum(f.match != "number" for f in held_out)  # every table fact, no number
+    for q in questions:
+        fact = facts[q.question]  # built from held-out facts only
+        assert len(set(q.choices)) == 4
+        right = [c for c in q.choices if is_correct(fact, c)]
+        assert right == [q.correct_choice], (q, right)  # exactly one option is marked right: the answer
+    assert {q.answer for q in questions} == set("ABCD")
+    assert not {q.question for q in questions} & {q.question for q in fact_mcqs(train, seed=2)}

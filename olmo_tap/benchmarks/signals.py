@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 from olmo_tap.hydra import HydraTransformer
 from olmo_tap.inference.poe import PoE, PoEOutput
 from olmo_tap.train.calibration import calibration_report, plot_reliability, score_auroc
-from olmo_tap.train.facts import Fact, is_correct, split_facts
-from olmo_tap.train.mcq import format_mcq, generate_mcqs, parse_choice
+from olmo_tap.train.facts import Fact, fact_mcqs, is_correct, split_facts
+from olmo_tap.train.mcq import MCQ, format_mcq, generate_mcqs, parse_choice
 from olmo_tap.weights.presets import CLONES_MODEL, DEFAULT_MODEL
 from olmo_tap.weights.tokenizer import load_tokenizer
 
@@ -114,6 +114,31 @@ def bootstrap_auroc(
     return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
 
 
+def margin_interval(
+    jury: list[Answer], jury_signal: str, single: list[Answer], single_signal: str, seed: int = 0
+) -> tuple[float, float] | tuple[None, None]:
+    """95% paired bootstrap interval of AUROC(jury's signal) - AUROC(single head's signal): both decoders answered
+    the same questions, so each draw resamples questions, not answers (tighter than two separate intervals)."""
+    if len(jury) != len(single) or any(j.question != s.question for j, s in zip(jury, single, strict=False)):
+        raise ValueError("the paired interval needs both decoders' answers to the same questions, in order")
+    rng = np.random.default_rng(seed)
+    sides = []
+    for answers, signal in ((jury, jury_signal), (single, single_signal)):
+        direction = SIGNALS[signal][1]
+        sides.append(
+            (direction * np.array([a.signals[signal] for a in answers]), np.array([not a.correct for a in answers]))
+        )
+    values = []
+    for _ in range(BOOTSTRAP):
+        idx = rng.integers(0, len(jury), len(jury))
+        pair = [score_auroc(suspicion[idx], wrong[idx]) for suspicion, wrong in sides]
+        if None not in pair:
+            values.append(pair[0] - pair[1])
+    if not values:
+        return None, None
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
 def signal_table(answers: list[Answer], seed: int = 0) -> dict[str, dict[str, Any]]:
     rng = np.random.default_rng(seed)
     wrong = np.array([not a.correct for a in answers], dtype=np.float64)
@@ -139,12 +164,17 @@ def risk_coverage(answers: list[Answer], signal: str) -> list[dict[str, float]]:
     return curve
 
 
-def held_out_mcqs() -> list:
-    """Multiple-choice questions no training run saw (by question text and choices)."""
-    from olmo_tap.train.default_jury import MCQ_TRAIN, MCQ_UNCERTAINTY
+FACT_MCQ_HELD_OUT_SEED = 2
 
-    seen = {format_mcq(q) for n, seed in (MCQ_TRAIN, MCQ_UNCERTAINTY) for q in generate_mcqs(n, seed)}
-    return [q for q in generate_mcqs(*MCQ_HELD_OUT) if format_mcq(q) not in seen]
+
+def held_out_mcqs() -> list[MCQ]:
+    """Multiple-choice questions no training run saw: generated ones (any whose text and choices a training set
+    also has are dropped), then the held-out facts as multiple choice."""
+    from olmo_tap.train.default_jury import MCQ_TRAIN, uncertainty_questions
+
+    seen = {format_mcq(q) for q in generate_mcqs(*MCQ_TRAIN) + uncertainty_questions()}
+    generated = [q for q in generate_mcqs(*MCQ_HELD_OUT) if format_mcq(q) not in seen]
+    return generated + fact_mcqs(split_facts()[1], FACT_MCQ_HELD_OUT_SEED)
 
 
 def run_signals(
@@ -184,6 +214,14 @@ def run_signals(
             "best_signal": best,
             "risk_coverage": risk_coverage(answers[name], best),
         }
+    best = {name: results["decoders"][name]["best_signal"] for name in ("jury", "single")}
+    value = {name: results["decoders"][name]["signals"][best[name]]["auroc"] for name in best}
+    results["margin"] = {
+        "jury_signal": best["jury"],
+        "single_signal": best["single"],
+        "value": None if None in value.values() else value["jury"] - value["single"],
+        "ci95": list(margin_interval(answers["jury"], best["jury"], answers["single"], best["single"])),
+    }
     results["uncertainty_head"] = _uncertainty_head(jury, tokenizer, n_mcq, progress)
     results["answers"] = {name: [a.__dict__ for a in answers[name]] for name in DECODERS}
     results["minutes"] = (time.perf_counter() - started) / 60
@@ -207,21 +245,34 @@ def _by_kind(facts: list[Fact], answers: dict[str, list[Answer]]) -> dict[str, d
 
 
 def _uncertainty_head(jury: HydraTransformer, tokenizer: Any, n_mcq: int | None, progress: bool) -> dict[str, Any]:
+    """Calibration of p(correct) on the held-out multiple choice, overall and per source (generated questions;
+    facts), with the letters the jury answered: a letter chosen by position, not content, leaves the head
+    nothing to read."""
     if jury.uncertainty_head is None:
         return {"note": "this model has no uncertainty head"}
     questions = held_out_mcqs()
     questions = questions[:n_mcq] if n_mcq else questions
     decoder = PoE(jury, tokenizer, max_new_tokens=8, seed=0)
-    probs, labels, abstained = [], [], 0
+    rows, abstained = [], 0
     for q in tqdm(questions, desc="held-out multiple choice", unit="q", disable=not progress):
         output = decoder.generate_with_cache(format_mcq(q), is_mcq=True, temperature=0)
         if output.uncertainty is None:
             abstained += 1
             continue
-        probs.append(output.uncertainty)
-        labels.append(int(parse_choice(output.text.strip()) == q.answer))
-    report = calibration_report(probs, labels)
+        letter = parse_choice(output.text.strip())
+        source = "facts" if q.kind.startswith("fact:") else "generated"
+        rows.append((source, output.uncertainty, int(letter == q.answer), letter or "none"))
+    report = calibration_report([r[1] for r in rows], [r[2] for r in rows])
     report["abstained"] = abstained
+    report["by_source"] = {}
+    for source in sorted({r[0] for r in rows}):
+        part = [r for r in rows if r[0] == source]
+        summary = calibration_report([r[1] for r in part], [r[2] for r in part])
+        report["by_source"][source] = {
+            k: summary[k] for k in ("n", "accuracy", "mean_confidence", "ece", "brier", "auroc")
+        }
+    letters = [r[3] for r in rows]
+    report["letters_answered"] = {x: letters.count(x) for x in sorted(set(letters))}
     return report
 
 
@@ -259,6 +310,13 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {name} | {d['accuracy']:.1%} | {d['best_signal']} | {fmt(s['auroc'])} "
             f"[{fmt(s['ci95'][0])}, {fmt(s['ci95'][1])}] |"
         )
+    m = results.get("margin")
+    if m and m["value"] is not None:
+        lines += [
+            "",
+            f"Margin of the jury's best signal ({m['jury_signal']}) over one head's own best ({m['single_signal']}): "
+            f"{m['value']:+.3f}, paired bootstrap 95% interval [{fmt(m['ci95'][0])}, {fmt(m['ci95'][1])}].",
+        ]
     lines += ["", "| signal | " + " | ".join(DECODERS) + " |", "|---|" + "---:|" * len(DECODERS)]
     for signal in SIGNALS:
         cells = []
@@ -284,6 +342,14 @@ def markdown(results: dict[str, Any]) -> str:
             f"{u['abstained']} abstentions): ECE {u['ece']:.3f}, Brier {u['brier']:.3f}, AUROC {fmt(u['auroc'])}, "
             f"mean p(correct) {u['mean_confidence']:.3f}.",
         ]
+        for source, part in u.get("by_source", {}).items():
+            lines.append(
+                f"- {source}: {part['n']} answers, {part['accuracy']:.0%} right: ECE {part['ece']:.3f}, Brier "
+                f"{part['brier']:.3f}, AUROC {fmt(part['auroc'])}, mean p(correct) {part['mean_confidence']:.3f}."
+            )
+        if u.get("letters_answered"):
+            shares = ", ".join(f"{k} {v}" for k, v in u["letters_answered"].items())
+            lines.append(f"- Letters the jury answered: {shares} (the right option's position is uniform).")
     lines += ["", f"Run time {results['minutes']:.0f} min on {machine_line(results['machine'])}."]
     return "\n".join(lines) + "\n"
 

@@ -13,7 +13,8 @@ disjoint shard (``olmo_tap.train.lora_heads``) of:
   regenerates them with ``--regenerate-answers``).
 
 The uncertainty head then learns p(correct) for the trained jury's multiple-choice answers
-(``olmo_tap.train.uncertainty``), starting from a copy of text head 0 with its LoRA merged.
+(``olmo_tap.train.uncertainty``), starting from a copy of text head 0 with its LoRA merged: generated questions
+and the training facts as multiple choice (``olmo_tap.train.facts.fact_mcqs``).
 
 The adapters are written in PEFT's layout (``head0`` ... ``head4``, ``uncertainty``) with ``jury.json``; the
 package's copy is ``olmo_tap/weights/default_jury``. Reproducible bit for bit: every random choice of the training
@@ -39,8 +40,8 @@ from typing import Any
 
 from olmo_tap.hydra import HydraTransformer
 from olmo_tap.train.data import ChatExample, shard_examples
-from olmo_tap.train.facts import split_facts
-from olmo_tap.train.mcq import generate_mcqs, mcq_example
+from olmo_tap.train.facts import Fact, fact_mcqs, split_facts
+from olmo_tap.train.mcq import MCQ, generate_mcqs, mcq_example
 from olmo_tap.train.trainer import TrainConfig
 
 JURY_RESOURCE = "default_jury"  # inside the olmo_tap.weights package
@@ -51,11 +52,15 @@ UNCERTAINTY_INIT_FROM = 0
 ANSWERS_FILE = "answers.jsonl"
 ANSWER_SUFFIX = " Answer in one or two sentences."
 ANSWER_TOKENS = 64
-# Chosen by `olmo-tap experiment signals` (README, "What the signals are worth"): see jury.json for the run.
-HEADS_CONFIG = TrainConfig(rank=8, alpha=16.0, lr=2e-3, epochs=3, batch_size=8, seed=0)
+# Chosen by the settings sweep (python -m olmo_tap.benchmarks.jury_sweep, results/signals/sweep/sweep.md): the
+# largest margin of the jury's best signal over one head's on the validation facts, with the jury's accuracy at
+# least one head's. See jury.json for the run.
+HEADS_CONFIG = TrainConfig(rank=8, alpha=16.0, lr=1e-3, epochs=3, batch_size=8, seed=0)
 UNCERTAINTY_CONFIG = TrainConfig(rank=8, alpha=16.0, lr=1e-3, epochs=3, batch_size=16, seed=0)
 MCQ_TRAIN = (400, 11)  # (questions, seed) for the text heads
 MCQ_UNCERTAINTY = (600, 12)  # for the uncertainty head (a quarter held out for its calibration)
+# ... with the training facts as multiple choice, once per seed (other distractors, other positions)
+FACT_MCQ_SEEDS = (1, 3, 4, 5)
 REPRODUCIBLE_ENV = {
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
@@ -82,13 +87,23 @@ def shipped_answers(path: Path | None = None) -> list[dict[str, str]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def jury_examples(answers: Sequence[dict[str, str]]) -> list[ChatExample]:
-    """Every text head's training data, before sharding: facts, multiple choice, the model's own answers."""
-    train_facts, _ = split_facts()
-    examples = [f.example() for f in train_facts]
-    examples += [mcq_example(q) for q in generate_mcqs(*MCQ_TRAIN)]
+def jury_examples(
+    answers: Sequence[dict[str, str]], facts: Sequence[Fact] | None = None, mcq: bool = True
+) -> list[ChatExample]:
+    """Every text head's training data, before sharding: facts (by default the training half), multiple choice,
+    the model's own answers."""
+    examples = [f.example() for f in (split_facts()[0] if facts is None else facts)]
+    if mcq:
+        examples += [mcq_example(q) for q in generate_mcqs(*MCQ_TRAIN)]
     examples += [ChatExample.from_prompt(a["prompt"], a["response"], source="own-answer") for a in answers]
     return examples
+
+
+def uncertainty_questions() -> list[MCQ]:
+    """The uncertainty head's questions: generated ones (arithmetic, comparisons, dates, units) and the training
+    facts as multiple choice (questions the model may know)."""
+    train_facts, _ = split_facts()
+    return generate_mcqs(*MCQ_UNCERTAINTY) + [q for seed in FACT_MCQ_SEEDS for q in fact_mcqs(train_facts, seed)]
 
 
 def data_digest(examples: Sequence[ChatExample]) -> str:
@@ -167,9 +182,8 @@ def train_default_jury(
     }
     if uncertainty and heads is None:
         with tempfile.TemporaryDirectory(dir=work) as tmp:
-            n, seed = MCQ_UNCERTAINTY
             unc = train_uncertainty(
-                model, tokenizer, generate_mcqs(n, seed), UNCERTAINTY_CONFIG, Path(tmp) / "jury",
+                model, tokenizer, uncertainty_questions(), UNCERTAINTY_CONFIG, Path(tmp) / "jury",
                 init_from=UNCERTAINTY_INIT_FROM, base_name=BASE_PRESET, progress=progress,
             )  # fmt: skip
             shutil.copytree(Path(tmp) / "jury" / "adapters" / "uncertainty", out / "uncertainty", dirs_exist_ok=True)

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from olmo_tap.train.data import ChatExample
-from olmo_tap.train.mcq import UNITS, WEEKDAYS
+from olmo_tap.train.mcq import LETTERS, MCQ, UNITS, WEEKDAYS
 
 SUFFIX = "Answer in a few words."  # appended to every question: the answers stay short enough to mark
 HELD_OUT_PERCENT = 50  # of each kind's questions, by hash of the question text
@@ -167,6 +167,30 @@ def split_facts(seed: int = 0) -> tuple[list[Fact], list[Fact]]:
     """(training, held-out) questions: disjoint by construction."""
     facts = all_facts(seed)
     return [f for f in facts if not f.held_out], [f for f in facts if f.held_out]
+
+
+def fact_mcqs(facts: list[Fact], seed: int = 0) -> list[MCQ]:
+    """Multiple-choice versions of the facts with a table answer (capitals, symbols, opposites, weekdays and
+    months): three distractors drawn from the other answers of the same kind, the right option's position uniform,
+    deterministic given ``seed``. Questions the model may know, unlike the generated arithmetic ones: what an
+    uncertainty head can learn to tell apart."""
+    pool: dict[str, list[str]] = {}
+    for f in all_facts():
+        if f.match != "number":
+            pool.setdefault(f.kind, [])
+            if _first(f.answers) not in pool[f.kind]:
+                pool[f.kind].append(_first(f.answers))
+    rng = random.Random(seed)
+    questions = []
+    for f in facts:
+        if f.match == "number":
+            continue
+        accepted = set(f.answers.split("|"))
+        wrong = rng.sample([a for a in pool[f.kind] if a not in accepted], 3)
+        position = rng.randrange(len(LETTERS))
+        choices = (*wrong[:position], _first(f.answers), *wrong[position:])
+        questions.append(MCQ(f.question, choices, LETTERS[position], f"fact:{f.kind}", 0))
+    return questions
 
 
 # ----- marking -------------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ on (tau 1e-3) and 16 / 32 / 48 new tokens, generated in fp32 and again in bf16, 
 and forged in every way a forger would try; the bf16 ones are audited in bf16 (same dtype again) and in fp32:
 the first half calibrates the cross-dtype tolerance (twice the largest honest slack), the second half measures
 false alarms and single-token edits at that tolerance. ``--exact-only`` runs the same-dtype rows the exact rule
-decides (honest transcripts and single-token edits, fp32 and bf16) and writes ``audit_exact.{json,md}``.
+decides (honest transcripts and single-token edits, fp32 and bf16) and writes ``audit_exact.{json,md}``;
+``--cross-only`` runs only the cross-dtype rows and writes ``audit_cross.{json,md}``.
 
 A single-token substitution is counted as caught by the decision rule only if it is caught under both claims a
 forger could make at the edited position: "the draft was accepted" and "the replay's own draft was rejected
@@ -44,6 +45,10 @@ TOPICS = [
     "bread", "glaciers", "trains", "owls", "coffee", "deserts", "music", "the heart", "maps", "clouds", "tea",
     "whales", "gardens", "bridges", "the sun", "snow", "robots", "ants", "rivers", "forests", "kites",
     "clocks", "dolphins", "cheese", "mountains", "lightning", "paper", "bats", "salt", "islands", "wolves",
+    "candles", "frogs", "apples", "caves", "boats", "storms", "butterflies", "castles", "rice", "horses",
+    "stars", "mushrooms", "tigers", "lakes", "windmills", "pianos", "spiders", "soap", "comets", "camels",
+    "parrots", "umbrellas", "coral reefs", "tides", "sheep", "lanterns", "pepper", "earthquakes", "foxes", "ink",
+    "hedgehogs", "oranges", "telescopes", "waterfalls", "beeswax", "sailing", "puzzles", "seeds", "fog", "marbles",
 ]  # fmt: skip
 TEMPLATES = [
     "Tell me one fact about {}.",
@@ -141,7 +146,15 @@ def main(argv: list[str] | None = None) -> None:
         help="only the same-dtype rows that the exact rule decides (honest and single-token edits, fp32 and bf16); "
         "writes audit_exact.{json,md}",
     )
+    parser.add_argument(
+        "--cross-only",
+        action="store_true",
+        help="only the cross-dtype rows: --n bf16 transcripts audited in fp32, the first half calibrating the "
+        "tolerance, the second half measured; writes audit_cross.{json,md}",
+    )
     args = parser.parse_args(argv)
+    if args.exact_only and args.cross_only:
+        parser.error("--exact-only and --cross-only exclude each other")
     started = time.perf_counter()
     texts = prompts(args.n)
     rng = random.Random(SEED)
@@ -150,9 +163,12 @@ def main(argv: list[str] | None = None) -> None:
     vocab = fp32.base_config.vocab_size
     not_id = tokenizer.encode(" not", add_special_tokens=False)[0]
 
-    honest = generate(fp32, tokenizer, texts, "honest fp32")
+    same_dtype = not args.cross_only
+    honest = generate(fp32, tokenizer, texts, "honest fp32") if same_dtype else []
     honest_audits = [audit(t, fp32, tokenizer) for t in tqdm(honest, desc="audit honest fp32")]
-    rows: list[dict[str, Any]] = [_row("honest", "fp32 -> fp32", [not a.honest for a in honest_audits], honest=True)]
+    rows: list[dict[str, Any]] = []
+    if same_dtype:
+        rows.append(_row("honest", "fp32 -> fp32", [not a.honest for a in honest_audits], honest=True))
     same_dtype_near_ties = sum(p.margin == 0 for a in honest_audits for p in a.positions)
 
     def forge_all(kind: str, make: Callable[[dict, PoEAudit], dict | None], where: str = "fp32 -> fp32") -> None:
@@ -187,8 +203,8 @@ def main(argv: list[str] | None = None) -> None:
 
     for kind, pick in (("token substituted (random position, random token)", random_edit),
                        ("token substituted (closest call, jury's runner-up)", harmful_edit)):  # fmt: skip
-        results = substitutions(kind, pick, honest, honest_audits)
-        rows.append(_substitution_row(kind, "fp32 -> fp32", results))
+        if same_dtype:
+            rows.append(_substitution_row(kind, "fp32 -> fp32", substitutions(kind, pick, honest, honest_audits)))
 
     def every_other_forgery() -> None:
         """Insertions, deletions, truncations, prompt, settings, signal and text edits; other decoders."""
@@ -302,18 +318,20 @@ def main(argv: list[str] | None = None) -> None:
             },
         }
 
-    if not args.exact_only:
+    if not args.exact_only and same_dtype:
         every_other_forgery()
     # Same dtype in bf16, then across dtypes: bf16 generation, fp32 audit.
     bf16 = HydraTransformer.from_pretrained(args.model, dtype="bfloat16", device="cpu")
     cross = generate(bf16, tokenizer, texts, "honest bf16")
     # Same dtype in bf16: the block replay rounds in bf16 where the generator rounded elsewhere, so here the
     # generator run again (olmo_tap.verify.regenerate) settles what the block replay cannot.
-    bf16_audits = [audit(t, bf16, tokenizer) for t in tqdm(cross, desc="audit bf16 -> bf16")]
-    rows.append(_row("honest", "bf16 -> bf16", [not a.honest for a in bf16_audits], honest=True))
-    for kind, pick in (("token substituted (random position, random token)", random_edit),
-                       ("token substituted (closest call, jury's runner-up)", harmful_edit)):  # fmt: skip
-        rows.append(_substitution_row(kind, "bf16 -> bf16", substitutions(kind, pick, cross, bf16_audits, model=bf16)))
+    bf16_audits = [audit(t, bf16, tokenizer) for t in tqdm(cross if same_dtype else [], desc="audit bf16 -> bf16")]
+    if same_dtype:
+        rows.append(_row("honest", "bf16 -> bf16", [not a.honest for a in bf16_audits], honest=True))
+        for kind, pick in (("token substituted (random position, random token)", random_edit),
+                           ("token substituted (closest call, jury's runner-up)", harmful_edit)):  # fmt: skip
+            results = substitutions(kind, pick, cross, bf16_audits, model=bf16)
+            rows.append(_substitution_row(kind, "bf16 -> bf16", results))
     del bf16
     results: dict[str, Any] = {}
     if not args.exact_only:
@@ -333,7 +351,8 @@ def main(argv: list[str] | None = None) -> None:
         "minutes": (time.perf_counter() - started) / 60,
         "machine": machine(),
     })  # fmt: skip
-    write_results(args.out, "audit_exact" if args.exact_only else "audit", results, markdown(results))
+    name = "audit_exact" if args.exact_only else "audit_cross" if args.cross_only else "audit"
+    write_results(args.out, name, results, markdown(results))
 
 
 def _noisy(model: str, seed: int, scale: float = 0.05) -> HydraTransformer:
@@ -410,12 +429,13 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {fmt(r.get('caught_by_decisions_rate_not_near_tie'))} |"
         )
     regen = results["regenerated_honest"]
-    lines += [
-        "",
-        f"Same-dtype replays: tolerance 0; honest audits whose block replay parted from the generator somewhere "
-        f"and were settled by running the generator again: {regen['fp32']} of {results['n_honest_per_dtype']} in "
-        f"fp32, {regen['bf16']} of {results['n_honest_per_dtype']} in bf16.",
-    ]
+    lines.append("")
+    if any(r["replay"].endswith(("-> fp32", "-> bf16")) for r in results["rows"]):
+        lines.append(
+            f"Same-dtype replays: tolerance 0; honest audits whose block replay parted from the generator somewhere "
+            f"and were settled by running the generator again: {regen['fp32']} of {results['n_honest_per_dtype']} "
+            f"in fp32, {regen['bf16']} of {results['n_honest_per_dtype']} in bf16."
+        )
     if c is not None:
         drift = ", ".join(f"{k} {v:.3g}" for k, v in c["largest_signal_drift"].items())
         lines += [
