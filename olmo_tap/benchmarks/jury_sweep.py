@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", type=Path, help="only write sweep.md from the results in this directory")
     args = parser.parse_args(argv)
     if args.report:
+        if not any(args.report.glob("*.json")):
+            parser.error(f"--report {args.report}: no configuration results (*.json) there")
         print(report(args.report))
         return
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
