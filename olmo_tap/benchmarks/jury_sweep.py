@@ -26,7 +26,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from olmo_tap.benchmarks.signals import Answer, answer, margin_interval, signal_table
+from olmo_tap.benchmarks.signals import Answer, answer, best_signal, margin_interval, signal_table
 from olmo_tap.hydra import HydraTransformer
 from olmo_tap.inference.poe import PoE
 from olmo_tap.train.data import ChatExample, shard_examples
@@ -129,7 +129,7 @@ def _record(answers: list[Answer]) -> list[dict[str, Any]]:
 
 def _summary(answers: list[Answer]) -> dict[str, Any]:
     table = signal_table(answers)
-    best = max(table, key=lambda s: -1.0 if table[s]["auroc"] is None else table[s]["auroc"])
+    best = best_signal(table)
     return {
         "accuracy": sum(a.correct for a in answers) / len(answers),
         "best_signal": best,

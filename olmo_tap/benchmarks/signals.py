@@ -153,6 +153,12 @@ def signal_table(answers: list[Answer], seed: int = 0) -> dict[str, dict[str, An
     return table
 
 
+def best_signal(table: dict[str, dict[str, Any]]) -> str:
+    """The signal with the highest AUROC (undefined when every answer is right, or every one wrong: then the first
+    signal stands in)."""
+    return max(table, key=lambda s: -1.0 if table[s]["auroc"] is None else table[s]["auroc"])
+
+
 def risk_coverage(answers: list[Answer], signal: str) -> list[dict[str, float]]:
     """Accuracy of the most trusted x% of answers by ``signal``, for x = 10%, 20%, ..., 100%."""
     direction = SIGNALS[signal][1]
@@ -206,8 +212,7 @@ def run_signals(
     results["decoders"] = {}
     for name in DECODERS:
         table = signal_table(answers[name])
-        # undefined when every answer is right (or every one wrong): then the first signal stands in
-        best = max(table, key=lambda s: -1.0 if table[s]["auroc"] is None else table[s]["auroc"])
+        best = best_signal(table)
         results["decoders"][name] = {
             "accuracy": sum(a.correct for a in answers[name]) / len(facts),
             "signals": table,
