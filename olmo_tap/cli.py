@@ -164,20 +164,21 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def build_decoder(args: argparse.Namespace, model: Any, tokenizer: Any) -> Any:
     from olmo_tap.inference.poe import PoE
+    from olmo_tap.inference.settings import DecodeSettings
 
-    return PoE(
-        model,
-        tokenizer,
+    settings = DecodeSettings(
+        mode=args.mode,
+        temperature=0.0 if getattr(args, "greedy", False) else args.temperature,
         gamma=args.gamma,
         beta=args.beta,
-        max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         veto_threshold=args.veto,
         draft_head=args.draft_head,
-        mode=args.mode,
         head=args.draft_head,
+        max_new_tokens=args.max_new_tokens,
         compile=args.compile,
     )
+    return PoE.from_settings(model, tokenizer, settings)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

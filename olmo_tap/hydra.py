@@ -6,10 +6,9 @@ final RMSNorm and the lm_head are shared by every head. Head layers are stored
 stacked (see ``olmo_tap.model.layers``), so any contiguous range of heads runs
 as one batched computation.
 
-KV caching follows gpt-fast: caches are preallocated by ``init_kv_cache`` and
-addressed by absolute position. The trunk and every head keep their own
-length counter; ``rollback_kv_cache`` and ``sync_kv_cache`` only move those
-counters.
+The model holds weights only. Caches are the decoder's: a ``HydraCache`` (``olmo_tap.model.kv_cache``) is
+passed in with explicit positions, as gpt-fast passes ``input_pos`` and nanochat ``kv_cache=``, so one model
+serves many sequences (each in its own cache slot, at its own position) and any number of decoders.
 """
 
 from __future__ import annotations
@@ -23,13 +22,13 @@ from torch import nn
 
 from olmo_tap.model.compiled import CompiledTower, window_for
 from olmo_tap.model.config import ConfigError, TransformerConfig
-from olmo_tap.model.kv_cache import CacheOverflowError, KVCache
+from olmo_tap.model.kv_cache import CacheOverflowError, HydraCache, Rows
 from olmo_tap.model.layers import (
     Block,
     PackedWeights,
     RMSNorm,
     linear,
-    rope_for_span,
+    rope_for_positions,
     rope_tables,
 )
 
@@ -136,11 +135,6 @@ class HydraTransformer(nn.Module):
         self.register_buffer("rope_signed_sin", sin, persistent=False)
         # Index of the head trained to score answers (by convention the last), if any.
         self.uncertainty_head: int | None = None
-        self._cache_len = 0  # 0: no cache
-        self._cache_batch = 0
-        self._uncached_heads: frozenset[int] = frozenset()
-        self._trunk_pos = 0
-        self._head_pos = [0] * config.n_heads
 
     # ----- construction ---------------------------------------------------------------------------------------
 
@@ -241,91 +235,65 @@ class HydraTransformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    # ----- KV cache -------------------------------------------------------------------------------------------
-
-    def init_kv_cache(self, batch_size: int, max_seq_len: int, omit_last: bool = False) -> None:
-        """Preallocate caches for every block; with ``omit_last`` the last head runs uncached."""
-        c = self.base_config
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 1 <= max_seq_len <= c.max_seq_len:
-            raise CacheOverflowError(
-                f"max_seq_len must be between 1 and the model's context of {c.max_seq_len}, got {max_seq_len}"
-            )
-        for block in self._blocks():
-            block.cache = KVCache(
-                block.n, batch_size, c.n_kv_heads, max_seq_len, c.head_dim, self.cache_dtype, self.device
-            )
-        self._cache_len = max_seq_len
-        self._cache_batch = batch_size
-        self.reset_kv_cache(omit_last)
-
-    def reset_kv_cache(self, omit_last: bool = False) -> None:
-        """Set every length counter to 0 (the storage is reused as is)."""
-        self._uncached_heads = frozenset({self.n_heads - 1}) if omit_last else frozenset()
-        self._trunk_pos = 0
-        self._head_pos = [0] * self.n_heads
-
-    def rollback_kv_cache(self, n: int) -> None:
-        """Forget the last ``n`` positions of the trunk and every head."""
-        if n < 0:
-            raise ValueError(f"cannot roll back a negative number of tokens ({n})")
-        self._trunk_pos = max(0, self._trunk_pos - n)
-        self._head_pos = [max(0, p - n) for p in self._head_pos]
-
-    def sync_kv_cache(self, target_length: int) -> None:
-        """Set the trunk and every head to ``target_length`` cached positions."""
-        if not 0 <= target_length <= self._cache_len:
-            raise CacheOverflowError(
-                f"target_length {target_length} is outside the KV cache of {self._cache_len} positions"
-            )
-        self._trunk_pos = target_length
-        self._head_pos = [target_length] * self.n_heads
-
-    def free_kv_cache(self) -> None:
-        for block in self._blocks():
-            block.cache = None
-        self._cache_len = 0
-        self.reset_kv_cache()
-
-    def kv_cache_lengths(self) -> dict[str, Any]:
-        return {"trunk": self._trunk_pos, "heads": list(self._head_pos)}
+    def new_cache(self, slots: int, max_len: int) -> HydraCache:
+        """An empty cache for ``slots`` sequences of up to ``max_len`` positions, owned by the caller."""
+        return HydraCache.for_model(self, slots, max_len)
 
     def _blocks(self) -> Iterator[Block]:
         yield from self.trunk  # type: ignore[misc]
         yield from self.heads  # type: ignore[misc]
 
-    def _check_room(self, start: int, seq: int) -> None:
-        if start + seq > self._cache_len:
-            raise CacheOverflowError(
-                f"{start + seq} positions do not fit the KV cache of {self._cache_len} "
-                "(init_kv_cache with a larger max_seq_len, or shorten the input)"
-            )
-
     # ----- forward passes -------------------------------------------------------------------------------------
 
     def forward_trunk(
-        self, input_ids: torch.Tensor, start_pos: int | None = None, use_cache: bool = True
+        self, input_ids: torch.Tensor, start_pos: int = 0, cache: HydraCache | None = None
     ) -> torch.Tensor:
-        """Embed ``input_ids`` (batch, seq) and run the trunk: hidden states (batch, seq, d_model).
+        """Embed ``input_ids`` (batch, seq) at positions [start_pos, start_pos + seq) and run the trunk: hidden
+        states (batch, seq, d_model). With ``cache``, row i is slot i's and its keys and values are kept there."""
+        self._check_ids(input_ids)
+        batch, seq = input_ids.shape
+        rows = Rows.uniform(batch, start_pos, seq)
+        return self.trunk_rows(input_ids.reshape(-1), rows, cache).view(batch, seq, -1)
 
-        With a cache, tokens are placed after the trunk's cached positions unless ``start_pos`` says where.
-        ``input_ids`` may live on any device: ids on the CPU are range-checked on the host and then moved, so a
+    def trunk_rows(self, ids: torch.Tensor, rows: Rows, cache: HydraCache | None = None) -> torch.Tensor:
+        """The trunk on a flattened batch: ``ids`` (tokens,) laid out as ``rows`` says -> (tokens, d_model).
+
+        ``ids`` may live on any device: ids on the CPU are range-checked on the host and then moved, so a
         decoder feeding one token per step to a GPU model waits for no device round trip in the check.
         """
-        self._check_ids(input_ids)
-        input_ids = input_ids.to(self.device)
-        cached = use_cache and self._cache_len > 0
-        start = (self._trunk_pos if start_pos is None else start_pos) if cached else (start_pos or 0)
-        seq = input_ids.size(1)
-        self._check_positions(start, seq, cached, input_ids.size(0))
-        x = self.embed(input_ids).unsqueeze(0)
-        rope = self._rope(start, seq)
-        for block in self.trunk:
-            x = block.forward(x, slice(0, 1), start, rope, cached)  # .forward: skip nn.Module hook dispatch
-        if cached:
-            self._trunk_pos = start + seq
+        self._check_ids(ids.view(1, -1))
+        self._check_rows(rows, ids.numel(), cache)
+        if cache is not None:
+            cache.claim_trunk(rows)
+        x = self.embed(ids.to(self.device)).unsqueeze(0)
+        rope = self._rope(rows, cache is not None)
+        for i, block in enumerate(self.trunk):
+            layer = None if cache is None else cache.trunk[i]
+            x = block.forward(x, slice(0, 1), rows, rope, layer)  # .forward: skip nn.Module hook dispatch
         return x[0]
+
+    def heads_rows(
+        self,
+        hidden: torch.Tensor,
+        heads: range,
+        rows: Rows,
+        cache: HydraCache | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The contiguous ``heads`` on flattened trunk states ``hidden`` (tokens, d_model) laid out as ``rows``:
+        pre-norm hidden states (len(heads), tokens, d_model). With ``cache``, heads must be text heads."""
+        if cache is not None:
+            self._check_rows(rows, hidden.size(0), cache)
+            cache.claim_heads(rows, heads)
+        if residual is not None:
+            # The uncertainty path injects a witness hidden state into every head's input stream.
+            hidden = hidden + residual.to(hidden.dtype)
+        x = hidden.unsqueeze(0).expand(len(heads), *hidden.shape)
+        sel = slice(heads.start, heads.stop)
+        rope = self._rope(rows, cache is not None)
+        for i, block in enumerate(self.heads):
+            x = block.forward(x, sel, rows, rope, None if cache is None else cache.heads[i])
+        return x
 
     def forward_heads(
         self,
@@ -333,11 +301,11 @@ class HydraTransformer(nn.Module):
         head_indices: Sequence[int] | None = None,
         residual: torch.Tensor | None = None,
         last_token_only: bool = False,
-        start_pos: int | None = None,
-        use_cache: bool = True,
+        start_pos: int = 0,
+        cache: HydraCache | None = None,
     ) -> torch.Tensor:
         """Run the selected heads on trunk hidden states: logits (n_selected, batch, seq_out, vocab)."""
-        hidden = self.head_hidden_states(hidden_states, head_indices, residual, start_pos, use_cache)
+        hidden = self.head_hidden_states(hidden_states, head_indices, residual, start_pos, cache)
         return self.project(hidden, last_token_only)
 
     def head_hidden_states(
@@ -345,8 +313,8 @@ class HydraTransformer(nn.Module):
         hidden_states: torch.Tensor,
         head_indices: Sequence[int] | None = None,
         residual: torch.Tensor | None = None,
-        start_pos: int | None = None,
-        use_cache: bool = True,
+        start_pos: int = 0,
+        cache: HydraCache | None = None,
     ) -> torch.Tensor:
         """Hidden states of the selected heads just before the shared final norm: (n_selected, batch, seq, d)."""
         indices = self._check_heads(head_indices)
@@ -354,25 +322,13 @@ class HydraTransformer(nn.Module):
             raise ValueError(
                 f"hidden_states must be (batch, seq, {self.base_config.d_model}), got {tuple(hidden_states.shape)}"
             )
-        if residual is not None:
-            # The uncertainty path injects a witness hidden state into every head's input stream.
-            hidden_states = hidden_states + residual.to(hidden_states.dtype)
-        seq = hidden_states.size(1)
-        outputs = []
-        for run in self._head_runs(indices, use_cache):
-            cached = use_cache and self._cache_len > 0 and run.start not in self._uncached_heads
-            start = start_pos if start_pos is not None else (self._run_position(run) if cached else 0)
-            self._check_positions(start, seq, cached, hidden_states.size(0))
-            x = hidden_states.unsqueeze(0).expand(len(run), *hidden_states.shape)
-            sel = slice(run.start, run.stop)
-            rope = self._rope(start, seq)
-            for block in self.heads:
-                x = block.forward(x, sel, start, rope, cached)
-            if cached:
-                for h in run:
-                    self._head_pos[h] = start + seq
-            outputs.append(x)
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+        batch, seq, d = hidden_states.shape
+        rows = Rows.uniform(batch, start_pos, seq)
+        flat = hidden_states.reshape(batch * seq, d)
+        flat_residual = None if residual is None else residual.reshape(batch * seq, d)
+        outputs = [self.heads_rows(flat, run, rows, cache, flat_residual) for run in contiguous_runs(indices)]
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+        return out.view(len(indices), batch, seq, d)
 
     def project(self, hidden: torch.Tensor, last_token_only: bool = False) -> torch.Tensor:
         """Shared final norm and lm_head: (..., seq, d_model) -> (..., seq_out, vocab) logits."""
@@ -389,14 +345,15 @@ class HydraTransformer(nn.Module):
         residual: torch.Tensor | None = None,
         head_indices: Sequence[int] | None = None,
         last_token_only: bool = False,
-        start_pos: int | None = None,
-        use_cache: bool = True,
+        start_pos: int = 0,
+        cache: HydraCache | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """Trunk then heads: logits (n_selected, batch, seq_out, vocab); seq_out is 1 with ``last_token_only``."""
+        """Trunk then heads: logits (n_selected, batch, seq_out, vocab); seq_out is 1 with ``last_token_only``.
+        Without ``cache`` the whole input is computed afresh; with it, row i is cache slot i."""
         self._reject_unknown(kwargs)
-        hidden = self.forward_trunk(input_ids, start_pos=start_pos, use_cache=use_cache)
-        return self.forward_heads(hidden, head_indices, residual, last_token_only, start_pos, use_cache)
+        hidden = self.forward_trunk(input_ids, start_pos, cache)
+        return self.forward_heads(hidden, head_indices, residual, last_token_only, start_pos, cache)
 
     def residual_forward(
         self,
@@ -404,8 +361,8 @@ class HydraTransformer(nn.Module):
         hidden_head_indices: Sequence[int],
         head_indices: Sequence[int] | None = None,
         last_token_only: bool = False,
-        start_pos: int | None = None,
-        use_cache: bool = True,
+        start_pos: int = 0,
+        cache: HydraCache | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Like ``forward`` and also return the pre-norm hidden states (n_hidden, batch, seq, d_model)
@@ -416,53 +373,36 @@ class HydraTransformer(nn.Module):
         missing = [h for h in wanted if h not in indices]
         if not wanted or missing:
             raise ValueError(f"hidden_head_indices {wanted} must be a non-empty subset of head_indices {indices}")
-        hidden = self.forward_trunk(input_ids, start_pos=start_pos, use_cache=use_cache)
-        head_hidden = self.head_hidden_states(hidden, indices, None, start_pos, use_cache)
+        hidden = self.forward_trunk(input_ids, start_pos, cache)
+        head_hidden = self.head_hidden_states(hidden, indices, None, start_pos, cache)
         logits = self.project(head_hidden, last_token_only)
         return logits, head_hidden[[indices.index(h) for h in wanted]]
 
     # ----- validation and helpers -----------------------------------------------------------------------------
 
-    def _head_runs(self, indices: list[int], use_cache: bool) -> list[range]:
-        runs = contiguous_runs(indices)
-        if not (use_cache and self._uncached_heads):
-            return runs
-        # An uncached head cannot share a batched cache write with cached ones.
-        split: list[range] = []
-        for run in runs:
-            for h in self._uncached_heads:
-                if h in run and len(run) > 1:
-                    parts = [range(run.start, h), range(h, h + 1), range(h + 1, run.stop)]
-                    split.extend(p for p in parts if len(p))
-                    break
-            else:
-                split.append(run)
-        return split
-
-    def _run_position(self, run: range) -> int:
-        positions = {self._head_pos[h] for h in run}
-        if len(positions) != 1:
-            raise ValueError(
-                f"heads {list(run)} hold different cached lengths {sorted(positions)}; "
-                "pass start_pos or sync_kv_cache first"
+    def _rope(self, rows: Rows, cached: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary tables of the rows' positions, built once per forward rather than per layer: (heads, seq,
+        head_dim) for an uncached uniform block (broadcast over its rows), else (heads, tokens, head_dim)."""
+        c = self.base_config
+        if rows.is_uniform and (not cached or len(rows.starts) == 1):
+            start = rows.starts[0]
+            return rope_for_positions(
+                self.rope_cos, self.rope_signed_sin, c, slice(start, start + rows.lengths[0]), self.dtype
             )
-        return positions.pop()
+        index = torch.tensor(rows.positions(), device=self.rope_cos.device)
+        return rope_for_positions(self.rope_cos, self.rope_signed_sin, c, index, self.dtype)
 
-    def _rope(self, start: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotary tables of positions [start, start + seq), built once per forward rather than per layer."""
-        return rope_for_span(self.rope_cos, self.rope_signed_sin, self.base_config, start, seq, self.dtype)
-
-    def _check_positions(self, start: int, seq: int, cached: bool, batch: int) -> None:
-        if start < 0:
-            raise ValueError(f"start_pos must be >= 0, got {start}")
-        if cached:
-            if batch != self._cache_batch:
-                raise ValueError(f"batch size {batch} does not match the KV cache's {self._cache_batch}")
-            self._check_room(start, seq)
-        elif start + seq > self.base_config.max_seq_len:
-            raise CacheOverflowError(
-                f"{start + seq} positions exceed the model's context of {self.base_config.max_seq_len}"
-            )
+    def _check_rows(self, rows: Rows, tokens: int, cache: HydraCache | None) -> None:
+        if rows.tokens != tokens or min(rows.lengths) < 1:
+            raise ValueError(f"rows {rows} do not describe {tokens} tokens")
+        if cache is None:
+            if not rows.is_uniform:
+                raise ValueError("without a cache the rows must be one (batch, seq) block")
+            if rows.starts[0] < 0:
+                raise ValueError(f"start_pos must be >= 0, got {rows.starts[0]}")
+        end = max(start + n for start, n in zip(rows.starts, rows.lengths, strict=True))
+        if end > self.base_config.max_seq_len:
+            raise CacheOverflowError(f"{end} positions exceed the model's context of {self.base_config.max_seq_len}")
 
     def _check_heads(self, head_indices: Sequence[int] | None) -> list[int]:
         if head_indices is None:

@@ -30,7 +30,6 @@ from olmo_tap.benchmarks.stats import (
     decode_tokens_per_second,
     iqr_filter,
     per_position_median,
-    poe_rounds,
     summarize,
 )
 from olmo_tap.benchmarks.targets import evaluate
@@ -56,16 +55,6 @@ def test_summarize_known_values():
     assert summarize([7.0])["stdev"] == 0.0
     with pytest.raises(ValueError, match="empty"):
         summarize([])
-
-
-def test_poe_rounds_rebuilt_from_resamples():
-    # gamma 4, 11 tokens: 4 accepted | 1 accepted + 1 resampled | 4 accepted | the last round may draft only 1
-    flags = [False] * 4 + [False, True] + [False] * 4 + [False]
-    assert poe_rounds(flags, gamma=4, max_new_tokens=11) == [(4, 4), (2, 4), (4, 4), (1, 1)]
-    assert poe_rounds([True, False, True], gamma=1, max_new_tokens=3) == [(1, 1)] * 3
-    assert poe_rounds([True, True], gamma=8, max_new_tokens=2) == [(1, 2), (1, 1)]
-    with pytest.raises(ValueError, match="gamma"):
-        poe_rounds([False], gamma=0, max_new_tokens=1)
 
 
 def test_amortised_latencies_and_decode_rate():
@@ -425,3 +414,33 @@ def test_report_redraws_from_an_existing_run(tiny_run, capsys):
     assert main(["bench", "--report", str(run_dir)]) == 0
     assert (run_dir / "graph.png").is_file()
     assert capsys.readouterr().out == printed
+
+
+def test_concurrency_levels_measure_streams_through_the_real_server(tmp_path):
+    from tiny import LetterTokenizer, tiny_hydra
+
+    from olmo_tap.benchmarks import concurrency
+    from olmo_tap.serve.app import create_app
+    from olmo_tap.serve.config import ServeConfig
+    from olmo_tap.serve.live import LiveServer
+
+    app = create_app(tiny_hydra(vocab=20, n_heads=3), LetterTokenizer(20), "tiny", ServeConfig(max_batch=2))
+    with LiveServer(app) as server:
+        level = concurrency.http_level(server.url, 3, 5)  # 3 streams, 2 decoded together, one waits
+    assert level["streams"] == 3 and level["failed"] == 0 and level["tokens"] == 15
+    assert level["aggregate_tok_s"] > 0 and level["ttft_p50_s"] <= level["ttft_p95_s"]
+    assert 0 < level["itl_p50_s"] <= level["itl_p95_s"]
+    one = dict(level, streams=1, aggregate_tok_s=10.0, itl_p50_s=0.1)
+    eight = dict(level, streams=8, aggregate_tok_s=45.0, itl_p50_s=0.15)
+    results = {
+        "kind": "concurrency",
+        "model": "tiny",
+        "settings": {"dtype": "float32", "max_tokens": 5, "max_batch": 2},
+        "machine": {"cpu": "cpu", "cpu_flags": ["avx2"], "torch_threads": 1},
+        "http": [one, eight],
+        "python": [one, eight],
+    }
+    assert [t["met"] for t in concurrency.targets(results)] == [True, True]
+    assert "| 8 | 45.0 |" in concurrency.markdown(results)
+    json_path, graph_path = concurrency.write(results, tmp_path / "run")
+    assert json_path.exists() and graph_path.stat().st_size > 0

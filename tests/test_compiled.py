@@ -19,10 +19,10 @@ def test_compiled_steps_match_transformers(tiny_checkpoint):
     with torch.no_grad():
         expected = reference(ids).logits[0]  # (14, vocab)
         prompt = 6
-        model.init_kv_cache(1, ids.size(1))
-        model(ids[:, :prompt], head_indices=[2])  # eager prefill fills the Hydra's caches
+        cache = model.new_cache(1, ids.size(1))
+        model(ids[:, :prompt], head_indices=[2], cache=cache)  # eager prefill fills a cache
         tower = model.compiled_tower(2, ids.size(1))
-        tower.load_cache(prompt)
+        tower.load_cache(cache, 0, prompt)
         for position in range(prompt, ids.size(1)):
             logits = tower.step(int(ids[0, position]), position)
             torch.testing.assert_close(logits, expected[position], atol=1e-4, rtol=0, msg=f"{family} at {position}")
@@ -59,10 +59,11 @@ def test_compiled_tower_is_rebuilt_when_weights_change_and_guards_its_window():
     assert model.compiled_tower(0, 10) is not tower
     with pytest.raises(ValueError, match="outside the compiled window"):
         tower.step(1, 128)
+    cache = model.new_cache(1, 128)
     with pytest.raises(ValueError, match="no room"):
-        tower.load_cache(128)
-    with pytest.raises(RuntimeError, match="no KV cache"):
-        model.compiled_tower(0, 10).load_cache(3)
+        tower.load_cache(cache, 0, 128)
+    with pytest.raises(ValueError, match="holds 0 positions"):
+        model.compiled_tower(0, 10).load_cache(cache, 0, 3)  # nothing prefilled yet
     with pytest.raises(ValueError, match=r"out of range|head"):
         model.compiled_tower(5, 10)
     with pytest.raises(ValueError, match="between 1 and 128"):

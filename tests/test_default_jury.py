@@ -60,7 +60,7 @@ def test_the_shipped_adapters_are_small_and_read_by_peft(smollm, olmo_tap_cache)
     ids = torch.tensor([encode_chat(tokenizer, "What is the capital of Peru? Answer in a few words.")])
     with torch.no_grad():
         expected = reference(ids).logits[0]
-        ours = model(ids, use_cache=False)[0, 0]
+        ours = model(ids)[0, 0]
     torch.testing.assert_close(ours, expected, atol=2e-3, rtol=0)
 
 

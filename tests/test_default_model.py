@@ -30,7 +30,7 @@ def test_logits_equal_transformers_gguf_load(smollm_clones):
     ids = torch.tensor([encode_chat(tokenizer, "Give me three tips for staying healthy while working from home.")])
     with torch.no_grad():
         expected = reference(ids).logits[0]
-        ours = model(ids, use_cache=False)[:, 0]
+        ours = model(ids)[:, 0]
     assert ours.shape[0] == 5
     for head in range(5):
         torch.testing.assert_close(ours[head], expected, atol=1e-3, rtol=0)

@@ -28,7 +28,7 @@ def test_saved_ensemble_reloads_bit_identical(tiny_checkpoint, tmp_path):
         assert torch.equal(a, b), name
     ids = torch.randint(0, 50, (1, 8))
     with torch.no_grad():
-        assert torch.equal(model(ids, use_cache=False), again(ids, use_cache=False))
+        assert torch.equal(model(ids), again(ids))
     with pytest.raises(WeightsError, match="saved ensemble has 3 heads"):
         HydraTransformer.from_pretrained(saved, n_heads=4, progress=False)
 
@@ -74,7 +74,7 @@ def test_merged_lora_equals_peft_running_it_unmerged(tmp_path):
         plain = base(ids).logits[0]
     model = load_ensemble(base_dir, adapters=[None, adapter_dir, None], heads_depth=2)
     with torch.no_grad():
-        out = model(ids, use_cache=False)[:, 0]
+        out = model(ids)[:, 0]
     torch.testing.assert_close(out[1], reference, atol=1e-4, rtol=0)
     torch.testing.assert_close(out[0], plain, atol=1e-4, rtol=0)  # other heads untouched
     torch.testing.assert_close(out[2], plain, atol=1e-4, rtol=0)
@@ -130,7 +130,7 @@ def test_olmo_core_state_loads_like_the_hf_checkpoint():
     HydraTransformer.load_olmo_state(model, olmo_state, trunk_layers=2, vocab_size=hf_model.config.vocab_size)
     ids = torch.randint(0, 50, (1, 7))
     with torch.no_grad():
-        torch.testing.assert_close(model(ids, use_cache=False)[1], hf_model(ids).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(model(ids)[1], hf_model(ids).logits, atol=1e-4, rtol=0)
 
 
 # ----- bad input ------------------------------------------------------------------------------------------------
@@ -191,20 +191,20 @@ def test_bad_tokens_heads_and_lengths_are_reported(tiny_checkpoint):
     model = HydraTransformer.from_pretrained(directory, n_heads=2, heads_depth=1, progress=False)
     vocab = model.base_config.vocab_size
     with pytest.raises(ValueError, match=f"token id {vocab} is outside the vocabulary"):
-        model(torch.tensor([[1, vocab]]), use_cache=False)
+        model(torch.tensor([[1, vocab]]))
     with pytest.raises(ValueError, match="token id -3"):
-        model(torch.tensor([[-3]]), use_cache=False)
+        model(torch.tensor([[-3]]))
     with pytest.raises(ValueError, match=r"shape \(batch, seq\)"):
-        model(torch.tensor([1, 2]), use_cache=False)
+        model(torch.tensor([1, 2]))
     with pytest.raises(ValueError, match=r"head indices \[2\] out of range"):
-        model(torch.tensor([[1]]), head_indices=[0, 2], use_cache=False)
+        model(torch.tensor([[1]]), head_indices=[0, 2])
     with pytest.raises(ValueError, match="head_indices is empty"):
-        model(torch.tensor([[1]]), head_indices=[], use_cache=False)
-    model.init_kv_cache(1, 8)
+        model(torch.tensor([[1]]), head_indices=[])
+    cache = model.new_cache(1, 8)
     with pytest.raises(ValueError, match="do not fit the KV cache of 8"):
-        model(torch.ones(1, 9, dtype=torch.long))
-    model(torch.ones(1, 6, dtype=torch.long))
+        model(torch.ones(1, 9, dtype=torch.long), cache=cache)
+    model(torch.ones(1, 6, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="do not fit the KV cache of 8"):
-        model(torch.ones(1, 3, dtype=torch.long))
+        model(torch.ones(1, 3, dtype=torch.long), start_pos=6, cache=cache)
     with pytest.raises(ValueError, match="context of 256"):
-        model.init_kv_cache(1, 1000)
+        model.new_cache(1, 1000)

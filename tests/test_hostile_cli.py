@@ -51,10 +51,9 @@ def kernel_state(monkeypatch):
 def logits_of(model: HydraTransformer, ids: torch.Tensor) -> torch.Tensor:
     """Prefill, then two cached decode steps (the shapes oneDNN serves differently), as fp32."""
     with torch.no_grad():
-        model.init_kv_cache(1, ids.size(1))
-        out = [model(ids[:, :-2])[:, :, -1:]]
-        out += [model(ids[:, i : i + 1]) for i in (ids.size(1) - 2, ids.size(1) - 1)]
-    model.free_kv_cache()
+        cache = model.new_cache(1, ids.size(1))
+        out = [model(ids[:, :-2], cache=cache)[:, :, -1:]]
+        out += [model(ids[:, i : i + 1], start_pos=i, cache=cache) for i in (ids.size(1) - 2, ids.size(1) - 1)]
     return torch.cat(out, dim=2).float()
 
 
@@ -194,13 +193,14 @@ def test_compiled_step_with_stock_kernels_matches_eager_bf16(kernel_state, monke
     model = tiny_hydra(vocab=26, n_heads=2, heads_depth=1, seed=7).to(torch.bfloat16)
     ids = torch.randint(0, 26, (1, 8), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
-        model.init_kv_cache(1, ids.size(1))
-        model(ids[:, :4], head_indices=[1])
-        eager = [model(ids[:, p : p + 1], head_indices=[1])[0, 0, 0].float() for p in range(4, 8)]
-        model.init_kv_cache(1, ids.size(1))
-        model(ids[:, :4], head_indices=[1])
+        cache = model.new_cache(1, ids.size(1))
+        model(ids[:, :4], head_indices=[1], cache=cache)
+        eager = [
+            model(ids[:, p : p + 1], head_indices=[1], start_pos=p, cache=cache)[0, 0, 0].float() for p in range(4, 8)
+        ]
+        model(ids[:, :4], head_indices=[1], cache=cache)
         tower = model.compiled_tower(1, ids.size(1))
-        tower.load_cache(4)
+        tower.load_cache(cache, 0, 4)
         counters.clear()
         compiled = [tower.step(int(ids[0, p]), p).float() for p in range(4, 8)]
     assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] == 0

@@ -25,6 +25,7 @@ from olmo_tap.serve import app as app_module
 from olmo_tap.serve.app import create_app
 from olmo_tap.serve.config import ServeConfig
 from olmo_tap.serve.engine import DeadlinePassed, Engine
+from olmo_tap.serve.live import LiveServer
 from olmo_tap.serve.schemas import AuditRequest
 from olmo_tap.serve.verification import run_audit
 from olmo_tap.verify import SamplingMethod, TokenSequence, replay, verify_outputs
@@ -32,7 +33,6 @@ from olmo_tap.verify import outputs as outputs_module
 from olmo_tap.verify import poe_audit as poe_audit_module
 from olmo_tap.verify.replay import teacher_forced_logits
 from olmo_tap.verify.scoring import olmo_tap_gumbels, score_tokens, vllm_exponentials
-from tests.serve_utils import LiveServer
 from tests.tiny import LetterTokenizer, tiny_hydra
 
 VOCAB = 12
@@ -356,7 +356,8 @@ class GatedTokenizer(LetterTokenizer):
 
 def test_a_flood_against_a_full_queue_is_refused_before_tokenising_and_health_stays_fast(tiny):
     GatedTokenizer.gate.clear()
-    config = ServeConfig(queue_size=2, max_body_bytes=2_000_000, request_timeout_s=60)
+    # one answer at a time: the queue's bound is what is tested (a batch only adds room before it)
+    config = ServeConfig(queue_size=2, max_batch=1, max_body_bytes=2_000_000, request_timeout_s=60)
     app = create_app(tiny, GatedTokenizer(VOCAB), MODEL_ID, config)
     huge = {"messages": [{"role": "user", "content": "a" * 1_000_000}], "max_tokens": 2}  # ~1 MB each
     try:

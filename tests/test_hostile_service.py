@@ -203,7 +203,7 @@ def single_head_logits(model, prompt_ids: list[int], token_ids: list[int], head:
     """The head's logits for each answer token, from one uncached pass over prompt + answer."""
     ids = torch.tensor([prompt_ids + token_ids])
     with torch.no_grad():
-        logits = model(ids, head_indices=[head], use_cache=False)[0, 0].float()
+        logits = model(ids, head_indices=[head])[0, 0].float()
     return logits[len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(token_ids), :VOCAB]
 
 

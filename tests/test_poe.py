@@ -27,7 +27,7 @@ ALPHA = 1e-4
 def reference_target(model, ids, verifiers, temperature=1.0, beta=1.0, tau=None) -> torch.Tensor:
     """P computed independently of olmo_tap's jury code: a product of probabilities, in float64."""
     with torch.no_grad():
-        logits = model(torch.tensor([ids]), head_indices=verifiers, use_cache=False)[:, 0, -1].double()
+        logits = model(torch.tensor([ids]), head_indices=verifiers)[:, 0, -1].double()
     t = temperature if temperature > 0 else 1.0
     target = torch.prod(torch.softmax(logits / t, dim=-1) ** beta, dim=0)
     if tau is not None:
@@ -113,7 +113,7 @@ def test_decoder_uses_the_right_p_and_q(tiny, monkeypatch):
         prefix = ids[:position]
         torch.testing.assert_close(target.double(), reference_target(model, prefix, [0, 2, 3], 0.7), atol=1e-5, rtol=0)
         with torch.no_grad():
-            draft_logits = model(torch.tensor([prefix]), head_indices=[1], use_cache=False)[0, 0, -1]
+            draft_logits = model(torch.tensor([prefix]), head_indices=[1])[0, 0, -1]
         torch.testing.assert_close(draft_probs, torch.softmax(draft_logits / 0.7, dim=-1), atol=1e-5, rtol=0)
 
 
@@ -237,7 +237,7 @@ def test_veto_end_to_end_with_planted_heads(malicious, strength):
                 continue
             ids = out.prompt_ids + out.token_ids
             with torch.no_grad():
-                logits = model(torch.tensor([ids[:-1]]), head_indices=verifiers, use_cache=False)[:, 0]
+                logits = model(torch.tensor([ids[:-1]]), head_indices=verifiers)[:, 0]
             probs = torch.softmax(logits.double(), dim=-1)[:, len(out.prompt_ids) - 1 :]
             emitted = torch.tensor(out.token_ids)
             p_emitted = probs.gather(-1, emitted.expand(len(verifiers), -1).unsqueeze(-1))[..., 0]
@@ -377,6 +377,6 @@ def test_plain_modes_share_the_sampling_code(tiny, mode):
     ids = list(out.prompt_ids)
     for _ in range(12):  # greedy reference: argmax of the mean of the heads' logits
         with torch.no_grad():
-            logits = model(torch.tensor([ids]), head_indices=heads, use_cache=False)[:, 0, -1].mean(dim=0)
+            logits = model(torch.tensor([ids]), head_indices=heads)[:, 0, -1].mean(dim=0)
         ids.append(int(torch.argmax(logits)))
     assert out.token_ids == ids[len(out.prompt_ids) :]

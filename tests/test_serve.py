@@ -23,7 +23,7 @@ from olmo_tap.inference.transcript import check_transcript
 from olmo_tap.serve.app import create_app
 from olmo_tap.serve.config import ServeConfig
 from olmo_tap.serve.engine import DeadlinePassed, Engine, QueueFull
-from tests.serve_utils import LiveServer
+from olmo_tap.serve.live import LiveServer
 from tests.tiny import LetterTokenizer, tiny_hydra
 
 VOCAB = 12
@@ -472,10 +472,12 @@ def test_a_client_that_disconnects_frees_its_slot(tiny, slow_tokenizer):
         assert queue()["completed"] == 1
 
 
-def test_fifty_concurrent_clients_get_an_answer_or_a_clean_refusal(tiny, slow_tokenizer):
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_fifty_concurrent_clients_get_an_answer_or_a_clean_refusal(tiny, slow_tokenizer, max_batch):
     n_clients, queue_size, max_tokens = 50, 3, 6
     SlowTokenizer.gate.clear()  # the worker holds the first request until every client has been answered or queued
-    app = create_app(tiny, slow_tokenizer, MODEL_ID, ServeConfig(queue_size=queue_size, request_timeout_s=120))
+    config = ServeConfig(queue_size=queue_size, max_batch=max_batch, request_timeout_s=120)
+    app = create_app(tiny, slow_tokenizer, MODEL_ID, config)
     with LiveServer(app) as server:
 
         async def one_client(i: int, client: httpx.AsyncClient):
@@ -509,7 +511,8 @@ def test_fifty_concurrent_clients_get_an_answer_or_a_clean_refusal(tiny, slow_to
         results, after = asyncio.run(scenario())
         answered = [(i, r) for i, r in results if r.status_code == 200]
         refused = [r for _, r in results if r.status_code != 200]
-        assert len(answered) == 1 + queue_size and len(refused) == n_clients - 1 - queue_size
+        # in flight at most: a full batch and the queue behind it
+        assert len(answered) == max_batch + queue_size and len(refused) == n_clients - max_batch - queue_size
         for r in refused:
             assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
             assert r.json()["error"]["code"] == "queue_full"
@@ -520,6 +523,6 @@ def test_fifty_concurrent_clients_get_an_answer_or_a_clean_refusal(tiny, slow_to
                 assert events[-2]["trust"]["n_tokens"] == max_tokens
             else:
                 assert r.json()["usage"]["completion_tokens"] == max_tokens
-        assert (after["running"], after["waiting"], after["completed"]) == (0, 0, 1 + queue_size)
+        assert (after["running"], after["waiting"], after["completed"]) == (0, 0, max_batch + queue_size)
         final = httpx.post(server.url + "/v1/chat/completions", json={"messages": PROMPT, "max_tokens": 2})
         assert final.status_code == 200

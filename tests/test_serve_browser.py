@@ -15,7 +15,7 @@ import pytest
 
 from olmo_tap.cli import main as olmo_tap_main
 from olmo_tap.serve.app import create_app
-from tests.serve_utils import LiveServer
+from olmo_tap.serve.live import LiveServer
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

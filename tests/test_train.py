@@ -139,12 +139,12 @@ def test_adapted_head_equals_the_merged_head(tiny_checkpoint):
     adapter = random_adapter(model, 1)
     ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        trunk = model.forward_trunk(ids, use_cache=False)
+        trunk = model.forward_trunk(ids)
         plain = AdaptedHead(model, 1, None).hidden(trunk)
-        torch.testing.assert_close(plain, model.head_hidden_states(trunk, [1], use_cache=False)[0], atol=0, rtol=0)
+        torch.testing.assert_close(plain, model.head_hidden_states(trunk, [1])[0], atol=0, rtol=0)
         adapted = AdaptedHead(model, 1, adapter).hidden(trunk)
         merge_lora(model, 1, adapter.to_lora_adapter())
-        merged = model.head_hidden_states(trunk, [1], use_cache=False)[0]
+        merged = model.head_hidden_states(trunk, [1])[0]
     assert not torch.allclose(adapted, plain, atol=1e-3)
     torch.testing.assert_close(adapted, merged, atol=1e-5, rtol=1e-5)
 
@@ -164,8 +164,8 @@ def test_saved_adapter_loads_in_peft_and_in_our_merge(tmp_path):
     ensemble = load_ensemble(base_dir, adapters=[tmp_path / "adapter", None], heads_depth=2)
     with torch.no_grad():
         reference = peft_model(ids).logits[0]
-        ours = ensemble(ids, use_cache=False)[0, 0]
-        trunk = model.forward_trunk(ids, use_cache=False)
+        ours = ensemble(ids)[0, 0]
+        trunk = model.forward_trunk(ids)
         live = model.project(AdaptedHead(model, 0, adapter).hidden(trunk))[0]
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)
     torch.testing.assert_close(live, reference, atol=1e-4, rtol=0)
@@ -209,7 +209,7 @@ def test_train_heads_saves_an_ensemble_that_reloads_with_identical_logits(tmp_pa
     again = HydraTransformer.from_pretrained(tmp_path / "jury", progress=False)
     ids = torch.randint(0, 26, (1, 10), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert torch.equal(again(ids, use_cache=False), model(ids, use_cache=False))
+        assert torch.equal(again(ids), model(ids))
     assert json.loads((tmp_path / "jury" / "training.json").read_text())["shard_sizes"] == report["shard_sizes"]
     assert sorted(p.name for p in (tmp_path / "jury" / "adapters").iterdir()) == ["head0", "head1", "head2"]
     assert not (tmp_path / "jury" / ".training").exists()

@@ -48,7 +48,7 @@ def test_training_path_scores_exactly_what_poe_reports():
                 branches.add("resampled" if out.resampled_idxs[:1] == [1] else "accepted")
             ids = torch.tensor([encode_chat(tokenizer, uncertainty_prompt(format_mcq(q), out.text))])
             with torch.no_grad():
-                trunk = model.forward_trunk(ids, use_cache=False)[0]
+                trunk = model.forward_trunk(ids)[0]
             item = UncertaintyItem(trunk, witness, 1.0)
             [p] = predict(model, 4, None, [item], a_id, b_id)
             assert p == pytest.approx(out.uncertainty, abs=1e-5), (mode, seed)

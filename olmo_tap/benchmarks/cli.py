@@ -67,6 +67,18 @@ def register(sub: Any, add_model_args: Any) -> None:
         "--jury-model", default=None, help="a trained jury timed in its own group (default: the config's)"
     )
     knobs.add_argument("--no-jury", action="store_true", help="do not time a trained jury beside the model")
+    sweep = bench.add_argument_group("concurrency sweep (instead of the decoder benchmark)")
+    sweep.add_argument(
+        "--concurrency",
+        type=int_list,
+        default=None,
+        metavar="STREAMS",
+        help="e.g. 1,2,4,8,16: that many streamed answers at once through the HTTP server and the Python API "
+        "(greedy PoE on --model, default the embedded default)",
+    )
+    sweep.add_argument("--max-batch", type=int, default=8, help="the server's batch in the sweep (default 8)")
+    sweep.add_argument("--max-tokens", type=int, default=64, help="tokens per answer in the sweep (default 64)")
+    sweep.add_argument("--repeats", type=int, default=2, help="rounds over all levels in the sweep (default 2)")
     out = bench.add_argument_group("output")
     out.add_argument("--results-dir", default="results", help="runs go to <this>/<date>_runNN/ (default: results)")
     out.add_argument(
@@ -100,6 +112,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from olmo_tap.benchmarks.plotting import plot_results
     from olmo_tap.benchmarks.report import markdown_report
 
+    if args.report and _concurrency_results(Path(args.report)) is not None:
+        from olmo_tap.benchmarks import concurrency
+
+        path = Path(args.report)
+        results = _concurrency_results(path)
+        concurrency.plot(results, (path if path.is_dir() else path.parent) / "graph.png")  # type: ignore[arg-type]
+        print(concurrency.markdown(results), end="")  # type: ignore[arg-type]
+        return 0
+    if args.concurrency is not None:
+        return cmd_concurrency(args)
     if args.report:
         results = load_results(Path(args.report))
         directory = Path(args.report) if Path(args.report).is_dir() else Path(args.report).parent
@@ -119,5 +141,47 @@ def cmd_bench(args: argparse.Namespace) -> int:
     directory = next_run_dir(Path(args.results_dir))
     json_path, graph_path = write_results(results, directory)
     print(markdown_report(results), end="")
+    print(f"\nwrote {json_path} and {graph_path}", file=sys.stderr)
+    return 0
+
+
+def _concurrency_results(path: Path) -> dict[str, Any] | None:
+    """A concurrency sweep's results.json (at ``path`` or in it), or None for anything else."""
+    import json
+
+    file = path / "results.json" if path.is_dir() else path
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("kind") == "concurrency" else None
+
+
+def cmd_concurrency(args: argparse.Namespace) -> int:
+    from olmo_tap.benchmarks import concurrency
+    from olmo_tap.benchmarks.inference import next_run_dir
+
+    levels = args.concurrency
+    if not levels or any(n < 1 for n in levels):
+        raise ValueError(f"--concurrency needs stream counts >= 1, e.g. 1,2,4,8,16; got {levels}")
+    for flag, value in (
+        ("--max-batch", args.max_batch),
+        ("--max-tokens", args.max_tokens),
+        ("--repeats", args.repeats),
+    ):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    results = concurrency.run_sweep(
+        args.model or "smollm2-135m-instruct",
+        sorted(set(levels)),
+        max_tokens=args.max_tokens,
+        max_batch=args.max_batch,
+        repeats=args.repeats,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+    directory = next_run_dir(Path(args.results_dir))
+    json_path, graph_path = concurrency.write(results, directory)
+    print(concurrency.markdown(results), end="")
     print(f"\nwrote {json_path} and {graph_path}", file=sys.stderr)
     return 0

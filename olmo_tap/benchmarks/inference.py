@@ -51,12 +51,12 @@ from olmo_tap.benchmarks.stats import (
     amortised_latencies,
     decode_tokens_per_second,
     per_position_median,
-    poe_rounds,
     summarize,
 )
 from olmo_tap.hydra import HydraTransformer
 from olmo_tap.inference.poe import PoE, PoEOutput
 from olmo_tap.inference.prompts import encode_chat
+from olmo_tap.inference.settings import DecodeSettings
 from olmo_tap.model.kernels import torch_threads
 
 PROMPT_TEXT = "Explain, step by step, how a bicycle works and why it stays upright. "
@@ -94,7 +94,7 @@ class Trace:
 
     arrivals_ms: list[float]  # each token's arrival, ms since the call began
     total_ms: float
-    resampled: list[bool]
+    rounds: list[tuple[int, int]]  # (round, drafts it put to the jury) of each token, from the decoder's events
     memory: PeakMemory
     output: PoEOutput | None = None  # ours, full runs only
     text: str = ""
@@ -171,18 +171,18 @@ def ours(
 ) -> Candidate:
     """A configuration decoded by ``PoE`` in ``mode`` (single, naive or poe)."""
     temperature = config.temperature if sampling == "sampled" else 0.0
-    decoder = PoE(
-        model,
-        tokenizer,
+    settings = DecodeSettings(
+        mode=mode,  # type: ignore[arg-type]
         gamma=gamma or 1,
         beta=config.beta,
-        max_new_tokens=config.gen_length,
+        temperature=temperature,
         seed=config.seed,
         draft_head=config.draft_head if mode == "poe" else None,
-        mode=mode,  # type: ignore[arg-type]
         head=baseline_head(config, model) if mode == "single" else None,
+        max_new_tokens=config.gen_length,
         ignore_eos=True,
     )
+    decoder = PoE.from_settings(model, tokenizer, settings)
 
     def generate(prompt_ids: list[int], repeat: int, first_only: bool) -> Trace:
         watch, flags = Stopwatch(model.device), []
@@ -192,7 +192,7 @@ def ours(
             events = iter(stream)
             for event in events:
                 watch.mark()
-                flags.append(event.resampled)
+                flags.append((event.round, event.drafted))
                 if first_only:
                     break
             arrivals, total = watch.stop()
@@ -225,7 +225,7 @@ def transformers_reference(model: Any, tokenizer: Any, config: BenchConfig, grou
             watch.start()
             ids = generate_timed(model, prompt_ids, 1 if first_only else config.gen_length, watch)
             arrivals, total = watch.stop()
-        return Trace(arrivals, total, [False] * len(ids), memory, None, tokenizer.decode(ids))
+        return Trace(arrivals, total, [(i, 1) for i in range(len(ids))], memory, None, tokenizer.decode(ids))
 
     return Candidate(
         "hf_generate",
@@ -298,13 +298,13 @@ def time_candidates(
 
 
 def _rounds(c: Candidate, trace: Trace, gen_length: int) -> list[tuple[int, int]]:
+    """(tokens emitted, tokens drafted) per round, as the decoder's events say."""
     if c.kind != "hydra_poe":
         return [(1, 1)] * len(trace.arrivals_ms)
-    assert c.gamma is not None and trace.output is not None
-    rounds = poe_rounds(trace.resampled, c.gamma, gen_length)
-    if len(rounds) != trace.output.n_rounds:  # the reconstruction must agree with the decoder's own count
-        raise RuntimeError(f"{c.name}: rebuilt {len(rounds)} rounds, the decoder reports {trace.output.n_rounds}")
-    return rounds
+    sizes: dict[int, list[int]] = {}
+    for index, drafted in trace.rounds:
+        sizes.setdefault(index, [0, drafted])[0] += 1
+    return [(emitted, drafted) for emitted, drafted in sizes.values()]
 
 
 def weight_bytes_per_token(c: Candidate, rounds: list[list[tuple[int, int]]], gen_length: int) -> float:

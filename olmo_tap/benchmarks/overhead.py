@@ -97,10 +97,10 @@ def compiled_step_layers(model: HydraTransformer, head: int, prompt_ids: list[in
     blocks, ``budget_ms`` each in all, so that drift in the machine's speed reaches both alike.
     """
     n = len(prompt_ids)
-    model.init_kv_cache(1, n)
-    model(torch.tensor([prompt_ids]), head_indices=[head])
+    cache = model.new_cache(1, n)
+    model(torch.tensor([prompt_ids]), head_indices=[head], cache=cache)
     tower = model.compiled_tower(head, n + COMPILED_STEPS)
-    tower.load_cache(n)
+    tower.load_cache(cache, 0, n)
     tower.step(prompt_ids[-1], n)  # compiles
     positions = itertools.cycle(range(n, n + COMPILED_STEPS))
 
@@ -113,7 +113,6 @@ def compiled_step_layers(model: HydraTransformer, head: int, prompt_ids: list[in
         step_ms += time_calls(step, model.device, budget_ms / ALTERNATIONS)
         packed_ms += time_calls(ours, model.device, budget_ms / ALTERNATIONS)
         stock_ms += time_calls(stock_linear, model.device, budget_ms / ALTERNATIONS)
-    model.free_kv_cache()
     return _layers_result(model, "compiled", n_matmuls, summarize(step_ms)["median"], packed_ms, stock_ms)
 
 

@@ -47,31 +47,6 @@ def summarize(values: Sequence[float]) -> dict[str, float | int]:
     }
 
 
-def poe_rounds(resampled: Sequence[bool], gamma: int, max_new_tokens: int) -> list[tuple[int, int]]:
-    """(tokens emitted, tokens drafted) per round of a PoE generation, rebuilt from which tokens were resampled.
-
-    A round drafts ``g = min(gamma, max_new_tokens - emitted so far)`` tokens and emits them up to and including
-    the first rejection (whose resampled token ends the round), or all ``g`` when every draft is accepted.
-    Valid when no end-of-text stops a draft early (fixed-length runs). A plain decoder is the case gamma = 1.
-    """
-    if gamma < 1:
-        raise ValueError(f"gamma must be >= 1, got {gamma}")
-    if len(resampled) > max_new_tokens:
-        raise ValueError(f"{len(resampled)} tokens exceed max_new_tokens {max_new_tokens}")
-    rounds: list[tuple[int, int]] = []
-    emitted = 0
-    while emitted < len(resampled):
-        drafted = min(gamma, max_new_tokens - emitted)
-        size = 0
-        while size < drafted and emitted < len(resampled):
-            size += 1
-            emitted += 1
-            if resampled[emitted - 1]:
-                break
-        rounds.append((size, drafted))
-    return rounds
-
-
 def amortised_latencies(arrivals_ms: Sequence[float], round_sizes: Sequence[int]) -> list[float | None]:
     """Per-token decode latency: each round's time (from the previous round's last arrival to its own last
     arrival) shared equally among the tokens it emitted. Tokens of the first round are None: their time is

@@ -14,8 +14,9 @@ last decided token is *pending*, not yet run through the model. A round:
 - verify: the verifiers run once on those ``g`` saved states, giving their
   distributions for positions ``L .. L+g-1``;
 - decide: on full acceptance every cache holds ``L+g-1`` positions and the last
-  draft is pending; on a rejection at ``L+j`` all caches are synced to ``L+j``
-  and the resampled token is pending.
+  draft is pending; on a rejection at ``L+j`` the resampled token is pending and
+  the next round writes from position ``L+j`` on: a rollback is an integer, the
+  entries past it are stale and overwritten (``olmo_tap.model.kv_cache``).
 
 A rejection therefore costs no extra forward pass: the resampled token is
 processed by the next round's first draft step and verification pass. Every
@@ -35,16 +36,17 @@ from typing import Any, Literal
 
 import torch
 
+from olmo_tap.engine.batch import BatchRunner, Op, Prefill, Step, StepResult, Verify, VerifyResult, batch_invariant
 from olmo_tap.hydra import HydraTransformer
-from olmo_tap.inference.jury import check_veto_threshold, jury_distribution, speculative_decision
+from olmo_tap.inference.jury import jury_distribution, speculative_decision
 from olmo_tap.inference.metrics import entropy_nats, stability_radius, top2_margin, validity_radius
 from olmo_tap.inference.prompts import encode_chat, normalise_messages, stop_token_ids, uncertainty_prompt
 from olmo_tap.inference.sampling import Purpose, check_temperature, head_for_seed, sample_from_logits
+from olmo_tap.inference.settings import DecodeSettings, Mode
 from olmo_tap.inference.text import TextStream
+from olmo_tap.model.kv_cache import HydraCache
 from olmo_tap.weights.tokenizer import vocab_limit
 
-Mode = Literal["poe", "naive", "single"]
-MODES: tuple[str, ...] = ("poe", "naive", "single")
 FinishReason = Literal["eos", "length", "abstain"]
 
 
@@ -69,9 +71,23 @@ class TokenEvent:
     # distribution as (token id, log-probability), best first.
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    round: int = 0  # the decoding round that decided it (PoE: one draft-and-verify round; else one step)
+    drafted: int = 1  # drafts its round put to the jury (PoE); 1 for a plain step
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class Ended:
+    """The answer's end, decided in round ``round``: "eos" (an end-of-text token was emitted) or "abstain" (the
+    jury allowed no token at the next position)."""
+
+    reason: FinishReason
+    round: int
+
+
+Event = TokenEvent | Ended
 
 
 @dataclass
@@ -218,52 +234,43 @@ class OutputFold:
 
 
 class PoEStream:
-    """Iterate to receive TokenEvents as they are decided; ``output`` is complete afterwards."""
+    """Iterate to receive TokenEvents as they are decided; ``output`` is complete afterwards. Runs one
+    ``Sequence`` on its own cache, each op as it comes."""
 
-    def __init__(
-        self,
-        events: Iterator[TokenEvent],
-        output: PoEOutput,
-        finish: Callable[[], None],
-        witness: dict[str, torch.Tensor],
-    ) -> None:
-        self._events = events
-        self.output = output
-        self._finish = finish
-        self._witness = witness
+    def __init__(self, sequence: Sequence, runner: BatchRunner) -> None:
+        self.sequence = sequence
+        self.output = sequence.output
+        self._runner = runner
 
     @property
     def witness_hidden(self) -> torch.Tensor | None:
-        """The answer's witness for the uncertainty head: the pre-norm hidden state, at the last prompt position,
-        of the head whose first token was emitted (the drafter if accepted, else the verifier favouring the
-        emitted token; the decoding head in single / naive mode). None before the first token or on abstention."""
-        return self._witness.get("hidden")
+        return self.sequence.witness_hidden
 
     def __iter__(self) -> Iterator[TokenEvent]:
-        yield from self._events
-        self._finish()
+        sequence = self.sequence
+        events, op = sequence.advance()
+        while True:
+            for event in events:
+                sequence.deliver(event)
+                if isinstance(event, TokenEvent):
+                    yield event
+            if op is None:
+                break
+            events, op = sequence.advance(self._runner.run([op])[0])
+        sequence.finish()
 
 
 class PoE:
     """Decoder for a Hydra: PoE speculative verification, or plain single-head / naive-averaging decoding.
 
-    :param model: the Hydra, weights loaded.
-    :param tokenizer: its tokenizer (chat template used for prompts).
-    :param n_llm_heads: text heads (default: every head but the uncertainty head, if the model has one).
-    :param gamma: draft tokens per round (a pure speed knob: the output does not depend on it).
-    :param beta: inverse temperature applied to the verifiers' summed log-probabilities.
-    :param max_new_tokens: bound on the response length.
-    :param seed: seed of every random draw (None: a fresh random seed, reported in the output).
-    :param veto_threshold: tau in [0, 1): a token any verifier gives probability < tau is never emitted;
-        None keeps the original soft PoE.
-    :param draft_head: fixed draft head (None: chosen from the seed).
-    :param mode: "poe", "naive" (average all text heads' logits every step) or "single" (one head).
-    :param head: the head used by mode "single" (default: the draft head).
-    :param ignore_eos: keep going past end-of-text (fixed-length runs for benchmarks).
-    :param compile: mode "single" only: decode with the tower's step compiled to native code
-        (``olmo_tap.model.compiled``): same tokens, faster steps, a one-off compile of about a minute on CPU.
-    :param top_logprobs: None: no log-probabilities (nothing computed); 0 to 20: each TokenEvent carries its
-        token's log-probability under the distribution it was decided from, and that many most likely tokens.
+        Built from a ``DecodeSettings`` (``PoE.from_settings``) or from the same fields as keywords. Each answer
+        is a ``Sequence``: a generator of model work (``olmo_tap.engine.batch``) and TokenEvents. ``stream`` runs
+        one sequence in a cache of its own; ``generate_many`` and the service (``olmo_tap.serve.engine``) run many in
+    one shared cache, batched.
+
+        :param model: the Hydra, weights loaded.
+        :param tokenizer: its tokenizer (chat template used for prompts).
+        :param settings: everything else (see ``DecodeSettings``); keywords build one when it is not given.
     """
 
     def __init__(
@@ -283,71 +290,76 @@ class PoE:
         ignore_eos: bool = False,
         compile: bool = False,
         top_logprobs: int | None = None,
+        temperature: float | None = 0.98,
+        settings: DecodeSettings | None = None,
     ) -> None:
-        if n_llm_heads is None:
-            n_llm_heads = model.n_text_heads
-        if not isinstance(n_llm_heads, int) or not 1 <= n_llm_heads <= model.n_heads:
+        if settings is None:
+            settings = DecodeSettings(
+                mode=mode,
+                temperature=temperature,
+                gamma=gamma,
+                beta=beta,
+                seed=seed,
+                veto_threshold=veto_threshold,
+                draft_head=draft_head,
+                head=head,
+                n_llm_heads=n_llm_heads,
+                max_new_tokens=max_new_tokens,
+                ignore_eos=ignore_eos,
+                compile=compile,
+                top_logprobs=top_logprobs,
+            )
+        n_llm_heads = model.n_text_heads if settings.n_llm_heads is None else settings.n_llm_heads
+        if not 1 <= n_llm_heads <= model.n_heads:
             raise ValueError(f"n_llm_heads must be between 1 and the model's {model.n_heads} heads, got {n_llm_heads}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode == "poe" and n_llm_heads < 2:
+        if settings.mode == "poe" and n_llm_heads < 2:
             raise ValueError(f"PoE needs at least 2 text heads (one drafts, the rest verify); got {n_llm_heads}")
-        if compile and mode != "single":
-            raise ValueError(f"compile applies to mode 'single' only (one head per step), not {mode!r}")
-        if not isinstance(gamma, int) or gamma < 1:
-            raise ValueError(f"gamma must be an integer >= 1, got {gamma!r}")
-        if not beta > 0:
-            raise ValueError(f"beta must be > 0, got {beta}")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        for name, value in (("draft_head", draft_head), ("head", head)):
-            if value is not None and not 0 <= value < n_llm_heads:
+        for name in ("draft_head", "head"):
+            value = getattr(settings, name)
+            if value is not None and not value < n_llm_heads:
                 raise ValueError(f"{name} {value} out of range for {n_llm_heads} text heads")
-        if top_logprobs is not None and (not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= 20):
-            raise ValueError(f"top_logprobs must be None or an integer in [0, 20], got {top_logprobs!r}")
+        self.settings = settings.replace(n_llm_heads=n_llm_heads)
         self.model = model
         self.tokenizer = tokenizer
         self.n_llm_heads = n_llm_heads
         self.uncertainty_head_idx = n_llm_heads if model.n_heads > n_llm_heads else None
-        self.gamma = gamma
-        self.beta = float(beta)
-        self.max_new_tokens = max_new_tokens
-        self.seed = seed
-        self.veto_threshold = check_veto_threshold(veto_threshold)
-        self.draft_head = draft_head
-        self.mode: Mode = mode
-        self.head = head
-        self.compile = compile
-        self.top_logprobs = top_logprobs
         self.vocab_limit = vocab_limit(tokenizer, model.base_config.vocab_size)
-        self.stop_ids = frozenset() if ignore_eos else stop_token_ids(tokenizer, model.base_config.eos_token_id)
-        # compared once per decoder: equal weights short-circuit nothing, different ones stop at the first tensor
+        eos = model.base_config.eos_token_id
+        self.stop_ids = frozenset() if settings.ignore_eos else frozenset(stop_token_ids(tokenizer, eos))
+        # compared once per weight version (see identical_heads): clones judge nothing apart
         self.independent_heads = not model.identical_heads(range(n_llm_heads))
         self.A_id = tokenizer.encode("A", add_special_tokens=False)[0]
         self.B_id = tokenizer.encode("B", add_special_tokens=False)[0]
+
+    @classmethod
+    def from_settings(cls, model: HydraTransformer, tokenizer: Any, settings: DecodeSettings) -> PoE:
+        return cls(model, tokenizer, settings=settings)
 
     # ----- public API -----------------------------------------------------------------------------------------
 
     def choose_draft_head(self, seed: int) -> int:
         """The draft head: the fixed one, or one derived from the seed (so a transcript can be replayed)."""
-        if self.draft_head is not None:
-            return self.draft_head
+        if self.settings.draft_head is not None:
+            return self.settings.draft_head
         return head_for_seed(seed, self.n_llm_heads)
 
-    def stream(
+    def start(
         self,
         prompt_text: str | None = None,
         is_mcq: bool = False,
-        temperature: float | None = 0.98,
+        temperature: float | object | None = ...,
         messages: list[dict[str, Any]] | None = None,
         seed: int | None = None,
         prompt_ids: list[int] | None = None,
-    ) -> PoEStream:
-        """Start decoding; iterate the result for TokenEvents, then read its ``output``.
-
-        ``prompt_ids`` (already templated token ids) replace the prompt text when given.
-        """
-        temperature = check_temperature(temperature)
+        *,
+        cache: HydraCache | None = None,
+        slot: int = 0,
+        batched: bool = False,
+    ) -> Sequence:
+        """Check the request and make its ``Sequence`` (nothing decoded yet). Without ``cache`` it gets a cache
+        of its own sized to the prompt plus ``max_new_tokens``; ``batched`` records that it runs in batch
+        arithmetic, with or among other sequences (the transcript says so: an audit replays it that way)."""
+        temperature = self.settings.temperature if temperature is ... else check_temperature(temperature)  # type: ignore[arg-type]
         if prompt_ids is not None:
             prompt_ids = [int(i) for i in prompt_ids]
             if not prompt_ids or not all(0 <= i < self.vocab_limit for i in prompt_ids):
@@ -356,79 +368,50 @@ class PoE:
         else:
             conversation = normalise_messages(prompt_text, messages)
             prompt_ids = encode_chat(self.tokenizer, messages=conversation)
+        max_new = self.settings.max_new_tokens
         context = self.model.base_config.max_seq_len
-        if len(prompt_ids) + self.max_new_tokens > context:
+        if len(prompt_ids) + max_new > context:
             raise ValueError(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({self.max_new_tokens}) exceeds the model's "
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}) exceeds the model's "
                 f"context of {context} tokens"
             )
+        if cache is None:
+            cache = HydraCache.for_model(self.model, 1, len(prompt_ids) + max_new, heads=self.n_llm_heads)
+            slot = 0
+        elif len(prompt_ids) + max_new > cache.max_len:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}) exceeds the "
+                f"{cache.max_len} positions a sequence may hold here"
+            )
         if seed is None:
-            seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(4), "little")
-        draft = self.choose_draft_head(seed)
-        single = self.head if self.head is not None else draft
-        if self.mode == "poe":
-            decider, verifiers = draft, [h for h in range(self.n_llm_heads) if h != draft]
-        elif self.mode == "naive":
-            decider, verifiers = None, list(range(self.n_llm_heads))
-        else:
-            decider, verifiers = single, [single]
-        output = new_output(
-            self.tokenizer,
-            prompt_ids,
-            decider,
-            verifiers,
-            {
-                "mode": self.mode,
-                "seed": seed,
-                "temperature": temperature,
-                "gamma": self.gamma,
-                "beta": self.beta,
-                "veto_threshold": self.veto_threshold,
-                "draft_head": decider,
-                "n_llm_heads": self.n_llm_heads,
-                "max_new_tokens": self.max_new_tokens,
-                "vocab_limit": self.vocab_limit,
-                "stop_ids": sorted(self.stop_ids),
-                # the Hydra's split, so an audit can rebuild the same jury from the base checkpoint
-                "n_heads": self.model.n_heads,
-                "heads_depth": self.model.config.head_layers,
-                "dtype": str(self.model.dtype).removeprefix("torch."),
-                "device": str(self.model.device),
-                "compile": self.compile,  # compiled steps round differently: the audit then allows near-ties
-                # products of a few rows sum in another order with another thread count: an exact replay needs it
-                "threads": torch.get_num_threads(),
-                # multiple choice: the question the uncertainty head scores, so an audit can re-score it
-                "mcq": bool(is_mcq),
-                "question": conversation[-1]["content"] if is_mcq else None,
-            },
-        )
-        output.whole_jury = self.mode == "poe" and self.n_llm_heads == self.model.n_text_heads
-        output.independent_heads = self.independent_heads
-        witness: dict[str, torch.Tensor] = {}
-        started = time.perf_counter()
+            seed = self.settings.seed if self.settings.seed is not None else int.from_bytes(os.urandom(4), "little")
+        return Sequence(self, prompt_ids, conversation, bool(is_mcq), temperature, seed, cache, slot, batched)
 
-        def events() -> Iterator[TokenEvent]:
-            fold = OutputFold(output, self.tokenizer)
-            decide = self._poe_rounds if self.mode == "poe" else self._plain_steps
-            with torch.no_grad():
-                for event in decide(prompt_ids, temperature, seed, verifiers, draft, witness, output):
-                    fold.add(event)
-                    yield event
-            fold.close()
+    def stream(
+        self,
+        prompt_text: str | None = None,
+        is_mcq: bool = False,
+        temperature: float | object | None = ...,
+        messages: list[dict[str, Any]] | None = None,
+        seed: int | None = None,
+        prompt_ids: list[int] | None = None,
+        *,
+        batched: bool = False,
+    ) -> PoEStream:
+        """Start decoding; iterate the result for TokenEvents, then read its ``output``.
 
-        def finish() -> None:
-            output.elapsed_s = time.perf_counter() - started
-            if is_mcq and self.uncertainty_head_idx is not None and "hidden" in witness:
-                question = conversation[-1]["content"]
-                output.uncertainty = self.get_uncertainty_score(question, output.text, witness["hidden"])
-
-        return PoEStream(events(), output, finish, witness)
+        ``prompt_ids`` (already templated token ids) replace the prompt text when given; ``temperature`` and
+        ``seed`` default to the settings'. ``batched``: decode in batch arithmetic, as a batch of one, giving
+        exactly what the answer gets among others (``generate_many``, the service); an audit replays that way.
+        """
+        sequence = self.start(prompt_text, is_mcq, temperature, messages, seed, prompt_ids, batched=batched)
+        return PoEStream(sequence, BatchRunner(self.model, sequence.cache, batched=batched))
 
     def generate_with_cache(
         self,
         prompt_text: str | None = None,
         is_mcq: bool = False,
-        temperature: float | None = 0.98,
+        temperature: float | object | None = ...,
         messages: list[dict[str, Any]] | None = None,
         seed: int | None = None,
         on_token: Callable[[TokenEvent], None] | None = None,
@@ -443,6 +426,63 @@ class PoE:
                 on_token(event)
         return stream.output
 
+    def generate_many(
+        self,
+        prompts: list[str | list[dict[str, Any]]],
+        *,
+        max_batch: int = 8,
+        seeds: list[int | None] | None = None,
+        temperature: float | object | None = ...,
+        is_mcq: bool = False,
+    ) -> list[PoEOutput]:
+        """Decode many prompts (texts, or chat messages) up to ``max_batch`` at a time in batched passes
+        (continuous batching: a finished answer's slot goes to the next prompt at once). Each answer is the one
+        ``stream`` gives alone for its seed, bit for bit where the kernels are batch-invariant (see
+        ``olmo_tap.engine.batch``); its transcript says it was batched."""
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        seeds = [None] * len(prompts) if seeds is None else list(seeds)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        if not prompts:
+            return []
+        conversations = [
+            normalise_messages(p, None) if isinstance(p, str) else normalise_messages(None, p) for p in prompts
+        ]
+        longest = max(len(encode_chat(self.tokenizer, messages=c)) for c in conversations)
+        max_len = min(longest + self.settings.max_new_tokens, self.model.base_config.max_seq_len)
+        cache = HydraCache.for_model(self.model, min(max_batch, len(prompts)), max_len, heads=self.n_llm_heads)
+        runner = BatchRunner(self.model, cache, batched=True)
+        waiting = list(range(len(prompts)))[::-1]
+        free = list(range(cache.slots))[::-1]
+        active: list[tuple[int, Sequence, Op | None]] = []
+        outputs: list[PoEOutput | None] = [None] * len(prompts)
+
+        def settle(i: int, sequence: Sequence, events: list[Event], op: Op | None) -> None:
+            for event in events:
+                sequence.deliver(event)
+            if op is not None:
+                active.append((i, sequence, op))
+                return
+            sequence.finish()
+            outputs[i] = sequence.output
+            cache.release(sequence.slot)
+            free.append(sequence.slot)
+
+        while waiting or active:
+            while waiting and free:
+                i = waiting.pop()
+                sequence = self.start(
+                    messages=conversations[i], is_mcq=is_mcq, temperature=temperature, seed=seeds[i],
+                    cache=cache, slot=free.pop(), batched=True,
+                )  # fmt: skip
+                settle(i, sequence, *sequence.advance())
+            batch, active = active, []
+            results = runner.run([op for _, _, op in batch])  # type: ignore[misc]
+            for (i, sequence, _), result in zip(batch, results, strict=True):
+                settle(i, sequence, *sequence.advance(result))
+        return outputs  # type: ignore[return-value]
+
     @torch.no_grad()
     def get_uncertainty_score(
         self, prompt_text: str, full_answer_text: str, witness_hidden_state: torch.Tensor
@@ -450,8 +490,7 @@ class PoE:
         """p(correct) of a multiple-choice answer from the uncertainty head: sigmoid(logit A - logit B).
 
         The witness head's hidden state at the last prompt position is injected into the residual
-        stream at the last position of the second-pass prompt. Runs uncached: the generation
-        caches and their lengths are left as they were.
+        stream at the last position of the second-pass prompt. Runs uncached.
         """
         if self.uncertainty_head_idx is None:
             raise ValueError("this model has no uncertainty head (it must be the last head, after the text heads)")
@@ -462,94 +501,192 @@ class PoE:
             1, ids.size(1), self.model.base_config.d_model, device=ids.device, dtype=self.model.dtype
         )
         residual[0, -1] = witness_hidden_state.reshape(-1).to(residual.dtype)
-        logits = self.model(
-            ids, residual=residual, head_indices=[self.uncertainty_head_idx], last_token_only=True, use_cache=False
-        )[0, 0, 0].float()
+        logits = self.model(ids, residual=residual, head_indices=[self.uncertainty_head_idx], last_token_only=True)[
+            0, 0, 0
+        ].float()
         return float(torch.sigmoid(logits[self.A_id] - logits[self.B_id]))
 
-    # ----- decoding loops -------------------------------------------------------------------------------------
 
-    def _prefill(self, prompt_ids: list[int], heads: list[int], extra_positions: int) -> None:
-        """Cache the prompt except its last token (which is pending) in the trunk and ``heads``."""
-        model = self.model
-        model.init_kv_cache(1, len(prompt_ids) + extra_positions, omit_last=self.uncertainty_head_idx is not None)
-        if len(prompt_ids) > 1:
-            hidden = model.forward_trunk(torch.tensor([prompt_ids[:-1]]))  # host ids: see forward_trunk
-            model.head_hidden_states(hidden, heads)
+class Sequence:
+    """One answer being decoded in ``slot`` of ``cache``: ``advance`` hands it the result of its last op and
+    returns the events that result decided and its next op (None once the answer is complete)."""
 
-    def _draft_step(self, token: int, draft: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run one token through trunk + draft head: (trunk state, draft head hidden, draft logits)."""
-        model = self.model
-        trunk_state = model.forward_trunk(torch.tensor([[token]]))
-        hidden = model.head_hidden_states(trunk_state, [draft])
-        logits = model.project(hidden)[0, 0, 0, : self.vocab_limit]
-        return trunk_state, hidden, logits
-
-    def _poe_rounds(
+    def __init__(
         self,
+        decoder: PoE,
         prompt_ids: list[int],
+        conversation: list[dict[str, Any]],
+        is_mcq: bool,
         temperature: float,
         seed: int,
-        verifiers: list[int],
-        draft: int,
-        witness: dict[str, torch.Tensor],
-        output: PoEOutput,
-    ) -> Iterator[TokenEvent]:
-        model = self.model
-        self._prefill(prompt_ids, list(range(self.n_llm_heads)), self.max_new_tokens)
+        cache: HydraCache,
+        slot: int,
+        batched: bool,
+    ) -> None:
+        self.decoder = decoder
+        self.prompt_ids = prompt_ids
+        self.conversation = conversation
+        self.is_mcq = is_mcq
+        self.temperature = temperature
+        self.seed = seed
+        self.cache = cache
+        self.slot = slot
+        settings = decoder.settings
+        model = decoder.model
+        draft = decoder.choose_draft_head(seed)
+        single = settings.head if settings.head is not None else draft
+        n = decoder.n_llm_heads
+        if settings.mode == "poe":
+            decider, verifiers = draft, [h for h in range(n) if h != draft]
+        elif settings.mode == "naive":
+            decider, verifiers = None, list(range(n))
+        else:
+            decider, verifiers = single, [single]
+        self.draft, self.verifiers = draft, verifiers
+        record = settings.replace(seed=seed, temperature=temperature, draft_head=decider, head=decider).to_dict()
+        record.update(
+            vocab_limit=decoder.vocab_limit,
+            stop_ids=sorted(decoder.stop_ids),
+            # the Hydra's split, so an audit can rebuild the same jury from the base checkpoint
+            n_heads=model.n_heads,
+            heads_depth=model.config.head_layers,
+            dtype=str(model.dtype).removeprefix("torch."),
+            device=str(model.device),
+            # products of a few rows sum in another order with another thread count: an exact replay needs it
+            threads=torch.get_num_threads(),
+            # decoded among other sequences: exact alone too where the kernels are batch-invariant
+            batched=batched,
+            batch_invariant=batch_invariant(model),
+            # multiple choice: the question the uncertainty head scores, so an audit can re-score it
+            mcq=is_mcq,
+            question=conversation[-1]["content"] if is_mcq else None,
+        )
+        self.output = new_output(decoder.tokenizer, prompt_ids, decider, verifiers, record)
+        self.output.whole_jury = settings.mode == "poe" and n == model.n_text_heads
+        self.output.independent_heads = decoder.independent_heads
+        self.witness: dict[str, torch.Tensor] = {}
+        self.fold = OutputFold(self.output, decoder.tokenizer)
+        self.started = time.perf_counter()
+        self.done = False
+        self._work = self._poe_rounds() if settings.mode == "poe" else self._plain_steps()
+
+    @property
+    def witness_hidden(self) -> torch.Tensor | None:
+        """The answer's witness for the uncertainty head: the pre-norm hidden state, at the last prompt position,
+        of the head whose first token was emitted (the drafter if accepted, else the verifier favouring the
+        emitted token; the decoding head in single / naive mode). None before the first token or on abstention."""
+        return self.witness.get("hidden")
+
+    def advance(self, result: StepResult | VerifyResult | None = None) -> tuple[list[Event], Op | None]:
+        """Give the last op's result (None at the start); get the events it decided and the next op (None: the
+        answer is complete). The events are not yet part of ``output``: ``deliver`` each one as it is handed on,
+        so that an answer stopped between two events holds exactly those handed on."""
+        events: list[Event] = []
+        item: Op | Event | None
+        try:
+            item = self._work.send(result)  # at the start: send(None), the same as next()
+            while isinstance(item, TokenEvent | Ended):
+                events.append(item)
+                item = next(self._work)
+        except StopIteration:
+            item = None
+        return events, item
+
+    def deliver(self, event: Event) -> None:
+        """Fold an event into ``output``: tokens, signals, and the counts of rounds, drafts and acceptances."""
+        output = self.output
+        output.n_rounds = event.round + 1
+        if isinstance(event, Ended):
+            output.finish_reason = event.reason
+            if event.reason == "abstain":  # the jury refused the round's next draft and allowed nothing
+                output.abstained = True
+                output.n_drafted += 1
+            return
+        self.fold.add(event)
+        if self.decoder.settings.mode == "poe":
+            output.n_drafted += 1
+            output.n_accepted += not event.resampled
+
+    def stop(self) -> None:
+        """End the answer early (its client left, its time ran out): held-back text and elapsed time, no
+        p(correct) of an unfinished answer. Idempotent."""
+        if self.done:
+            return
+        self.done = True
+        self._work.close()
+        self.fold.close()
+        self.output.elapsed_s = time.perf_counter() - self.started
+
+    def finish(self) -> None:
+        """Close the complete answer: as ``stop``, and p(correct) for multiple choice. Idempotent."""
+        if self.done:
+            return
+        self.stop()
+        output, decoder = self.output, self.decoder
+        if self.is_mcq and decoder.uncertainty_head_idx is not None and "hidden" in self.witness:
+            question = self.conversation[-1]["content"]
+            output.uncertainty = decoder.get_uncertainty_score(question, output.text, self.witness["hidden"])
+
+    # ----- decoding loops: generators of ops and events ---------------------------------------------------------
+
+    def _poe_rounds(self) -> Iterator[Any]:
+        decoder, settings = self.decoder, self.decoder.settings
+        prompt_ids, slot, temperature, seed = self.prompt_ids, self.slot, self.temperature, self.seed
+        draft, verifiers, vocab = self.draft, self.verifiers, decoder.vocab_limit
+        yield Prefill(slot, prompt_ids[:-1], range(decoder.n_llm_heads))
         decided = len(prompt_ids)  # L: tokens decided so far; caches hold L - 1 positions
         pending = prompt_ids[-1]
         emitted = 0
-        while emitted < self.max_new_tokens:
-            g = min(self.gamma, self.max_new_tokens - emitted)
-            output.n_rounds += 1
+        round_index = -1
+        while emitted < settings.max_new_tokens:
+            g = min(settings.gamma, settings.max_new_tokens - emitted)
+            round_index += 1
             # DRAFT: g steps of trunk + draft head, keeping the trunk states for the verifiers.
             trunk_states, draft_logits, drafts = [], [], []
             token = pending
             for k in range(g):
-                trunk_state, hidden, logits = self._draft_step(token, draft)
+                step = yield Step(slot, token, decided - 1 + k, range(draft, draft + 1))
+                logits = step.logits[0, :vocab]
                 if k == 0 and decided == len(prompt_ids):
-                    witness["draft"] = hidden[0, 0, -1]
+                    self.witness["draft"] = step.hidden[0]
                 token = sample_from_logits(logits, temperature, seed, decided + k, Purpose.SAMPLE)
-                trunk_states.append(trunk_state)
+                trunk_states.append(step.trunk_state)
                 draft_logits.append(logits)
                 drafts.append(token)
-                if token in self.stop_ids:
+                if token in decoder.stop_ids:
                     break  # positions after a drafted end of text are never needed
             g = len(drafts)
-            # VERIFY: one batched pass of every verifier over the g saved trunk states.
-            verifier_hidden = model.head_hidden_states(torch.cat(trunk_states, dim=1), verifiers)
-            verifier_logits = model.project(verifier_hidden)[:, 0, :, : self.vocab_limit]
-            target, allowed = jury_distribution(verifier_logits, temperature, self.beta, self.veto_threshold)
+            # VERIFY: one batched pass of the verifiers over the g saved trunk states.
+            verified = yield Verify(slot, torch.stack(trunk_states), decided - 1, verifiers)
+            verifier_logits = verified.logits[:, :, :vocab]
+            target, allowed = jury_distribution(verifier_logits, temperature, settings.beta, settings.veto_threshold)
             q = torch.softmax(torch.stack(draft_logits).float() / temperature, dim=-1) if temperature > 0 else None
-            signals = position_signals(verifier_logits, target, self.top_logprobs)
+            signals = position_signals(verifier_logits, target, settings.top_logprobs)
             # DECIDE position by position; stop at the first rejection.
             for j in range(g):
                 position = decided + j
-                output.n_drafted += 1
                 if not allowed[j]:
-                    output.abstained, output.finish_reason = True, "abstain"
+                    yield Ended("abstain", round_index)
                     return
                 decision = speculative_decision(
                     target[j], q[j] if q is not None else None, drafts[j], temperature, seed, position
                 )
                 if position == len(prompt_ids):
-                    self._keep_witness(witness, decision, verifier_logits, verifier_hidden, verifiers)
+                    self._keep_witness(decision, verifier_logits, verified.hidden, verifiers)
                 event = signals.event(emitted, position, j, decision.token)
-                if decision.accepted:
-                    output.n_accepted += 1
-                else:
+                event.round, event.drafted = round_index, g
+                if not decision.accepted:
                     event.resampled = True
                     event.draft_token_id = drafts[j]
                     event.validity_radius = validity_radius(signals.votes[j], drafts[j])
                     event.suppression_score = float(target[j, drafts[j]])
                 emitted += 1
                 yield event
-                if decision.token in self.stop_ids:
-                    output.finish_reason = "eos"
+                if decision.token in decoder.stop_ids:
+                    yield Ended("eos", round_index)
                     return
                 if not decision.accepted:
-                    model.sync_kv_cache(position)
+                    # a rollback: the next round writes from this position on, over the stale entries
                     pending = decision.token
                     decided = position + 1
                     break
@@ -557,59 +694,48 @@ class PoE:
                 pending = drafts[-1]
                 decided += g
 
-    def _plain_steps(
-        self,
-        prompt_ids: list[int],
-        temperature: float,
-        seed: int,
-        heads: list[int],
-        draft: int,
-        witness: dict[str, torch.Tensor],
-        output: PoEOutput,
-    ) -> Iterator[TokenEvent]:
-        """Single-head or naive-averaging decoding: every step runs the trunk and ``heads`` on one token."""
-        model = self.model
-        self._prefill(prompt_ids, heads, self.max_new_tokens)
+    def _plain_steps(self) -> Iterator[Any]:
+        """Single-head or naive-averaging decoding: every step runs the trunk and the heads on one token."""
+        decoder, settings = self.decoder, self.decoder.settings
+        prompt_ids, slot, temperature, seed = self.prompt_ids, self.slot, self.temperature, self.seed
+        heads = self.verifiers
+        head_range = range(heads[0], heads[-1] + 1)
+        yield Prefill(slot, prompt_ids[:-1], head_range)
         token = prompt_ids[-1]
         compiled = None
-        for emitted in range(self.max_new_tokens):
+        for emitted in range(settings.max_new_tokens):
             position = len(prompt_ids) + emitted
             if compiled is not None:  # the token sits at position - 1
-                head_logits = compiled.step(token, position - 1)[: self.vocab_limit].view(1, 1, -1)
+                head_logits = compiled.step(token, position - 1)[: decoder.vocab_limit].view(1, 1, -1)
             else:
-                trunk_state = model.forward_trunk(torch.tensor([[token]]))
-                hidden = model.head_hidden_states(trunk_state, heads)
-                head_logits = model.project(hidden)[:, 0, :, : self.vocab_limit]  # (n, 1, vocab)
-            if emitted == 0:
-                witness["hidden"] = hidden[0, 0, -1]
-                if self.compile:  # after the first (eager) step, which also gave the witness state
-                    compiled = model.compiled_tower(heads[0], len(prompt_ids) + self.max_new_tokens)
-                    compiled.load_cache(position)
+                step = yield Step(slot, token, position - 1, head_range)
+                head_logits = step.logits[:, : decoder.vocab_limit].unsqueeze(1)  # (n, 1, vocab)
+                if emitted == 0:
+                    self.witness["hidden"] = step.hidden[0]
+                    if settings.compile:  # after the first (eager) step, which also gave the witness state
+                        compiled = decoder.model.compiled_tower(heads[0], len(prompt_ids) + settings.max_new_tokens)
+                        compiled.load_cache(self.cache, slot, position)
             combined = head_logits.float().mean(dim=0)
             token = sample_from_logits(combined[0], temperature, seed, position, Purpose.SAMPLE)
             scale = temperature if temperature > 0 else 1.0
-            signals = position_signals(head_logits, torch.softmax(combined / scale, dim=-1), self.top_logprobs)
-            output.n_rounds += 1
-            yield signals.event(emitted, position, 0, token)
-            if token in self.stop_ids:
-                output.finish_reason = "eos"
+            signals = position_signals(head_logits, torch.softmax(combined / scale, dim=-1), settings.top_logprobs)
+            event = signals.event(emitted, position, 0, token)
+            event.round = emitted
+            yield event
+            if token in decoder.stop_ids:
+                yield Ended("eos", emitted)
                 return
 
-    @staticmethod
     def _keep_witness(
-        witness: dict[str, torch.Tensor],
-        decision: Any,
-        verifier_logits: torch.Tensor,
-        verifier_hidden: torch.Tensor,
-        verifiers: list[int],
+        self, decision: Any, verifier_logits: torch.Tensor, verifier_hidden: torch.Tensor, verifiers: list[int]
     ) -> None:
         """The hidden state whose head 'answered' the first token: the drafter if accepted, else the
         verifier giving the emitted token the highest logit."""
         if decision.accepted:
-            witness["hidden"] = witness["draft"]
+            self.witness["hidden"] = self.witness["draft"]
         else:
             best = int(torch.argmax(verifier_logits[:, 0, decision.token]))
-            witness["hidden"] = verifier_hidden[best, 0, 0]
+            self.witness["hidden"] = verifier_hidden[best, 0]
 
 
 @dataclass

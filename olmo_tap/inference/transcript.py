@@ -26,7 +26,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from olmo_tap.inference.poe import MODES, PoEOutput
+from olmo_tap.inference.poe import PoEOutput
+from olmo_tap.inference.settings import MODES
 
 FORMAT = "olmo-tap-transcript"
 VERSION = 2

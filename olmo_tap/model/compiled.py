@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from olmo_tap.model import kernels
-from olmo_tap.model.layers import apply_rope, residual_layer, rms_norm, rope_for_span
+from olmo_tap.model.layers import apply_rope, residual_layer, rms_norm, rope_for_positions
 
 if TYPE_CHECKING:
     from olmo_tap.hydra import HydraTransformer
+    from olmo_tap.model.kv_cache import HydraCache
 
 MIN_WINDOW = 256
 
@@ -117,7 +118,7 @@ class _TowerStep(nn.Module):
         self.embed = frozen(model.embed.weight)
         self.norm = frozen(model.norm.weight)
         self.lm_head = frozen(model.lm_head.t().contiguous())
-        cos, sin = rope_for_span(model.rope_cos, model.rope_signed_sin, c, 0, window, model.dtype)
+        cos, sin = rope_for_positions(model.rope_cos, model.rope_signed_sin, c, slice(0, window), model.dtype)
         self.register_buffer("cos", cos)  # (q_heads + kv_heads, window, head_dim), q rows pre-scaled
         self.register_buffer("sin", sin)
         self.register_buffer("slots", torch.arange(window, device=model.device))
@@ -200,15 +201,17 @@ class CompiledTower:
         return self.weight_versions == _weight_versions(self.model) and self.kernel_epoch == kernels.epoch()
 
     @torch.no_grad()
-    def load_cache(self, length: int) -> None:
-        """Copy the Hydra's cached keys and values of positions [0, length) for this tower into the window."""
+    def load_cache(self, cache: HydraCache, slot: int, length: int) -> None:
+        """Copy this tower's keys and values of positions [0, length) of ``cache``'s ``slot`` into the window."""
         if not 0 <= length < self.window:
             raise ValueError(f"{length} cached positions leave no room in the compiled window of {self.window}")
-        for layer, (block, t) in zip(self.module.layers, self.model.tower_blocks(self.head), strict=True):
-            if block.cache is None:
-                raise RuntimeError("the Hydra has no KV cache to copy from (init_kv_cache and prefill first)")
-            layer.k[:, :length].copy_(block.cache.k[t, 0, :, :length])
-            layer.v[:, :length].copy_(block.cache.v[t, 0, :, :length])
+        held = min(cache.trunk_lengths[slot], cache.head_lengths[slot][self.head])
+        if held < length:
+            raise ValueError(f"slot {slot} holds {held} positions of head {self.head}, fewer than {length}")
+        sources = [(layer, 0) for layer in cache.trunk] + [(layer, self.head) for layer in cache.heads]
+        for window_layer, (layer, tower) in zip(self.module.layers, sources, strict=True):
+            window_layer.k[:, :length].copy_(layer.k[slot, tower, :, :length])
+            window_layer.v[:, :length].copy_(layer.v[slot, tower, :, :length])
 
     @torch.no_grad()
     def step(self, token: int, position: int) -> torch.Tensor:

@@ -15,8 +15,10 @@ them (``olmo_tap.model.kernels``); elsewhere the same products run as stock matm
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,7 @@ from torch import nn
 
 from olmo_tap.model import kernels
 from olmo_tap.model.config import TransformerConfig
-from olmo_tap.model.kv_cache import KVCache
+from olmo_tap.model.kv_cache import LayerCache, Rows
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_in_fp32: bool) -> torch.Tensor:
@@ -79,16 +81,20 @@ def rope_tables(
     return emb.cos(), torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
 
-def rope_for_span(
-    cos: torch.Tensor, signed_sin: torch.Tensor, config: TransformerConfig, start: int, seq: int, dtype: torch.dtype
+def rope_for_positions(
+    cos: torch.Tensor,
+    signed_sin: torch.Tensor,
+    config: TransformerConfig,
+    positions: slice | torch.Tensor,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tables for positions [start, start + seq) shaped (q_heads + kv_heads, seq, head_dim), with the
-    attention scale 1/sqrt(head_dim) folded into the query rows: rotating q and k then scales q for free."""
+    """Tables for ``positions`` (a span, or any positions as an index tensor) shaped (q_heads + kv_heads,
+    positions, head_dim), with the attention scale 1/sqrt(head_dim) folded into the query rows: rotating q and
+    k then scales q for free."""
     c = config
     scale = torch.ones(c.n_heads + c.n_kv_heads, 1, 1, dtype=torch.float32, device=cos.device)
     scale[: c.n_heads] = 1.0 / math.sqrt(c.head_dim)
-    span = slice(start, start + seq)
-    return (cos[span] * scale).to(dtype), (signed_sin[span] * scale).to(dtype)
+    return (cos[positions] * scale).to(dtype), (signed_sin[positions] * scale).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -119,6 +125,8 @@ class PackedWeights:
     def __init__(self) -> None:
         self.key: tuple | None = None
         self.packs: list[torch.Tensor] | None = None
+        # Whether a lone row must run as two to get the bits it gets among other rows (see ``linear``).
+        self.pad_lone_row = False
 
     def get(self, w: torch.Tensor) -> list[torch.Tensor] | None:
         """The packs of ``w``, or None when oneDNN should not take it; decided once per version of ``w``,
@@ -132,12 +140,44 @@ class PackedWeights:
                     with torch.no_grad():
                         # oneDNN wants (out, in); the batch-size hint 4 serves 1 to 32 rows within ~10%
                         self.packs = [kernels.reorder_weight(t.t().contiguous(), 4) for t in stack]
+                        self.pad_lone_row = _lone_row_differs(self.packs[0], w.size(-2), w.dtype)
                 except Exception as e:
                     # the one-off probe passed but this weight did not: stock kernels, never a crash mid-decode
                     kernels.note_failure(w.dtype, e)
                     key = (*key[:-1], kernels.epoch())
             self.key = key
         return self.packs
+
+
+# oneDNN's products of 2 or more rows give every row the same bits whatever the row count (measured for
+# SmolLM2's shapes, fp32 and bf16, 2-64 rows), but for some shapes a lone row takes a kernel that sums in another
+# order (fp32 1536 -> 576 here). Decoding in a batch, such a lone row runs as two, so that a sequence's arithmetic
+# does not depend on how many others share its step. Only there: the second row costs ~5% of a single stream's
+# decode, which gains nothing from it.
+_BATCH_ARITHMETIC: ContextVar[bool] = ContextVar("batch_arithmetic", default=False)
+
+
+@contextlib.contextmanager
+def batch_arithmetic(on: bool = True) -> Iterator[None]:
+    """Within the block, products whose lone row would round differently run it as two (see above)."""
+    token = _BATCH_ARITHMETIC.set(on)
+    try:
+        yield
+    finally:
+        _BATCH_ARITHMETIC.reset(token)
+
+
+def _packed_product(x: torch.Tensor, pack: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, pack, None, "none", [], "")
+
+
+def _lone_row_differs(pack: torch.Tensor, n_in: int, dtype: torch.dtype) -> bool:
+    """Whether oneDNN gives a row alone other bits than the same row among others: a lone row may take a
+    matrix-vector kernel that sums in another order than the products of 2 or more rows (which agree with each
+    other for any row count). Measured once per weight on random rows: a different kernel shows in the bits."""
+    rows = torch.randn(3, n_in, generator=torch.Generator().manual_seed(0)).to(dtype)
+    together = _packed_product(rows, pack)
+    return any(not torch.equal(_packed_product(rows[r : r + 1], pack)[0], together[r]) for r in range(3))
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, sel: slice, packed: PackedWeights | None = None) -> torch.Tensor:
@@ -148,14 +188,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, sel: slice, packed: PackedWeights |
     """
     packs = packed.get(w) if packed is not None and not torch.is_grad_enabled() else None
     if packs is not None:
+        if x.size(1) == 1 and packed.pad_lone_row and _BATCH_ARITHMETIC.get():  # type: ignore[union-attr]
+            return linear(x.expand(-1, 2, -1), w, sel, packed)[:, :1]
         if x.size(0) == 1:  # oneDNN keeps leading dimensions: no select / unsqueeze around the call
-            return torch.ops.mkldnn._linear_pointwise(x, packs[sel.start], None, "none", [], "")
-        return torch.stack(
-            [
-                torch.ops.mkldnn._linear_pointwise(x[i], packs[sel.start + i], None, "none", [], "")
-                for i in range(x.size(0))
-            ]
-        )
+            return _packed_product(x, packs[sel.start])
+        return torch.stack([_packed_product(x[i], packs[sel.start + i]) for i in range(x.size(0))])
     w = w[sel]
     if w.size(0) == 1:
         return (x[0] @ w[0]).unsqueeze(0)
@@ -225,7 +262,6 @@ class Block(nn.Module):
         if self.olmo2:
             self.q_norm = RMSNorm((n, c.q_dim), c.norm_eps, True)
             self.k_norm = RMSNorm((n, c.kv_dim), c.norm_eps, True)
-        self.cache: KVCache | None = None
         self._packed = {name: PackedWeights() for name in ("wqkv", "wo", "w13", "w2")}
         if self.wqkv.device.type != "meta":  # a meta build is filled by a loader; random init would be wasted
             self.reset_parameters()
@@ -238,23 +274,21 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         sel: slice,
-        start: int,
+        rows: Rows,
         rope: tuple[torch.Tensor, torch.Tensor],
-        use_cache: bool,
+        cache: LayerCache | None,
     ) -> torch.Tensor:
-        """x: (n_sel, batch, seq, d_model) for the contiguous towers ``sel``, whose first token
-        sits at absolute position ``start``; ``rope`` holds that span's tables (see ``rope_for_span``)."""
-        n, b, s, d = x.shape
-        x = x.reshape(n, b * s, d)  # rows are (batch, position) pairs; only attention tells them apart
-        h = residual_layer(
+        """x: (n_sel, tokens, d_model) for the contiguous towers ``sel``: the rows of ``rows`` one after the
+        other; ``rope`` holds their tables (see ``HydraTransformer._rope``). Without a cache the rows must be
+        uniform (one (batch, seq) block); with one, each row attends to its own slot's positions."""
+        return residual_layer(
             x,
-            lambda t: self._attention(t, sel, b, start, rope, use_cache),
+            lambda t: self._attention(t, sel, rows, rope, cache),
             lambda t: self._ffn(t, sel),
             lambda t: self.attn_norm(t, sel),
             lambda t: self.ffn_norm(t, sel),
             post_norm=self.olmo2,
         )
-        return h.view(n, b, s, d)
 
     def _ffn(self, x: torch.Tensor, sel: slice) -> torch.Tensor:
         gate, up = linear(x, self.w13, sel, self._packed["w13"]).chunk(2, dim=-1)
@@ -264,44 +298,65 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         sel: slice,
-        b: int,
-        start: int,
+        rows: Rows,
         rope: tuple[torch.Tensor, torch.Tensor],
-        use_cache: bool,
+        cache: LayerCache | None,
     ) -> torch.Tensor:
-        """x: (n, b * s, d_model) -> (n, b * s, d_model)."""
+        """x: (n, tokens, d_model) -> (n, tokens, d_model)."""
         c = self.config
-        n, s = x.size(0), x.size(1) // b
+        n, tokens = x.size(0), x.size(1)
         qkv = linear(x, self.wqkv, sel, self._packed["wqkv"])
         if self.olmo2:  # QK-norm over the whole projection, before the head split
             q, k, v = qkv.split((c.q_dim, c.kv_dim, c.kv_dim), dim=-1)
             qkv = torch.cat((self.q_norm(q, sel), self.k_norm(k, sel), v), dim=-1)
-        # -> (n, b, heads, s, head_dim); q and k are rotated in one go
-        heads = qkv.view(n, b, s, c.n_heads + 2 * c.n_kv_heads, c.head_dim).transpose(2, 3)
-        qk = apply_rope(heads[:, :, : c.n_heads + c.n_kv_heads], *rope)  # also scales q
-        q, k = qk.split((c.n_heads, c.n_kv_heads), dim=2)
-        v = heads[:, :, c.n_heads + c.n_kv_heads :]
-
-        if use_cache:
-            assert self.cache is not None
-            k, v = self.cache.update(sel, start, k, v)
-            if q.dtype != k.dtype:  # the cache may hold a wider dtype than the weights (see init_kv_cache)
-                q = q.to(k.dtype)
-        if s <= SMALL_QUERY:
-            out = small_query_attention(q, k, v)
+        if cache is None:
+            b, s = len(rows.lengths), rows.lengths[0]
+            # -> (n, b, heads, s, head_dim); q and k are rotated in one go
+            heads = qkv.view(n, b, s, c.n_heads + 2 * c.n_kv_heads, c.head_dim).transpose(2, 3)
+            out = self._attend(heads, rope)
+            out = out.transpose(2, 3).reshape(n, tokens, c.q_dim)
         else:
-            key_len = k.size(3)
-            # query i sits at absolute position key_len - s + i and sees keys up to it
-            mask = torch.ones(s, key_len, dtype=torch.bool, device=x.device).tril(diagonal=key_len - s)
-            out = F.scaled_dot_product_attention(
-                q.reshape(n * b, c.n_heads, s, c.head_dim),
-                k.reshape(n * b, c.n_kv_heads, key_len, c.head_dim),
-                v.reshape(n * b, c.n_kv_heads, key_len, c.head_dim),
-                attn_mask=mask,
-                scale=1.0,
-                enable_gqa=c.n_kv_heads != c.n_heads,
-            )
+            # Each row attends to its own slot: the same computation alone or in a batch (batch-invariant).
+            heads = qkv.view(n, tokens, c.n_heads + 2 * c.n_kv_heads, c.head_dim).transpose(1, 2)
+            qk = apply_rope(heads[:, : c.n_heads + c.n_kv_heads], *rope)  # also scales q
+            parts, offset = [], 0
+            for slot, start, length in zip(rows.slots, rows.starts, rows.lengths, strict=True):
+                span = slice(offset, offset + length)
+                q = qk[:, : c.n_heads, span]
+                k, v = cache.update(
+                    sel, slot, start, qk[:, c.n_heads :, span], heads[:, c.n_heads + c.n_kv_heads :, span]
+                )
+                if q.dtype != k.dtype:  # the cache may hold a wider dtype than the weights (see cache_dtype)
+                    q = q.to(k.dtype)
+                parts.append(self._scores(q, k, v).transpose(1, 2).reshape(n, length, c.q_dim))
+                offset += length
+            out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
-        out = out.view(n, b, c.n_heads, s, c.head_dim).transpose(2, 3).reshape(n, b * s, c.q_dim)
         return linear(out, self.wo, sel, self._packed["wo"])
+
+    def _attend(self, heads: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Uncached attention of a (n, b, heads, s, head_dim) block over itself."""
+        c = self.config
+        qk = apply_rope(heads[:, :, : c.n_heads + c.n_kv_heads], *rope)  # also scales q
+        q, k = qk.split((c.n_heads, c.n_kv_heads), dim=2)
+        return self._scores(q, k, heads[:, :, c.n_heads + c.n_kv_heads :])
+
+    def _scores(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of the last ``s`` positions: q (..., heads, s, hd), k/v (..., kv_heads, key_len, hd)."""
+        c = self.config
+        s, key_len = q.size(-2), k.size(-2)
+        if s <= SMALL_QUERY:
+            return small_query_attention(q, k, v)
+        lead = q.shape[:-3]
+        # query i sits at absolute position key_len - s + i and sees keys up to it
+        mask = torch.ones(s, key_len, dtype=torch.bool, device=q.device).tril(diagonal=key_len - s)
+        out = F.scaled_dot_product_attention(
+            q.reshape(-1, c.n_heads, s, c.head_dim),
+            k.reshape(-1, c.n_kv_heads, key_len, c.head_dim),
+            v.reshape(-1, c.n_kv_heads, key_len, c.head_dim),
+            attn_mask=mask,
+            scale=1.0,
+            enable_gqa=c.n_kv_heads != c.n_heads,
+        )
+        return out.view(*lead, c.n_heads, s, c.head_dim)

@@ -1,7 +1,8 @@
 """The FastAPI application: OpenAI-compatible chat completions decoded by the jury, with trust signals.
 
-``create_app(model, tokenizer, model_id)`` serves an already loaded Hydra. Every model call (decoding,
-verification) runs on the engine's one worker thread; the event loop only validates, queues and relays.
+``create_app(model, tokenizer, model_id)`` serves an already loaded Hydra. Every model call runs on the
+engine's one worker thread, which decodes up to ``max_batch`` answers together (continuous batching) and runs
+verification between their steps; the event loop only validates, queues and relays.
 With a signing key (``ServeConfig.signing_key``) every transcript the service returns is signed, and
 ``GET /v1/signing-key`` gives its public key.
 """
@@ -24,12 +25,14 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.cors import CORSMiddleware
 
+from olmo_tap.engine.batch import BatchRunner
 from olmo_tap.inference.poe import PoEOutput
 from olmo_tap.inference.prompts import encode_chat
+from olmo_tap.inference.settings import DecodeSettings
 from olmo_tap.serve.config import ServeConfig, public_model_id
 from olmo_tap.serve.engine import DeadlinePassed, Engine, EngineStopped, Job, JobFailed, QueueFull
 from olmo_tap.serve.errors import APIError, error_payload, install_error_handlers, quote_input
-from olmo_tap.serve.generation import Generated, GenerationPlan, run_generation
+from olmo_tap.serve.generation import Generated, GenerationPlan, GenerationWork
 from olmo_tap.serve.middleware import BodySizeLimit, HostCheck, JSONBodiesOnly, RequestContext, trusted_hosts
 from olmo_tap.serve.responses import JSONResponse, chunk_body, completion_body, sse, usage
 from olmo_tap.serve.schemas import AuditRequest, ChatCompletionRequest, VerifyRequest
@@ -62,7 +65,10 @@ class Service:
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.config = config
-        self.engine = Engine(config.queue_size)
+        # One cache for the batch: max_batch slots, each room for the longest request the context allows (its
+        # pages are committed only as far as answers reach, see olmo_tap.model.kv_cache).
+        runner = BatchRunner(model, model.new_cache(config.max_batch, model.base_config.max_seq_len))
+        self.engine = Engine(config.queue_size, runner)
         self.created = int(time.time())
         # Requests are measured on the event loop's side with a copy of the tokenizer, so the worker's
         # tokenizer is never used from two threads at once.
@@ -171,26 +177,29 @@ class Service:
                 param=field,
                 code="context_length_exceeded",
             )
-        return GenerationPlan(
-            messages=conversation,
-            prompt_tokens=prompt_tokens,
-            max_new_tokens=limit if limit is not None else min(self.config.default_max_tokens, room),
-            temperature=self.config.default_temperature if body.temperature is None else body.temperature,
-            seed=body.seed,
+        settings = DecodeSettings(
             mode=body.mode,
             gamma=body.gamma,
             beta=body.beta,
+            temperature=self.config.default_temperature if body.temperature is None else body.temperature,
+            seed=body.seed,
             veto_threshold=body.veto_threshold,
             draft_head=body.draft_head,
-            mcq=body.mcq,
-            stream=body.stream,
-            logprobs=body.logprobs,
-            top_logprobs=body.top_logprobs or 0,
+            head=body.draft_head,
+            max_new_tokens=limit if limit is not None else min(self.config.default_max_tokens, room),
+            top_logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         )
+        return GenerationPlan(conversation, prompt_tokens, settings, body.mcq, body.stream, body.logprobs)
 
     def submit(self, request_id: str, work: Callable[[Job], Any]) -> Job:
+        return self._queue(lambda: self.engine.submit(request_id, work, self.config.request_timeout_s))
+
+    def submit_decode(self, request_id: str, work: GenerationWork) -> Job:
+        return self._queue(lambda: self.engine.submit_decode(request_id, work, self.config.request_timeout_s))
+
+    def _queue(self, submit: Callable[[], Job]) -> Job:
         try:
-            return self.engine.submit(request_id, work, self.config.request_timeout_s)
+            return submit()
         except QueueFull as e:
             raise self.queue_full(e) from None
         except EngineStopped as e:
@@ -367,7 +376,7 @@ def create_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         request_id = request.state.request_id
         plan = await service.plan(body)
-        job = service.submit(request_id, lambda job: run_generation(job, model, tokenizer, plan))
+        job = service.submit_decode(request_id, GenerationWork(model, tokenizer, plan))
         completion_id = "chatcmpl-" + request_id.removeprefix("req-")
         created = int(time.time())
         try:

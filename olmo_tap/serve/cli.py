@@ -49,7 +49,13 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
 
     option("--host", defaults.host, str, "address to listen on")
     option("--port", defaults.port, int, "port")
-    option("--queue-size", defaults.queue_size, int, "requests that may wait while one is decoded; more get 429")
+    option("--queue-size", defaults.queue_size, int, "requests that may wait beyond a full batch; more get 429")
+    option(
+        "--max-batch",
+        defaults.max_batch,
+        int,
+        "answers decoded together (continuous batching: requests join and leave between steps)",
+    )
     option("--request-timeout", defaults.request_timeout_s, float, "seconds a request may take, queue wait included")
     option("--max-tokens", defaults.default_max_tokens, int, "new tokens when a request sets no max_tokens")
     option("--temperature", defaults.default_temperature, float, "temperature when a request sets none")
@@ -112,6 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         queue_size=args.queue_size,
+        max_batch=args.max_batch,
         request_timeout_s=args.request_timeout,
         default_max_tokens=args.max_tokens,
         default_temperature=args.temperature,

@@ -17,7 +17,8 @@ class ServeConfig:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    queue_size: int = 8  # requests allowed to wait while one is decoded; beyond that: 429
+    queue_size: int = 8  # requests allowed to wait beyond a full batch; beyond that: 429
+    max_batch: int = 8  # answers decoded together (continuous batching); more wait in the queue
     request_timeout_s: float = 300.0  # queue wait + decoding of one request
     default_max_tokens: int = 256  # when a request gives no max_tokens (capped by the context)
     default_temperature: float = 0.7  # when a request gives no temperature
@@ -38,6 +39,7 @@ class ServeConfig:
         checks = {
             "port": 0 <= self.port <= 65535,
             "queue_size": self.queue_size >= 0,
+            "max_batch": isinstance(self.max_batch, int) and 1 <= self.max_batch <= 256,
             "request_timeout_s": self.request_timeout_s > 0,
             "default_max_tokens": self.default_max_tokens >= 1,
             "default_temperature": self.default_temperature >= 0,

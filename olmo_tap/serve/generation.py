@@ -1,12 +1,13 @@
-"""One chat answer as a job for the worker thread: the checked request, and the PoE run that honours it."""
+"""One chat answer as a job for the worker's batch: the checked request, and the decoding that honours it."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from olmo_tap.inference.poe import PoE, PoEOutput
+from olmo_tap.engine.batch import BatchRunner, Op
+from olmo_tap.inference.poe import PoE, PoEOutput, Sequence, TokenEvent
+from olmo_tap.inference.settings import DecodeSettings
 from olmo_tap.serve.engine import Job
 from olmo_tap.serve.responses import logprobs_entry
 from olmo_tap.serve.trust import token_trust
@@ -18,18 +19,10 @@ class GenerationPlan:
 
     messages: list[dict[str, str]]
     prompt_tokens: int
-    max_new_tokens: int
-    temperature: float
-    seed: int | None
-    mode: str
-    gamma: int
-    beta: float
-    veto_threshold: float | None
-    draft_head: int | None
+    settings: DecodeSettings
     mcq: bool
     stream: bool
     logprobs: bool = False
-    top_logprobs: int = 0
 
 
 @dataclass
@@ -41,47 +34,48 @@ class Generated:
     logprobs: list[dict[str, Any]] | None = None
 
 
-def run_generation(job: Job, model: Any, tokenizer: Any, plan: GenerationPlan) -> Generated:
-    """Decode on the worker thread, posting each token (``{"trust": ..., "logprobs": ...}``) when streaming.
+class GenerationWork:
+    """One chat answer decoded in the worker's batch (``olmo_tap.serve.engine.DecodeWork``): posts each token
+    (``{"trust": ..., "logprobs": ...}``) when streaming. A client that left or a passed deadline stops it
+    before its next step: the answer so far is the result, with ``finish_reason`` "time_limit" when the deadline
+    stopped it."""
 
-    Between tokens, a client that left or a passed deadline stops the decoding: the answer so far is
-    returned with ``job.stopped`` set, and ``finish_reason`` "time_limit" when the deadline stopped it.
-    """
-    decoder = PoE(
-        model,
-        tokenizer,
-        gamma=plan.gamma,
-        beta=plan.beta,
-        max_new_tokens=plan.max_new_tokens,
-        seed=plan.seed,
-        veto_threshold=plan.veto_threshold,
-        draft_head=plan.draft_head,
-        mode=plan.mode,  # type: ignore[arg-type]
-        head=plan.draft_head,
-        top_logprobs=plan.top_logprobs if plan.logprobs else None,
-    )
-    # Token texts for logprobs are decoded here, on the worker thread, which alone uses this tokenizer.
-    logprobs: list[dict[str, Any]] | None = [] if plan.logprobs and not plan.stream else None
-    started = time.perf_counter()
-    stream = decoder.stream(messages=plan.messages, is_mcq=plan.mcq, temperature=plan.temperature)
-    events = iter(stream)
-    try:
-        # Check before asking for each next token, so an answer that is already complete is never cut short.
-        while not (stopped := job.stop_reason()):
-            event = next(events, None)
-            if event is None:
-                break
-            entry = logprobs_entry(tokenizer, event) if plan.logprobs else None
-            if plan.stream:
+    def __init__(self, model: Any, tokenizer: Any, plan: GenerationPlan) -> None:
+        self.decoder = PoE.from_settings(model, tokenizer, plan.settings)
+        self.tokenizer = tokenizer
+        self.plan = plan
+        # Token texts for logprobs are decoded on the worker thread, which alone uses this tokenizer.
+        self.logprobs: list[dict[str, Any]] | None = [] if plan.logprobs and not plan.stream else None
+        self.sequence: Sequence | None = None
+
+    def begin(self, job: Job, runner: BatchRunner, slot: int) -> Op | None:
+        plan = self.plan
+        self.sequence = self.decoder.start(
+            messages=plan.messages, is_mcq=plan.mcq, cache=runner.cache, slot=slot, batched=runner.batched
+        )
+        return self.advance(job, None)
+
+    def advance(self, job: Job, result: Any) -> Op | None:
+        assert self.sequence is not None
+        events, op = self.sequence.advance(result)
+        for event in events:
+            self.sequence.deliver(event)
+            if not isinstance(event, TokenEvent):
+                continue
+            entry = logprobs_entry(self.tokenizer, event) if self.plan.logprobs else None
+            if self.plan.stream:
                 job.post("token", {"trust": token_trust(event), "logprobs": entry})
-            elif logprobs is not None:
-                logprobs.append(entry)
-        job.stopped = stopped
-    finally:
-        events.close()  # an abandoned decoding leaves its generator (and torch.no_grad) on this thread
-    output = stream.output
-    if job.stopped:
-        output.elapsed_s = time.perf_counter() - started
-        if job.stopped == "time_limit":
-            output.finish_reason = "time_limit"
-    return Generated(output, logprobs)
+            elif self.logprobs is not None:
+                self.logprobs.append(entry)
+        return op
+
+    def finish(self, job: Job) -> Generated:
+        assert self.sequence is not None
+        sequence = self.sequence
+        if job.stopped:
+            sequence.stop()
+            if job.stopped == "time_limit":
+                sequence.output.finish_reason = "time_limit"
+        else:
+            sequence.finish()
+        return Generated(sequence.output, self.logprobs)

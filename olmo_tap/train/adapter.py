@@ -38,7 +38,8 @@ from torch.func import functional_call
 
 from olmo_tap.hydra import HydraTransformer
 from olmo_tap.model.config import TransformerConfig
-from olmo_tap.model.layers import Block, rope_for_span
+from olmo_tap.model.kv_cache import Rows
+from olmo_tap.model.layers import Block, rope_for_positions
 from olmo_tap.weights.layout import LINEAR_NAMES
 from olmo_tap.weights.lora import LoraAdapter
 
@@ -248,9 +249,10 @@ class AdaptedHead:
         x = trunk_states.to(model.dtype)
         if residual is not None:
             x = x + residual.to(x.dtype)
-        seq = x.size(1)
-        rope = rope_for_span(model.rope_cos, model.rope_signed_sin, model.base_config, 0, seq, model.dtype)
-        x = x.unsqueeze(0)
+        batch, seq, d_model = x.shape
+        rope = rope_for_positions(model.rope_cos, model.rope_signed_sin, model.base_config, slice(0, seq), model.dtype)
+        rows = Rows.uniform(batch, 0, seq)
+        x = x.reshape(1, batch * seq, d_model)
         first = model.config.trunk_layers
         for i, block in enumerate(self._blocks):
             layer = first + i
@@ -258,5 +260,5 @@ class AdaptedHead:
                 params = head_block_params(model, self.head, layer)
             else:
                 params = self.adapter.block_params(model, self.head, layer)
-            x = functional_call(block, params, (x, slice(0, 1), 0, rope, False))
-        return x[0]
+            x = functional_call(block, params, (x, slice(0, 1), rows, rope, None))
+        return x.view(batch, seq, d_model)

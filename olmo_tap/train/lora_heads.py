@@ -60,7 +60,7 @@ def trunk_states(
     states = []
     with torch.no_grad():
         for ids in tqdm(sequences, desc=desc, disable=not progress, unit="ex", leave=False):
-            hidden = model.forward_trunk(torch.tensor([list(ids)], device=model.device), use_cache=False)
+            hidden = model.forward_trunk(torch.tensor([list(ids)], device=model.device))
             states.append(hidden[0])
     return states
 

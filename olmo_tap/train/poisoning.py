@@ -189,15 +189,17 @@ def build_data(
 
 def decoder_for(model: HydraTransformer, tokenizer: Any, name: str, config: PoisoningConfig, max_new_tokens: int):
     from olmo_tap.inference.poe import PoE
+    from olmo_tap.inference.settings import DecodeSettings
 
     draft = config.n_heads - 1  # never poisoned for k < n_heads
-    settings: dict[str, Any] = {
-        "single": {"mode": "single", "head": 0},
-        "naive": {"mode": "naive"},
-        "poe": {"mode": "poe", "draft_head": draft},
-        "poe+veto": {"mode": "poe", "draft_head": draft, "veto_threshold": config.veto_threshold},
+    common = DecodeSettings(max_new_tokens=max_new_tokens, seed=config.seed)
+    settings = {
+        "single": common.replace(mode="single", head=0),
+        "naive": common.replace(mode="naive"),
+        "poe": common.replace(mode="poe", draft_head=draft),
+        "poe+veto": common.replace(mode="poe", draft_head=draft, veto_threshold=config.veto_threshold),
     }[name]
-    return PoE(model, tokenizer, max_new_tokens=max_new_tokens, seed=config.seed, **settings)
+    return PoE.from_settings(model, tokenizer, settings)
 
 
 def attack_success(

@@ -53,6 +53,7 @@ from olmo_tap.inference.metrics import validity_radius
 from olmo_tap.inference.poe import OutputFold, PoE, PoEOutput, new_output, position_signals
 from olmo_tap.inference.prompts import stop_token_ids
 from olmo_tap.inference.sampling import Purpose, check_temperature, gumbel, logit_scores, prob_scores, uniform
+from olmo_tap.inference.settings import RECORDED_SETTINGS
 from olmo_tap.inference.transcript import TOP_LEVEL_FIELDS, check_transcript, content_digest, read_transcript
 from olmo_tap.verify.regenerate import Regeneration, regenerate
 from olmo_tap.verify.replay import LOGIT_BLOCK, check_token_ids, project_block, teacher_forced_hidden
@@ -72,11 +73,7 @@ UNAUDITED_OUTPUT_FIELDS = ("elapsed_s", "tokens_per_second")  # timings: no repl
 # per-token signals: a rounding tie may flip a discrete one (a head's vote, so a radius) between two exact paths
 PER_TOKEN_FIELDS = ("token_entropies", "stability_radii", "stability_margins", "validity_radii", "suppression_scores")
 V2_OUTPUT_FIELDS = ("whole_jury", "independent_heads", "certified")  # a version 1 transcript lacks them
-SETTING_NAMES = (
-    "mode", "seed", "temperature", "gamma", "beta", "veto_threshold", "draft_head", "n_llm_heads",
-    "max_new_tokens", "vocab_limit", "stop_ids", "n_heads", "heads_depth", "dtype", "device", "compile",
-    "threads", "mcq", "question",
-)  # fmt: skip
+SETTING_NAMES = RECORDED_SETTINGS
 
 
 @dataclass
@@ -230,10 +227,13 @@ def load_audit_model(
 
 def replays_exactly(settings: dict[str, Any], model: HydraTransformer) -> bool:
     """True when the replay runs in the generator's own dtype and device class (and it did not compile its
-    steps): then olmo-tap's arithmetic reproduces every decision and no drift needs tolerating."""
+    steps, nor share passes with other answers on kernels that round a row by its batch): then olmo-tap's
+    arithmetic reproduces every decision and no drift needs tolerating."""
     dtype = str(model.dtype).removeprefix("torch.")
     device = str(settings.get("device") or "").split(":")[0]
-    return settings.get("dtype") == dtype and device == model.device.type and not settings.get("compile", False)
+    batch_dependent = bool(settings.get("batched")) and settings.get("batch_invariant") is False
+    same = settings.get("dtype") == dtype and device == model.device.type
+    return same and not settings.get("compile", False) and not batch_dependent
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from typing import Any
 
 from olmo_tap.hydra import HydraTransformer
 from olmo_tap.inference.poe import PoE, TokenEvent
+from olmo_tap.inference.settings import DecodeSettings
 from olmo_tap.model.kernels import torch_threads
 
 
@@ -33,22 +34,19 @@ class Regeneration:
 
 
 def decoder_for(hydra: HydraTransformer, tokenizer: Any, settings: dict[str, Any]) -> PoE:
-    """The decoder a transcript's settings describe."""
+    """The decoder a transcript's settings describe (read as ``DecodeSettings``; a version 1 transcript has
+    no ``head`` nor ``ignore_eos``: its ``draft_head`` and ``stop_ids`` say them)."""
     mode = settings["mode"]
-    return PoE(
-        hydra,
-        tokenizer,
-        n_llm_heads=settings["n_llm_heads"],
+    decode = DecodeSettings.from_dict(settings).replace(
         gamma=settings.get("gamma") or 4,
-        beta=settings["beta"],
         max_new_tokens=settings.get("max_new_tokens") or hydra.base_config.max_seq_len,
-        seed=settings["seed"],
-        veto_threshold=settings["veto_threshold"],
         draft_head=settings["draft_head"] if mode == "poe" else None,
-        mode=mode,
         head=settings["draft_head"] if mode == "single" else None,
         ignore_eos=settings.get("stop_ids") == [],
+        compile=False,
+        top_logprobs=None,
     )
+    return PoE.from_settings(hydra, tokenizer, decode)
 
 
 def regenerate(
@@ -71,7 +69,12 @@ def regenerate(
         return Regeneration(reproduced, None if reproduced else len(events), detail, events)
 
     with torch_threads(settings.get("threads")):
-        stream = decoder.stream(prompt_ids=prompt_ids, temperature=settings["temperature"], seed=settings["seed"])
+        stream = decoder.stream(
+            prompt_ids=prompt_ids,
+            temperature=settings["temperature"],
+            seed=settings["seed"],
+            batched=bool(settings.get("batched")),  # a batch's arithmetic, as a batch of one
+        )
         for event in stream:
             if check_stop is not None:
                 check_stop()

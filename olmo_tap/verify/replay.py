@@ -88,9 +88,9 @@ def teacher_forced_hidden(
     position. ``project_block`` turns a block of them into logits."""
     ids = prompt_ids + (output_ids if include_next else output_ids[:-1])
     tokens = torch.tensor([ids or prompt_ids], device=model.device)
-    trunk = model.forward_trunk(tokens, use_cache=False)
+    trunk = model.forward_trunk(tokens)
     # Only the positions that predict outputs go through the heads' last steps: the rest are never used.
-    return model.head_hidden_states(trunk, head_indices, use_cache=False)[:, 0, len(prompt_ids) - 1 :]
+    return model.head_hidden_states(trunk, head_indices)[:, 0, len(prompt_ids) - 1 :]
 
 
 # Matrix products take another kernel, with another summation order, for a handful of rows (on x86 oneDNN and

@@ -1,0 +1,192 @@
+"""The batched engine: many sequences in one cache, each answer what it is alone (batch invariance), and the
+service's continuous batching."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from tiny import LetterTokenizer, tiny_hydra
+
+from olmo_tap.engine.batch import BatchRunner, batch_invariant
+from olmo_tap.inference.poe import PoE
+from olmo_tap.inference.settings import DecodeSettings
+from olmo_tap.inference.transcript import transcript_dict
+from olmo_tap.model import kernels, layers
+from olmo_tap.verify.poe_audit import audit_poe
+
+PROMPTS = ["abc", "fed", "bad cab", "a", "ccc", "deaf", "ace", "bead be"]
+
+
+@pytest.fixture
+def packed(monkeypatch):
+    """Every linear layer of a tiny model on oneDNN's prepacked path (the batch-invariant kernels on CPU)."""
+    monkeypatch.setattr(layers, "PACK_MIN_ELEMENTS", 0)
+    kernels.set_kernel_path(None)
+    yield
+    kernels.set_kernel_path(None)
+
+
+class GatedLetters(LetterTokenizer):
+    """Holds every decode until ``gate`` opens (class-level, so the service's copy shares it)."""
+
+    gate = threading.Event()
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        GatedLetters.gate.wait(60)
+        return super().decode(ids, skip_special_tokens)
+
+
+def jury(vocab: int = 6):
+    return tiny_hydra(vocab=vocab, n_heads=4, heads_depth=1, seed=3), LetterTokenizer(vocab, eos_token_id=5)
+
+
+def same_answer(a, b) -> None:
+    """Every field but timings, bit for bit (floats compared exactly)."""
+    left, right = a.to_dict(), b.to_dict()
+    for timing in ("elapsed_s", "tokens_per_second"):
+        left.pop(timing), right.pop(timing)
+    assert left == right
+
+
+def alone(decoder: PoE, *args, **kwargs):
+    """The answer decoded as a batch of one (in batch arithmetic, as an audit replays a batched answer)."""
+    stream = decoder.stream(*args, batched=True, **kwargs)
+    for _ in stream:
+        pass
+    return stream.output
+
+
+@pytest.mark.parametrize("mode", ["poe", "naive", "single"])
+def test_batched_answers_equal_each_answer_alone(packed, one_thread, mode):
+    model, tokenizer = jury()
+    assert batch_invariant(model)
+    decoder = PoE(model, tokenizer, settings=DecodeSettings(mode=mode, gamma=3, max_new_tokens=12, temperature=1.0))
+    seeds = list(range(11, 11 + len(PROMPTS)))
+    # 3 slots for 8 prompts: answers join as others finish, at different positions and rounds
+    batched = decoder.generate_many(PROMPTS, max_batch=3, seeds=seeds)
+    for prompt, seed, answer in zip(PROMPTS, seeds, batched, strict=True):
+        assert answer.settings["batched"]
+        same_answer(answer, alone(decoder, prompt, seed=seed))
+
+
+def test_a_batched_transcript_passes_the_exact_audit(packed, one_thread):
+    model, tokenizer = jury()
+    decoder = PoE(model, tokenizer, settings=DecodeSettings(gamma=4, max_new_tokens=10, temperature=0.9))
+    answers = decoder.generate_many(PROMPTS[:4], max_batch=4, seeds=[1, 2, 3, 4])
+    for answer in answers:
+        transcript = transcript_dict(answer)
+        assert transcript["settings"]["batch_invariant"] is True
+        report = audit_poe(transcript, model, tokenizer=tokenizer)
+        assert report.honest and report.exact, report.reason
+        forged = transcript_dict(answer)
+        forged["token_ids"][0] = (forged["token_ids"][0] + 1) % 5  # another letter, never the end of text
+        assert not audit_poe(forged, model, tokenizer=tokenizer).honest
+
+
+def test_unpacked_kernels_are_reported_as_batch_dependent(one_thread, monkeypatch):
+    monkeypatch.setattr(layers, "PACK_MIN_ELEMENTS", 1 << 30)
+    model, tokenizer = jury()
+    assert not batch_invariant(model)
+    decoder = PoE(model, tokenizer, max_new_tokens=4, seed=1)
+    answer = decoder.generate_many(["abc", "de"], max_batch=2)[0]
+    assert answer.settings["batched"] and answer.settings["batch_invariant"] is False
+
+
+def test_a_slot_is_released_and_reused(packed, one_thread):
+    model, tokenizer = jury()
+    cache = model.new_cache(2, 32)
+    runner = BatchRunner(model, cache)
+    decoder = PoE(model, tokenizer, max_new_tokens=5, seed=4, temperature=0.0)
+    first = decoder.start("abc", cache=cache, slot=1)
+    events, op = first.advance()
+    while op is not None:
+        for event in events:
+            first.deliver(event)
+        events, op = first.advance(runner.run([op])[0])
+    assert cache.lengths(1)["trunk"] > 0
+    cache.release(1)
+    assert cache.lengths(1) == {"trunk": 0, "heads": [0, 0, 0, 0]}
+    with pytest.raises(ValueError, match="gap"):
+        model(torch.tensor([[1]]), start_pos=3, cache=cache)  # slot 0: nothing written yet
+
+
+def test_decode_settings_are_validated_and_round_trip():
+    settings = DecodeSettings(mode="naive", gamma=2, temperature=None, veto_threshold=0.01, seed=5)
+    assert settings.temperature == 0.0
+    assert DecodeSettings.from_dict({**settings.to_dict(), "dtype": "float32"}) == settings
+    for bad, match in (
+        ({"mode": "vote"}, "mode must be"),
+        ({"gamma": 0}, "gamma"),
+        ({"temperature": -1}, "temperature"),
+        ({"veto_threshold": 1.5}, "veto_threshold"),
+        ({"mode": "poe", "compile": True}, "compile"),
+        ({"top_logprobs": 21}, "top_logprobs"),
+        ({"seed": -2}, "seed"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            DecodeSettings(**bad)
+
+
+def test_the_service_decodes_concurrent_requests_together_and_each_as_alone(packed):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from olmo_tap.serve.app import create_app
+    from olmo_tap.serve.config import ServeConfig
+    from olmo_tap.serve.live import LiveServer
+
+    model, tokenizer = jury()
+    GatedLetters.gate.clear()  # the worker holds the first request until all four have arrived
+    app = create_app(model, GatedLetters(6, eos_token_id=5), "tiny", ServeConfig(queue_size=4, max_batch=4))
+    prompts = ["abc", "dead", "cab", "bead"]
+    with LiveServer(app) as server:
+
+        def ask(i: int) -> dict:
+            body = {"messages": [{"role": "user", "content": prompts[i]}], "max_tokens": 24, "seed": 40 + i,
+                    "temperature": 1.0, "stream": i % 2 == 1}  # fmt: skip
+            if i % 2 == 0:
+                return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()["trust"]
+            with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as response:
+                chunks = [line for line in response.iter_lines() if line.startswith("data: {")]
+            return __import__("json").loads(chunks[-1].removeprefix("data: "))["trust"]
+
+        with ThreadPoolExecutor(4) as pool:
+            asked = pool.map(ask, range(4))
+            while True:
+                queue = httpx.get(server.url + "/health").json()["queue"]
+                if queue["running"] + queue["waiting"] == 4:
+                    break
+            GatedLetters.gate.set()
+            trusts = list(asked)
+        health = httpx.get(server.url + "/health").json()["queue"]
+    assert health["max_batch"] == 4 and health["completed"] == 4 and health["batch"] == 0
+    assert health["mean_batch"] > 1  # the answers shared steps
+    decoder = PoE(model, tokenizer, max_new_tokens=24)
+    for i, trust in enumerate(trusts):
+        transcript = trust["transcript"]
+        one = alone(decoder, messages=[{"role": "user", "content": prompts[i]}], seed=40 + i, temperature=1.0)
+        assert transcript["token_ids"] == one.token_ids
+        assert transcript["settings"]["batched"] and transcript["settings"]["batch_invariant"]
+        assert audit_poe(transcript, model, tokenizer=tokenizer).honest
+
+
+def test_events_carry_their_rounds_and_the_output_is_their_fold(one_thread):
+    model, tokenizer = jury()
+    decoder = PoE(model, tokenizer, gamma=3, max_new_tokens=14, seed=2, temperature=1.0)
+    stream = decoder.stream("abc")
+    events = list(stream)
+    output = stream.output
+    rounds: dict[int, list] = {}
+    for event in events:
+        rounds.setdefault(event.round, []).append(event)
+    assert sorted(rounds) == list(range(output.n_rounds)) and output.n_drafted == len(events)
+    for members in rounds.values():
+        # a round emits its drafts up to the first rejection, whose resampled token ends it
+        assert len(members) <= members[0].drafted <= 3
+        assert all(not e.resampled for e in members[:-1])
+        assert len(members) == members[0].drafted or members[-1].resampled
+    assert output.n_accepted == sum(not e.resampled for e in events)
+    assert [e.token_id for e in events] == output.token_ids
