@@ -190,3 +190,24 @@ def test_events_carry_their_rounds_and_the_output_is_their_fold(one_thread):
         assert len(members) == members[0].drafted or members[-1].resampled
     assert output.n_accepted == sum(not e.resampled for e in events)
     assert [e.token_id for e in events] == output.token_ids
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "match"),
+    [
+        ("batched", "yes", "batched"),
+        ("batch_invariant", 0, "batch_invariant"),
+        ("head", 2, "head"),
+        ("ignore_eos", True, "ignore_eos"),
+        ("top_logprobs", 99, "top_logprobs"),
+    ],
+)
+def test_the_new_settings_of_a_transcript_are_checked(one_thread, name, value, match):
+    from olmo_tap.verify.forgery import restamp
+
+    model, tokenizer = jury()
+    answer = PoE(model, tokenizer, max_new_tokens=5, seed=1, draft_head=0).generate_many(["abc"], max_batch=2)[0]
+    forged = transcript_dict(answer)
+    forged["settings"] = {**forged["settings"], name: value}
+    with pytest.raises(ValueError, match=match):
+        audit_poe(restamp(forged, tokenizer), model, tokenizer=tokenizer)

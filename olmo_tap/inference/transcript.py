@@ -3,9 +3,10 @@
 Format (JSON object, ``format`` = "olmo-tap-transcript", ``version`` = 2). One copy of the truth:
 
 - ``model``: the model source the response came from (preset, directory or hub id), or null;
-- ``settings``: the decoder's settings (mode, seed, temperature, gamma, beta, veto_threshold, draft_head,
-  n_llm_heads, max_new_tokens, vocab_limit, stop_ids, n_heads, heads_depth, dtype, device, compile, and for
-  multiple choice ``mcq`` and the ``question`` the uncertainty head scored);
+- ``settings``: the decoder's ``DecodeSettings`` (mode, seed, temperature, gamma, beta, veto_threshold,
+  draft_head, head, n_llm_heads, max_new_tokens, ignore_eos, compile, top_logprobs) and the run's facts
+  (vocab_limit, stop_ids, n_heads, heads_depth, dtype, device, threads, batched, batch_invariant, and for
+  multiple choice ``mcq`` and the ``question`` the uncertainty head scored): ``settings.RECORDED_SETTINGS``;
 - ``prompt_ids`` / ``token_ids``: the templated prompt and the emitted tokens, as ids;
 - ``digest``: ``sha256:`` + hex of the canonical JSON of the five fields above (``content_digest``), so an
   answer can be quoted with its digest and any later edit of them shows;
@@ -153,9 +154,15 @@ def check_settings(settings: Any) -> dict[str, Any]:
     for name in ("dtype", "device"):
         if s.get(name) is not None:
             _check(isinstance(s[name], str), name, "a string", s[name])
-    for name in ("compile", "mcq"):
+    for name in ("compile", "mcq", "ignore_eos", "batched", "batch_invariant"):
         if s.get(name) is not None:
             _check(isinstance(s[name], bool), name, "true or false", s[name])
+    if s.get("head") is not None:  # written with the DecodeSettings: the decider, as draft_head says
+        _check(s["head"] == head, "head", f"the draft_head ({head!r})", s["head"])
+    if s.get("ignore_eos") and s.get("stop_ids"):  # running on past end-of-text records no stop ids
+        _check(False, "ignore_eos", f"false with stop_ids {s['stop_ids']!r}", s["ignore_eos"])
+    top = s.get("top_logprobs")
+    _check(top is None or (_is_int(top) and 0 <= top <= 20), "top_logprobs", "null or an integer in [0, 20]", top)
     question = s.get("question")
     _check(question is None or isinstance(question, str), "question", "null or a string", question)
     if s.get("mcq") and question is None:
