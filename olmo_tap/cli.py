@@ -125,11 +125,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from olmo_tap.model.kernels import describe
+    from olmo_tap.model.kv_cache import HydraCache
 
     model, tokenizer = load_model_and_tokenizer(args)
     config, base = model.config, model.base_config
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv_per_token = 2 * base.kv_dim * model.dtype.itemsize * (config.trunk_layers + model.n_heads * config.head_layers)
+    kv_per_token = HydraCache.bytes_per_slot(model, 1)  # the trunk and the text heads, in the cache's dtype
     rows = [
         ("model", str(args.model)),
         ("family", base.family),
@@ -142,7 +143,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             "parameters",
             f"{model.num_params():,} ({format_bytes(param_bytes)} in {str(model.dtype).removeprefix('torch.')})",
         ),
-        ("KV cache", f"{format_bytes(kv_per_token)} per token of context"),
+        ("KV cache", f"{format_bytes(kv_per_token)} per token of context, per answer"),
         ("uncertainty head", str(model.uncertainty_head) if model.uncertainty_head is not None else "none"),
         (
             "text heads",
