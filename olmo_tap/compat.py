@@ -35,7 +35,7 @@ class StatefulHydra:
     def init_kv_cache(self, batch_size: int, max_seq_len: int, omit_last: bool = False) -> None:
         """Caches for ``batch_size`` sequences of ``max_seq_len``; with ``omit_last`` the last head runs uncached."""
         heads = self.model.n_heads - (1 if omit_last else 0)
-        self.cache = HydraCache.for_model(self.model, batch_size, max_seq_len, heads=heads) if heads else None
+        self.cache = HydraCache(self.model, batch_size, max_seq_len, heads=heads) if heads else None
         self.reset_kv_cache(omit_last)
 
     def reset_kv_cache(self, omit_last: bool = False) -> None:

@@ -237,7 +237,7 @@ class HydraTransformer(nn.Module):
 
     def new_cache(self, slots: int, max_len: int) -> HydraCache:
         """An empty cache for ``slots`` sequences of up to ``max_len`` positions, owned by the caller."""
-        return HydraCache.for_model(self, slots, max_len)
+        return HydraCache(self, slots, max_len)
 
     def _blocks(self) -> Iterator[Block]:
         yield from self.trunk  # type: ignore[misc]

@@ -376,7 +376,7 @@ class PoE:
                 f"context of {context} tokens"
             )
         if cache is None:
-            cache = HydraCache.for_model(self.model, 1, len(prompt_ids) + max_new, heads=self.n_llm_heads)
+            cache = HydraCache(self.model, 1, len(prompt_ids) + max_new, heads=self.n_llm_heads)
             slot = 0
         elif len(prompt_ids) + max_new > cache.max_len:
             raise ValueError(
@@ -451,7 +451,7 @@ class PoE:
         ]
         longest = max(len(encode_chat(self.tokenizer, messages=c)) for c in conversations)
         max_len = min(longest + self.settings.max_new_tokens, self.model.base_config.max_seq_len)
-        cache = HydraCache.for_model(self.model, min(max_batch, len(prompts)), max_len, heads=self.n_llm_heads)
+        cache = HydraCache(self.model, min(max_batch, len(prompts)), max_len, heads=self.n_llm_heads)
         runner = BatchRunner(self.model, cache, batched=True)
         waiting = list(range(len(prompts)))[::-1]
         free = list(range(cache.slots))[::-1]

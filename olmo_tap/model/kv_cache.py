@@ -96,58 +96,27 @@ class LayerCache:
 
 
 class HydraCache:
-    """Caches of every layer of a Hydra for ``slots`` sequences of at most ``max_len`` positions each.
+    """Caches of every layer of ``model`` for ``slots`` sequences of at most ``max_len`` positions each: the trunk
+    and the first ``heads`` heads (default: the text heads), in the model's cache dtype, on its device. The model
+    reads and writes it; the decoder owns it."""
 
-    Build one with ``HydraCache.for_model``; the model reads and writes it, the decoder owns it.
-    """
-
-    def __init__(
-        self,
-        trunk_layers: int,
-        head_layers: int,
-        n_text_heads: int,
-        slots: int,
-        n_kv_heads: int,
-        max_len: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-    ) -> None:
+    def __init__(self, model: HydraTransformer, slots: int, max_len: int, heads: int | None = None) -> None:
+        c = model.base_config
         if slots < 1:
             raise ValueError(f"a cache needs at least 1 slot, got {slots}")
-        if max_len < 1:
-            raise CacheOverflowError(f"max_len must be >= 1, got {max_len}")
-        self.slots = slots
-        self.max_len = max_len
-        self.n_text_heads = n_text_heads
-        self.trunk = [LayerCache(1, slots, n_kv_heads, max_len, head_dim, dtype, device) for _ in range(trunk_layers)]
-        self.heads = [
-            LayerCache(n_text_heads, slots, n_kv_heads, max_len, head_dim, dtype, device) for _ in range(head_layers)
-        ]
-        # valid positions per slot: the trunk's, and each text head's
-        self.trunk_lengths = [0] * slots
-        self.head_lengths = [[0] * n_text_heads for _ in range(slots)]
-
-    @classmethod
-    def for_model(cls, model: HydraTransformer, slots: int, max_len: int, heads: int | None = None) -> HydraCache:
-        """A cache shaped for ``model``'s first ``heads`` heads (default: its text heads), in its cache dtype, on
-        its device."""
-        c = model.base_config
         if not 1 <= max_len <= c.max_seq_len:
             raise CacheOverflowError(
                 f"max_len must be between 1 and the model's context of {c.max_seq_len}, got {max_len}"
             )
-        return cls(
-            model.config.trunk_layers,
-            model.config.head_layers,
-            model.n_text_heads if heads is None else heads,
-            slots,
-            c.n_kv_heads,
-            max_len,
-            c.head_dim,
-            model.cache_dtype,
-            model.device,
-        )
+        self.slots = slots
+        self.max_len = max_len
+        self.n_text_heads = model.n_text_heads if heads is None else heads
+        shape = (slots, c.n_kv_heads, max_len, c.head_dim, model.cache_dtype, model.device)
+        self.trunk = [LayerCache(1, *shape) for _ in range(model.config.trunk_layers)]
+        self.heads = [LayerCache(self.n_text_heads, *shape) for _ in range(model.config.head_layers)]
+        # valid positions per slot: the trunk's, and each text head's
+        self.trunk_lengths = [0] * slots
+        self.head_lengths = [[0] * self.n_text_heads for _ in range(slots)]
 
     @property
     def nbytes(self) -> int:
@@ -158,7 +127,7 @@ class HydraCache:
         """Bytes one slot of ``max_len`` positions takes for ``model`` (keys and values of every cached tower)."""
         c = model.base_config
         towers = model.config.trunk_layers + model.config.head_layers * model.n_text_heads
-        return 2 * towers * c.n_kv_heads * max_len * c.head_dim * torch.empty(0, dtype=model.cache_dtype).itemsize
+        return 2 * towers * c.n_kv_heads * max_len * c.head_dim * model.cache_dtype.itemsize
 
     def lengths(self, slot: int) -> dict[str, object]:
         return {"trunk": self.trunk_lengths[slot], "heads": list(self.head_lengths[slot])}
