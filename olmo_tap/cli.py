@@ -11,6 +11,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from olmo_tap.certainty.names import DEFAULT_SIMILARITY, SIMILARITY_NAMES
 from olmo_tap.model.config import ConfigError
 from olmo_tap.weights.errors import WeightsError
 from olmo_tap.weights.presets import DEFAULT_MODEL
@@ -205,21 +206,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(note, file=sys.stderr)
     temperature = 0.0 if args.greedy else args.temperature
     printer = TrustPrinter(sys.stdout, color=sys.stdout.isatty() and not args.no_color)
+    from olmo_tap.certainty.answer import CertaintyRun
+    from olmo_tap.certainty.kle import N_SAMPLES
+
+    similarity = f"nli:{args.nli_model}" if args.nli_model else args.similarity
+    requested = args.certainty or ("mcq" if args.mcq else "auto")
+
+    def announce() -> None:
+        print(f"certainty: sampling {N_SAMPLES} more answers for Kernel Language Entropy ...", file=sys.stderr)
+
+    certainty = CertaintyRun(requested, model, tokenizer, decoder.settings, similarity, args.seed, announce)
     if args.chat:
-        return chat_loop(decoder, temperature, args, printer)
-    stream = decoder.stream(args.prompt, is_mcq=args.mcq, temperature=temperature)
+        return chat_loop(decoder, temperature, args, printer, certainty)
+    messages = [{"role": "user", "content": args.prompt}]
+    plan, seed = certainty.plan(messages)
+    stream = decoder.stream(messages=messages, is_mcq=plan.mcq, temperature=temperature, seed=seed)
     for event in stream:
         if not args.json:
             printer.token(event)
     output = stream.output
-    if args.json:
-        print(json.dumps(output.to_dict(), indent=2))
-    else:
+    if not args.json:
         printer.end()
+    answer_certainty = certainty.result(plan, output, messages)
+    if args.json:
+        print(json.dumps({**output.to_dict(), "certainty": answer_certainty}, indent=2))
     if args.save:
         from olmo_tap.inference.transcript import save_transcript
 
-        transcript = save_transcript(output, args.save, args.model, signing_key)
+        transcript = save_transcript(output, args.save, args.model, signing_key, answer_certainty)
         print(f"transcript saved to {args.save} (digest {transcript['digest']})", file=sys.stderr)
         if signing_key is not None:
             print(f"signed by {transcript['signature']['fingerprint']}", file=sys.stderr)
@@ -228,10 +242,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         write_token_sequence(args.save_tokens, output.prompt_ids, output.token_ids, output.settings["seed"])
     print(printer.summary(output), file=sys.stderr)
+    print(certainty_lines(answer_certainty), file=sys.stderr)
     return 0
 
 
-def chat_loop(decoder: Any, temperature: float, args: argparse.Namespace, printer: Any) -> int:
+def certainty_lines(certainty: dict[str, Any]) -> str:
+    """The certainty as the CLI prints it: the value and its method, then a KLE answer's claims."""
+    value, method = certainty.get("value"), certainty.get("method")
+    if value is None:
+        return f"certainty: n/a ({certainty.get('reason')})"
+    if method == "kle":
+        how = f"Kernel Language Entropy over {certainty['n_samples']} sampled answers, {certainty['similarity']}"
+    else:
+        how = "the uncertainty head's p(correct)"
+    lines = [f"certainty: {100 * value:.1f}% ({how})"]
+    for claim in certainty.get("claims") or []:
+        if claim["confidence"] is not None:
+            tier = f"{100 * claim['confidence']:.0f}% {claim['confidence_level']}"
+            guidance = f" - {claim['guidance']}" if claim["guidance"] else ""
+            lines.append(f"  claim {tier}: {claim['text']}{guidance}")
+    return "\n".join(lines)
+
+
+def chat_loop(decoder: Any, temperature: float, args: argparse.Namespace, printer: Any, certainty: Any) -> int:
     """Interactive multi-turn chat on stdin/stdout; an empty line or EOF ends it."""
     messages: list[dict[str, str]] = []
     print("olmo-tap chat: type a message, an empty line or Ctrl-D ends.", file=sys.stderr)
@@ -243,12 +276,14 @@ def chat_loop(decoder: Any, temperature: float, args: argparse.Namespace, printe
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
+        plan, seed = certainty.plan(messages)
         print("jury> ", end="", flush=True)
-        stream = decoder.stream(messages=messages, temperature=temperature, is_mcq=args.mcq)
+        stream = decoder.stream(messages=messages, temperature=temperature, is_mcq=plan.mcq, seed=seed)
         for event in stream:
             printer.token(event)
         printer.end()
         print(printer.summary(stream.output), file=sys.stderr)
+        print(certainty_lines(certainty.result(plan, stream.output, messages)), file=sys.stderr)
         messages.append({"role": "assistant", "content": stream.output.text})
     return 0
 
@@ -282,7 +317,27 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="single mode: compile the decode step to native code (faster steps; a one-off compile of ~1 min)",
     )
-    gen.add_argument("--mcq", action="store_true", help="multiple choice: report p(correct) from the uncertainty head")
+    gen.add_argument(
+        "--certainty",
+        choices=["auto", "mcq", "kle", "off"],
+        default=None,
+        help="the answer's certainty: auto (default) gives multiple choice the uncertainty head's p(correct) and free "
+        "text Kernel Language Entropy over 5 sampled answers (5 more answers, batched); mcq or kle forces one",
+    )
+    gen.add_argument("--mcq", action="store_true", help="same as --certainty mcq")
+    gen.add_argument(
+        "--similarity",
+        choices=SIMILARITY_NAMES,
+        default=DEFAULT_SIMILARITY,
+        help="KLE's similarity of two answers (default: %(default)s, chosen by results/certainty/kle.md)",
+    )
+    gen.add_argument(
+        "--nli-model",
+        default=None,
+        metavar="CHECKPOINT",
+        help="KLE's similarity from a Hugging Face NLI model (directory or hub id), e.g. the original's "
+        "tasksource/ModernBERT-large-nli",
+    )
     gen.add_argument("--json", action="store_true", help="print the full PoEOutput as JSON instead of text")
     gen.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
     gen.add_argument("--save", default=None, help="write a transcript (JSON) for `olmo-tap audit`")
@@ -309,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("generate needs a prompt (or --chat)")
     if args.command == "generate" and args.compile and args.mode != "single":
         parser.error("--compile needs --mode single (PoE and naive decoding run several heads per step)")
+    if args.command == "generate" and args.mcq and args.certainty not in (None, "mcq"):
+        parser.error(f"--mcq asks for the uncertainty head, --certainty {args.certainty} for another")
     if args.command == "generate" and args.signing_key and not args.save:
         parser.error("--signing-key signs the saved transcript: it needs --save PATH")
     if args.command == "generate":

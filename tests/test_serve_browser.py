@@ -1,7 +1,10 @@
 """The chat page in a real headless Chromium (Debian's, driven by Playwright), on the embedded default model.
 
-It asks two questions, sees the first answer stream in token by token, reads the trust card, hovers a
-resampled token, switches the shading, downloads the transcript and checks it with `olmo-tap audit`.
+It asks two questions, sees the first answer stream in token by token, reads the trust card and the Certainty,
+Security and Robustness cards (free text: KLE over 5 sampled answers, listed in the inspect panel; multiple
+choice: the uncertainty head), switches the answer to its tokens, hovers a resampled token, switches the shading,
+downloads the transcript and checks it with `olmo-tap audit`. Answers render as safe Markdown: hostile text
+(HTML, a javascript: link) shows as text, through the renderer and through a whole (canned) streamed answer.
 Screenshots go to test-artifacts/ (desktop light, phone dark).
 """
 
@@ -30,6 +33,11 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 MODEL_ID = "smollm2-135m-instruct"
+MCQ = "Which planet is largest?\nA) Mars\nB) Jupiter\nC) Venus\nD) Mercury"
+# An answer that tries to run script three ways: an HTML event handler, a javascript: link, a script element.
+HOSTILE = (
+    '**bold** <img src=x onerror="window.__pwned=1"> [x](javascript:window.__pwned=2) <script>window.__pwned=3</script>'
+)
 
 pytestmark = pytest.mark.slow
 
@@ -70,16 +78,45 @@ def test_page_streams_an_answer_with_its_trust_card(browser, server, tmp_path):
     page.fill("input[name=temperature]", "0.8")
     page.fill("input[name=seed]", "3")
     page.fill("input[name=max_tokens]", "48")
+    assert page.input_value("select[name=certainty]") == "auto"
     page.fill("#prompt", "Give two tips for staying focused while studying.")
     page.click("#send")
     # streamed: tokens are on the page while the answer is still being written
     page.wait_for_selector(".answer.streaming .tok", timeout=120_000)
     page.wait_for_selector(".msg.assistant .card", timeout=180_000)
+    assert sent[-1]["certainty"] == "auto" and "mcq" not in sent[-1]
 
     answer = page.locator(".msg.assistant").first
     card_text = answer.locator(".card").inner_text()
     # the embedded default is a jury trained apart: the card certifies (clones: tests/test_default_jury.py)
     assert "Certified by the jury" in card_text and "identical heads" not in card_text
+    # free text with certainty auto: KLE over 5 sampled answers; the jury's security tier; no robustness yet
+    certainty = answer.locator(".metric.certainty").inner_text()
+    assert re.search(r"\d+%", certainty) and "KLE over 5 answers" in certainty
+    assert re.search(r"(low|moderate|high) risk", answer.locator(".metric.security").inner_text())
+    assert "not measured yet" in answer.locator(".metric.robustness").inner_text()
+    # each card explains itself behind its (i) button
+    info = answer.locator(".metric.security .info")
+    assert info.get_attribute("aria-expanded") == "false"
+    info.click()
+    assert info.get_attribute("aria-expanded") == "true"
+    assert "validity radius" in answer.locator(".metric.security .metric-about").inner_text()
+    # the inspect panel: the 5 sampled answers, the claim ledger (each claim with its %), the similarity
+    inspect = answer.locator("details.inspect")
+    inspect.locator("summary").click()
+    assert inspect.locator(".samples > li").count() == 5
+    claims = inspect.locator(".claims > li")
+    assert claims.count() > 0 and all(re.search(r"\d+%", c) for c in claims.all_inner_texts())
+    assert inspect.locator(".inspect-facts code").inner_text().strip()
+    # (the sticky composer would be painted mid-page in a full-page screenshot)
+    page.add_style_tag(content=".composer { position: static; }")
+    page.screenshot(path=str(ARTIFACTS / "serve-page-cards.png"), full_page=True)
+    page.add_style_tag(content=".composer { position: sticky; }")
+
+    # done, the answer shows formatted; its tokens are one click away
+    assert answer.locator(".formatted").is_visible() and not answer.locator(".answer").is_visible()
+    answer.locator("button.view-tokens").click()
+    assert answer.locator(".answer").is_visible() and not answer.locator(".formatted").is_visible()
     n_tokens = int(re.search(r"tokens\s+(\d+)", card_text).group(1))
     tokens = answer.locator(".tok")
     assert tokens.count() == n_tokens > 0
@@ -98,7 +135,8 @@ def test_page_streams_an_answer_with_its_trust_card(browser, server, tmp_path):
     assert "rejected draft" in tip and "validity radius" in tip
     page.screenshot(path=str(ARTIFACTS / "serve-page.png"))
 
-    # the transcript button saves what `olmo-tap audit` checks
+    # the transcript button saves what `olmo-tap audit` checks (KLE's samples included: their 63-bit seeds
+    # must survive the browser's JSON)
     with page.expect_download() as download:
         answer.locator("button.download").click()
     path = tmp_path / "transcript.json"
@@ -111,11 +149,15 @@ def test_page_streams_an_answer_with_its_trust_card(browser, server, tmp_path):
     assert digest.get_attribute("title").startswith(saved["digest"])
     assert saved["digest"].removeprefix("sha256:")[:12] in digest.inner_text()
 
-    # multi-turn: the second request carries the first exchange
+    # multi-turn: the second request carries the first exchange; multiple choice gets the uncertainty head
     page.mouse.move(0, 0)
-    ask(page, "Now say it in one sentence.", 2)
+    ask(page, MCQ, 2)
     assert [m["role"] for m in sent[-1]["messages"]] == ["user", "assistant", "user"]
     assert sent[-1]["stream"] is True and sent[-1]["seed"] == 3
+    second = page.locator(".msg.assistant").nth(1)
+    certainty = second.locator(".metric.certainty").inner_text()
+    assert "uncertainty head" in certainty and re.search(r"\d+%", certainty)
+    assert second.locator("details.inspect").count() == 0
     page.close()
 
 
@@ -128,9 +170,64 @@ def test_page_on_a_phone_in_dark_mode(browser, server):
     page.fill("#prompt", "What is the capital of France?")
     page.click("#send")
     page.wait_for_selector(".msg.assistant .card", timeout=180_000)
-    # nothing wider than the screen, and the dark palette is in use
+    # the cards and everything they unfold: nothing wider than the screen, and the dark palette is in use
+    page.locator(".metric.certainty .info").click()
+    page.locator("details.inspect summary").click()
+    assert page.locator(".metric").count() == 3
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     background = page.evaluate("getComputedStyle(document.body).backgroundColor")
     assert sum(int(c) for c in re.findall(r"\d+", background)[:3]) < 3 * 64
     page.screenshot(path=str(ARTIFACTS / "serve-page-phone-dark.png"))
+    page.close()
+
+
+def test_answers_render_as_safe_markdown(browser, server):
+    page = browser.new_page(viewport={"width": 1000, "height": 900})
+    page.goto(server.url)
+    page.wait_for_function("document.getElementById('model-name').textContent.includes('smollm2')")
+    # the renderer alone: Markdown is formatted, the HTML and the javascript: link are text
+    rendered = page.evaluate(
+        """text => {
+            const box = document.createElement("div");
+            box.id = "rendered";
+            box.append(window.olmoTap.renderMarkdown(text));
+            document.body.append(box);
+            return box.textContent;
+        }""",
+        HOSTILE,
+    )
+    assert "<img src=x" in rendered and "<script>" in rendered and "[x](javascript:" in rendered
+    assert page.inner_text("#rendered strong") == "bold" and page.locator("#rendered a").count() == 0
+
+    # a whole streamed answer, canned: the server's own trust object for a short KLE answer, with the hostile
+    # text as the answer's token, a sampled answer and a claim
+    reply = page.request.post(
+        f"{server.url}/v1/chat/completions",
+        data={"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8, "certainty": "kle", "seed": 1},
+    ).json()
+    trust = reply["trust"]
+    assert trust["certainty"]["method"] == "kle", trust["certainty"]
+    trust["certainty"]["samples"][0]["text"] = HOSTILE
+    trust["certainty"]["claims"] = [{**claim, "text": HOSTILE} for claim in trust["certainty"]["claims"]] or [
+        {"text": HOSTILE, "confidence": 0.5, "confidence_level": "low", "guidance": "check it"}
+    ]
+    token = {**trust["tokens"][0], "text": HOSTILE}
+    chunks = [
+        {"choices": [{"index": 0, "delta": {"content": HOSTILE}, "finish_reason": None}], "trust": token},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "trust": trust},
+    ]
+    body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(body=body, content_type="text/event-stream"))
+    ask(page, "Anything.", 1)
+    answer = page.locator(".msg.assistant").first
+    answer.locator("details.inspect summary").click()
+    answer.locator("button.view-tokens").click()
+    page.wait_for_timeout(300)  # an <img onerror> would have fired by now
+    assert page.evaluate("window.__pwned") is None
+    assert page.locator("img, #chat script, #rendered script").count() == 0
+    assert page.locator("a[href^='javascript' i]").count() == 0
+    assert answer.locator(".formatted strong").inner_text() == "bold"
+    assert "<script>" in answer.locator(".samples > li").first.inner_text()
+    assert "<img src=x" in answer.locator(".claims > li").first.inner_text()
+    assert "<script>" in answer.locator(".answer .tok").first.inner_text()
     page.close()

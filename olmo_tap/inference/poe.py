@@ -486,17 +486,19 @@ class PoE:
     @torch.no_grad()
     def get_uncertainty_score(
         self, prompt_text: str, full_answer_text: str, witness_hidden_state: torch.Tensor
-    ) -> float:
-        """p(correct) of a multiple-choice answer from the uncertainty head: sigmoid(logit A - logit B).
+    ) -> float | None:
+        """p(correct) of a multiple-choice answer from the uncertainty head: sigmoid(logit A - logit B); None
+        when the scoring prompt (question and answer) does not fit the model's context.
 
         The witness head's hidden state at the last prompt position is injected into the residual
         stream at the last position of the second-pass prompt. Runs uncached.
         """
         if self.uncertainty_head_idx is None:
             raise ValueError("this model has no uncertainty head (it must be the last head, after the text heads)")
-        ids = torch.tensor(
-            [encode_chat(self.tokenizer, uncertainty_prompt(prompt_text, full_answer_text))], device=self.model.device
-        )
+        prompt = encode_chat(self.tokenizer, uncertainty_prompt(prompt_text, full_answer_text))
+        if len(prompt) > self.model.base_config.max_seq_len:
+            return None
+        ids = torch.tensor([prompt], device=self.model.device)
         residual = torch.zeros(
             1, ids.size(1), self.model.base_config.d_model, device=ids.device, dtype=self.model.dtype
         )

@@ -26,6 +26,7 @@ class Purpose(StrEnum):
     ACCEPT = "accept"  # the uniform of the speculative acceptance test
     RESAMPLE = "resample"  # the corrected-distribution draw after a rejection
     DRAFT_HEAD = "draft-head"  # which head drafts, drawn once per generation (position -1)
+    CERTAINTY_SAMPLE = "certainty-sample"  # the seed of the i-th answer sampled for KLE (position i)
 
 
 def stream_seed(seed: int, position: int, purpose: Purpose | str) -> int:

@@ -8,8 +8,12 @@ Format (JSON object, ``format`` = "olmo-tap-transcript", ``version`` = 2). One c
   (vocab_limit, stop_ids, n_heads, heads_depth, dtype, device, threads, batched, batch_invariant, and for
   multiple choice ``mcq`` and the ``question`` the uncertainty head scored): ``settings.RECORDED_SETTINGS``;
 - ``prompt_ids`` / ``token_ids``: the templated prompt and the emitted tokens, as ids;
-- ``digest``: ``sha256:`` + hex of the canonical JSON of the five fields above (``content_digest``), so an
-  answer can be quoted with its digest and any later edit of them shows;
+- ``certainty`` (only when the answer's certainty is Kernel Language Entropy): its sampled answers (seed, draft
+  head, token ids, text), their settings, the similarity's name, the matrix, the entropy and the value
+  (``olmo_tap.certainty.sampled.kle_record``); the audit replays each sample and recomputes the rest;
+- ``digest``: ``sha256:`` + hex of the canonical JSON of the fields above (``content_digest``; ``certainty``
+  only when present, so older transcripts keep theirs), so an answer can be quoted with its digest and any
+  later edit of them shows;
 - ``output``: the whole PoEOutput. Every field of it is *derived* from the five above (text, per-token
   signals, decisions, counts) and ``olmo-tap audit`` recomputes and compares each one, except the timings
   (``elapsed_s``, ``tokens_per_second``), which no replay can know;
@@ -36,7 +40,9 @@ READABLE_VERSIONS = (1, 2)
 REQUIRED_SETTINGS = ("mode", "seed", "temperature", "beta", "veto_threshold", "draft_head", "n_llm_heads")
 # The digest covers exactly these fields: the claim. Everything in ``output`` is derived from them.
 DIGESTED_FIELDS = ("format", "version", "model", "settings", "prompt_ids", "token_ids")
-TOP_LEVEL_FIELDS = (*DIGESTED_FIELDS, "digest", "output", "signature")
+OPTIONAL_DIGESTED_FIELDS = ("certainty",)  # in the claim when present
+TOP_LEVEL_FIELDS = (*DIGESTED_FIELDS, *OPTIONAL_DIGESTED_FIELDS, "digest", "output", "signature")
+MAX_CERTAINTY_SAMPLES = 16  # each is replayed by an audit: bound the work a transcript can ask for
 # Upper bounds of settings that size what an audit allocates (the original system ran 10 heads x 3 layers).
 LIMITS = {"n_heads": 64, "heads_depth": 256, "gamma": 64, "threads": 4096}
 # The types of the output's lists, so a malformed one is refused as bad input rather than met deep in the audit.
@@ -62,12 +68,19 @@ def _canonical(value: Any) -> Any:
 def content_digest(transcript: dict[str, Any]) -> str:
     """``sha256:<hex>`` of the canonical JSON (sorted keys, no spaces, ASCII, integral numbers as integers) of
     the transcript's claim."""
-    claim = _canonical({name: transcript.get(name) for name in DIGESTED_FIELDS})
+    claim = {name: transcript.get(name) for name in DIGESTED_FIELDS}
+    claim.update({name: transcript[name] for name in OPTIONAL_DIGESTED_FIELDS if transcript.get(name) is not None})
+    claim = _canonical(claim)
     canonical = json.dumps(claim, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return "sha256:" + hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
-def transcript_dict(output: PoEOutput, model: str | None = None) -> dict[str, Any]:
+def transcript_dict(
+    output: PoEOutput, model: str | None = None, certainty: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The transcript of ``output``; ``certainty``: its certainty object, recorded when it is a KLE value (the
+    uncertainty head's p(correct) is in the output, re-scored by the audit; a certainty without a value claims
+    nothing)."""
     transcript = {
         "format": FORMAT,
         "version": VERSION,
@@ -76,17 +89,23 @@ def transcript_dict(output: PoEOutput, model: str | None = None) -> dict[str, An
         "prompt_ids": output.prompt_ids,
         "token_ids": output.token_ids,
     }
+    if certainty is not None and certainty.get("method") == "kle" and certainty.get("value") is not None:
+        transcript["certainty"] = {k: v for k, v in certainty.items() if k in KLE_RECORD_FIELDS}
     transcript["digest"] = content_digest(transcript)
     transcript["output"] = output.to_dict()
     return transcript
 
 
 def save_transcript(
-    output: PoEOutput, path: str | Path, model: str | None = None, signing_key: Any = None
+    output: PoEOutput,
+    path: str | Path,
+    model: str | None = None,
+    signing_key: Any = None,
+    certainty: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the transcript of ``output`` to ``path``, signed when ``signing_key`` (an Ed25519 private key) is
     given; returns it (its ``digest`` is worth printing)."""
-    transcript = transcript_dict(output, model)
+    transcript = transcript_dict(output, model, certainty)
     if signing_key is not None:
         from olmo_tap.verify.signing import sign_transcript  # lazily: decoding never needs cryptography
 
@@ -170,6 +189,56 @@ def check_settings(settings: Any) -> dict[str, Any]:
     return settings
 
 
+# What a transcript's ``certainty`` holds (``olmo_tap.certainty.sampled.kle_record``; the claims are not recorded:
+# they are shown to a reader, not certified).
+KLE_RECORD_FIELDS = (
+    "method", "value", "entropy", "similarity", "question", "kernel_t", "temperature", "n_samples", "matrix", "samples",
+    "sample_settings",
+)  # fmt: skip
+
+
+def check_certainty(record: Any) -> dict[str, Any]:
+    """A transcript's KLE record if it is well formed (types and sizes; honesty is the audit's); else
+    ValueError naming the field."""
+
+    def need(ok: bool, name: str, expected: str) -> None:
+        if not ok:
+            raise ValueError(f"transcript field 'certainty.{name}' must be {expected}")
+
+    need(isinstance(record, dict), "", "an object")
+    need(record.get("method") == "kle", "method", "'kle' (the only certainty a transcript records)")
+    samples = record.get("samples")
+    need(
+        isinstance(samples, list) and 2 <= len(samples) <= MAX_CERTAINTY_SAMPLES,
+        "samples",
+        f"a list of 2 to {MAX_CERTAINTY_SAMPLES} sampled answers",
+    )
+    for i, sample in enumerate(samples):
+        need(isinstance(sample, dict), f"samples[{i}]", "an object")
+        need(_is_int(sample.get("seed")) and sample["seed"] >= 0, f"samples[{i}].seed", "an integer >= 0")
+        need(_is_int(sample.get("draft_head")) or sample.get("draft_head") is None, f"samples[{i}].draft_head",
+             "an integer or null")  # fmt: skip
+        for name in ("token_ids", "resampled_idxs", "original_token_ids"):
+            _id_list(sample.get(name), f"certainty.samples[{i}].{name}")
+        need(isinstance(sample.get("text", ""), str), f"samples[{i}].text", "a string")
+    n = len(samples)
+    need(record.get("n_samples") == n, "n_samples", f"the number of samples ({n})")
+    matrix = record.get("matrix")
+    need(
+        isinstance(matrix, list)
+        and len(matrix) == n
+        and all(isinstance(row, list) and len(row) == n and all(_is_number(x) for x in row) for row in matrix),
+        "matrix",
+        f"a {n} x {n} matrix of finite numbers",
+    )
+    for name in ("value", "entropy", "kernel_t", "temperature"):
+        need(_is_number(record.get(name)), name, "a finite number")
+    need(isinstance(record.get("similarity"), str), "similarity", "a string")
+    need(isinstance(record.get("question"), str), "question", "a string")
+    need(isinstance(record.get("sample_settings"), dict), "sample_settings", "an object")
+    return record
+
+
 def check_transcript(data: Any) -> dict[str, Any]:
     """``data`` if it is a well-formed transcript; otherwise ValueError naming what is wrong.
 
@@ -196,6 +265,8 @@ def check_transcript(data: Any) -> dict[str, Any]:
         ok = _is_int if kind is int else _is_number if kind is float else (lambda v: isinstance(v, str))
         if not isinstance(value, list) or not all(ok(v) for v in value):
             raise ValueError(f"transcript field 'output.{name}' must be a list of {kind.__name__} values")
+    if data.get("certainty") is not None:
+        check_certainty(data["certainty"])
     if data["version"] >= 2 and not isinstance(data.get("digest"), str):
         raise ValueError("transcript field 'digest' must be a string (sha256:<hex>)")
     if data.get("signature") is not None and not isinstance(data["signature"], dict):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,10 +26,14 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.cors import CORSMiddleware
 
+from olmo_tap.certainty.method import plan_certainty
+from olmo_tap.certainty.similarity import make_similarity
 from olmo_tap.engine.batch import BatchRunner
 from olmo_tap.inference.poe import PoEOutput
 from olmo_tap.inference.prompts import encode_chat
 from olmo_tap.inference.settings import DecodeSettings
+from olmo_tap.serve.analyse import AnalyseRequest, analyse_body
+from olmo_tap.serve.certainty import AnswerCertainty
 from olmo_tap.serve.config import ServeConfig, public_model_id
 from olmo_tap.serve.engine import DeadlinePassed, Engine, EngineStopped, Job, JobFailed, QueueFull
 from olmo_tap.serve.errors import APIError, error_payload, install_error_handlers, quote_input
@@ -74,6 +79,8 @@ class Service:
         # tokenizer is never used from two threads at once.
         self._check_tokenizer = copy.deepcopy(tokenizer)
         self._check_lock = threading.Lock()
+        # KLE's similarity, built once (an NLI checkpoint loads here, so a missing one fails at start-up).
+        self.similarity = make_similarity(config.similarity, model, tokenizer)
 
     @property
     def n_text_heads(self) -> int:
@@ -177,19 +184,24 @@ class Service:
                 param=field,
                 code="context_length_exceeded",
             )
+        last_user = next((m["content"] for m in reversed(conversation) if m["role"] == "user"), "")
+        certainty = plan_certainty(body.certainty_choice, last_user, self.model.uncertainty_head is not None)
+        seed = body.seed
+        if seed is None and certainty.kle:  # the samples' seeds derive from the answer's: fixed before decoding
+            seed = int.from_bytes(os.urandom(4), "little")
         settings = DecodeSettings(
             mode=body.mode,
             gamma=body.gamma,
             beta=body.beta,
             temperature=self.config.default_temperature if body.temperature is None else body.temperature,
-            seed=body.seed,
+            seed=seed,
             veto_threshold=body.veto_threshold,
             draft_head=body.draft_head,
             head=body.draft_head,
             max_new_tokens=limit if limit is not None else min(self.config.default_max_tokens, room),
             top_logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         )
-        return GenerationPlan(conversation, prompt_tokens, settings, body.mcq, body.stream, body.logprobs)
+        return GenerationPlan(conversation, prompt_tokens, settings, certainty, body.stream, body.logprobs)
 
     def submit(self, request_id: str, work: Callable[[Job], Any]) -> Job:
         return self._queue(lambda: self.engine.submit(request_id, work, self.config.request_timeout_s))
@@ -377,28 +389,70 @@ def create_app(
         request_id = request.state.request_id
         plan = await service.plan(body)
         job = service.submit_decode(request_id, GenerationWork(model, tokenizer, plan))
+        certainty = AnswerCertainty(service, request_id, plan)  # KLE's samples join the batch beside the answer
         completion_id = "chatcmpl-" + request_id.removeprefix("req-")
         created = int(time.time())
+        streaming = False
         try:
             kind, payload = await next_event(job, request, service.engine)  # "started", or an error before it
             if kind == "error":
                 raise service.job_error(payload)
             if plan.stream:
+                streaming = True
                 return StreamingResponse(
-                    stream_answer(job, plan, completion_id, created, body.stream_options),
+                    stream_answer(job, plan, certainty, completion_id, created, body.stream_options),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
             generated: Generated = await service.result(job, request)
             output = generated.output
             log_answer(request_id, output, job)
-            trust = response_trust(output, model_id, mcq=plan.mcq, queue_s=job.queue_s, signing_key=service.signing_key)
+            trust = await answer_trust(output, job, certainty)
             return JSONResponse(completion_body(completion_id, created, model_id, output, trust, generated.logprobs))
         except DeadlinePassed as e:
             raise service.job_error(e) from None
         except ClientGone:
             log.info("%s client disconnected; its request was cancelled", request_id)
             return Response(status_code=499)
+        finally:
+            if not streaming:
+                certainty.cancel()
+
+    async def answer_trust(output: PoEOutput, job: Job, certainty: AnswerCertainty) -> dict[str, Any]:
+        """The whole answer's trust object, once its certainty is known (KLE waits for its samples)."""
+        return response_trust(
+            output,
+            model_id,
+            certainty=await certainty.result(output),
+            queue_s=job.queue_s,
+            signing_key=service.signing_key,
+        )
+
+    @app.get("/api/health", include_in_schema=False)
+    async def api_health() -> dict[str, str]:
+        """The original system's liveness probe (its front end's deployments poll it)."""
+        return {"status": "ok"}
+
+    @app.post("/api/analyse", response_model=None)
+    async def analyse(body: AnalyseRequest, request: Request, hf: bool = False) -> Response:
+        """The original system's endpoint (``olmo_tap.serve.analyse``): the jury's answer with its certainty
+        (``auto``), claim ledger, security and robustness, in the original's schema."""
+        if hf:
+            raise APIError(400, "hf: olmo-tap has no Hugging Face Inference API fallback; the jury answers", param="hf")
+        chat = ChatCompletionRequest(messages=body.messages, certainty="auto")
+        plan = await service.plan(chat)
+        request_id = request.state.request_id
+        job = service.submit_decode(request_id, GenerationWork(model, tokenizer, plan))
+        certainty = AnswerCertainty(service, request_id, plan)
+        try:
+            generated: Generated = await service.result(job, request)
+            log_answer(request_id, generated.output, job)
+            trust = await answer_trust(generated.output, job, certainty)
+            return JSONResponse(analyse_body(generated.output, trust, model_id))
+        except ClientGone:
+            return Response(status_code=499)
+        finally:
+            certainty.cancel()
 
     @app.post("/v1/verify", response_model=None)
     async def verify(body: VerifyRequest, request: Request) -> Response:
@@ -419,7 +473,12 @@ def create_app(
             transcript = check_audit_request(model, model_id, body)
         except ValueError as e:
             raise APIError(400, f"transcript: {e}", param="transcript") from None
-        service.check_verify_tokens(len(transcript["prompt_ids"]) + len(transcript["token_ids"]), "transcript")
+        # A KLE certainty's samples are replayed too: each is the prompt again plus its tokens.
+        answers = [
+            transcript["token_ids"],
+            *(s["token_ids"] for s in (transcript.get("certainty") or {}).get("samples", [])),
+        ]
+        service.check_verify_tokens(sum(len(transcript["prompt_ids"]) + len(ids) for ids in answers), "transcript")
         job = service.submit(
             request.state.request_id, lambda job: run_audit(job, model, tokenizer, model_id, transcript, body)
         )
@@ -429,7 +488,7 @@ def create_app(
             return Response(status_code=499)
 
     async def stream_answer(
-        job: Job, plan: GenerationPlan, completion_id: str, created: int, options: Any
+        job: Job, plan: GenerationPlan, certainty: AnswerCertainty, completion_id: str, created: int, options: Any
     ) -> AsyncIterator[str]:
         """SSE chunks: the role, one chunk per token with its trust fields, the finish with the whole
         answer's trust (transcript included), optionally usage, then [DONE]. The ``finally`` runs when the
@@ -454,9 +513,7 @@ def create_app(
                 elif kind == "done":
                     output: PoEOutput = payload.output
                     log_answer(job.request_id, output, job)
-                    trust = response_trust(
-                        output, model_id, mcq=plan.mcq, queue_s=job.queue_s, signing_key=service.signing_key
-                    )
+                    trust = await answer_trust(output, job, certainty)
                     # Text the incremental detokeniser held back until the end (an unfinished character).
                     tail = output.text[len(sent) :] if output.text.startswith(sent) else ""
                     finish = OPENAI_FINISH.get(output.finish_reason, "stop")
@@ -474,6 +531,7 @@ def create_app(
             if not finished:
                 log.info("%s client disconnected mid-stream; decoding stops", job.request_id)
             service.engine.cancel(job)
+            certainty.cancel()
 
     return app
 

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from olmo_tap.certainty.names import DEFAULT_SIMILARITY, SIMILARITY_NAMES
+
 ENV_PREFIX = "OLMO_TAP_SERVE_"
 
 
@@ -34,6 +36,8 @@ class ServeConfig:
     allowed_hosts: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API (CORS); none: no CORS headers at all
     docs: bool = False  # /docs and /redoc: Swagger UI and ReDoc load their assets from a CDN
+    # KLE's similarity (olmo_tap.certainty.similarity): a built-in name, or "nli:<checkpoint>" (--nli-model)
+    similarity: str = DEFAULT_SIMILARITY
 
     def __post_init__(self) -> None:
         checks = {
@@ -49,6 +53,9 @@ class ServeConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"server setting {name} has an invalid value: {getattr(self, name)!r}")
+        if self.similarity not in SIMILARITY_NAMES and not self.similarity.startswith("nli:"):
+            names = ", ".join(SIMILARITY_NAMES)
+            raise ValueError(f"similarity {self.similarity!r}: one of {names}, or nli:<checkpoint>")
         for pattern in self.allowed_hosts:
             # Starlette's TrustedHostMiddleware asserts this rule; checked here to fail with a clear message.
             if not pattern or "*" in pattern[1:] or (pattern.startswith("*") and pattern != "*" and pattern[1] != "."):

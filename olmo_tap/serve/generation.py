@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from olmo_tap.certainty.method import CertaintyPlan
 from olmo_tap.engine.batch import BatchRunner, Op
 from olmo_tap.inference.poe import PoE, PoEOutput, Sequence, TokenEvent
 from olmo_tap.inference.settings import DecodeSettings
@@ -20,9 +21,14 @@ class GenerationPlan:
     messages: list[dict[str, str]]
     prompt_tokens: int
     settings: DecodeSettings
-    mcq: bool
-    stream: bool
+    certainty: CertaintyPlan
+    stream: bool = False
     logprobs: bool = False
+
+    @property
+    def mcq(self) -> bool:
+        """The uncertainty head scores this answer (its certainty is p(correct))."""
+        return self.certainty.mcq
 
 
 @dataclass

@@ -110,7 +110,11 @@ class ChatCompletionRequest(RequestModel):
     beta: float = Field(default=1.0, gt=0, le=100)
     veto_threshold: float | None = Field(default=None, ge=0, lt=1)
     draft_head: int | None = Field(default=None, ge=0)
-    mcq: bool = False  # a multiple-choice question: report the uncertainty head's p(correct)
+    mcq: bool = False  # a multiple-choice question: report the uncertainty head's p(correct) (= certainty "mcq")
+    # The answer's certainty (olmo_tap.certainty.method): "auto" routes multiple choice to the uncertainty head and
+    # free text to Kernel Language Entropy (5 more answers, decoded in the same batch); "mcq", "kle" force one;
+    # "off". Unset: multiple choice gets p(correct), free text none (a plain completion stays fast).
+    certainty: Literal["auto", "mcq", "kle", "off"] | None = None
 
     @field_validator("messages")
     @classmethod
@@ -133,6 +137,9 @@ class ChatCompletionRequest(RequestModel):
             and "only response_format {'type': 'text'} is supported (no JSON mode or schema: the jury's tokens "
             "are not constrained)",
             "top_logprobs": self.top_logprobs is not None and not self.logprobs and "top_logprobs needs logprobs: true",
+            "mcq": self.mcq
+            and self.certainty not in (None, "mcq")
+            and f"true asks for the uncertainty head, but certainty {self.certainty!r} asks for another",
             "top_p": self.top_p not in (None, 1.0)
             and "only top_p = 1 is supported: the jury samples from its whole distribution (exact and replayable)",
             "presence_penalty": self.presence_penalty != 0 and "presence_penalty is not supported",
@@ -153,6 +160,11 @@ class ChatCompletionRequest(RequestModel):
 
     def conversation(self) -> list[dict[str, str]]:
         return [m.for_template() for m in self.messages]
+
+    @property
+    def certainty_choice(self) -> str:
+        """What the request asks for (``olmo_tap.certainty.method``); "cheap" when it says nothing."""
+        return self.certainty or ("mcq" if self.mcq else "cheap")
 
 
 class TokenSequenceBody(RequestModel):

@@ -4,10 +4,18 @@ Per token (each streamed chunk, and ``trust.tokens`` of a whole answer): its tex
 distribution it was decided from (nats), its stability radius and margin, and, when the jury rejected the
 draft, the rejected draft, its validity radius and suppression score.
 
-Per answer: whether the jury certified it or abstained, acceptance statistics, the lowest stability, the
-uncertainty head's p(correct) for multiple-choice questions, every setting needed to replay it, and the
+Per answer: whether the jury certified it or abstained, acceptance statistics, the lowest stability, its
+``certainty`` (``olmo_tap.certainty.method``: the uncertainty head's p(correct) for multiple choice, Kernel
+Language Entropy over sampled answers for free text, or none with the reason), its ``security`` summary (the
+risk tier below), ``robustness`` (not measured yet: says so), every setting needed to replay it, and the
 transcript itself (the JSON ``olmo-tap audit`` checks) with its digest; when the server has a signing key,
 the transcript carries its Ed25519 signature and ``signed_by`` the key's fingerprint.
+
+Security risk tier (``security_summary``), from the validity radii of the tokens the jury resampled (each: the
+fewest verifier votes that, flipped, would have let the rejected draft through; at most ``V // 2 + 1`` with V
+verifiers): "low" when their mean is at least ``LOW_RISK`` of that maximum, "moderate" at least
+``MODERATE_RISK``, else "high" (the original's 4 and 2 on its 0-5 scale); "low" too when the jury accepted
+every draft. No tier (null, with the reason) for an answer the jury did not decide or a jury of identical heads.
 """
 
 from __future__ import annotations
@@ -70,13 +78,48 @@ def tokens_from_output(output: PoEOutput) -> list[dict[str, Any]]:
     ]
 
 
+LOW_RISK, MODERATE_RISK = 0.8, 0.4
+ROBUSTNESS_UNAVAILABLE = {
+    "type": "unavailable",
+    "reason": "the robustness probe (adversarial suffixes) is not part of olmo-tap yet",
+}
+
+
+def max_validity_radius(n_verifiers: int) -> int:
+    """The largest validity radius V verifiers can give: all of them against the draft (V // 2 + 1 flips)."""
+    return n_verifiers // 2 + 1
+
+
+def security_summary(output: PoEOutput) -> dict[str, Any]:
+    """The Security card: mean validity radius of the resampled tokens, its scale, and the risk tier (rule in
+    the module's docstring)."""
+    radii = output.validity_radii
+    top = max_validity_radius(len(output.verifier_heads))
+    mean = sum(radii) / len(radii) if radii else None
+    summary = {"mean_validity_radius": mean, "max_validity_radius": top, "n_resampled": len(radii)}
+    if output.mode != "poe" or not output.whole_jury:
+        return {**summary, "risk": None, "reason": "not decided by the whole jury"}
+    if not output.independent_heads:
+        return {**summary, "risk": None, "reason": "a jury of identical heads guards against nothing"}
+    if mean is None:
+        return {**summary, "risk": "low", "reason": "the jury accepted every draft"}
+    risk = "low" if mean >= LOW_RISK * top else "moderate" if mean >= MODERATE_RISK * top else "high"
+    return {**summary, "risk": risk, "reason": f"mean validity radius {mean:.2f} of at most {top}"}
+
+
 def response_trust(
-    output: PoEOutput, model_id: str, *, mcq: bool, queue_s: float, signing_key: Any = None
+    output: PoEOutput,
+    model_id: str,
+    *,
+    certainty: dict[str, Any],
+    queue_s: float,
+    signing_key: Any = None,
 ) -> dict[str, Any]:
     """The ``trust`` object of a whole answer (non-streamed responses and the last streamed chunk); with
-    ``signing_key`` (an Ed25519PrivateKey) its transcript is signed."""
+    ``signing_key`` (an Ed25519PrivateKey) its transcript is signed. ``certainty``: the answer's certainty
+    object (``olmo_tap.certainty.method.CertaintyPlan``); a KLE certainty goes into the transcript too."""
     settings = output.settings
-    transcript = transcript_dict(output, model_id)
+    transcript = transcript_dict(output, model_id, certainty)
     signed_by = None
     if signing_key is not None:
         from olmo_tap.verify.signing import sign_transcript
@@ -105,8 +148,11 @@ def response_trust(
         "min_stability_radius": min(output.stability_radii) if n else None,
         "mean_entropy": sum(output.token_entropies) / n if n else None,
         "max_entropy": max(output.token_entropies) if n else None,
-        "mcq": mcq,
+        "mcq": certainty.get("method") == "uncertainty_head",
         "p_correct": output.uncertainty,
+        "certainty": certainty,
+        "security": security_summary(output),
+        "robustness": ROBUSTNESS_UNAVAILABLE,
         "seed": settings.get("seed"),
         "draft_head": output.draft_head,
         "verifier_heads": output.verifier_heads,

@@ -160,6 +160,24 @@ def _same_as_shipped(out: Path, shipped: Path) -> bool:
     return same
 
 
+def cmd_certainty_experiment(args: argparse.Namespace) -> int:
+    from olmo_tap.benchmarks.certainty import markdown, run_certainty
+    from olmo_tap.certainty.names import SIMILARITY_NAMES
+
+    if args.questions is not None and args.questions < 1:
+        raise ValueError(f"--questions must be a positive integer, got {args.questions}")
+    unknown = [name for name in args.similarities if name not in SIMILARITY_NAMES]
+    if unknown:
+        raise ValueError(f"--similarities: unknown {', '.join(unknown)} (from {', '.join(SIMILARITY_NAMES)})")
+    results = run_certainty(
+        args.out, model=args.model, n_questions=args.questions, similarities=tuple(args.similarities),
+        reuse=args.reuse, progress=not args.no_progress,
+    )  # fmt: skip
+    print(markdown(results))
+    print(f"written to {args.out}/kle.json, kle.md (samples: {args.out}/samples.json)")
+    return 0
+
+
 def cmd_signals(args: argparse.Namespace) -> int:
     from olmo_tap.benchmarks.signals import markdown, run_signals
 
@@ -335,3 +353,16 @@ def register(sub: Any, add_model_args: Callable[..., None]) -> None:
     sig.add_argument("--veto", type=float, default=1e-3, help="the jury's veto threshold (default 1e-3)")
     sig.add_argument("--no-progress", action="store_true", help="no progress bars")
     sig.set_defaults(func=cmd_signals)
+
+    from olmo_tap.certainty.names import SIMILARITY_NAMES
+
+    cert = esub.add_parser("certainty", help="which similarity makes KLE worth reading: AUROC for wrong answers, cost")
+    cert.add_argument("--model", default=DEFAULT_MODEL, help=f"the jury (default {DEFAULT_MODEL})")
+    cert.add_argument("--out", default="results/certainty", help="JSON, Markdown, the samples (default %(default)s)")
+    cert.add_argument("--questions", type=int, default=None, help="first N held-out questions only (default all)")
+    cert.add_argument(
+        "--similarities", type=str_list, default=list(SIMILARITY_NAMES), help="comma-separated (default: all)"
+    )
+    cert.add_argument("--reuse", action="store_true", help="reuse the saved samples: only the similarities rerun")
+    cert.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cert.set_defaults(func=cmd_certainty_experiment)

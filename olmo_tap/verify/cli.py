@@ -239,6 +239,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if report.signature is not None:
         sig = report.signature
         console.print(f"signature: {sig.get('fingerprint') or 'none'} - {sig.get('reason')}")
+    if report.certainty is not None:
+        mark = "ok" if report.certainty.honest else "BAD"
+        console.print(f"certainty (KLE): {mark} - {report.certainty.reason}")
     console.print(f"pooled agreement (information, not the rule): {report.statistics.reason}")
     for note in report.notes:
         console.print(f"note: {note}")

@@ -55,6 +55,7 @@ from olmo_tap.inference.prompts import stop_token_ids
 from olmo_tap.inference.sampling import Purpose, check_temperature, gumbel, logit_scores, prob_scores, uniform
 from olmo_tap.inference.settings import RECORDED_SETTINGS
 from olmo_tap.inference.transcript import TOP_LEVEL_FIELDS, check_transcript, content_digest, read_transcript
+from olmo_tap.verify.certainty_audit import CertaintyAudit, audit_certainty
 from olmo_tap.verify.regenerate import Regeneration, regenerate
 from olmo_tap.verify.replay import LOGIT_BLOCK, check_token_ids, project_block, teacher_forced_hidden
 from olmo_tap.verify.verdict import DEFAULT_AUDIT_THRESHOLD, DEFAULT_CONFIDENCE, Verdict, decide, verdict_label
@@ -135,6 +136,7 @@ class PoEAudit:
     replayed_output: PoEOutput | None = field(default=None, repr=False)  # the derived fields the claim gives
     # only where the block replay disagreed in the generator's own dtype: the decoder re-run on the claim
     regeneration: Regeneration | None = None
+    certainty: CertaintyAudit | None = None  # the KLE certainty's samples and value, when the transcript has one
 
     @property
     def exact(self) -> bool:
@@ -186,6 +188,7 @@ class PoEAudit:
             ],
             "near_ties": self.near_ties,
             "regeneration": None if self.regeneration is None else self.regeneration.to_dict(),
+            "certainty": None if self.certainty is None else self.certainty.to_dict(),
             "signature": self.signature,
             "statistics": self.statistics.to_dict(),
             "positions": [asdict(p) for p in self.positions],
@@ -269,6 +272,7 @@ def audit_poe(
     Works for every decoder mode the transcript may claim: "poe" (the jury), "naive" and "single".
     """
     data = read_transcript(transcript) if isinstance(transcript, str | Path) else check_transcript(transcript)
+    asked_tolerance = tolerance
     if isinstance(model, HydraTransformer):
         hydra = model
         if tokenizer is None:
@@ -396,6 +400,16 @@ def audit_poe(
         regeneration=regenerated,
     )
     report.honest, report.reason = _judge(report, finish_reason, public_key is not None)
+    if data.get("certainty") is not None:
+
+        def audit_sample(sample: dict[str, Any]) -> PoEAudit:
+            return audit_poe(
+                sample, hydra, tokenizer=tokenizer, tolerance=asked_tolerance, check_stop=check_stop, dtype=dtype
+            )
+
+        report.certainty = audit_certainty(data, hydra, tokenizer, audit_sample)
+        if report.honest and not report.certainty.honest:
+            report.honest, report.reason = False, f"its certainty: {report.certainty.reason}"
     report.notes = _notes(report, data, temperature)
     return report
 

@@ -1,12 +1,40 @@
-// olmo-tap chat page: streams answers from /v1/chat/completions and shows each token's trust signals.
+// olmo-tap chat page: streams answers from /v1/chat/completions and shows each token's trust signals, then the
+// answer as safe Markdown with its Certainty, Security and Robustness cards.
 "use strict";
 
 const ENTROPY_FULL = 2.5; // nats at which the entropy shade is darkest
 const MAX_ALPHA = 0.7;
 const SETTINGS_KEY = "olmo-tap-settings";
+const CERTAINTY_TIERS = { high: 0.8, moderate: 0.65 }; // the claim ledger's thresholds (olmo_tap.certainty.claims)
+const RISK_TIERS = { low: 0.8, moderate: 0.4 }; // share of the largest validity radius (olmo_tap.serve.trust)
+const QUIET_MS = 2000; // no token for this long while KLE may be measuring: say so
 
 const $ = (id) => document.getElementById(id);
 const state = { history: [], textHeads: null, controller: null };
+
+function el(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = text;
+  if (className) node.className = className;
+  return node;
+}
+
+// ----- lossless JSON --------------------------------------------------------------------------------------------
+// Seeds are 63-bit integers: a JavaScript number rounds them past 2^53, and a downloaded transcript whose KLE sample
+// seeds were rounded no longer matches its digest. Where the browser shows a number's source text to JSON.parse's
+// reviver (and has JSON.rawJSON to write it back), such integers stay exact as BigInt.
+const LOSSLESS_JSON = typeof JSON.rawJSON === "function";
+
+function parseJson(text) {
+  if (!LOSSLESS_JSON) return JSON.parse(text);
+  return JSON.parse(text, (key, value, context) =>
+    typeof value === "number" && !Number.isSafeInteger(value) && /^-?\d+$/.test(context?.source ?? "")
+      ? BigInt(context.source) : value);
+}
+
+function toJson(value, space) {
+  return JSON.stringify(value, (key, v) => (typeof v === "bigint" ? JSON.rawJSON(v.toString()) : v), space);
+}
 
 // ----- settings -------------------------------------------------------------------------------------------------
 
@@ -18,14 +46,16 @@ function readSettings() {
     if (raw !== "") body[name] = Number(raw);
   }
   body.mode = form.elements.mode.value;
-  body.mcq = form.elements.mcq.checked;
+  body.certainty = form.elements.certainty.value;
   return body;
 }
 
 function saveSettings() {
   const form = $("settings-form");
   const saved = {};
-  for (const el of form.elements) if (el.name) saved[el.name] = el.type === "checkbox" ? el.checked : el.value;
+  for (const field of form.elements) {
+    if (field.name) saved[field.name] = field.type === "checkbox" ? field.checked : field.value;
+  }
   localStorage.setItem(SETTINGS_KEY, JSON.stringify(saved));
 }
 
@@ -34,9 +64,10 @@ function restoreSettings() {
   try { saved = JSON.parse(localStorage.getItem(SETTINGS_KEY) || "{}"); } catch { saved = {}; }
   const form = $("settings-form");
   for (const [name, value] of Object.entries(saved)) {
-    const el = form.elements[name];
-    if (!el) continue;
-    if (el.type === "checkbox") el.checked = Boolean(value); else el.value = value;
+    const field = form.elements[name];
+    if (!field) continue; // a setting this page no longer has (the old "mcq" checkbox)
+    if (field.type === "checkbox") field.checked = Boolean(value); else field.value = value;
+    if (field.tagName === "SELECT" && field.selectedIndex < 0) field.selectedIndex = 0; // a value it no longer offers
   }
 }
 
@@ -74,7 +105,8 @@ function updateLegend() {
   legend.append(signal() === "entropy"
     ? `darker = higher entropy of the jury's distribution (darkest at ≥ ${ENTROPY_FULL} nats)`
     : "darker = lower stability radius (darkest: one vote flip could change the token)");
-  legend.append(" · wavy underline = the jury rejected the draft and resampled · hover or tap a token for details");
+  legend.append(" · wavy underline = the jury rejected the draft and resampled · hover or tap a token for details"
+    + " (an answer's tokens view)");
   document.querySelectorAll(".tok").forEach(shade);
 }
 
@@ -115,6 +147,172 @@ function showTip(span) {
 
 function hideTip() { $("tip").hidden = true; }
 
+// ----- safe Markdown --------------------------------------------------------------------------------------------
+// The model's text becomes DOM nodes made with createElement and text nodes, never parsed as HTML: whatever it
+// writes (<script>, <img onerror=…>, a javascript: link) can only ever show as text. A deliberately small subset:
+// paragraphs and line breaks, headings, bullet and numbered lists, fenced code, `code`, **bold**, *italic* and
+// http(s) links.
+
+const FENCE = /^ {0,3}(```|~~~)(.*)$/;
+const HEADING = /^ {0,3}(#{1,6})[ \t]+(.+?)[ \t]*$/;
+const RULE = /^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$/;
+const LIST_ITEM = /^([ \t]*)(?:([-*+•])|(\d{1,9})[.)])[ \t]+(.*)$/;
+const INLINE = new RegExp([
+  /(`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)/.source, // 1, 2: `code`
+  /\[([^[\]\n]+)\]\(([^()\s]+)\)/.source, // 3, 4: [text](url)
+  /\*\*(?=\S)([\s\S]*?\S)\*\*/.source, // 5: **bold**
+  /(?<!\w)__(?=\S)([\s\S]*?\S)__(?!\w)/.source, // 6: __bold__ (never inside snake_case names)
+  /\*(?=[^\s*])([\s\S]*?[^\s*])\*/.source, // 7: *italic* (not "2 * 3 * 4")
+  /(?<!\w)_(?=[^\s_])([\s\S]*?[^\s_])_(?!\w)/.source, // 8: _italic_
+].join("|"), "g");
+
+/** The Markdown `text` as a DocumentFragment of safe DOM nodes (see above). */
+function renderMarkdown(text) {
+  const out = document.createDocumentFragment();
+  const lines = String(text ?? "").replace(/\r\n?/g, "\n").split("\n");
+  let i = 0;
+  while (i < lines.length) {
+    const line = lines[i];
+    let m;
+    if (!line.trim()) i += 1;
+    else if ((m = line.match(FENCE))) i = codeBlock(out, lines, i, m);
+    else if ((m = line.match(HEADING))) { out.append(heading(m)); i += 1; }
+    else if (RULE.test(line)) { out.append(el("hr")); i += 1; }
+    else if (LIST_ITEM.test(line)) i = list(out, lines, i);
+    else i = paragraph(out, lines, i);
+  }
+  return out;
+}
+
+// A line that opens a block of its own, so it ends the paragraph or list item above it.
+function startsBlock(line) {
+  return FENCE.test(line) || HEADING.test(line) || RULE.test(line) || LIST_ITEM.test(line);
+}
+
+function codeBlock(out, lines, start, fence) {
+  const [, marker, info] = fence;
+  const code = el("code");
+  const lang = info.trim().split(/\s+/)[0];
+  if (lang) code.dataset.lang = lang;
+  const body = [];
+  let i = start + 1;
+  while (i < lines.length && !lines[i].trimStart().startsWith(marker)) body.push(lines[i++]);
+  code.textContent = body.join("\n");
+  const pre = el("pre");
+  pre.append(code);
+  out.append(pre);
+  return i + 1; // past the closing fence; an unclosed fence runs to the end
+}
+
+// "#" to "###" are three levels under the page's own headings; deeper ones read as the smallest.
+function heading(m) {
+  const h = el(`h${2 + Math.min(3, m[1].length)}`);
+  h.append(inline(m[2]));
+  return h;
+}
+
+function paragraph(out, lines, start) {
+  const p = el("p");
+  let i = start;
+  while (i < lines.length && lines[i].trim() && (i === start || !startsBlock(lines[i]))) {
+    if (i > start) p.append(el("br")); // models do not hard-wrap: a line break is meant
+    p.append(inline(lines[i].trim()));
+    i += 1;
+  }
+  out.append(p);
+  return i;
+}
+
+function listItem(line) {
+  const m = line.match(LIST_ITEM);
+  if (!m || RULE.test(line)) return null;
+  return { indent: m[1].replace(/\t/g, "    ").length, kind: m[2] ? "ul" : "ol", number: Number(m[3]), text: m[4] };
+}
+
+// Whether `item` belongs to the list that `first` opened (deeper items nest in it).
+function continues(item, first) {
+  return item.indent > first.indent || (item.indent === first.indent && item.kind === first.kind);
+}
+
+// One list from lines[start]. A more indented item opens a list inside the current item, and blank lines between
+// items do not end the list: models write "1. …\n\n2. …" and mean one list.
+function list(out, lines, start) {
+  const first = listItem(lines[start]);
+  const listEl = el(first.kind);
+  if (first.kind === "ol" && first.number !== 1) listEl.start = first.number;
+  let li = null;
+  let i = start;
+  while (i < lines.length) {
+    if (!lines[i].trim()) {
+      let next = i;
+      while (next < lines.length && !lines[next].trim()) next += 1;
+      const after = next < lines.length ? listItem(lines[next]) : null;
+      if (!after || !continues(after, first)) break;
+      i = next;
+      continue;
+    }
+    const item = listItem(lines[i]);
+    if (item && li && item.indent > first.indent) {
+      i = list(li, lines, i);
+    } else if (item) {
+      if (!continues(item, first)) break;
+      li = el("li");
+      li.append(inline(item.text));
+      listEl.append(li);
+      i += 1;
+    } else if (startsBlock(lines[i])) {
+      break;
+    } else {
+      li.append(el("br"), inline(lines[i].trim())); // a wrapped line of the item
+      i += 1;
+    }
+  }
+  out.append(listEl);
+  return i;
+}
+
+function inline(text, links = true) {
+  const out = document.createDocumentFragment();
+  let last = 0;
+  for (const m of text.matchAll(INLINE)) {
+    out.append(text.slice(last, m.index), inlineNode(m, links));
+    last = m.index + m[0].length;
+  }
+  out.append(text.slice(last));
+  return out;
+}
+
+function inlineNode(m, links) {
+  if (m[2] !== undefined) return el("code", m[2]);
+  if (m[3] !== undefined) return link(m[3], m[4], links) ?? m[0]; // not a safe link: its text, as written
+  const bold = m[5] ?? m[6];
+  const node = el(bold !== undefined ? "strong" : "em");
+  node.append(inline(bold ?? m[7] ?? m[8], links));
+  return node;
+}
+
+// Only http(s) URLs become links (never javascript:, data:, …), opened in a new tab that cannot reach this page.
+function link(text, href, allowed) {
+  const url = allowed ? safeUrl(href) : null;
+  if (!url) return null;
+  const a = el("a");
+  a.href = url;
+  a.target = "_blank";
+  a.rel = "noopener noreferrer";
+  a.append(inline(text, false)); // no link inside a link
+  return a;
+}
+
+function safeUrl(raw) {
+  if (!/^https?:\/\//i.test(raw)) return null;
+  try {
+    const url = new URL(raw);
+    return url.protocol === "http:" || url.protocol === "https:" ? url.href : null;
+  } catch {
+    return null;
+  }
+}
+
 // ----- rendering ------------------------------------------------------------------------------------------------
 
 function addMessage(role, text) {
@@ -146,13 +344,67 @@ function addToken(answer, t) {
   shade(span);
 }
 
+// KLE's certainty comes with the last chunk, seconds after the last token (the sampled answers are still being
+// decoded and compared): the answer says so rather than look stuck. The stream does not announce its last token,
+// so it is inferred: the token budget is spent, an empty token (end of text), or no token for QUIET_MS.
+function certaintyWait(msg, settings) {
+  const note = el("div", "measuring certainty…", "measuring");
+  note.setAttribute("role", "status");
+  note.hidden = true;
+  msg.append(note);
+  const measures = settings.certainty === "auto" || settings.certainty === "kle";
+  let timer = null;
+  return {
+    token(t) {
+      clearTimeout(timer);
+      note.hidden = true;
+      if (!measures) return;
+      const last = t.text === "" || (settings.max_tokens && t.index + 1 >= settings.max_tokens);
+      if (last) note.hidden = false;
+      else timer = setTimeout(() => { note.hidden = false; }, QUIET_MS);
+    },
+    done() {
+      clearTimeout(timer);
+      note.remove();
+    },
+  };
+}
+
+// A finished answer reads best formatted; the shaded tokens stay one click away.
+function addViews(msg, answer, text) {
+  const formatted = el("div", null, "formatted");
+  formatted.append(renderMarkdown(text));
+  const toggle = el("div", null, "view-toggle");
+  toggle.setAttribute("role", "group");
+  toggle.setAttribute("aria-label", "show the answer as");
+  const views = [
+    ["formatted", "the answer as formatted text"],
+    ["tokens", "every token shaded by its trust signal; hover or tap one for details"],
+  ];
+  for (const [view, title] of views) {
+    const button = el("button", view, `secondary view-${view}`);
+    button.type = "button";
+    button.title = title;
+    button.dataset.view = view;
+    button.addEventListener("click", () => showView(msg, view));
+    toggle.append(button);
+  }
+  answer.after(formatted, toggle);
+  showView(msg, "formatted");
+}
+
+function showView(msg, view) {
+  msg.querySelector(".answer").hidden = view !== "tokens";
+  msg.querySelector(".formatted").hidden = view !== "formatted";
+  for (const button of msg.querySelectorAll(".view-toggle button")) {
+    button.setAttribute("aria-pressed", String(button.dataset.view === view));
+  }
+}
+
 function stat(label, value) {
-  const el = document.createElement("span");
-  el.className = "stat";
-  const strong = document.createElement("strong");
-  strong.textContent = value;
-  el.append(`${label} `, strong);
-  return el;
+  const span = el("span", null, "stat");
+  span.append(`${label} `, el("strong", value));
+  return span;
 }
 
 function verdict(trust) {
@@ -178,10 +430,6 @@ function renderCard(msg, trust) {
   card.append(stat("tokens", String(trust.n_tokens)));
   card.append(stat("lowest stability", trust.min_stability_radius ?? "–"));
   card.append(stat("mean entropy", `${fmt(trust.mean_entropy, 2)} nats`));
-  if (trust.mcq) {
-    const p = trust.p_correct;
-    card.append(stat("p(correct)", p === null ? "n/a (no uncertainty head)" : fmt(p, 2)));
-  }
   card.append(stat("seed", String(trust.seed)));
   if (trust.digest) {
     // The transcript's content digest (settings + ids): quote it with the answer; `olmo-tap audit` prints it.
@@ -203,7 +451,7 @@ function renderCard(msg, trust) {
 }
 
 function downloadTranscript(trust) {
-  const blob = new Blob([JSON.stringify(trust.transcript, null, 2)], { type: "application/json" });
+  const blob = new Blob([toJson(trust.transcript, 2)], { type: "application/json" });
   const url = URL.createObjectURL(blob);
   const a = document.createElement("a");
   a.href = url;
@@ -215,10 +463,160 @@ function downloadTranscript(trust) {
 }
 
 function showError(msg, message) {
-  const el = document.createElement("div");
-  el.className = "error";
-  el.textContent = message;
-  msg.append(el);
+  msg.append(el("div", message, "error"));
+}
+
+// ----- Certainty, Security, Robustness --------------------------------------------------------------------------
+// Each card: a value, its tier (coloured ok / warn / bad, or na without one), what it was measured with, a caption,
+// and an explanation behind its (i) button (also its tooltip).
+
+const pct = (x) => `${Math.round(100 * x)}%`;
+const riskRule = (top) => `low ≥ ${pct(RISK_TIERS.low)} of ${top}, moderate ≥ ${pct(RISK_TIERS.moderate)}, else high`;
+
+const ABOUT = {
+  certainty: "How likely the answer is to be right. Multiple choice: the uncertainty head's probability that the "
+    + "chosen option is correct. Free text: Kernel Language Entropy (KLE); the jury writes a few more answers at "
+    + "temperature 1, and the more they agree in meaning, the higher the certainty. High from "
+    + `${pct(CERTAINTY_TIERS.high)}, moderate from ${pct(CERTAINTY_TIERS.moderate)}, low below. The Certainty `
+    + "setting picks the method.",
+  security: (top) => "Guards against poisoned training data: the other heads check every token a head drafts, and a "
+    + "draft they reject is resampled. A resampled token's validity radius is how many verifier votes would have to "
+    + `flip to let the rejected draft through (at most ${top ?? "V/2 + 1"} with this jury): higher is more decisive. `
+    + `Risk from the mean radius: ${riskRule("the largest possible")}; low when nothing was resampled.`,
+  robustness: "Whether the answer keeps its meaning when adversarial (jailbreak) suffixes are added to the question. "
+    + "Not measured by olmo-tap yet.",
+};
+
+function certaintyCard(c) {
+  const card = { key: "certainty", name: "Certainty", about: ABOUT.certainty, value: "n/a", level: "na" };
+  if (!c) return { ...card, caption: "this server reports no certainty" };
+  const kle = c.n_samples ? `KLE over ${c.n_samples} answers` : "KLE";
+  card.method = { uncertainty_head: "uncertainty head", kle }[c.method] ?? "not measured";
+  if (typeof c.value !== "number") return { ...card, caption: c.reason ?? "no value" };
+  const tier = c.value >= CERTAINTY_TIERS.high ? "high" : c.value >= CERTAINTY_TIERS.moderate ? "moderate" : "low";
+  const caption = c.method === "uncertainty_head"
+    ? "p(correct) of the option the jury chose"
+    : "how much the sampled answers agree in meaning";
+  return { ...card, value: pct(c.value), tier, level: { high: "ok", moderate: "warn", low: "bad" }[tier], caption };
+}
+
+function securityCard(s) {
+  const card = { key: "security", name: "Security", about: ABOUT.security(s?.max_validity_radius), value: "n/a",
+    level: "na" };
+  if (!s) return { ...card, caption: "this server reports no security summary" };
+  if (!s.risk) return { ...card, caption: s.reason };
+  const level = { low: "ok", moderate: "warn", high: "bad" }[s.risk];
+  const tier = `${s.risk} risk`;
+  if (!s.n_resampled) return { ...card, value: "0 resampled", tier, level, caption: `low: ${s.reason}` };
+  const tokens = `${s.n_resampled} resampled token${s.n_resampled === 1 ? "" : "s"}`;
+  return {
+    ...card, tier, level,
+    value: `${s.mean_validity_radius.toFixed(2)} / ${s.max_validity_radius}`,
+    method: `mean validity radius of ${tokens}`,
+    caption: riskRule(s.max_validity_radius),
+  };
+}
+
+function robustnessCard(r) {
+  const card = { key: "robustness", name: "Robustness", about: ABOUT.robustness, level: "na" };
+  if (!r || r.type === "unavailable") {
+    return { ...card, value: "not measured yet", caption: r?.reason ?? "this server reports no robustness" };
+  }
+  return { ...card, value: "n/a", caption: `this page cannot show a "${r.type}" robustness result yet` };
+}
+
+let aboutIds = 0;
+
+function metric(card) {
+  const section = el("section", null, `metric ${card.key} ${card.level}`);
+  section.setAttribute("aria-label", card.name);
+  const about = el("p", card.about, "metric-about");
+  about.id = `about-${++aboutIds}`;
+  about.hidden = true;
+  const info = el("button", "i", "info");
+  info.type = "button";
+  info.title = card.about;
+  info.setAttribute("aria-label", `About ${card.name.toLowerCase()}`);
+  info.setAttribute("aria-expanded", "false");
+  info.setAttribute("aria-controls", about.id);
+  info.addEventListener("click", () => {
+    about.hidden = !about.hidden;
+    info.setAttribute("aria-expanded", String(!about.hidden));
+  });
+  const head = el("div", null, "metric-head");
+  head.append(el("span", card.name, "metric-name"), info);
+  const value = el("div", null, "metric-value");
+  value.append(el("span", card.value, "value"));
+  if (card.tier) value.append(el("span", card.tier, "tier"));
+  section.append(head, value);
+  if (card.method) section.append(el("div", card.method, "metric-method"));
+  if (card.caption) section.append(el("p", card.caption, "metric-caption"));
+  section.append(about);
+  return section;
+}
+
+function renderMetrics(msg, trust) {
+  const metrics = el("div", null, "metrics");
+  metrics.append(
+    metric(certaintyCard(trust.certainty)),
+    metric(securityCard(trust.security)),
+    metric(robustnessCard(trust.robustness)),
+  );
+  msg.append(metrics);
+}
+
+// ----- the inspect panel (KLE) ----------------------------------------------------------------------------------
+
+function renderInspect(msg, certainty) {
+  if (certainty?.method !== "kle" || !certainty.samples?.length) return;
+  const claims = certainty.claims ?? [];
+  const details = el("details", null, "inspect");
+  const n = certainty.samples.length;
+  details.append(el("summary", `Inspect the certainty: ${n} sampled answers, ${claims.length} `
+    + `claim${claims.length === 1 ? "" : "s"}`));
+  const facts = el("p", null, "inspect-facts");
+  facts.append("similarity ", el("code", certainty.similarity ?? "–"),
+    ` · kernel language entropy ${fmt(certainty.entropy, 3)}`,
+    ` · answers sampled at temperature ${certainty.temperature ?? "–"}`);
+  if (typeof certainty.overall_confidence === "number") {
+    facts.append(` · claims overall ${pct(certainty.overall_confidence)}`);
+  }
+  details.append(facts, el("h4", "Claims in this answer"), claimList(claims),
+    el("h4", "Sampled answers"), sampleList(certainty.samples));
+  msg.append(details);
+}
+
+// Each claim of the answer with its confidence against the sampled answers, its tier and what to do about it.
+function claimList(claims) {
+  if (!claims.length) return el("p", "No claims: nothing in the answer states a fact to check.", "muted");
+  const ol = el("ol", null, "claims");
+  for (const claim of claims) {
+    const level = claim.confidence_level ?? "none";
+    const li = el("li", null, `claim ${level}`);
+    const text = el("div", null, "claim-text");
+    text.append(inline(claim.text));
+    const score = el("div", null, "claim-score");
+    score.append(el("strong", typeof claim.confidence === "number" ? pct(claim.confidence) : "n/a"),
+      " ", el("span", claim.confidence_level ?? "", "tier"));
+    const row = el("div", null, "claim-row");
+    row.append(text, score);
+    li.append(row);
+    if (claim.guidance) li.append(el("p", claim.guidance, "guidance"));
+    ol.append(li);
+  }
+  return ol;
+}
+
+function sampleList(samples) {
+  const ol = el("ol", null, "samples");
+  samples.forEach((sample, i) => {
+    const li = el("li");
+    const text = el("div", null, "sample-text");
+    text.append(renderMarkdown(sample.text));
+    li.append(el("div", `answer ${i + 1} · seed ${sample.seed}`, "sample-seed"), text);
+    ol.append(li);
+  });
+  return ol;
 }
 
 // ----- talking to the server ------------------------------------------------------------------------------------
@@ -237,9 +635,18 @@ async function* serverSentEvents(response) {
       buffer = buffer.slice(cut + 2);
       const data = event.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("\n");
       if (data === "[DONE]") return;
-      if (data) yield JSON.parse(data);
+      if (data) yield parseJson(data);
     }
   }
+}
+
+function finishAnswer(msg, answer, reply, trust) {
+  msg.dataset.verifiers = trust.verifier_heads.length;
+  answer.querySelectorAll(".tok").forEach(shade);
+  addViews(msg, answer, reply);
+  renderMetrics(msg, trust);
+  renderCard(msg, trust);
+  renderInspect(msg, trust.certainty);
 }
 
 async function ask(text) {
@@ -251,6 +658,7 @@ async function ask(text) {
   const answer = document.createElement("div");
   answer.className = "answer streaming";
   msg.append(answer);
+  const wait = certaintyWait(msg, settings);
   state.controller = new AbortController();
   setBusy(true);
   let reply = "";
@@ -273,12 +681,12 @@ async function ask(text) {
       if (choice.finish_reason) {
         if (choice.delta.content) answer.append(choice.delta.content);
         reply += choice.delta.content || "";
-        msg.dataset.verifiers = chunk.trust.verifier_heads.length;
-        answer.querySelectorAll(".tok").forEach(shade);
-        renderCard(msg, chunk.trust);
+        wait.done();
+        finishAnswer(msg, answer, reply, chunk.trust);
         finished = true;
       } else if (chunk.trust) {
         addToken(answer, chunk.trust);
+        wait.token(chunk.trust);
         reply += chunk.trust.text;
         msg.scrollIntoView({ block: "end" });
       }
@@ -289,6 +697,7 @@ async function ask(text) {
     state.history.pop(); // the question was not answered: let the user ask again
     showError(msg, err.name === "AbortError" ? "Stopped." : `Error: ${err.message}`);
   } finally {
+    wait.done();
     answer.classList.remove("streaming");
     state.controller = null;
     setBusy(false);
@@ -346,6 +755,9 @@ chat.addEventListener("mouseout", (e) => { if (e.target.classList.contains("tok"
 chat.addEventListener("focusin", (e) => { if (e.target.classList.contains("tok")) showTip(e.target); });
 chat.addEventListener("focusout", hideTip);
 window.addEventListener("scroll", hideTip, { passive: true });
+
+// For tests and the curious: the renderer every answer goes through.
+window.olmoTap = Object.freeze({ renderMarkdown });
 
 restoreSettings();
 updateLegend();
