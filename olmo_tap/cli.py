@@ -32,6 +32,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "olmo_tap.serve.cli",
     "olmo_tap.benchmarks.cli",
     "olmo_tap.train.cli",
+    "olmo_tap.batch.cli",
 ]
 
 
