@@ -157,12 +157,13 @@ def check_record(spec: JobSpec, value: Any, index: int) -> dict[str, Any]:
         except (ValueError, TypeError, KeyError) as e:
             raise RecordError(str(e)) from None
         return {"id": rid, "sequence": sequence.to_dict()}
-    transcript = value.get("transcript", value) if "transcript" in value else value
+    from olmo_tap.inference.transcript import check_transcript
+
     if "transcript" in value:
         _only(value, ("id", "transcript"))
-    else:
-        rid = index + 1  # a bare transcript's "id" is not a field of transcripts: the position names it
-    from olmo_tap.inference.transcript import check_transcript
+        transcript = value["transcript"]
+    else:  # a bare transcript: named by its position (a transcript has no id field)
+        transcript = value
 
     try:
         check_transcript(transcript)
