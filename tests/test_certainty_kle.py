@@ -321,3 +321,13 @@ def test_a_checkpoint_without_nli_labels_or_a_missing_one_is_refused(tiny_nli, t
         make_similarity(f"nli:{tmp_path / 'missing'}")
     with pytest.raises(ValueError, match="unknown similarity"):
         make_similarity("cosine")
+
+
+def test_the_jurys_similarities_score_pairs_in_range(answered):
+    from olmo_tap.certainty.similarity import JuryEmbedding, JuryJudge
+
+    model, tokenizer, *_ = answered
+    pairs = [("abc", "abd"), ("abd", "abc"), ("abc", "abc")]
+    embedding = JuryEmbedding(model, tokenizer).support(pairs, "ab")
+    assert embedding[0] == pytest.approx(embedding[1]) and embedding[2] == pytest.approx(1.0)
+    assert all(0 <= s <= 1 for s in JuryJudge(model, tokenizer).support(pairs, "ab"))

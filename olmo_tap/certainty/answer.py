@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from olmo_tap.certainty.method import CertaintyPlan, plan_certainty
+from olmo_tap.certainty.method import ABSTAINED, CertaintyPlan, plan_certainty
 from olmo_tap.certainty.sampled import kle_with_claims, sample_answers
 from olmo_tap.certainty.similarity import make_similarity
 from olmo_tap.inference.poe import PoEOutput
@@ -50,7 +50,7 @@ class CertaintyRun:
         if not plan.kle:
             return plan.unavailable()
         if output.abstained:
-            return {**plan.unavailable(), "method": "kle", "reason": "the jury abstained: nothing to compare"}
+            return plan.failed(ABSTAINED)
         if self.on_sampling is not None:
             self.on_sampling()
         samples = sample_answers(self.model, self.tokenizer, self.settings, messages, output.settings["seed"])

@@ -24,6 +24,7 @@ Choice = Literal["auto", "mcq", "kle", "off", "cheap"]
 CHOICES: tuple[str, ...] = ("auto", "mcq", "kle", "off")
 UNCERTAINTY_HEAD = "uncertainty_head"
 KLE = "kle"
+ABSTAINED = "the jury abstained: there is no answer to compare the samples with"
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,10 @@ class CertaintyPlan:
     def unavailable(self) -> dict[str, Any]:
         """The certainty object of an answer that has none (``method`` None), with the reason."""
         return {**self._head(), "method": None, "value": None, "reason": self.reason}
+
+    def failed(self, reason: str) -> dict[str, Any]:
+        """The certainty object of a KLE that could not be computed for this answer, with the reason."""
+        return {**self._head(), "method": KLE, "value": None, "reason": reason}
 
     def from_head(self, p_correct: float | None) -> dict[str, Any]:
         reason = None

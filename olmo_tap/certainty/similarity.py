@@ -115,25 +115,25 @@ class JuryEmbedding:
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self._cache: dict[tuple[str, str], torch.Tensor] = {}
 
     @torch.no_grad()
     def embed(self, text: str, question: str) -> torch.Tensor:
-        key = (question, text)
-        if key not in self._cache:
-            from olmo_tap.inference.prompts import encode_chat
+        """The unit-length embedding of ``text`` as an answer to ``question``."""
+        from olmo_tap.inference.prompts import encode_chat
 
-            prompt = encode_chat(self.tokenizer, question) if question else []
-            answer = self.tokenizer.encode(text, add_special_tokens=False) or [self.model.base_config.eos_token_id]
-            ids = torch.tensor([prompt + answer], device=self.model.device)
-            heads = list(range(self.model.n_text_heads))
-            hidden = self.model.head_hidden_states(self.model.forward_trunk(ids), heads)  # (heads, 1, seq, d)
-            pooled = self.model.norm(hidden[:, 0, len(prompt) :]).float().mean(dim=(0, 1))
-            self._cache[key] = pooled / pooled.norm().clamp_min(1e-12)
-        return self._cache[key]
+        prompt = encode_chat(self.tokenizer, question) if question else []
+        answer = self.tokenizer.encode(text, add_special_tokens=False) or [self.model.base_config.eos_token_id]
+        ids = torch.tensor([prompt + answer], device=self.model.device)
+        heads = list(range(self.model.n_text_heads))
+        hidden = self.model.head_hidden_states(self.model.forward_trunk(ids), heads)  # (heads, 1, seq, d)
+        pooled = self.model.norm(hidden[:, 0, len(prompt) :]).float().mean(dim=(0, 1))
+        return pooled / pooled.norm().clamp_min(1e-12)
 
     def support(self, pairs: Pairs, question: str = "") -> list[float]:
-        return [max(0.0, float(self.embed(a, question) @ self.embed(b, question))) for a, b in pairs]
+        # each distinct text embedded once per call (a matrix of N answers asks for each N - 1 times)
+        texts = {t for pair in pairs for t in pair}
+        vectors = {t: self.embed(t, question) for t in texts}
+        return [max(0.0, float(vectors[a] @ vectors[b])) for a, b in pairs]
 
 
 JUDGE_PROMPT = (

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from olmo_tap.certainty.method import CertaintyPlan
+from olmo_tap.certainty.method import ABSTAINED, CertaintyPlan
 from olmo_tap.certainty.sampled import kle_with_claims, sample_seeds, sample_settings
 from olmo_tap.inference.poe import PoEOutput
 from olmo_tap.serve.engine import Job
@@ -52,10 +52,10 @@ class AnswerCertainty:
         if not certainty.kle:
             return certainty.unavailable()
         if self.failure is None and output.abstained:
-            self.failure = "the jury abstained: there is no answer to compare the samples with"
+            self.failure = ABSTAINED
         if self.failure is not None:
             self.cancel()
-            return {**certainty.unavailable(), "method": "kle", "reason": self.failure}
+            return certainty.failed(self.failure)
         try:
             samples = [(await self.service.result(job, None)).output for job in self.jobs]
             question = self.plan.messages[-1]["content"]
@@ -67,4 +67,4 @@ class AnswerCertainty:
         except Exception as e:
             log.warning("%s: KLE certainty failed: %s", self.request_id, e)
             self.cancel()
-            return {**certainty.unavailable(), "method": "kle", "reason": f"KLE failed ({getattr(e, 'message', e)})"}
+            return certainty.failed(f"KLE failed ({getattr(e, 'message', e)})")
