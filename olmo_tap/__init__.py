@@ -7,7 +7,7 @@ from typing import Any
 
 from olmo_tap.hydra import HydraTransformer, HydraTransformerConfig
 from olmo_tap.model.config import ConfigError, TransformerConfig
-from olmo_tap.weights.ensemble import load_ensemble, save_ensemble
+from olmo_tap.weights.ensemble import load_ensemble, load_original_ensemble, save_ensemble
 from olmo_tap.weights.errors import WeightsError
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ __all__ = [
     "TransformerConfig",
     "WeightsError",
     "load_ensemble",
+    "load_original_ensemble",
     "load_tokenizer",
     "save_ensemble",
 ]

@@ -200,6 +200,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         # Before the model loads: a bad key should cost a second, not a model load.
         signing_key = load_private_key(args.signing_key)
+    bank = None
+    if args.robustness:
+        from olmo_tap.robustness.probe import resolve_bank
+
+        # Before the model loads too: a malformed bank should cost a second.
+        bank = resolve_bank(args.attack_bank, args.model)
     model, tokenizer = load_model_and_tokenizer(args)
     decoder = build_decoder(args, model, tokenizer)
     if args.compile:
@@ -217,8 +223,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"certainty: sampling {N_SAMPLES} more answers for Kernel Language Entropy ...", file=sys.stderr)
 
     certainty = CertaintyRun(requested, model, tokenizer, decoder.settings, similarity, args.seed, announce)
+    robustness = robustness_run(args, model, tokenizer, bank, certainty.similarity)
     if args.chat:
-        return chat_loop(decoder, temperature, args, printer, certainty)
+        return chat_loop(decoder, temperature, args, printer, certainty, robustness)
     messages = [{"role": "user", "content": args.prompt}]
     plan, seed = certainty.plan(messages)
     stream = decoder.stream(messages=messages, is_mcq=plan.mcq, temperature=temperature, seed=seed)
@@ -229,12 +236,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.json:
         printer.end()
     answer_certainty = certainty.result(plan, output, messages)
+    answer_robustness = robustness_result(robustness, plan, output, messages)
     if args.json:
-        print(json.dumps({**output.to_dict(), "certainty": answer_certainty}, indent=2))
+        shown = {**output.to_dict(), "certainty": answer_certainty}
+        if answer_robustness is not None:
+            shown["robustness"] = answer_robustness
+        print(json.dumps(shown, indent=2))
     if args.save:
         from olmo_tap.inference.transcript import save_transcript
 
-        transcript = save_transcript(output, args.save, args.model, signing_key, answer_certainty)
+        transcript = save_transcript(output, args.save, args.model, signing_key, answer_certainty, answer_robustness)
         print(f"transcript saved to {args.save} (digest {transcript['digest']})", file=sys.stderr)
         if signing_key is not None:
             print(f"signed by {transcript['signature']['fingerprint']}", file=sys.stderr)
@@ -244,7 +255,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
         write_token_sequence(args.save_tokens, output.prompt_ids, output.token_ids, output.settings["seed"])
     print(printer.summary(output), file=sys.stderr)
     print(certainty_lines(answer_certainty), file=sys.stderr)
+    print_robustness(answer_robustness)
     return 0
+
+
+def robustness_run(args: argparse.Namespace, model: Any, tokenizer: Any, bank: Any, similarity: Any) -> Any:
+    """The robustness probe of ``generate --robustness`` (None without it), on the certainty's similarity."""
+    if not args.robustness:
+        return None
+    from olmo_tap.robustness.probe import RobustnessRun
+
+    def announce(k: int) -> None:
+        print(f"robustness: decoding {k} answers with adversarial suffixes appended ...", file=sys.stderr)
+
+    return RobustnessRun(model, tokenizer, bank, similarity, announce)
+
+
+def robustness_result(robustness: Any, plan: Any, output: Any, messages: list[dict[str, str]]) -> Any:
+    """The answer's robustness record (None when the probe was not asked for)."""
+    if robustness is None:
+        return None
+    return robustness.result(output, messages, scored_mcq=plan.mcq)
+
+
+def print_robustness(record: dict[str, Any] | None) -> None:
+    if record is not None:
+        from olmo_tap.robustness.probe import summary_line
+
+        print(summary_line(record), file=sys.stderr)
 
 
 def certainty_lines(certainty: dict[str, Any]) -> str:
@@ -265,7 +303,9 @@ def certainty_lines(certainty: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def chat_loop(decoder: Any, temperature: float, args: argparse.Namespace, printer: Any, certainty: Any) -> int:
+def chat_loop(
+    decoder: Any, temperature: float, args: argparse.Namespace, printer: Any, certainty: Any, robustness: Any = None
+) -> int:
     """Interactive multi-turn chat on stdin/stdout; an empty line or EOF ends it."""
     messages: list[dict[str, str]] = []
     print("olmo-tap chat: type a message, an empty line or Ctrl-D ends.", file=sys.stderr)
@@ -285,6 +325,7 @@ def chat_loop(decoder: Any, temperature: float, args: argparse.Namespace, printe
         printer.end()
         print(printer.summary(stream.output), file=sys.stderr)
         print(certainty_lines(certainty.result(plan, stream.output, messages)), file=sys.stderr)
+        print_robustness(robustness_result(robustness, plan, stream.output, messages))
         messages.append({"role": "assistant", "content": stream.output.text})
     return 0
 
@@ -339,6 +380,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="KLE's similarity from a Hugging Face NLI model (directory or hub id), e.g. the original's "
         "tasksource/ModernBERT-large-nli",
     )
+    gen.add_argument(
+        "--robustness",
+        action="store_true",
+        help="the robustness probe: append each of 3 adversarial suffixes from the attack bank to the question, "
+        "answer again with the same settings and seed (3 more answers, batched) and count how many flip the answer",
+    )
+    gen.add_argument(
+        "--attack-bank",
+        default=None,
+        metavar="PATH",
+        help="the probe's attack bank (olmo-tap train attacks); default: the one shipped for the model's preset",
+    )
     gen.add_argument("--json", action="store_true", help="print the full PoEOutput as JSON instead of text")
     gen.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
     gen.add_argument("--save", default=None, help="write a transcript (JSON) for `olmo-tap audit`")
@@ -367,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--compile needs --mode single (PoE and naive decoding run several heads per step)")
     if args.command == "generate" and args.mcq and args.certainty not in (None, "mcq"):
         parser.error(f"--mcq asks for the uncertainty head, --certainty {args.certainty} for another")
+    if args.command == "generate" and args.attack_bank and not args.robustness:
+        parser.error("--attack-bank is the robustness probe's bank: it needs --robustness")
     if args.command == "generate" and args.signing_key and not args.save:
         parser.error("--signing-key signs the saved transcript: it needs --save PATH")
     if args.command == "generate":

@@ -262,10 +262,15 @@ class HydraTransformer(nn.Module):
         decoder feeding one token per step to a GPU model waits for no device round trip in the check.
         """
         self._check_ids(ids.view(1, -1))
-        self._check_rows(rows, ids.numel(), cache)
+        return self.trunk_embedded(self.embed(ids.to(self.device)), rows, cache)
+
+    def trunk_embedded(self, x: torch.Tensor, rows: Rows, cache: HydraCache | None = None) -> torch.Tensor:
+        """The trunk on input embeddings ``x`` (tokens, d_model) laid out as ``rows`` -> (tokens, d_model).
+        Differentiable in ``x`` when grad is enabled (an attack's gradient reaches the input tokens this way)."""
+        self._check_rows(rows, x.size(0), cache)
         if cache is not None:
             cache.claim_trunk(rows)
-        x = self.embed(ids.to(self.device)).unsqueeze(0)
+        x = x.unsqueeze(0)
         rope = self._rope(rows, cache is not None)
         for i, block in enumerate(self.trunk):
             layer = None if cache is None else cache.trunk[i]

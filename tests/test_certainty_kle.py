@@ -121,6 +121,12 @@ def test_token_overlap_and_the_matrix():
     w = similarity_matrix(overlap, ["The capital of France is Paris.", "The capital of France is Lyon."], question)
     assert w[0, 1] == 0.0
     assert similarity_matrix(overlap, ["The capital of France is Paris.", "Paris."], question)[0, 1] == 2.0
+    # a numbered list's markers are layout: an answer of bare numbering shares nothing with a numbered answer,
+    # while numbers inside a line stay content
+    numbered = "1. Sleep eight hours.\n2. Drink 2 litres of water."
+    # (no content at all: it supports nothing in the numbered answer, which half-supports it, 0.5 by the rule)
+    assert similarity_matrix(overlap, [numbered, "1.\n2.\n3."])[0, 1] == 0.5
+    assert overlap.support([(numbered, "Drink 2 litres")])[0] == 1.0
 
 
 class Broken:

@@ -51,7 +51,13 @@ class Similarity(Protocol):
     def support(self, pairs: Pairs, question: str) -> list[float]: ...
 
 
+# A numbered list's markers ("1. ", "2) " at the start of a line) are layout, not claims: without this an answer
+# made of nothing but "1. 1. 1." would share its only "word" with every numbered answer.
+_LIST_MARKER = re.compile(r"^[ \t]*\d{1,3}[.)](?=\s|$)", re.MULTILINE)
+
+
 def content_words(text: str) -> set[str]:
+    text = _LIST_MARKER.sub(" ", text)
     return {w for w in (m.group(0).lower() for m in _WORD.finditer(text)) if w not in FUNCTION_WORDS}
 
 
@@ -75,23 +81,22 @@ class TokenOverlap:
         return scores
 
 
+def symmetric_similarities(similarity: Similarity, pairs: Pairs, question: str = "") -> list[float]:
+    """``s(a -> b) + s(b -> a)`` in [0, 2] for each pair ``(a, b)`` (one batched call of ``support``); 2 for two
+    texts that are the same after stripping whitespace, without scoring them (as the original does)."""
+    scored = [(a, b) for a, b in pairs if a.strip() != b.strip()]
+    scores = iter(checked_support(similarity, [d for a, b in scored for d in ((a, b), (b, a))], question))
+    return [MAX_SIMILARITY if a.strip() == b.strip() else next(scores) + next(scores) for a, b in pairs]
+
+
 def similarity_matrix(similarity: Similarity, answers: Sequence[str], question: str = "") -> np.ndarray:
-    """KLE's ``W``: ``s(i -> j) + s(j -> i)`` for every pair (one batched call of ``support``), 2 for identical
-    texts, 0 on the diagonal."""
+    """KLE's ``W``: ``symmetric_similarities`` of every pair, 0 on the diagonal."""
     n = len(answers)
     w = np.zeros((n, n), dtype=np.float64)
-    pairs: Pairs = []
-    where: list[tuple[int, int]] = []
-    for i in range(n):
-        for j in range(i + 1, n):
-            if answers[i].strip() == answers[j].strip():
-                w[i, j] = w[j, i] = MAX_SIMILARITY
-            else:
-                pairs += [(answers[i], answers[j]), (answers[j], answers[i])]
-                where.append((i, j))
-    scores = checked_support(similarity, pairs, question)
-    for k, (i, j) in enumerate(where):
-        w[i, j] = w[j, i] = scores[2 * k] + scores[2 * k + 1]
+    where = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    scores = symmetric_similarities(similarity, [(answers[i], answers[j]) for i, j in where], question)
+    for (i, j), score in zip(where, scores, strict=True):
+        w[i, j] = w[j, i] = score
     return w
 
 

@@ -11,9 +11,13 @@ Format (JSON object, ``format`` = "olmo-tap-transcript", ``version`` = 2). One c
 - ``certainty`` (only when the answer's certainty is Kernel Language Entropy): its sampled answers (seed, draft
   head, token ids, text), their settings, the similarity's name, the matrix, the entropy and the value
   (``olmo_tap.certainty.sampled.kle_record``); the audit replays each sample and recomputes the rest;
-- ``digest``: ``sha256:`` + hex of the canonical JSON of the fields above (``content_digest``; ``certainty``
-  only when present, so older transcripts keep theirs), so an answer can be quoted with its digest and any
-  later edit of them shows;
+- ``robustness`` (only when the robustness probe measured the answer): the conversation, the adversarial
+  suffixes and each attacked answer (token ids, the jury's path, text), their settings, the flips and the value
+  (``olmo_tap.robustness.probe.robustness_record`` without its ``worst_case``); the audit replays each attacked
+  answer and recomputes the rest;
+- ``digest``: ``sha256:`` + hex of the canonical JSON of the fields above (``content_digest``; ``certainty`` and
+  ``robustness`` only when present, so older transcripts keep theirs), so an answer can be quoted with its digest
+  and any later edit of them shows;
 - ``output``: the whole PoEOutput. Every field of it is *derived* from the five above (text, per-token
   signals, decisions, counts) and ``olmo-tap audit`` recomputes and compares each one, except the timings
   (``elapsed_s``, ``tokens_per_second``), which no replay can know;
@@ -28,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +45,10 @@ READABLE_VERSIONS = (1, 2)
 REQUIRED_SETTINGS = ("mode", "seed", "temperature", "beta", "veto_threshold", "draft_head", "n_llm_heads")
 # The digest covers exactly these fields: the claim. Everything in ``output`` is derived from them.
 DIGESTED_FIELDS = ("format", "version", "model", "settings", "prompt_ids", "token_ids")
-OPTIONAL_DIGESTED_FIELDS = ("certainty",)  # in the claim when present
+OPTIONAL_DIGESTED_FIELDS = ("certainty", "robustness")  # in the claim when present
 TOP_LEVEL_FIELDS = (*DIGESTED_FIELDS, *OPTIONAL_DIGESTED_FIELDS, "digest", "output", "signature")
 MAX_CERTAINTY_SAMPLES = 16  # each is replayed by an audit: bound the work a transcript can ask for
+MAX_ROBUSTNESS_ATTACKS = 16  # likewise each attacked answer
 # Upper bounds of settings that size what an audit allocates (the original system ran 10 heads x 3 layers).
 LIMITS = {"n_heads": 64, "heads_depth": 256, "gamma": 64, "threads": 4096}
 # The types of the output's lists, so a malformed one is refused as bad input rather than met deep in the audit.
@@ -76,11 +82,14 @@ def content_digest(transcript: dict[str, Any]) -> str:
 
 
 def transcript_dict(
-    output: PoEOutput, model: str | None = None, certainty: dict[str, Any] | None = None
+    output: PoEOutput,
+    model: str | None = None,
+    certainty: dict[str, Any] | None = None,
+    robustness: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The transcript of ``output``; ``certainty``: its certainty object, recorded when it is a KLE value (the
     uncertainty head's p(correct) is in the output, re-scored by the audit; a certainty without a value claims
-    nothing)."""
+    nothing); ``robustness``: its robustness record, recorded when the probe measured it."""
     transcript = {
         "format": FORMAT,
         "version": VERSION,
@@ -91,6 +100,8 @@ def transcript_dict(
     }
     if certainty is not None and certainty.get("method") == "kle" and certainty.get("value") is not None:
         transcript["certainty"] = {k: v for k, v in certainty.items() if k in KLE_RECORD_FIELDS}
+    if robustness is not None and robustness.get("type") in ROBUSTNESS_TYPES:
+        transcript["robustness"] = {k: v for k, v in robustness.items() if k in ROBUSTNESS_RECORD_FIELDS}
     transcript["digest"] = content_digest(transcript)
     transcript["output"] = output.to_dict()
     return transcript
@@ -102,10 +113,11 @@ def save_transcript(
     model: str | None = None,
     signing_key: Any = None,
     certainty: dict[str, Any] | None = None,
+    robustness: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the transcript of ``output`` to ``path``, signed when ``signing_key`` (an Ed25519 private key) is
     given; returns it (its ``digest`` is worth printing)."""
-    transcript = transcript_dict(output, model, certainty)
+    transcript = transcript_dict(output, model, certainty, robustness)
     if signing_key is not None:
         from olmo_tap.verify.signing import sign_transcript  # lazily: decoding never needs cryptography
 
@@ -197,13 +209,29 @@ KLE_RECORD_FIELDS = (
 )  # fmt: skip
 
 
-def check_certainty(record: Any) -> dict[str, Any]:
-    """A transcript's KLE record if it is well formed (types and sizes; honesty is the audit's); else
-    ValueError naming the field."""
+def _requirement(field: str) -> Callable[[bool, str, str], None]:
+    """``need(ok, name, expected)``: a ValueError naming ``field.name`` and what it must be, unless ``ok``."""
 
     def need(ok: bool, name: str, expected: str) -> None:
         if not ok:
-            raise ValueError(f"transcript field 'certainty.{name}' must be {expected}")
+            raise ValueError(f"transcript field '{field}.{name}' must be {expected}")
+
+    return need
+
+
+def _check_side_answer(need: Callable[[bool, str, str], None], answer: Any, where: str, field: str) -> None:
+    """What every replayable extra answer (a KLE sample, an attacked answer) records: its draft head and its path."""
+    need(isinstance(answer, dict), where, "an object")
+    need(_is_int(answer.get("draft_head")) or answer.get("draft_head") is None, f"{where}.draft_head",
+         "an integer or null")  # fmt: skip
+    for name in ("token_ids", "resampled_idxs", "original_token_ids"):
+        _id_list(answer.get(name), f"{field}.{where}.{name}")
+
+
+def check_certainty(record: Any) -> dict[str, Any]:
+    """A transcript's KLE record if it is well formed (types and sizes; honesty is the audit's); else
+    ValueError naming the field."""
+    need = _requirement("certainty")
 
     need(isinstance(record, dict), "", "an object")
     need(record.get("method") == "kle", "method", "'kle' (the only certainty a transcript records)")
@@ -214,12 +242,8 @@ def check_certainty(record: Any) -> dict[str, Any]:
         f"a list of 2 to {MAX_CERTAINTY_SAMPLES} sampled answers",
     )
     for i, sample in enumerate(samples):
-        need(isinstance(sample, dict), f"samples[{i}]", "an object")
+        _check_side_answer(need, sample, f"samples[{i}]", "certainty")
         need(_is_int(sample.get("seed")) and sample["seed"] >= 0, f"samples[{i}].seed", "an integer >= 0")
-        need(_is_int(sample.get("draft_head")) or sample.get("draft_head") is None, f"samples[{i}].draft_head",
-             "an integer or null")  # fmt: skip
-        for name in ("token_ids", "resampled_idxs", "original_token_ids"):
-            _id_list(sample.get(name), f"certainty.samples[{i}].{name}")
         need(isinstance(sample.get("text", ""), str), f"samples[{i}].text", "a string")
     n = len(samples)
     need(record.get("n_samples") == n, "n_samples", f"the number of samples ({n})")
@@ -236,6 +260,61 @@ def check_certainty(record: Any) -> dict[str, Any]:
     need(isinstance(record.get("similarity"), str), "similarity", "a string")
     need(isinstance(record.get("question"), str), "question", "a string")
     need(isinstance(record.get("sample_settings"), dict), "sample_settings", "an object")
+    return record
+
+
+# What a transcript's ``robustness`` holds (``olmo_tap.robustness.probe.robustness_record``; the worst case is
+# derived from the attacks, for a reader), and its types: multiple choice, free text.
+ROBUSTNESS_TYPES = ("mcq", "free_text")
+ROBUSTNESS_RECORD_FIELDS = (
+    "type", "value", "attempts", "flips", "flipped", "attacks", "clean_choice", "similarity", "threshold", "seed",
+    "bank", "messages", "attack_settings",
+)  # fmt: skip
+ROLE_CONTENT = ("role", "content")
+
+
+def check_robustness(record: Any) -> dict[str, Any]:
+    """A transcript's robustness record if it is well formed (types and sizes; honesty is the audit's); else
+    ValueError naming the field."""
+    need = _requirement("robustness")
+
+    need(isinstance(record, dict), "", "an object")
+    need(record.get("type") in ROBUSTNESS_TYPES, "type", f"one of {ROBUSTNESS_TYPES}")
+    attacks = record.get("attacks")
+    need(
+        isinstance(attacks, list) and 1 <= len(attacks) <= MAX_ROBUSTNESS_ATTACKS,
+        "attacks",
+        f"a list of 1 to {MAX_ROBUSTNESS_ATTACKS} attacked answers",
+    )
+    for i, attack in enumerate(attacks):
+        _check_side_answer(need, attack, f"attacks[{i}]", "robustness")
+        need(isinstance(attack.get("suffix"), str), f"attacks[{i}].suffix", "a string")
+        need(isinstance(attack.get("answer"), str), f"attacks[{i}].answer", "a string")
+        need(isinstance(attack.get("flipped"), bool), f"attacks[{i}].flipped", "true or false")
+        similarity = attack.get("similarity")
+        need(similarity is None or _is_number(similarity), f"attacks[{i}].similarity", "a finite number or null")
+        choice = attack.get("choice")
+        need(choice is None or isinstance(choice, str), f"attacks[{i}].choice", "a string or null")
+    need(record.get("attempts") == len(attacks), "attempts", f"the number of attacks ({len(attacks)})")
+    for name in ("flips", "flipped"):
+        need(_is_int(record.get(name)) and 0 <= record[name] <= len(attacks), name, "an integer in [0, attempts]")
+    for name in ("value", "threshold"):
+        need(_is_number(record.get(name)), name, "a finite number")
+    need(_is_int(record.get("seed")) and record["seed"] >= 0, "seed", "an integer >= 0")
+    need(isinstance(record.get("similarity"), str), "similarity", "a string")
+    need(record.get("clean_choice") is None or isinstance(record["clean_choice"], str), "clean_choice",
+         "a string or null")  # fmt: skip
+    bank = record.get("bank")
+    need(isinstance(bank, dict) and isinstance(bank.get("fingerprint"), str), "bank", "an object with a fingerprint")
+    messages = record.get("messages")
+    well_formed = isinstance(messages, list) and bool(messages)
+    for m in messages if well_formed else []:
+        well_formed = well_formed and isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ROLE_CONTENT)
+    need(well_formed, "messages", "a non-empty list of {role, content} messages")
+    try:
+        check_settings(record.get("attack_settings"))
+    except ValueError as e:
+        raise ValueError(f"transcript field 'robustness.attack_settings': {e}") from None
     return record
 
 
@@ -267,6 +346,8 @@ def check_transcript(data: Any) -> dict[str, Any]:
             raise ValueError(f"transcript field 'output.{name}' must be a list of {kind.__name__} values")
     if data.get("certainty") is not None:
         check_certainty(data["certainty"])
+    if data.get("robustness") is not None:
+        check_robustness(data["robustness"])
     if data["version"] >= 2 and not isinstance(data.get("digest"), str):
         raise ValueError("transcript field 'digest' must be a string (sha256:<hex>)")
     if data.get("signature") is not None and not isinstance(data["signature"], dict):

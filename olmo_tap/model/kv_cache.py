@@ -137,6 +137,20 @@ class HydraCache:
         self.trunk_lengths[slot] = 0
         self.head_lengths[slot] = [0] * self.n_text_heads
 
+    def copy_prefix(self, src: int, dst: Sequence[int], n: int) -> None:
+        """Give slots ``dst`` the first ``n`` positions of slot ``src`` (trunk and every text head): sequences that
+        share a prompt compute it once."""
+        have = min(self.trunk_lengths[src], *self.head_lengths[src])
+        if not 0 <= n <= have:
+            raise ValueError(f"slot {src} holds {have} positions in every layer, cannot copy {n}")
+        for slot in dst:
+            self._check(slot, 0, n, 0, "the copy")
+            for layer in (*self.trunk, *self.heads):
+                layer.k[slot, :, :, :n].copy_(layer.k[src, :, :, :n])
+                layer.v[slot, :, :, :n].copy_(layer.v[src, :, :, :n])
+            self.trunk_lengths[slot] = n
+            self.head_lengths[slot] = [n] * self.n_text_heads
+
     def claim_trunk(self, rows: Rows) -> None:
         """Check that every row's write continues its slot's valid trunk positions, then extend them."""
         for slot, start, n in zip(rows.slots, rows.starts, rows.lengths, strict=True):

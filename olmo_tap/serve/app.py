@@ -26,14 +26,23 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.cors import CORSMiddleware
 
-from olmo_tap.certainty.method import plan_certainty
+from olmo_tap.certainty.method import CertaintyPlan, plan_certainty
 from olmo_tap.certainty.similarity import make_similarity
 from olmo_tap.engine.batch import BatchRunner
 from olmo_tap.inference.poe import PoEOutput
 from olmo_tap.inference.prompts import encode_chat
 from olmo_tap.inference.settings import DecodeSettings
+from olmo_tap.robustness.bank import AttackBank, model_fingerprint
+from olmo_tap.robustness.probe import (
+    NO_BANK,
+    attack_settings,
+    attack_suffixes,
+    attacked_messages,
+    bank_summary,
+    last_user_index,
+    resolve_bank,
+)
 from olmo_tap.serve.analyse import AnalyseRequest, analyse_body
-from olmo_tap.serve.certainty import AnswerCertainty
 from olmo_tap.serve.config import ServeConfig, public_model_id
 from olmo_tap.serve.engine import DeadlinePassed, Engine, EngineStopped, Job, JobFailed, QueueFull
 from olmo_tap.serve.errors import APIError, error_payload, install_error_handlers, quote_input
@@ -41,8 +50,9 @@ from olmo_tap.serve.generation import Generated, GenerationPlan, GenerationWork
 from olmo_tap.serve.middleware import BodySizeLimit, HostCheck, JSONBodiesOnly, RequestContext, trusted_hosts
 from olmo_tap.serve.responses import JSONResponse, chunk_body, completion_body, sse, usage
 from olmo_tap.serve.schemas import AuditRequest, ChatCompletionRequest, VerifyRequest
+from olmo_tap.serve.signals import AnswerSignals
 from olmo_tap.serve.trust import OPENAI_FINISH, response_trust
-from olmo_tap.serve.verification import check_audit_request, run_audit, run_verify
+from olmo_tap.serve.verification import audit_tokens, check_audit_request, run_audit, run_verify
 
 log = logging.getLogger("olmo_tap.serve")
 
@@ -64,7 +74,15 @@ class ClientGone(Exception):
 class Service:
     """What the routes share: the model, its worker, the settings and a tokenizer for request checks."""
 
-    def __init__(self, model: Any, tokenizer: Any, model_id: str, config: ServeConfig, signing_key: Any = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        model_id: str,
+        config: ServeConfig,
+        signing_key: Any = None,
+        attack_bank: AttackBank | None = None,
+    ) -> None:
         self.model = model
         self.signing_key = signing_key  # an Ed25519PrivateKey, or None: transcripts go out unsigned
         self.tokenizer = tokenizer
@@ -81,6 +99,10 @@ class Service:
         self._check_lock = threading.Lock()
         # KLE's similarity, built once (an NLI checkpoint loads here, so a missing one fails at start-up).
         self.similarity = make_similarity(config.similarity, model, tokenizer)
+        # The robustness probe's bank, and whether it was made for these weights: the fingerprint hashes every
+        # weight (a second for 135M parameters), so it is taken once, here.
+        self.attack_bank = attack_bank
+        self.bank_info = None if attack_bank is None else bank_summary(attack_bank, model_fingerprint(model))
 
     @property
     def n_text_heads(self) -> int:
@@ -125,8 +147,15 @@ class Service:
                 "context": self.context,
                 "dtype": str(self.model.dtype).removeprefix("torch."),
                 "device": str(self.model.device),
+                "robustness": self.robustness_card(),
             },
         }
+
+    def robustness_card(self) -> dict[str, Any]:
+        """Whether the robustness probe can run here, and with which bank."""
+        if self.attack_bank is None:
+            return {"attack_bank": False, "reason": NO_BANK}
+        return {"attack_bank": True, "attacks": len(attack_suffixes(self.attack_bank)), **(self.bank_info or {})}
 
     def count_prompt_tokens(self, conversation: list[dict[str, str]]) -> int:
         with self._check_lock:
@@ -187,7 +216,8 @@ class Service:
         last_user = next((m["content"] for m in reversed(conversation) if m["role"] == "user"), "")
         certainty = plan_certainty(body.certainty_choice, last_user, self.model.uncertainty_head is not None)
         seed = body.seed
-        if seed is None and certainty.kle:  # the samples' seeds derive from the answer's: fixed before decoding
+        # KLE's samples derive their seeds from the answer's, and the attacked answers take it: fixed before decoding
+        if seed is None and (certainty.kle or body.robustness):
             seed = int.from_bytes(os.urandom(4), "little")
         settings = DecodeSettings(
             mode=body.mode,
@@ -201,7 +231,27 @@ class Service:
             max_new_tokens=limit if limit is not None else min(self.config.default_max_tokens, room),
             top_logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         )
-        return GenerationPlan(conversation, prompt_tokens, settings, certainty, body.stream, body.logprobs)
+        attacks = await self.attack_plans(conversation, settings, certainty) if body.robustness else None
+        return GenerationPlan(conversation, prompt_tokens, settings, certainty, body.stream, body.logprobs, attacks)
+
+    async def attack_plans(
+        self, conversation: list[dict[str, str]], settings: DecodeSettings, certainty: CertaintyPlan
+    ) -> tuple[GenerationPlan, ...]:
+        """The robustness probe's attacked answers (none without a bank): the conversation with each suffix
+        appended to its last user message, decoded with the answer's settings and seed, not scored."""
+        try:
+            last_user_index(conversation)
+        except ValueError as e:
+            raise APIError(400, f"robustness: {e}", param="robustness") from None
+        if self.attack_bank is None:
+            return ()
+        unscored = CertaintyPlan(None, "off", certainty.detected_mcq, "an attacked answer is not scored")
+        plans = []
+        for suffix in attack_suffixes(self.attack_bank):
+            messages = attacked_messages(conversation, suffix)
+            tokens = await anyio.to_thread.run_sync(self.count_prompt_tokens, messages)
+            plans.append(GenerationPlan(messages, tokens, attack_settings(settings), unscored))
+        return tuple(plans)
 
     def submit(self, request_id: str, work: Callable[[Job], Any]) -> Job:
         return self._queue(lambda: self.engine.submit(request_id, work, self.config.request_timeout_s))
@@ -288,19 +338,28 @@ async def next_event(job: Job, request: Request | None, engine: Engine) -> tuple
 
 
 def create_app(
-    model: Any, tokenizer: Any, model_id: str, config: ServeConfig | None = None, signing_key: Any = None
+    model: Any,
+    tokenizer: Any,
+    model_id: str,
+    config: ServeConfig | None = None,
+    signing_key: Any = None,
+    attack_bank: AttackBank | None = None,
 ) -> FastAPI:
     """The application serving ``model`` (a loaded HydraTransformer) under the name ``model_id``.
 
     ``signing_key``: an Ed25519PrivateKey already loaded; otherwise the key file ``config.signing_key``, if
-    any, is loaded here (ValueError when it is not a usable key)."""
+    any, is loaded here (ValueError when it is not a usable key). ``attack_bank``: the robustness probe's bank
+    already loaded; otherwise ``config.attack_bank``, or the one shipped for ``model_id``'s preset, if any, is
+    loaded here (a BankError, a ValueError, when it is missing or malformed)."""
     config = config or ServeConfig()
-    model_id = public_model_id(model_id)  # a model given as a path is shown by its base name only
     if signing_key is None and config.signing_key:
         from olmo_tap.verify.signing import load_private_key
 
         signing_key = load_private_key(config.signing_key)
-    service = Service(model, tokenizer, model_id, config, signing_key)
+    if attack_bank is None:
+        attack_bank = resolve_bank(config.attack_bank, model_id)
+    model_id = public_model_id(model_id)  # a model given as a path is shown by its base name only
+    service = Service(model, tokenizer, model_id, config, signing_key, attack_bank)
     signing_info: dict[str, str] | None = None
     if signing_key is not None:
         from olmo_tap.verify.signing import public_key_info
@@ -389,7 +448,7 @@ def create_app(
         request_id = request.state.request_id
         plan = await service.plan(body)
         job = service.submit_decode(request_id, GenerationWork(model, tokenizer, plan))
-        certainty = AnswerCertainty(service, request_id, plan)  # KLE's samples join the batch beside the answer
+        signals = AnswerSignals(service, request_id, plan)  # KLE's samples, attacked answers: in the batch beside it
         completion_id = "chatcmpl-" + request_id.removeprefix("req-")
         created = int(time.time())
         streaming = False
@@ -400,14 +459,14 @@ def create_app(
             if plan.stream:
                 streaming = True
                 return StreamingResponse(
-                    stream_answer(job, plan, certainty, completion_id, created, body.stream_options),
+                    stream_answer(job, plan, signals, completion_id, created, body.stream_options),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
             generated: Generated = await service.result(job, request)
             output = generated.output
             log_answer(request_id, output, job)
-            trust = await answer_trust(output, job, certainty)
+            trust = await answer_trust(output, job, signals)
             return JSONResponse(completion_body(completion_id, created, model_id, output, trust, generated.logprobs))
         except DeadlinePassed as e:
             raise service.job_error(e) from None
@@ -416,16 +475,19 @@ def create_app(
             return Response(status_code=499)
         finally:
             if not streaming:
-                certainty.cancel()
+                signals.cancel()
 
-    async def answer_trust(output: PoEOutput, job: Job, certainty: AnswerCertainty) -> dict[str, Any]:
-        """The whole answer's trust object, once its certainty is known (KLE waits for its samples)."""
+    async def answer_trust(output: PoEOutput, job: Job, signals: AnswerSignals) -> dict[str, Any]:
+        """The whole answer's trust object, once its certainty and robustness are known (KLE waits for its
+        samples, the probe for its attacked answers)."""
+        certainty, robustness = await signals.results(output)
         return response_trust(
             output,
             model_id,
-            certainty=await certainty.result(output),
+            certainty=certainty,
             queue_s=job.queue_s,
             signing_key=service.signing_key,
+            robustness=robustness,
         )
 
     @app.get("/api/health", include_in_schema=False)
@@ -439,20 +501,20 @@ def create_app(
         (``auto``), claim ledger, security and robustness, in the original's schema."""
         if hf:
             raise APIError(400, "hf: olmo-tap has no Hugging Face Inference API fallback; the jury answers", param="hf")
-        chat = ChatCompletionRequest(messages=body.messages, certainty="auto")
+        chat = ChatCompletionRequest(messages=body.messages, certainty="auto", robustness=body.robustness)
         plan = await service.plan(chat)
         request_id = request.state.request_id
         job = service.submit_decode(request_id, GenerationWork(model, tokenizer, plan))
-        certainty = AnswerCertainty(service, request_id, plan)
+        signals = AnswerSignals(service, request_id, plan)
         try:
             generated: Generated = await service.result(job, request)
             log_answer(request_id, generated.output, job)
-            trust = await answer_trust(generated.output, job, certainty)
+            trust = await answer_trust(generated.output, job, signals)
             return JSONResponse(analyse_body(generated.output, trust, model_id))
         except ClientGone:
             return Response(status_code=499)
         finally:
-            certainty.cancel()
+            signals.cancel()
 
     @app.post("/v1/verify", response_model=None)
     async def verify(body: VerifyRequest, request: Request) -> Response:
@@ -473,14 +535,10 @@ def create_app(
             transcript = check_audit_request(model, model_id, body)
         except ValueError as e:
             raise APIError(400, f"transcript: {e}", param="transcript") from None
-        # A KLE certainty's samples are replayed too: each is the prompt again plus its tokens.
-        answers = [
-            transcript["token_ids"],
-            *(s["token_ids"] for s in (transcript.get("certainty") or {}).get("samples", [])),
-        ]
-        service.check_verify_tokens(sum(len(transcript["prompt_ids"]) + len(ids) for ids in answers), "transcript")
+        service.check_verify_tokens(audit_tokens(transcript), "transcript")
         job = service.submit(
-            request.state.request_id, lambda job: run_audit(job, model, tokenizer, model_id, transcript, body)
+            request.state.request_id,
+            lambda job: run_audit(job, model, tokenizer, model_id, transcript, body, service.attack_bank),
         )
         try:
             return JSONResponse(await service.result(job, request))
@@ -488,7 +546,7 @@ def create_app(
             return Response(status_code=499)
 
     async def stream_answer(
-        job: Job, plan: GenerationPlan, certainty: AnswerCertainty, completion_id: str, created: int, options: Any
+        job: Job, plan: GenerationPlan, signals: AnswerSignals, completion_id: str, created: int, options: Any
     ) -> AsyncIterator[str]:
         """SSE chunks: the role, one chunk per token with its trust fields, the finish with the whole
         answer's trust (transcript included), optionally usage, then [DONE]. The ``finally`` runs when the
@@ -513,7 +571,7 @@ def create_app(
                 elif kind == "done":
                     output: PoEOutput = payload.output
                     log_answer(job.request_id, output, job)
-                    trust = await answer_trust(output, job, certainty)
+                    trust = await answer_trust(output, job, signals)
                     # Text the incremental detokeniser held back until the end (an unfinished character).
                     tail = output.text[len(sent) :] if output.text.startswith(sent) else ""
                     finish = OPENAI_FINISH.get(output.finish_reason, "stop")
@@ -531,7 +589,7 @@ def create_app(
             if not finished:
                 log.info("%s client disconnected mid-stream; decoding stops", job.request_id)
             service.engine.cancel(job)
-            certainty.cancel()
+            signals.cancel()
 
     return app
 

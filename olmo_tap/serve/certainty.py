@@ -13,8 +13,7 @@ from typing import Any
 from olmo_tap.certainty.method import ABSTAINED, CertaintyPlan
 from olmo_tap.certainty.sampled import kle_with_claims, sample_seeds, sample_settings
 from olmo_tap.inference.poe import PoEOutput
-from olmo_tap.serve.engine import Job
-from olmo_tap.serve.generation import GenerationPlan, GenerationWork
+from olmo_tap.serve.generation import GenerationPlan, SideAnswers
 
 log = logging.getLogger("olmo_tap.serve")
 
@@ -25,39 +24,36 @@ class AnswerCertainty:
 
     def __init__(self, service: Any, request_id: str, plan: GenerationPlan) -> None:
         self.service, self.request_id, self.plan = service, request_id, plan
-        self.jobs: list[Job] = []
-        self.failure: str | None = None
+        self.samples: SideAnswers | None = None
         certainty: CertaintyPlan = plan.certainty
         if not certainty.kle:
             return
         settings = sample_settings(plan.settings)
         assert plan.settings.seed is not None  # the service fixes the seed before decoding when KLE is asked for
-        try:
-            for seed in sample_seeds(plan.settings.seed):
-                sample = GenerationPlan(plan.messages, plan.prompt_tokens, settings.replace(seed=seed), plan.certainty)
-                work = GenerationWork(service.model, service.tokenizer, sample)
-                self.jobs.append(service.submit_decode(f"{request_id}-kle{len(self.jobs)}", work))
-        except Exception as e:  # the queue is full or the server is stopping: the answer goes on without KLE
-            self.failure = f"its samples could not be queued ({getattr(e, 'message', e)})"
-            self.cancel()
+        samples = [
+            GenerationPlan(plan.messages, plan.prompt_tokens, settings.replace(seed=seed), certainty)
+            for seed in sample_seeds(plan.settings.seed)
+        ]
+        self.samples = SideAnswers(service, request_id, "kle", samples)
 
     def cancel(self) -> None:
-        for job in self.jobs:
-            self.service.engine.cancel(job)
+        if self.samples is not None:
+            self.samples.cancel()
 
     async def result(self, output: PoEOutput) -> dict[str, Any]:
         certainty: CertaintyPlan = self.plan.certainty
         if certainty.mcq:
             return certainty.from_head(output.uncertainty)
-        if not certainty.kle:
+        if not certainty.kle or self.samples is None:
             return certainty.unavailable()
-        if self.failure is None and output.abstained:
-            self.failure = ABSTAINED
-        if self.failure is not None:
+        failure = self.samples.failure and f"its samples {self.samples.failure}"
+        if failure is None and output.abstained:
+            failure = ABSTAINED
+        if failure is not None:
             self.cancel()
-            return certainty.failed(self.failure)
+            return certainty.failed(failure)
         try:
-            samples = [(await self.service.result(job, None)).output for job in self.jobs]
+            samples = await self.samples.outputs()
             question = self.plan.messages[-1]["content"]
             similarity = self.service.similarity
             job = self.service.submit(

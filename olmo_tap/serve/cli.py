@@ -77,6 +77,14 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
         metavar="PATH",
     )
     option(
+        "--attack-bank",
+        defaults.attack_bank,
+        str,
+        "the robustness probe's attack bank (olmo-tap train attacks): requests with robustness true append its "
+        "first 3 suffixes to the question; default: the bank shipped for the model's preset, if any",
+        metavar="PATH",
+    )
+    option(
         "--allowed-hosts",
         defaults.allowed_hosts,
         comma_list,
@@ -126,6 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_verify_tokens=args.max_verify_tokens,
         log_level=args.log_level,
         signing_key=args.signing_key or None,
+        attack_bank=args.attack_bank or None,
         allowed_hosts=tuple(args.allowed_hosts),
         cors_origins=tuple(args.cors_origins),
         docs=args.docs,
@@ -140,9 +149,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Before the model loads: a bad key should cost a second, not a model load.
         signing_key = load_private_key(config.signing_key)
         print(f"olmo-tap serve: signing transcripts as {key_fingerprint(signing_key.public_key())}", file=sys.stderr)
+    from olmo_tap.robustness.probe import resolve_bank
+
+    # Before the model loads too: a malformed bank is a clear error in a second, not a server that fails later.
+    attack_bank = resolve_bank(config.attack_bank, str(args.model))
+    if attack_bank is None:
+        print("olmo-tap serve: no attack bank for this model: robustness will be unavailable", file=sys.stderr)
     print(f"olmo-tap serve: loading {args.model} ...", file=sys.stderr)
     model, tokenizer = load_model_and_tokenizer(args)
-    app = create_app(model, tokenizer, str(args.model), config, signing_key=signing_key)
+    app = create_app(model, tokenizer, str(args.model), config, signing_key=signing_key, attack_bank=attack_bank)
     for warning in exposure_warnings(config):
         print(f"olmo-tap serve: warning: {warning}", file=sys.stderr)
     print(

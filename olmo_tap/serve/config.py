@@ -38,6 +38,8 @@ class ServeConfig:
     docs: bool = False  # /docs and /redoc: Swagger UI and ReDoc load their assets from a CDN
     # KLE's similarity (olmo_tap.certainty.similarity): a built-in name, or "nli:<checkpoint>" (--nli-model)
     similarity: str = DEFAULT_SIMILARITY
+    # The robustness probe's attack bank (olmo_tap.robustness.bank); None: the one shipped for the model's preset
+    attack_bank: str | None = None
 
     def __post_init__(self) -> None:
         checks = {

@@ -24,6 +24,8 @@ class GenerationPlan:
     certainty: CertaintyPlan
     stream: bool = False
     logprobs: bool = False
+    # The robustness probe's attacked answers, when it was asked for (empty: no bank to attack with)
+    attacks: tuple[GenerationPlan, ...] | None = None
 
     @property
     def mcq(self) -> bool:
@@ -85,3 +87,30 @@ class GenerationWork:
         else:
             sequence.finish()
         return Generated(sequence.output, self.logprobs)
+
+
+class SideAnswers:
+    """Answers decoded in the worker's batch beside a request's answer (KLE's samples, the robustness probe's
+    attacked answers): queued at once, so they decode alongside it, and cancelled with the request. A queue with no
+    room for them (or a server shutting down) leaves ``failure`` saying so and nothing queued: the signal they
+    serve then has no value, with that reason, and the answer goes on."""
+
+    def __init__(self, service: Any, request_id: str, tag: str, plans: list[GenerationPlan]) -> None:
+        self.service = service
+        self.jobs: list[Job] = []
+        self.failure: str | None = None
+        try:
+            for plan in plans:
+                work = GenerationWork(service.model, service.tokenizer, plan)
+                self.jobs.append(service.submit_decode(f"{request_id}-{tag}{len(self.jobs)}", work))
+        except Exception as e:  # the queue is full or the server is stopping
+            self.failure = f"could not be queued ({getattr(e, 'message', e)})"
+            self.cancel()
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            self.service.engine.cancel(job)
+
+    async def outputs(self) -> list[PoEOutput]:
+        """Their answers, once every one is decoded (a failed one raises its APIError)."""
+        return [(await self.service.result(job, None)).output for job in self.jobs]

@@ -115,6 +115,10 @@ class ChatCompletionRequest(RequestModel):
     # free text to Kernel Language Entropy (5 more answers, decoded in the same batch); "mcq", "kle" force one;
     # "off". Unset: multiple choice gets p(correct), free text none (a plain completion stays fast).
     certainty: Literal["auto", "mcq", "kle", "off"] | None = None
+    # The robustness probe (olmo_tap.robustness.probe): the answer again with each of 3 adversarial suffixes appended
+    # to the question (3 more answers, decoded in the same batch: about 3 times a plain completion's work), and how
+    # many of them flip it. Strictly true or false: a probe that costs that much is asked for in so many words.
+    robustness: bool = Field(default=False, strict=True)
 
     @field_validator("messages")
     @classmethod

@@ -7,7 +7,8 @@ draft, the rejected draft, its validity radius and suppression score.
 Per answer: whether the jury certified it or abstained, acceptance statistics, the lowest stability, its
 ``certainty`` (``olmo_tap.certainty.method``: the uncertainty head's p(correct) for multiple choice, Kernel
 Language Entropy over sampled answers for free text, or none with the reason), its ``security`` summary (the
-risk tier below), ``robustness`` (not measured yet: says so), every setting needed to replay it, and the
+risk tier below), ``robustness`` (``olmo_tap.robustness.probe``: the share of adversarial suffixes that left the
+answer as it was, with the attacked answers; or none with the reason), every setting needed to replay it, and the
 transcript itself (the JSON ``olmo-tap audit`` checks) with its digest; when the server has a signing key,
 the transcript carries its Ed25519 signature and ``signed_by`` the key's fingerprint.
 
@@ -24,6 +25,7 @@ from typing import Any
 
 from olmo_tap.inference.poe import PoEOutput, TokenEvent
 from olmo_tap.inference.transcript import transcript_dict
+from olmo_tap.robustness.probe import NOT_REQUESTED, unavailable
 
 # How a response ended, in OpenAI's vocabulary; trust.finish_reason keeps olmo-tap's own word.
 OPENAI_FINISH = {"eos": "stop", "length": "length", "abstain": "content_filter", "time_limit": "length"}
@@ -79,10 +81,7 @@ def tokens_from_output(output: PoEOutput) -> list[dict[str, Any]]:
 
 
 LOW_RISK, MODERATE_RISK = 0.8, 0.4
-ROBUSTNESS_UNAVAILABLE = {
-    "type": "unavailable",
-    "reason": "the robustness probe (adversarial suffixes) is not part of olmo-tap yet",
-}
+ROBUSTNESS_UNAVAILABLE = unavailable(NOT_REQUESTED)  # a request that did not ask for the probe
 
 
 def max_validity_radius(n_verifiers: int) -> int:
@@ -114,12 +113,15 @@ def response_trust(
     certainty: dict[str, Any],
     queue_s: float,
     signing_key: Any = None,
+    robustness: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``trust`` object of a whole answer (non-streamed responses and the last streamed chunk); with
     ``signing_key`` (an Ed25519PrivateKey) its transcript is signed. ``certainty``: the answer's certainty
-    object (``olmo_tap.certainty.method.CertaintyPlan``); a KLE certainty goes into the transcript too."""
+    object (``olmo_tap.certainty.method.CertaintyPlan``); a KLE certainty goes into the transcript too.
+    ``robustness``: the probe's record (None: not asked for); a measured one goes into the transcript too."""
     settings = output.settings
-    transcript = transcript_dict(output, model_id, certainty)
+    robustness = ROBUSTNESS_UNAVAILABLE if robustness is None else robustness
+    transcript = transcript_dict(output, model_id, certainty, robustness)
     signed_by = None
     if signing_key is not None:
         from olmo_tap.verify.signing import sign_transcript
@@ -152,7 +154,7 @@ def response_trust(
         "p_correct": output.uncertainty,
         "certainty": certainty,
         "security": security_summary(output),
-        "robustness": ROBUSTNESS_UNAVAILABLE,
+        "robustness": robustness,
         "seed": settings.get("seed"),
         "draft_head": output.draft_head,
         "verifier_heads": output.verifier_heads,

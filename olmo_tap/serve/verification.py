@@ -64,13 +64,32 @@ def check_audit_request(model: Any, model_id: str, body: AuditRequest) -> dict[s
     return transcript
 
 
+def audit_tokens(transcript: dict[str, Any]) -> int:
+    """The tokens an audit of ``transcript`` replays (what the server caps): the prompt and the answer, and each
+    KLE sample and attacked answer, with the prompt again (an attacked prompt's few suffix tokens aside)."""
+    sides = [
+        *(s["token_ids"] for s in (transcript.get("certainty") or {}).get("samples", [])),
+        *(a["token_ids"] for a in (transcript.get("robustness") or {}).get("attacks", [])),
+    ]
+    return sum(len(transcript["prompt_ids"]) + len(ids) for ids in [transcript["token_ids"], *sides])
+
+
 def run_audit(
-    job: Job, model: Any, tokenizer: Any, model_id: str, transcript: dict[str, Any], body: AuditRequest
+    job: Job,
+    model: Any,
+    tokenizer: Any,
+    model_id: str,
+    transcript: dict[str, Any],
+    body: AuditRequest,
+    attack_bank: Any = None,
 ) -> dict[str, Any]:
+    """The audit report of ``transcript`` against the served model (``attack_bank``: the server's, which a
+    robustness record's suffixes must come from)."""
     report = audit_poe(
         transcript,
         model,
         tokenizer=tokenizer,
+        attack_bank=attack_bank,
         threshold=DEFAULT_AUDIT_THRESHOLD if body.threshold is None else body.threshold,
         confidence=DEFAULT_CONFIDENCE if body.confidence is None else body.confidence,
         check_stop=job.check_stop,  # between blocks of positions: a client that left or the deadline stops it

@@ -1,4 +1,4 @@
-"""Sub-commands ``olmo-tap train heads|uncertainty|mcq|instructions`` and ``olmo-tap experiment poisoning``.
+"""Sub-commands ``olmo-tap train heads|uncertainty|robustness|mcq|instructions|...`` and ``olmo-tap experiment ...``.
 
 Nothing heavy is imported at module level: the CLI builds its parser without torch.
 """
@@ -123,8 +123,7 @@ def cmd_train_default_jury(args: argparse.Namespace) -> int:
     if args.heads is not None and (not args.heads or any(not 0 <= h < dj.N_TEXT_HEADS for h in args.heads)):
         raise ValueError(f"--heads must list text heads in 0..{dj.N_TEXT_HEADS - 1}, got {args.heads}")
     if not dj.in_reproducible_env():
-        settings = " ".join(f"{k}={v}" for k, v in dj.REPRODUCIBLE_ENV.items())
-        print(f"training in a fresh process with reproducible arithmetic: {settings}", flush=True)
+        print(f"training in a fresh process with reproducible arithmetic: {_env_line(dj.REPRODUCIBLE_ENV)}", flush=True)
         argv = ["train", "default-jury", "--out", args.out]
         argv += ["--heads", ",".join(map(str, args.heads))] if args.heads is not None else []
         argv += [flag for flag, on in (("--regenerate-answers", args.regenerate_answers), ("--compare", args.compare),
@@ -147,6 +146,104 @@ def cmd_train_default_jury(args: argparse.Namespace) -> int:
     if args.compare:
         return 0 if _same_as_shipped(Path(args.out), dj.jury_dir()) else 1
     return 0
+
+
+def cmd_train_attacks(args: argparse.Namespace, load: Callable[[argparse.Namespace], tuple[Any, Any]]) -> int:
+    from olmo_tap.robustness.settings import GCGSettings
+    from olmo_tap.train import default_jury as dj
+
+    settings = GCGSettings(
+        suffix_tokens=args.suffix_tokens,
+        steps=args.steps,
+        candidates=args.candidates,
+        top_k=args.top_k,
+        questions_per_suffix=args.questions_per_suffix,
+        kappa=args.kappa,
+        target=args.target,
+        seed=args.seed,
+    )  # fmt: skip  (validated here, before a model loads or a process starts)
+    if args.entries < 1:
+        raise ValueError(f"--entries must be a positive integer, got {args.entries}")
+    if not dj.in_reproducible_env() and not args.any_arithmetic:
+        print(f"attacking in a fresh process, reproducible arithmetic: {_env_line(dj.REPRODUCIBLE_ENV)}", flush=True)
+        argv = ["train", "attacks", "--out", args.out, "--entries", str(args.entries), "--model", args.model]
+        argv += [f"--{k.replace('_', '-')}={v}" for k, v in settings.to_dict().items()]
+        argv += [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("heads", "heads_depth", "dtype", "device")
+                 if getattr(args, k) is not None]  # fmt: skip
+        return dj.run_reproducibly(argv + (["--no-progress"] if args.no_progress else []))
+    from olmo_tap.robustness.build import build_bank
+
+    model, tokenizer = load(args)
+    bank = build_bank(
+        model, tokenizer, args.out, model_name=args.model, n_entries=args.entries, settings=settings,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    total = sum(e.seconds for e in bank.entries)
+    for e in bank.entries:
+        print(f"{e.flipped}/{e.n_questions} flipped ({e.steps} steps, {e.seconds:.0f}s): {e.suffix!r}")
+    print(f"{len(bank.entries)} suffixes in {args.out} ({total:.0f}s of GCG and measurement)")
+    return 0
+
+
+def _bank_for(path: str | None, model: str) -> Any:
+    """The bank at ``path``, else the one shipped for ``model``; a clear error when there is none."""
+    from olmo_tap.robustness.probe import resolve_bank
+
+    bank = resolve_bank(path, model)
+    if bank is None:
+        raise ValueError(f"no attack bank ships for {model!r}: give --bank (build one with `olmo-tap train attacks`)")
+    return bank
+
+
+def cmd_train_robustness(args: argparse.Namespace, load: Callable[[argparse.Namespace], tuple[Any, Any]]) -> int:
+    from olmo_tap.train import robustness as rt
+    from olmo_tap.train.default_jury import MCQ_TRAIN
+    from olmo_tap.train.mcq import generate_mcqs, read_mcqs
+
+    bank = _bank_for(args.bank, args.model)
+    where = args.bank or f"the bank shipped for {args.model}"
+    hold_out = rt.HOLD_OUT_EVERY if args.hold_out_every is None else args.hold_out_every
+    rt.split_suffixes(bank, hold_out, where)  # a bank with nothing to train on fails before the model loads
+    n = MCQ_TRAIN[0] if args.questions is None else args.questions
+    seed = MCQ_TRAIN[1] if args.question_seed is None else args.question_seed
+    if n < 1:
+        raise ValueError(f"--questions must be a positive integer, got {n}")
+    questions = read_mcqs(args.data) if args.data else generate_mcqs(n, seed=seed)
+    config = training_config(args)
+    model, tokenizer = load(args)
+    report = rt.train_robustness(
+        model, tokenizer, bank, questions, config, args.out, heads=args.only_heads, hold_out_every=hold_out,
+        patience=rt.PATIENCE if args.patience is None else args.patience, base_name=args.model, bank_path=where,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    s = report["suffixes"]
+    print(f"{len(s['trained'])} suffixes trained, {len(s['held_out'])} held out ({s['rule']})")
+    for h in report["heads"]:
+        print(
+            f"head {h['head']}: {h['flipped_before']} -> {h['flipped_after']} of {h['pairs']} pairs flipped, "
+            f"loss {h['loss_before']:.4f} -> {h['loss_after']:.4f} in {h['steps']} steps ({h['seconds']:.0f}s)"
+        )
+    print(f"adapters written to {args.out}/head<h>; stack them on the heads' own with load_ensemble")
+    return 0
+
+
+def cmd_robustness_training(args: argparse.Namespace) -> int:
+    from olmo_tap.benchmarks.robustness_training import markdown, run_robustness_training
+
+    for name in ("questions", "train_questions"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    report = run_robustness_training(
+        args.out, adapters=args.adapters, bank_path=args.bank, n_questions=args.questions,
+        n_train_questions=args.train_questions, config=training_config(args), progress=not args.no_progress,
+    )  # fmt: skip
+    print(markdown(report))
+    print(f"written to {args.out}/training.json, training.md (adapters in {args.adapters})")
+    return 0
+
+
+def _env_line(env: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in env.items())
 
 
 def _same_as_shipped(out: Path, shipped: Path) -> bool:
@@ -175,6 +272,19 @@ def cmd_certainty_experiment(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(markdown(results))
     print(f"written to {args.out}/kle.json, kle.md (samples: {args.out}/samples.json)")
+    return 0
+
+
+def cmd_robustness_experiment(args: argparse.Namespace) -> int:
+    from olmo_tap.benchmarks.robustness import markdown, run_robustness
+
+    if args.questions < 1:
+        raise ValueError(f"--questions must be a positive integer, got {args.questions}")
+    report = run_robustness(
+        args.out, model=args.model, bank_path=args.bank, n_questions=args.questions, progress=not args.no_progress
+    )
+    print(markdown(report))
+    print(f"written to {args.out}/attacks.json, attacks.md")
     return 0
 
 
@@ -307,6 +417,58 @@ def register(sub: Any, add_model_args: Callable[..., None]) -> None:
     dj.add_argument("--no-progress", action="store_true", help="no progress bars")
     dj.set_defaults(func=cmd_train_default_jury)
 
+    from olmo_tap.robustness.settings import GCGSettings
+
+    gcg = GCGSettings()
+    att = tsub.add_parser(
+        "attacks", help="an attack bank: GCG suffixes that flip the jury's (or a head's) multiple-choice answers"
+    )
+    att.add_argument("--out", required=True, help="the bank's JSON file (an interrupted build resumes from it)")
+    att.add_argument("--entries", type=int, default=8, help="suffixes in the bank (default 8)")
+    att.add_argument("--target", default=gcg.target, help="what to flip: jury | head:<i> (default %(default)s)")
+    att.add_argument("--suffix-tokens", type=int, default=gcg.suffix_tokens, help="tokens per suffix (%(default)s)")
+    att.add_argument("--steps", type=int, default=gcg.steps, help="GCG steps per suffix at most (%(default)s)")
+    att.add_argument("--candidates", type=int, default=gcg.candidates, help="candidates per step (%(default)s)")
+    att.add_argument("--top-k", type=int, default=gcg.top_k, help="tokens per position to draw from (%(default)s)")
+    att.add_argument(
+        "--questions-per-suffix", type=int, default=gcg.questions_per_suffix,
+        help="training questions each suffix is optimised on (%(default)s)",
+    )  # fmt: skip
+    att.add_argument("--kappa", type=float, default=gcg.kappa, help="margin a flip must reach (%(default)s)")
+    att.add_argument("--seed", type=int, default=gcg.seed, help="seed of the candidates' draws (%(default)s)")
+    att.add_argument(
+        "--any-arithmetic", action="store_true",
+        help="run in this process with all cores (faster; the bank may then differ in the last bits between CPUs)",
+    )  # fmt: skip
+    att.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_model_args(att, model_default=DEFAULT_MODEL)
+    att.set_defaults(func=lambda a: cmd_train_attacks(a, load))
+
+    # Defaults that live in torch-importing modules are None here and filled in by the command (the parser is built
+    # without torch); the training defaults are the literals of olmo_tap.train.robustness.DEFAULT_CONFIG.
+    rb = tsub.add_parser(
+        "robustness", help="per text head, a new LoRA that keeps the answer when an attack-bank suffix is appended"
+    )
+    rb.add_argument("--bank", default=None, help="the attack bank (default: the one shipped for the model)")
+    rb.add_argument("--out", required=True, help="directory for the adapters, head<h>/ (resumes if interrupted)")
+    rb.add_argument("--data", default=None, help="JSONL of multiple-choice questions (default: generated)")
+    rb.add_argument(
+        "--questions", type=int, default=None,
+        help="generated questions without --data (default: as many as the jury's own training questions)",
+    )  # fmt: skip
+    rb.add_argument("--question-seed", type=int, default=None, help="their seed (default: the jury's, 11)")
+    rb.add_argument("--only-heads", type=int_list, default=None, help="only these text heads, comma-separated")
+    rb.add_argument(
+        "--hold-out-every", type=int, default=None,
+        help="hold out the bank entries with index %% K == K-1 for evaluation (default 4; 0: hold none out)",
+    )  # fmt: skip
+    rb.add_argument(
+        "--patience", type=int, default=None, help="stop a head after this many steps with nothing flipped (100)"
+    )
+    add_model_args(rb, model_default=DEFAULT_MODEL)
+    add_training_args(rb, lr=1e-4, epochs=2, batch_size=8)
+    rb.set_defaults(func=lambda a: cmd_train_robustness(a, load))
+
     from olmo_tap.train.mcq import DIFFICULTIES, KINDS
 
     mcq = tsub.add_parser("mcq", help="write generated multiple-choice questions with known answers (JSONL)")
@@ -353,6 +515,27 @@ def register(sub: Any, add_model_args: Callable[..., None]) -> None:
     sig.add_argument("--veto", type=float, default=1e-3, help="the jury's veto threshold (default 1e-3)")
     sig.add_argument("--no-progress", action="store_true", help="no progress bars")
     sig.set_defaults(func=cmd_signals)
+
+    rob = esub.add_parser("robustness", help="the attack bank on held-out questions: success per decoder, transfer")
+    rob.add_argument("--model", default=DEFAULT_MODEL, help=f"the jury (default {DEFAULT_MODEL})")
+    rob.add_argument("--bank", default=None, help="the bank under test (default: the one shipped for the model)")
+    rob.add_argument("--out", default="results/robustness", help="JSON and Markdown (default %(default)s)")
+    rob.add_argument("--questions", type=int, default=32, help="held-out questions (default %(default)s)")
+    rob.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rob.set_defaults(func=cmd_robustness_experiment)
+
+    rtr = esub.add_parser(
+        "robustness-training", help="robustness adapters on the default jury: flip rates, clean accuracy before/after"
+    )
+    rtr.add_argument("--bank", default=None, help="the attack bank (default: the one shipped for the default jury)")
+    rtr.add_argument("--adapters", default="runs/robustness", help="the adapters, trained or reused (%(default)s)")
+    rtr.add_argument("--out", default="results/robustness", help="JSON and Markdown (default %(default)s)")
+    rtr.add_argument("--questions", type=int, default=48, help="held-out questions (default %(default)s)")
+    rtr.add_argument(
+        "--train-questions", type=int, default=None, help="training questions over all heads (default: the jury's own)"
+    )
+    add_training_args(rtr, lr=1e-4, epochs=2, batch_size=8)
+    rtr.set_defaults(func=cmd_robustness_training)
 
     from olmo_tap.certainty.names import SIMILARITY_NAMES
 

@@ -159,6 +159,22 @@ def train_head_on_examples(
     return result, stats
 
 
+def finished_adapter(
+    model: HydraTransformer, head: int, done_dir: Path, tag: dict[str, Any], progress: bool = True
+) -> tuple[HeadAdapter, dict[str, Any]] | None:
+    """The adapter (and its stats) that a run with the same ``tag`` (data and settings) saved for ``head`` in
+    ``done_dir`` (``HeadAdapter.save`` with metadata ``{"run": tag, "stats": ...}``), else None."""
+    stats_file = done_dir / "olmo_tap_training.json"
+    if not stats_file.is_file():
+        return None
+    saved = json.loads(stats_file.read_text())
+    if saved.get("run") != tag or saved.get("stats", {}).get("head") != head:
+        return None
+    if progress:
+        print(f"{done_dir.name}: already trained, reusing {done_dir}")
+    return HeadAdapter.from_lora(model.base_config, load_lora(done_dir)).to(model.device), saved["stats"]
+
+
 def train_or_reuse(
     model: HydraTransformer,
     tokenizer: Any,
@@ -176,13 +192,9 @@ def train_or_reuse(
     same data and settings, else trained now (resuming ``work/name.ckpt`` if present) and saved there."""
     done_dir = work / name
     tag = _run_tag(config, examples)
-    stats_file = done_dir / "olmo_tap_training.json"
-    if stats_file.is_file():
-        saved = json.loads(stats_file.read_text())
-        if saved.get("run") == tag and saved.get("stats", {}).get("head") == head:
-            if progress:
-                print(f"{name}: already trained, reusing {done_dir}")
-            return HeadAdapter.from_lora(model.base_config, load_lora(done_dir)).to(model.device), saved["stats"]
+    finished = finished_adapter(model, head, done_dir, tag, progress)
+    if finished is not None:
+        return finished
     result, stats = train_head_on_examples(
         model, tokenizer, head, examples, config, checkpoint=work / f"{name}.ckpt", items=items, progress=progress
     )

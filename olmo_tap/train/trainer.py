@@ -9,6 +9,10 @@ same machine and thread count.
 
 Checkpoints are written atomically (temporary file, then rename) every ``checkpoint_every`` steps
 and at the end, so an interruption loses at most that many steps.
+
+A batch whose loss has no targets (``loss_fn`` returns a count of 0: e.g. robustness training when no pair of the
+batch flips) makes no update; its step is counted with a loss of 0. ``early_stop`` (a function of the losses so
+far, hence as resumable as they are) ends a run before its last epoch.
 """
 
 from __future__ import annotations
@@ -72,10 +76,11 @@ class TrainResult:
     steps: int = 0
     total_steps: int = 0
     resumed_from: int = 0
+    stopped_early: bool = False
 
     @property
     def completed(self) -> bool:
-        return self.steps >= self.total_steps
+        return self.steps >= self.total_steps or self.stopped_early
 
 
 def derived_seed(*parts: int) -> int:
@@ -140,11 +145,13 @@ def train_adapter(
     max_steps: int | None = None,
     progress: bool = True,
     desc: str | None = None,
+    early_stop: Callable[[list[float]], bool] | None = None,
 ) -> TrainResult:
     """Train a fresh adapter for ``head`` on ``items`` (the model stays frozen and unchanged).
 
     With ``checkpoint``, a matching checkpoint there is resumed and progress is saved to it.
-    ``max_steps`` stops early (the result is then incomplete; call again to resume).
+    ``max_steps`` stops early (the result is then incomplete; call again to resume). ``early_stop(losses)``
+    true after a step ends the run there (the result is then complete, ``stopped_early``).
     """
     if not items:
         raise ValueError(f"head {head} has no training items")
@@ -191,23 +198,30 @@ def train_adapter(
     )
     order: list[int] = []
     order_epoch = -1
+    result.stopped_early = early_stop is not None and result.steps < total and early_stop(result.losses)
     try:
-        while result.steps < stop:
+        while result.steps < stop and not result.stopped_early:
             epoch, index = divmod(result.steps, steps_per_epoch)
             if epoch != order_epoch:
                 order, order_epoch = epoch_order(len(items), config.seed, head, epoch), epoch
             batch = [items[i] for i in order[index * config.batch_size : (index + 1) * config.batch_size]]
             loss_sum, count = loss_fn(adapter, batch)
-            loss = loss_sum / max(count, 1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(adapter.parameters(), config.max_grad_norm)
-            optimizer.step()
+            step_loss = 0.0
+            # With no targets there is nothing to learn: even a zero gradient would move the weights through Adam's
+            # momentum, so such a step makes no update at all.
+            if count > 0:
+                loss = loss_sum / count
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(adapter.parameters(), config.max_grad_norm)
+                optimizer.step()
+                step_loss = loss.item()
             result.steps += 1
-            result.losses.append(loss.item())
+            result.losses.append(step_loss)
+            result.stopped_early = early_stop is not None and result.steps < total and early_stop(result.losses)
             bar.update(1)
             bar.set_postfix(loss=f"{result.losses[-1]:.4f}", epoch=epoch + 1)
-            if result.steps % config.checkpoint_every == 0 or result.steps == stop:
+            if result.steps % config.checkpoint_every == 0 or result.steps == stop or result.stopped_early:
                 save()
     finally:
         bar.close()

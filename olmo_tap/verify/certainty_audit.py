@@ -26,7 +26,7 @@ import numpy as np
 from olmo_tap.certainty.kle import KERNEL_T, kernel_language_entropy, kle_certainty
 from olmo_tap.certainty.sampled import SAMPLE_TEMPERATURE, SHARED_SETTINGS, sample_seeds
 from olmo_tap.certainty.similarity import Similarity, make_similarity, similarity_matrix
-from olmo_tap.inference.transcript import FORMAT, VERSION, content_digest
+from olmo_tap.verify.side_answers import replay_side_answer, side_transcript
 
 # The matrix is recorded to 6 decimals; a model's similarity recomputed in another thread count may move the
 # last digits of a float32 product.
@@ -45,37 +45,18 @@ class CertaintyAudit:
         return asdict(self)
 
 
-def sample_transcript(data: dict[str, Any], sample: dict[str, Any]) -> dict[str, Any]:
-    """The transcript a KLE sample would have as an answer of its own."""
-    record = data["certainty"]
-    # A decoder records its decider as both draft_head and head (None for naive averaging).
-    decider = sample["draft_head"]
-    settings = {**record["sample_settings"], "seed": sample["seed"], "draft_head": decider, "head": decider}
-    transcript = {
-        "format": FORMAT,
-        "version": VERSION,
-        "model": data.get("model"),
-        "settings": settings,
-        "prompt_ids": data["prompt_ids"],
-        "token_ids": sample["token_ids"],
-    }
-    transcript["digest"] = content_digest(transcript)
-    # Only the path is recorded (the rest of a sample's output is derived): the replay takes its decisions from it.
-    transcript["output"] = {k: sample[k] for k in PATH_FIELDS}
-    return transcript
-
-
-PATH_FIELDS = ("resampled_idxs", "original_token_ids")
-
-
-def replayed(report: Any) -> tuple[bool, str]:
-    """A sample's audit, judged on what a sample records: every decision and the ending reproduced, and no field
-    wrong other than the derived ones it does not record."""
-    if report.inconsistent_positions or not report.ending_consistent:
-        return False, report.reason
-    wrong = [m for m in report.field_mismatches if m.claimed != "(missing)"]
-    return (not wrong, "" if not wrong else f"{wrong[0].field} is {wrong[0].claimed!r}, the replay gives "
-            f"{wrong[0].expected!r}")  # fmt: skip
+def auditor_similarity(
+    name: str, hydra: Any, tokenizer: Any, given: Similarity | None = None
+) -> tuple[Similarity | None, str]:
+    """The similarity ``name`` to recompute recorded scores with (``given``, else built on ``hydra``), or None and
+    why when it cannot be loaded here (an NLI checkpoint the auditor lacks): then that step is reported as not
+    checked rather than passed."""
+    if given is not None:
+        return given, ""
+    try:
+        return make_similarity(name, hydra, tokenizer), ""
+    except ValueError as e:
+        return None, str(e)
 
 
 def audit_certainty(
@@ -112,25 +93,20 @@ def audit_certainty(
 
     rows, texts = [], []
     for i, sample in enumerate(samples):
-        report = audit_answer(sample_transcript(data, sample))
-        text = report.replayed_output.text if report.replayed_output is not None else report.text
-        ok, why = replayed(report)
-        if ok and sample.get("text", text) != text:
-            ok, why = False, "its recorded text is not its tokens' decoding"
-        rows.append({"seed": sample["seed"], "honest": ok, "label": report.label, "reason": why})
-        texts.append(text)
-        if not ok:
-            return dishonest(f"sample {i}: {why}", rows=rows)
+        settings_i = {**sample_settings, "seed": sample["seed"]}
+        transcript = side_transcript(data.get("model"), settings_i, data["prompt_ids"], sample)
+        replay = replay_side_answer(audit_answer, transcript, sample.get("text"))
+        rows.append({"seed": sample["seed"], "honest": replay.honest, "label": replay.label, "reason": replay.reason})
+        texts.append(replay.text)
+        if not replay.honest:
+            return dishonest(f"sample {i}: {replay.reason}", rows=rows)
 
     question = record["question"]
     if question not in tokenizer.decode(data["prompt_ids"], skip_special_tokens=True):
         return dishonest("the question the similarity read is not in the prompt", rows=rows)
-    checked, note = True, ""
-    try:
-        similarity = similarity or make_similarity(record["similarity"], hydra, tokenizer)
-    except ValueError as e:
-        checked, note = False, f"; the matrix was not recomputed ({e})"
-    if checked:
+    similarity, why_not = auditor_similarity(record["similarity"], hydra, tokenizer, similarity)
+    checked, note = similarity is not None, f"; the matrix was not recomputed ({why_not})" if why_not else ""
+    if similarity is not None:
         expected = np.round(similarity_matrix(similarity, texts, question), 6)
         worst = float(np.abs(expected - np.asarray(record["matrix"], dtype=np.float64)).max())
         if worst > MATRIX_TOLERANCE:

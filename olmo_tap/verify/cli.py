@@ -87,6 +87,12 @@ def register(sub: Any, add_model_args: Callable[..., None]) -> None:
         default=None,
         help="Ed25519 public key (PEM, or the base64 a transcript embeds) of the server that must have signed it",
     )
+    audit.add_argument(
+        "--attack-bank",
+        default=None,
+        metavar="PATH",
+        help="the attack bank a robustness record's suffixes must come from (default: the one shipped for --model)",
+    )
     audit.add_argument("--positions", action="store_true", help="list every position, not only disagreements")
     audit.add_argument("--json", action="store_true", help="print the full audit report as JSON")
     audit.set_defaults(func=cmd_audit)
@@ -196,6 +202,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
     model = transcript.get("model") if args.model_from_transcript else args.model
     if model is None:
         raise ValueError("the transcript names no model: pass --model")
+    bank = None
+    if transcript.get("robustness") is not None:
+        from olmo_tap.robustness.probe import resolve_bank
+
+        # the suffixes must be the bank's: the auditor's bank, or the one shipped for the model replayed through
+        bank = resolve_bank(args.attack_bank, model)
     report = audit_poe(
         transcript,
         model,
@@ -205,6 +217,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         confidence=args.confidence,
         dtype=args.dtype,
         device=args.device,
+        attack_bank=bank,
     )
     if args.json:
         print(json.dumps(json_safe(report.to_dict()), indent=2))
@@ -242,6 +255,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if report.certainty is not None:
         mark = "ok" if report.certainty.honest else "BAD"
         console.print(f"certainty (KLE): {mark} - {report.certainty.reason}")
+    if report.robustness is not None:
+        mark = "ok" if report.robustness.honest else "BAD"
+        console.print(f"robustness (adversarial suffixes): {mark} - {report.robustness.reason}")
     console.print(f"pooled agreement (information, not the rule): {report.statistics.reason}")
     for note in report.notes:
         console.print(f"note: {note}")

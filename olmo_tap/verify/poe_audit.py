@@ -55,9 +55,11 @@ from olmo_tap.inference.prompts import stop_token_ids
 from olmo_tap.inference.sampling import Purpose, check_temperature, gumbel, logit_scores, prob_scores, uniform
 from olmo_tap.inference.settings import RECORDED_SETTINGS
 from olmo_tap.inference.transcript import TOP_LEVEL_FIELDS, check_transcript, content_digest, read_transcript
+from olmo_tap.robustness.bank import AttackBank
 from olmo_tap.verify.certainty_audit import CertaintyAudit, audit_certainty
 from olmo_tap.verify.regenerate import Regeneration, regenerate
 from olmo_tap.verify.replay import LOGIT_BLOCK, check_token_ids, project_block, teacher_forced_hidden
+from olmo_tap.verify.robustness_audit import RobustnessAudit, audit_robustness
 from olmo_tap.verify.verdict import DEFAULT_AUDIT_THRESHOLD, DEFAULT_CONFIDENCE, Verdict, decide, verdict_label
 from olmo_tap.weights.tokenizer import vocab_limit
 
@@ -137,6 +139,7 @@ class PoEAudit:
     # only where the block replay disagreed in the generator's own dtype: the decoder re-run on the claim
     regeneration: Regeneration | None = None
     certainty: CertaintyAudit | None = None  # the KLE certainty's samples and value, when the transcript has one
+    robustness: RobustnessAudit | None = None  # the robustness probe's attacked answers, when it has them
 
     @property
     def exact(self) -> bool:
@@ -189,6 +192,7 @@ class PoEAudit:
             "near_ties": self.near_ties,
             "regeneration": None if self.regeneration is None else self.regeneration.to_dict(),
             "certainty": None if self.certainty is None else self.certainty.to_dict(),
+            "robustness": None if self.robustness is None else self.robustness.to_dict(),
             "signature": self.signature,
             "statistics": self.statistics.to_dict(),
             "positions": [asdict(p) for p in self.positions],
@@ -253,6 +257,7 @@ def audit_poe(
     confidence: float = DEFAULT_CONFIDENCE,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
+    attack_bank: AttackBank | None = None,
 ) -> PoEAudit:
     """Replay a transcript (dict or file) through ``model`` (default: the model it names) and judge it.
 
@@ -268,6 +273,8 @@ def audit_poe(
     :param check_stop: called between blocks of positions; may raise to stop the work (a service's deadline,
         a client that left).
     :param threshold, confidence: of the pooled agreement statistics (information only).
+    :param attack_bank: the bank a robustness record's suffixes must come from (without one they are replayed
+        but not checked against a bank).
 
     Works for every decoder mode the transcript may claim: "poe" (the jury), "naive" and "single".
     """
@@ -400,16 +407,21 @@ def audit_poe(
         regeneration=regenerated,
     )
     report.honest, report.reason = _judge(report, finish_reason, public_key is not None)
+
+    def audit_side(side: dict[str, Any]) -> PoEAudit:
+        """A KLE sample or an attacked answer, audited as an answer of its own with this audit's model and rule."""
+        return audit_poe(
+            side, hydra, tokenizer=tokenizer, tolerance=asked_tolerance, check_stop=check_stop, dtype=dtype
+        )
+
     if data.get("certainty") is not None:
-
-        def audit_sample(sample: dict[str, Any]) -> PoEAudit:
-            return audit_poe(
-                sample, hydra, tokenizer=tokenizer, tolerance=asked_tolerance, check_stop=check_stop, dtype=dtype
-            )
-
-        report.certainty = audit_certainty(data, hydra, tokenizer, audit_sample)
+        report.certainty = audit_certainty(data, hydra, tokenizer, audit_side)
         if report.honest and not report.certainty.honest:
             report.honest, report.reason = False, f"its certainty: {report.certainty.reason}"
+    if data.get("robustness") is not None:
+        report.robustness = audit_robustness(data, hydra, tokenizer, audit_side, expected.text, attack_bank)
+        if report.honest and not report.robustness.honest:
+            report.honest, report.reason = False, f"its robustness: {report.robustness.reason}"
     report.notes = _notes(report, data, temperature)
     return report
 

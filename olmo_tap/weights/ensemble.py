@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from olmo_tap.hydra import HydraTransformer, HydraTransformerConfig
 from olmo_tap.weights.errors import WeightsError
 from olmo_tap.weights.lora import LoraAdapter, load_lora, merge_lora
+from olmo_tap.weights.original import find_original_weights, merge_original
 
 FORMAT = "olmo-tap-ensemble"
 VERSION = 1
@@ -171,26 +172,101 @@ def load_saved_ensemble(
     return model.eval()
 
 
+AdapterSource = str | Path | LoraAdapter
+# One head's adapters: a single source, several merged in order, or None (the plain clone of the base).
+HeadAdapters = AdapterSource | Sequence[AdapterSource] | None
+
+
+def _stack(entry: HeadAdapters) -> list[AdapterSource]:
+    if entry is None:
+        return []
+    if isinstance(entry, str | Path | LoraAdapter):
+        return [entry]
+    stack = list(entry)
+    bad = [s for s in stack if not isinstance(s, str | Path | LoraAdapter)]
+    if bad:
+        raise TypeError(f"an adapter is a path or a LoraAdapter, got {type(bad[0]).__name__}")
+    return stack
+
+
+def merge_adapter(model: HydraTransformer, head: int, source: AdapterSource) -> None:
+    """Merge one adapter into head ``head``: a ``LoraAdapter``, a PEFT-layout directory, or an adapter ``.pt``
+    file of the original system (``olmo_tap.weights.original``)."""
+    if isinstance(source, LoraAdapter):
+        merge_lora(model, head, source)
+        return
+    path = Path(source)
+    if path.is_file():
+        merge_original(model, head, path)
+    elif path.is_dir():
+        merge_lora(model, head, load_lora(path))
+    else:
+        raise WeightsError(f"adapter {path} does not exist")
+
+
 def load_ensemble(
     base: str | Path,
-    adapters: Sequence[str | Path | LoraAdapter | None],
-    uncertainty_adapter: str | Path | LoraAdapter | None = None,
+    adapters: Sequence[HeadAdapters],
+    uncertainty_adapter: HeadAdapters = None,
     heads_depth: int | None = None,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
 ) -> HydraTransformer:
-    """A deployable ensemble: base checkpoint, one adapter (or None for the plain clone) per text
-    head, and an optional uncertainty head placed last."""
+    """A deployable ensemble: base checkpoint, adapters per text head, and an optional uncertainty head placed last.
+
+    Each entry of ``adapters`` (and ``uncertainty_adapter``) is None (the plain clone of the base), one adapter,
+    or a list of adapters merged into that head in order, e.g. ``[[security0, robustness0], [security1,
+    robustness1]]``; an adapter is a PEFT-layout directory, an original ``.pt`` file or a ``LoraAdapter``
+    (see ``merge_adapter``). Merges add up, so the order changes only rounding, except that a fat original
+    checkpoint is checked against the head it lands on (see ``olmo_tap.weights.original``)."""
     from olmo_tap.weights.loading import load_hydra
 
     if not adapters:
         raise ValueError("load_ensemble needs at least one text head (adapters may be [None, ...])")
-    heads: list[str | Path | LoraAdapter | None] = list(adapters)
+    heads = [_stack(entry) for entry in adapters]
     if uncertainty_adapter is not None:
-        heads.append(uncertainty_adapter)
+        heads.append(_stack(uncertainty_adapter))
     model = load_hydra(base, n_heads=len(heads), heads_depth=heads_depth, dtype=dtype, device=device)
-    for head, adapter in enumerate(heads):
-        if adapter is not None:
-            merge_lora(model, head, adapter if isinstance(adapter, LoraAdapter) else load_lora(adapter))
+    for head, stack in enumerate(heads):
+        for source in stack:
+            merge_adapter(model, head, source)
     model.uncertainty_head = model.n_heads - 1 if uncertainty_adapter is not None else None
     return model
+
+
+def load_original_ensemble(
+    base: str | Path | None = None,
+    weights_root: str | Path | None = None,
+    *,
+    security: str | Path | None = None,
+    robustness: str | Path | None = None,
+    uncertainty: str | Path | None = None,
+    heads_depth: int | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+) -> HydraTransformer:
+    """The original system's ensemble, as its own loader builds it: one text head per shard with the security
+    LoRA then the robustness LoRA merged, and the uncertainty LoRA on a last head.
+
+    ``weights_root`` is the original's ``olmo_tap/weights`` (``prod/``, ``robustness/``, ``uncertainty/``); or give
+    the directories one by one (see ``find_original_weights``). ``base`` defaults to the manifests' ``base_model``
+    (``allenai/OLMo-2-1124-7B-Instruct``), ``heads_depth`` to theirs.
+    """
+    weights = find_original_weights(weights_root, security=security, robustness=robustness, uncertainty=uncertainty)
+    if heads_depth is not None and weights.heads_depth is not None and heads_depth != weights.heads_depth:
+        raise WeightsError(
+            f"the adapters were trained on heads {weights.heads_depth} layers deep; heads_depth={heads_depth} "
+            "would put them on other layers"
+        )
+    if base is None:
+        if weights.base_model is None:
+            raise WeightsError("no base checkpoint given and no manifest names one (base_model)")
+        base = weights.base_model
+    return load_ensemble(
+        base,
+        weights.heads,
+        weights.uncertainty,
+        heads_depth=heads_depth if heads_depth is not None else weights.heads_depth,
+        dtype=dtype,
+        device=device,
+    )

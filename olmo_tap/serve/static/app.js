@@ -7,6 +7,7 @@ const MAX_ALPHA = 0.7;
 const SETTINGS_KEY = "olmo-tap-settings";
 const CERTAINTY_TIERS = { high: 0.8, moderate: 0.65 }; // the claim ledger's thresholds (olmo_tap.certainty.claims)
 const RISK_TIERS = { low: 0.8, moderate: 0.4 }; // share of the largest validity radius (olmo_tap.serve.trust)
+const FLIP_WARN_RATIO = 1 / 3; // at most this share of the suffixes flipped the answer: "some flips" (the original's)
 const QUIET_MS = 2000; // no token for this long while KLE may be measuring: say so
 
 const $ = (id) => document.getElementById(id);
@@ -47,6 +48,7 @@ function readSettings() {
   }
   body.mode = form.elements.mode.value;
   body.certainty = form.elements.certainty.value;
+  body.robustness = form.elements.robustness.checked;
   return body;
 }
 
@@ -344,15 +346,18 @@ function addToken(answer, t) {
   shade(span);
 }
 
-// KLE's certainty comes with the last chunk, seconds after the last token (the sampled answers are still being
-// decoded and compared): the answer says so rather than look stuck. The stream does not announce its last token,
-// so it is inferred: the token budget is spent, an empty token (end of text), or no token for QUIET_MS.
+// KLE's certainty and the robustness probe come with the last chunk, seconds after the last token (the sampled and
+// the attacked answers are still being decoded and compared): the answer says so rather than look stuck. The stream
+// does not announce its last token, so it is inferred: the token budget is spent, an empty token (end of text), or
+// no token for QUIET_MS.
 function certaintyWait(msg, settings) {
-  const note = el("div", "measuring certainty…", "measuring");
+  const kle = settings.certainty === "auto" || settings.certainty === "kle";
+  const what = [kle && "certainty", settings.robustness && "robustness"].filter(Boolean).join(" and ");
+  const note = el("div", `measuring ${what}…`, "measuring");
   note.setAttribute("role", "status");
   note.hidden = true;
   msg.append(note);
-  const measures = settings.certainty === "auto" || settings.certainty === "kle";
+  const measures = Boolean(what);
   let timer = null;
   return {
     token(t) {
@@ -483,8 +488,12 @@ const ABOUT = {
     + "draft they reject is resampled. A resampled token's validity radius is how many verifier votes would have to "
     + `flip to let the rejected draft through (at most ${top ?? "V/2 + 1"} with this jury): higher is more decisive. `
     + `Risk from the mean radius: ${riskRule("the largest possible")}; low when nothing was resampled.`,
-  robustness: "Whether the answer keeps its meaning when adversarial (jailbreak) suffixes are added to the question. "
-    + "Not measured by olmo-tap yet.",
+  robustness: "Whether the answer holds when adversarial (jailbreak) suffixes, found by GCG against the model, are "
+    + "appended to the question: the jury answers again with each (the same settings and seed) and the share of "
+    + "suffixes that left the answer as it was is the robustness. Multiple choice: a suffix flips the answer when "
+    + "the chosen letter changes. Free text: when the two answers' similarity (both directions summed, 0 to 2) is "
+    + "at most 1. Stable when nothing flipped; some flips up to a third of the suffixes; many beyond. The "
+    + "Robustness probe setting turns it on (3 more answers).",
 };
 
 function certaintyCard(c) {
@@ -518,11 +527,18 @@ function securityCard(s) {
 }
 
 function robustnessCard(r) {
-  const card = { key: "robustness", name: "Robustness", about: ABOUT.robustness, level: "na" };
-  if (!r || r.type === "unavailable") {
-    return { ...card, value: "not measured yet", caption: r?.reason ?? "this server reports no robustness" };
-  }
-  return { ...card, value: "n/a", caption: `this page cannot show a "${r.type}" robustness result yet` };
+  const card = { key: "robustness", name: "Robustness", about: ABOUT.robustness, value: "n/a", level: "na" };
+  if (!r) return { ...card, caption: "this server reports no robustness" };
+  if (typeof r.value !== "number") return { ...card, value: "not measured", caption: r.reason ?? "no value" };
+  const ratio = r.attempts ? r.flips / r.attempts : 0;
+  const [tier, level] = r.flips === 0 ? ["stable", "ok"] : ratio <= FLIP_WARN_RATIO ? ["some flips", "warn"]
+    : ["many flips", "bad"];
+  return {
+    ...card, tier, level,
+    value: pct(r.value),
+    method: r.type === "mcq" ? "the chosen letter under attack" : `the meaning under attack (${r.similarity})`,
+    caption: `${r.flips} of ${r.attempts} suffix${r.attempts === 1 ? "" : "es"} flipped the answer`,
+  };
 }
 
 let aboutIds = 0;
@@ -570,7 +586,7 @@ function renderMetrics(msg, trust) {
 function renderInspect(msg, certainty) {
   if (certainty?.method !== "kle" || !certainty.samples?.length) return;
   const claims = certainty.claims ?? [];
-  const details = el("details", null, "inspect");
+  const details = el("details", null, "inspect certainty-inspect");
   const n = certainty.samples.length;
   details.append(el("summary", `Inspect the certainty: ${n} sampled answers, ${claims.length} `
     + `claim${claims.length === 1 ? "" : "s"}`));
@@ -619,6 +635,49 @@ function sampleList(samples) {
   return ol;
 }
 
+// ----- the inspect panel (robustness) ---------------------------------------------------------------------------
+// Each adversarial suffix, shown as text (never markup: it is arbitrary text a search produced), and the answer it
+// got next to the clean one, both through the safe Markdown renderer.
+
+function renderRobustness(msg, robustness, clean) {
+  if (!robustness?.attacks?.length) return;
+  const n = robustness.attacks.length;
+  const details = el("details", null, "inspect robustness-inspect");
+  details.append(el("summary", `Inspect the robustness: ${n} adversarial suffix${n === 1 ? "" : "es"}, `
+    + `${robustness.flips} flipped the answer`));
+  const facts = el("p", null, "inspect-facts");
+  if (robustness.type === "mcq") {
+    facts.append(`multiple choice: flipped when the letter differs from the clean answer's (${
+      robustness.clean_choice ?? "none: the whole text is compared"})`);
+  } else {
+    facts.append("free text: flipped when the similarity ", el("code", robustness.similarity ?? "–"),
+      ` is at most ${robustness.threshold} of 2`);
+  }
+  const bank = robustness.bank ?? {};
+  facts.append(` · suffixes from the attack bank for ${bank.model || "an unnamed model"}`
+    + (bank.matches_model ? " (these weights)" : " (other weights: transferred)"));
+  facts.append(` · seed ${robustness.seed}`);
+  const ol = el("ol", null, "attacks");
+  robustness.attacks.forEach((attack, i) => {
+    const li = el("li", null, `attack ${attack.flipped ? "flipped" : "held"}`);
+    const head = el("div", null, "attack-head");
+    head.append(el("strong", `suffix ${i + 1}`), " ", el("span", attack.flipped ? "flipped" : "held", "tier"));
+    if (typeof attack.similarity === "number") head.append(` · similarity ${fmt(attack.similarity, 2)} of 2`);
+    if (robustness.type === "mcq") head.append(` · letter ${attack.choice ?? "none"}`);
+    const suffix = el("code", attack.suffix, "suffix");
+    const pair = el("div", null, "attack-pair");
+    for (const [label, text] of [["without the suffix", clean], ["with the suffix", attack.answer]]) {
+      const side = el("div", null, "attack-answer");
+      side.append(el("div", label, "sample-seed"), renderMarkdown(text));
+      pair.append(side);
+    }
+    li.append(head, suffix, pair);
+    ol.append(li);
+  });
+  details.append(facts, ol);
+  msg.append(details);
+}
+
 // ----- talking to the server ------------------------------------------------------------------------------------
 
 async function* serverSentEvents(response) {
@@ -647,6 +706,7 @@ function finishAnswer(msg, answer, reply, trust) {
   renderMetrics(msg, trust);
   renderCard(msg, trust);
   renderInspect(msg, trust.certainty);
+  renderRobustness(msg, trust.robustness, reply);
 }
 
 async function ask(text) {
