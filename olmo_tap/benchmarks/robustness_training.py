@@ -85,9 +85,7 @@ def measure(
         settings = target_settings(decoder)
         clean = answer_letters(model, tokenizer, settings, texts)
         bar.update(len(texts))
-        row: dict[str, Any] = {
-            "clean_accuracy": sum(c == q.answer for c, q in zip(clean, questions, strict=True)) / len(questions)
-        }
+        row: dict[str, Any] = {"clean_accuracy": accuracy(clean, questions)}
         for name, suffixes in suffix_sets.items():
             if name == "trained" and decoder != "jury":
                 continue
@@ -97,6 +95,23 @@ def measure(
                 bar.update(len(texts))
             row[name] = success(clean, attacked)
         rows[decoder] = row
+    return rows
+
+
+def accuracy(letters: list[str | None], questions: list[MCQ]) -> float:
+    return sum(c == q.answer for c, q in zip(letters, questions, strict=True)) / len(questions)
+
+
+def clean_accuracies(
+    model: HydraTransformer, tokenizer: Any, decoders: list[str], questions: list[MCQ], bar: Any
+) -> dict[str, dict[str, float]]:
+    """Per decoder, the clean accuracy alone (no suffixes: cheap enough for every held-out question)."""
+    texts = [format_mcq(q) for q in questions]
+    rows = {}
+    for decoder in decoders:
+        rows[decoder] = {"clean_accuracy": accuracy(answer_letters(model, tokenizer, target_settings(decoder), texts),
+                                                    questions)}  # fmt: skip
+        bar.update(len(texts))
     return rows
 
 
@@ -165,6 +180,13 @@ def run_robustness_training(
     with tqdm(total=2 * per_model * len(questions), desc="answers", unit="answer", disable=not progress) as bar:
         rows = {name: measure(m, tokenizer, decoders, questions, suffix_sets, bar) for name, m in (("before", before),
                 ("after", after))}  # fmt: skip
+    # Clean accuracy again on every held-out question: on n_questions one question moves it by 100/n points, too
+    # coarse to judge a 2-point margin; the margin is judged here.
+    wide_questions = evaluation_questions(bank, training, len(held_out_mcqs()))
+    with tqdm(total=2 * len(decoders) * len(wide_questions), desc="clean answers", unit="answer",
+              disable=not progress) as bar:  # fmt: skip
+        wide = {name: clean_accuracies(m, tokenizer, decoders, wide_questions, bar) for name, m in (("before", before),
+                ("after", after))}  # fmt: skip
     evaluation_s = time.perf_counter() - t0
     machine = machine_info(torch.device("cpu"))
     results = {
@@ -176,7 +198,9 @@ def run_robustness_training(
         "training": report,
         "decoders": {d: {"before": rows["before"][d], "after": rows["after"][d]} for d in decoders},
         "heads_mean": {name: heads_mean(rows[name], heads) for name in ("before", "after")},
-        "margin": margin(rows["before"], rows["after"], decoders),
+        "margin_on_n_questions": margin(rows["before"], rows["after"], decoders),
+        "clean_all_held_out": {"n_questions": len(wide_questions), **wide},
+        "margin": {**margin(wide["before"], wide["after"], decoders), "n_questions": len(wide_questions)},
         "timing_s": {
             "training": round(training_s, 1),
             "evaluation": round(evaluation_s, 1),
@@ -236,10 +260,22 @@ def markdown(results: dict[str, Any]) -> str:
         "same held-out questions: "
         f"{percent(jury['before']['trained']['rate'])} -> {percent(jury['after']['trained']['rate'])} flipped.",
         "",
+        f"Clean accuracy on all {g['n_questions']} held-out questions (no suffix; the margin is judged here, where "
+        f"one question is {100 / g['n_questions']:.1f} points, not on the {n} above, where it is {100 / n:.1f}):",
+        "",
+        "| decoder | clean accuracy before | after | change |",
+        "|---|---:|---:|---:|",
+    ]
+    wide = results["clean_all_held_out"]
+    for name in d:
+        b, a = wide["before"][name]["clean_accuracy"], wide["after"][name]["clean_accuracy"]
+        lines.append(f"| {name} | {percent(b)} | {percent(a)} | {_points(a, b)} |")
+    lines += [
+        "",
         f"**Margin** (a robustness adapter may cost at most {100 * g['max_accuracy_drop']:.0f} points of clean "
-        f"accuracy, every decoder): **{'met' if g['met'] else 'not met'}**; the largest loss is "
-        f"{100 * g['drops'][g['worst_decoder']]:.1f} points ({g['worst_decoder']}); one question is "
-        f"{100 / n:.1f} points here.",
+        f"accuracy, every decoder, on all {g['n_questions']} held-out questions): "
+        f"**{'met' if g['met'] else 'not met'}**; the largest loss is "
+        f"{100 * g['drops'][g['worst_decoder']]:.1f} points ({g['worst_decoder']}).",
         "",
         "## Training (per head, on its own pairs)",
         "",
