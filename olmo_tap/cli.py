@@ -69,6 +69,13 @@ def add_model_args(
         "--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on CUDA)"
     )
     group.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    group.add_argument(
+        "--quantize",
+        choices=("int8", "int4", "gguf"),
+        default=None,
+        help="keep the weights quantized (CPU): int8 per channel, int4 in groups of 32, or gguf: a GGUF file's own "
+        "blocks (Q4_0, Q4_1, Q4_K, Q8_0, Q6_K); default: float weights",
+    )
 
 
 def check_writable(path: str, option: str, *, creates_parents: bool = False) -> None:
@@ -110,7 +117,12 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
     from olmo_tap.weights.tokenizer import load_tokenizer
 
     model = HydraTransformer.from_pretrained(
-        args.model, n_heads=args.heads, heads_depth=args.heads_depth, dtype=args.dtype, device=args.device
+        args.model,
+        n_heads=args.heads,
+        heads_depth=args.heads_depth,
+        dtype=args.dtype,
+        device=args.device,
+        quantize=getattr(args, "quantize", None),
     )
     return model, load_tokenizer(args.model)
 
@@ -131,7 +143,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model_and_tokenizer(args)
     config, base = model.config, model.base_config
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.quantization is not None:
+        from olmo_tap.quant.linear import fused_kernel_status
+        from olmo_tap.quant.model import quantized_bytes
+
+        param_bytes = quantized_bytes(model) + sum(
+            p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta"
+        )
+        weights_in = f"quantized: {model.quantization}"
+    else:
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        weights_in = f"in {str(model.dtype).removeprefix('torch.')}"
     kv_per_token = HydraCache.bytes_per_slot(model, 1)  # the trunk and the text heads, in the cache's dtype
     rows = [
         ("model", str(args.model)),
@@ -143,7 +165,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("context", f"{base.max_seq_len} tokens, rope theta {base.rope_theta:g}"),
         (
             "parameters",
-            f"{model.num_params():,} ({format_bytes(param_bytes)} in {str(model.dtype).removeprefix('torch.')})",
+            f"{model.num_params():,} ({format_bytes(param_bytes)} {weights_in})",
         ),
         ("KV cache", f"{format_bytes(kv_per_token)} per token of context, per answer"),
         ("uncertainty head", str(model.uncertainty_head) if model.uncertainty_head is not None else "none"),
@@ -157,7 +179,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             ),
         ),
         ("device", f"{model.device} ({torch.get_num_threads()} CPU threads)"),
-        ("linear kernels", describe(model.device)),
+        ("linear kernels", describe(model.device) if model.quantization is None else fused_kernel_status()),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from olmo_tap.model.layers import (
     rope_for_positions,
     rope_tables,
 )
+
+if TYPE_CHECKING:
+    from olmo_tap.quant.weights import QuantizedWeight
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,11 @@ class HydraTransformer(nn.Module):
         self.register_buffer("rope_signed_sin", sin, persistent=False)
         # Index of the head trained to score answers (by convention the last), if any.
         self.uncertainty_head: int | None = None
+        # Set by ``olmo_tap.quant.model.quantize_model``: what the weights are ("int8", "gguf (Q4_1, Q8_0)", ...),
+        # the scheme asked for, and the quantized embedding table (the float one is then released).
+        self.quantization: str | None = None
+        self.quantization_scheme: str | None = None
+        self.quantized_embed: QuantizedWeight | None = None
 
     # ----- construction ---------------------------------------------------------------------------------------
 
@@ -147,12 +155,20 @@ class HydraTransformer(nn.Module):
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
         progress: bool = True,
+        quantize: str | None = None,
     ) -> HydraTransformer:
-        """Load a preset name, HF checkpoint directory, hub id, GGUF file or saved ensemble."""
+        """Load a preset name, HF checkpoint directory, hub id, GGUF file or saved ensemble; ``quantize``:
+        ``int8``, ``int4`` or ``gguf`` (a GGUF source's own blocks), see ``olmo_tap.quant.model``."""
         from olmo_tap.weights.loading import load_hydra
 
         return load_hydra(
-            source, n_heads=n_heads, heads_depth=heads_depth, dtype=dtype, device=device, progress=progress
+            source,
+            n_heads=n_heads,
+            heads_depth=heads_depth,
+            dtype=dtype,
+            device=device,
+            progress=progress,
+            quantize=quantize,
         )
 
     @staticmethod
@@ -198,11 +214,47 @@ class HydraTransformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.device
+        return self.norm.weight.device  # never quantized away, unlike the lm_head
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.dtype
+        """The activations' dtype (the weights', unless quantized)."""
+        return self.norm.weight.dtype
+
+    def require_float_weights(self, what: str) -> None:
+        """Refuse ``what`` on a quantized model, whose float weights were released."""
+        if self.quantization is not None:
+            raise ValueError(
+                f"{what} needs the float weights; this model is quantized ({self.quantization}): load it "
+                "without --quantize"
+            )
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """The input embeddings of ``ids`` (any shape) -> (*ids.shape, d_model)."""
+        if self.quantized_embed is None:
+            return self.embed(ids)
+        rows = self.quantized_embed.dequantize(self.dtype, rows=ids.reshape(-1))
+        return rows.view(*ids.shape, rows.size(-1))
+
+    def tower_tensors(self, head: int) -> list[torch.Tensor]:
+        """Every tensor that defines head ``head``'s layers (the quantized codes where the model is quantized)."""
+        return [t for block in self.heads for t in block.tower_tensors(head)]  # type: ignore[attr-defined]
+
+    def weight_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the model computes with, by name: its state dict without released (meta) entries, plus the
+        quantized codes, scales and minimums of a quantized model."""
+        named = {name: t for name, t in self.state_dict().items() if t.device.type != "meta"}
+        if self.quantization is not None:
+            for prefix, module in self.named_modules():
+                for key, packed in getattr(module, "_packed", {}).items():
+                    for tower, stack in enumerate(packed.quantized or []):
+                        for i, t in enumerate(stack.tensors()):
+                            named[f"{prefix}.{key}.quantized.{tower}.{i}"] = t
+            for i, t in enumerate(self._packed_lm_head.quantized[0].tensors()):  # type: ignore[index]
+                named[f"lm_head.quantized.{i}"] = t
+            for i, t in enumerate(self.quantized_embed.tensors()):  # type: ignore[union-attr]
+                named[f"embed.quantized.{i}"] = t
+        return named
 
     @property
     def cache_dtype(self) -> torch.dtype:
@@ -224,11 +276,12 @@ class HydraTransformer(nn.Module):
         heads = list(range(self.n_heads)) if heads is None else list(heads)
         stacks = [p for block in self.heads for p in block.parameters()]
         # The service builds a decoder per request: compare clones' weights once per weight version, not each time.
-        key = (tuple(heads), tuple((p.data_ptr(), p._version) for p in stacks))
+        key = (tuple(heads), tuple((p.data_ptr(), p._version) for p in stacks), self.quantization)
         cached = getattr(self, "_identical_heads_cache", None)
         if cached is None or cached[0] != key:
             pairs = [(a, b) for i, a in enumerate(heads) for b in heads[i + 1 :]]
-            same = any(all(torch.equal(p[a], p[b]) for p in stacks) for a, b in pairs)
+            tensors = {h: self.tower_tensors(h) for h in heads}
+            same = any(all(torch.equal(x, y) for x, y in zip(tensors[a], tensors[b], strict=True)) for a, b in pairs)
             self._identical_heads_cache = cached = (key, same)
         return cached[1]
 
@@ -262,7 +315,7 @@ class HydraTransformer(nn.Module):
         decoder feeding one token per step to a GPU model waits for no device round trip in the check.
         """
         self._check_ids(ids.view(1, -1))
-        return self.trunk_embedded(self.embed(ids.to(self.device)), rows, cache)
+        return self.trunk_embedded(self.embed_ids(ids.to(self.device)), rows, cache)
 
     def trunk_embedded(self, x: torch.Tensor, rows: Rows, cache: HydraCache | None = None) -> torch.Tensor:
         """The trunk on input embeddings ``x`` (tokens, d_model) laid out as ``rows`` -> (tokens, d_model).

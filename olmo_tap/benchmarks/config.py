@@ -9,7 +9,7 @@ impossible values raise ``ValueError`` naming the key.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,10 @@ class BenchConfig:
     # a trained jury timed in its own group beside ``model`` (acceptance and speed of heads that really differ);
     # None: skipped
     jury_model: str | None = None
+    # quantized schemes (int8, int4, gguf) timed in a group of their own: each one's baseline eager and compiled
+    # and PoE greedy at gamma 4, beside llama.cpp on the model's GGUF file (where llama-cpp-python is installed)
+    quantize: list[str] = field(default_factory=list)
+    llama_cpp: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -185,7 +189,11 @@ def validate(config: BenchConfig) -> None:
     _number_at_least("beta", config.beta, 0.0, strict=True)
     _int_at_least("draft_head", config.draft_head, 0, optional=True)
     _int_at_least("seed", config.seed, 0)
-    for key in ("hf_generate", "compiled_step"):
+    from olmo_tap.quant.model import QUANTIZE_CHOICES
+
+    if not isinstance(config.quantize, list) or any(q not in QUANTIZE_CHOICES for q in config.quantize):
+        raise ValueError(f"benchmark config: quantize must be a list of {QUANTIZE_CHOICES}, got {config.quantize!r}")
+    for key in ("hf_generate", "compiled_step", "llama_cpp"):
         if not isinstance(getattr(config, key), bool):
             raise ValueError(f"benchmark config: {key} must be true or false, got {getattr(config, key)!r}")
     for name in ("warmup_ms", "measure_ms", "ttft_ms", "micro_ms"):

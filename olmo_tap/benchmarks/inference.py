@@ -110,13 +110,17 @@ class WeightBytes:
 
     @classmethod
     def of(cls, model: HydraTransformer) -> WeightBytes:
-        def size(params: Any) -> int:
-            return sum(p.numel() * p.element_size() for p in params)
+        def size(params: Any) -> int:  # released (meta) float weights of a quantized model are not read
+            return sum(p.numel() * p.element_size() for p in params if p.device.type != "meta")
 
+        def quantized(blocks: Any, tower: int) -> int:
+            return sum(p.quantized[tower].nbytes for b in blocks for p in b._packed.values() if p.quantized)
+
+        lm_head = model._packed_lm_head.quantized
         return cls(
-            trunk=size(model.trunk.parameters()),
-            head=size(model.heads.parameters()) // model.n_heads,
-            lm_head=size([model.lm_head, *model.norm.parameters()]),
+            trunk=size(model.trunk.parameters()) + quantized(model.trunk, 0),
+            head=size(model.heads.parameters()) // model.n_heads + quantized(model.heads, 0),
+            lm_head=size([model.lm_head, *model.norm.parameters()]) + (lm_head[0].nbytes if lm_head else 0),
         )
 
     @property
@@ -125,10 +129,17 @@ class WeightBytes:
 
 
 def resident_weight_bytes(model: HydraTransformer) -> int:
-    """Bytes of the model's parameters plus the oneDNN-prepacked copies of its linear weights (CPU)."""
+    """Bytes of the model's parameters plus the oneDNN-prepacked copies of its linear weights (CPU); a quantized
+    model's codes, scales and minimums instead of its released float weights."""
     holders = [packed for block in [*model.trunk, *model.heads] for packed in block._packed.values()]
     packs = [pack for packed in [*holders, model._packed_lm_head] for pack in packed.packs or []]
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *packs])
+    tensors = [p for p in model.parameters() if p.device.type != "meta"] + packs
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    if model.quantization is not None:
+        from olmo_tap.quant.model import quantized_bytes
+
+        total += quantized_bytes(model)
+    return total
 
 
 @dataclass
@@ -147,7 +158,8 @@ class Candidate:
     resident_bytes: int = 0  # weights held in memory by the model it runs on (prepacked copies included)
     weights: WeightBytes | None = None  # ours
     n_text_heads: int = 1
-    fixed_bytes_per_token: int | None = None  # transformers
+    fixed_bytes_per_token: int | None = None  # transformers, llama.cpp
+    quantization: str | None = None  # the weights' quantization (ours: model.quantization; llama.cpp: the file's)
     full: list[Trace] = field(default_factory=list)
     ttft: list[Trace] = field(default_factory=list)
 
@@ -168,8 +180,10 @@ def ours(
     mode: str,
     gamma: int | None = None,
     sampling: str = "greedy",
+    compile: bool = False,
 ) -> Candidate:
-    """A configuration decoded by ``PoE`` in ``mode`` (single, naive or poe)."""
+    """A configuration decoded by ``PoE`` in ``mode`` (single, naive or poe); ``compile``: the compiled step
+    (single only)."""
     temperature = config.temperature if sampling == "sampled" else 0.0
     settings = DecodeSettings(
         mode=mode,  # type: ignore[arg-type]
@@ -181,6 +195,7 @@ def ours(
         head=baseline_head(config, model) if mode == "single" else None,
         max_new_tokens=config.gen_length,
         ignore_eos=True,
+        compile=compile,
     )
     decoder = PoE.from_settings(model, tokenizer, settings)
 
@@ -213,6 +228,7 @@ def ours(
         resident_bytes=resident_weight_bytes(model),
         weights=WeightBytes.of(model),
         n_text_heads=decoder.n_llm_heads,
+        quantization=model.quantization,
     )
 
 
@@ -376,6 +392,7 @@ def summarise(c: Candidate, gen_length: int, read_gb_s: float, step_ms: float | 
         "bandwidth_utilisation": weight_gb_s / read_gb_s if weight_gb_s else None,
         "poe": None if c.kind != "hydra_poe" else _poe_stats(c, rounds, call_ms["median"], gen_length, step_ms),
         "sample_text": c.full[-1].text,
+        "quantization": c.quantization,
     }
     return result
 
@@ -563,6 +580,8 @@ def _run(config: BenchConfig, command: str, progress: bool) -> Results:
         del group, jury
         _release_memory()
 
+    quantized = _quantized_group(config, device, tokenizer, prompt_ids, read_gb_s, main_heads, notes, progress)
+
     machine["load_average_end"] = load_average()
     if device.type == "cpu":
         wall = time.perf_counter() - started_wall
@@ -601,8 +620,70 @@ def _run(config: BenchConfig, command: str, progress: bool) -> Results:
         "targets": target_rules.evaluate(configs, linear_layers, device.type),
         "notes": notes,
         "trained_jury": trained,
+        "quantized": quantized,
     }
+    results["targets"] += target_rules.evaluate_quantized(quantized)
     return Results.model_validate(results)
+
+
+def _quantized_group(
+    config: BenchConfig,
+    device: torch.device,
+    tokenizer: Any,
+    prompt_ids: list[int],
+    read_gb_s: float,
+    main_heads: int,
+    notes: list[str],
+    progress: bool,
+) -> list[dict]:
+    """``config.quantize``'s models, each as its baseline (eager and compiled) and PoE greedy at gamma 4, and
+    llama.cpp on the model's GGUF file: one group, timed interleaved (the fair comparison)."""
+    from olmo_tap.benchmarks import llama_cpp_reference
+    from olmo_tap.weights.presets import PRESETS, embedded_gguf_path
+    from olmo_tap.weights.sources import resolve
+
+    if not config.quantize and not config.llama_cpp:
+        return []
+    if device.type != "cpu":
+        notes.append("quantized group skipped: the quantized kernels are CPU kernels")
+        return []
+    resolved = resolve(config.model)
+    gguf_path = resolved.path if resolved.kind == "gguf" else None
+    if resolved.kind == "preset":
+        preset = PRESETS[resolved.name]
+        preset = PRESETS[preset.base] if preset.base else preset
+        gguf_path = embedded_gguf_path(preset) if preset.gguf_file else None
+    group: list[Candidate] = []
+    models = []
+    gamma = target_rules.TARGET_GAMMA
+    for scheme in config.quantize:
+        if scheme == "gguf" and gguf_path is None:
+            notes.append(f"quantize gguf skipped: {config.model} is not a GGUF source")
+            continue
+        model = HydraTransformer.from_pretrained(
+            config.model, config.heads, config.heads_depth, device=device, progress=False, quantize=scheme
+        )
+        models.append(model)
+        prefix = f"q{scheme}_"
+        group += [
+            ours(f"{prefix}baseline", "baseline", main_heads, model, tokenizer, config, "single"),
+            ours(
+                f"{prefix}baseline_compiled", "baseline", main_heads, model, tokenizer, config, "single", compile=True
+            ),
+            ours(f"{prefix}hydra_poe_g{gamma}_greedy", "hydra_poe", main_heads, model, tokenizer, config, "poe", gamma),
+        ]
+    why_not = llama_cpp_reference.available()
+    if config.llama_cpp and gguf_path is not None and why_not is None:
+        group.insert(0, llama_cpp_reference.llama_cpp_candidate(gguf_path, tokenizer, config, main_heads))
+    elif config.llama_cpp:
+        notes.append(f"llama.cpp not timed: {why_not or f'{config.model} is not a GGUF source'}")
+    if not group:
+        return []
+    time_candidates(group, prompt_ids, config, "quantized", progress)
+    rows = [summarise(c, config.gen_length, read_gb_s, None) for c in group]
+    del group, models
+    _release_memory()
+    return rows
 
 
 # ----- output --------------------------------------------------------------------------------------------------------

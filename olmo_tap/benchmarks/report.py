@@ -94,6 +94,31 @@ def trained_jury_table(results: Results) -> list[str]:
     return _table(header, rows, right=set(range(1, len(header))))
 
 
+def quantized_table(results: Results) -> list[str]:
+    """The quantized group: speed, TTFT, bytes per token against the bandwidth, memory."""
+    llama = next((c for c in results.quantized if c.kind == "llama_cpp"), None)
+    rows = []
+    for c in results.quantized:
+        rows.append(
+            [
+                c.name,
+                c.quantization or "–",
+                _num(c.tokens_per_s),
+                _num(c.decode_tokens_per_s),
+                "–" if llama is None or not c.decode_tokens_per_s or not llama.decode_tokens_per_s
+                else f"{c.decode_tokens_per_s / llama.decode_tokens_per_s:.2f}x",
+                _num(c.ttft_ms.median, 0),
+                _num(c.poe.acceptance_rate, 2) if c.poe else "–",
+                f"{c.weight_bytes_per_token / 2**20:.0f}",
+                "–" if c.bandwidth_utilisation is None else f"{100 * c.bandwidth_utilisation:.0f}%",
+                f"{_mib(c.memory.weight_bytes)} / {_mib(c.memory.peak_bytes)}",
+            ]
+        )  # fmt: skip
+    header = ["configuration", "weights", "tok/s", "decode tok/s", "vs llama.cpp", "TTFT ms", "acceptance",
+              "MiB read/token", "BW util.", "weights / peak RSS MiB"]  # fmt: skip
+    return _table(header, rows, right=set(range(2, len(header))))
+
+
 def linear_table(results: Results) -> list[str]:
     header = [
         "dtype",
@@ -154,6 +179,9 @@ def markdown_report(results: Results) -> str:
     if results.trained_jury:
         jury = results.config.get("jury_model")
         parts += ["", f"The trained jury ({jury}), timed in a group of its own:", "", *trained_jury_table(results)]
+    if results.quantized:
+        parts += ["", "Quantized weights and llama.cpp on the same GGUF file, timed in a group of their own:", "",
+                  *quantized_table(results)]  # fmt: skip
     if results.profile is not None:
         p = results.profile
         parts += [

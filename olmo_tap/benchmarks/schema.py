@@ -152,7 +152,7 @@ class ConfigResult(_Strict):
         description="heads of the Hydra whose group it was timed in: a group's configurations run interleaved, "
         "so ratios within a group are the fair ones (each group has its own baseline and naive rows)"
     )
-    kind: Literal["baseline", "hydra_naive", "hydra_poe", "hf_generate"]
+    kind: Literal["baseline", "hydra_naive", "hydra_poe", "hf_generate", "llama_cpp"]
     n_heads: int | None = Field(description="heads of the Hydra it ran on (None for transformers)")
     dtype: str
     gamma: int | None
@@ -176,6 +176,9 @@ class ConfigResult(_Strict):
     bandwidth_utilisation: float | None = Field(description="weight_gb_s / the measured read bandwidth")
     poe: PoEStats | None
     sample_text: str = Field(description="the text of the last measured run")
+    quantization: str | None = Field(
+        default=None, description="quantized weights: ours (e.g. 'gguf (Q4_1, Q8_0)', 'int8'), or llama.cpp's file"
+    )
 
 
 class LinearLayers(_Strict):
@@ -239,4 +242,9 @@ class Results(_Strict):
         default_factory=list,
         description="config.jury_model's baseline, naive and PoE rows (names prefixed jury_), timed interleaved "
         "in a group of their own: a jury whose heads differ, beside the main model's",
+    )
+    quantized: list[ConfigResult] = Field(
+        default_factory=list,
+        description="config.quantize's rows (names prefixed q<scheme>_: the baseline eager and compiled, PoE greedy) "
+        "and llama.cpp on the same GGUF file (llama_cpp), timed interleaved in a group of their own",
     )

@@ -16,6 +16,9 @@ BF16_OVER_TRANSFORMERS_FP32 = 2.0  # on CPU
 STEP_OVER_LINEAR = 1.15  # a decode step against its bare linear layers
 POE_OVER_BASELINE = 0.8
 POE_OVER_NAIVE = {5: 1.1, 9: 1.3}  # by number of heads
+# quantized decoding against llama.cpp on the same GGUF file (decode tok/s, prefill excluded; TTFT)
+SINGLE_OVER_LLAMA_CPP = 1.0
+POE_OVER_LLAMA_CPP = 0.8
 
 
 def _target(name: str, value: float | None, relation: str, threshold: float, detail: str) -> dict[str, Any]:
@@ -101,4 +104,47 @@ def evaluate(configs: list[dict[str, Any]], linear_layers: list[dict[str, Any]],
                 _poe_detail(jury),
             )
         )
+    return found
+
+
+def _decode_ratio(name: str, a: dict | None, b: dict | None, threshold: float) -> dict[str, Any]:
+    if a is None or b is None or not a.get("decode_tokens_per_s") or not b.get("decode_tokens_per_s"):
+        return _target(name, None, ">=", threshold, "not measured in this run")
+    ratio = a["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+    detail = (
+        f"{a['name']} {a['decode_tokens_per_s']:.1f} vs {b['name']} {b['decode_tokens_per_s']:.1f} decode tok/s "
+        f"(end to end {a['tokens_per_s']:.1f} vs {b['tokens_per_s']:.1f})"
+    )
+    return _target(name, ratio, ">=", threshold, detail + _poe_detail(a))
+
+
+def evaluate_quantized(rows: list[dict[str, Any]]) -> list[dict]:
+    """The quantized targets of each scheme against llama.cpp on the same file (same group, interleaved)."""
+    by_name = {r["name"]: r for r in rows}
+    llama = by_name.get("llama_cpp")
+    found = []
+    for scheme in dict.fromkeys(r["name"].split("_", 1)[0][1:] for r in rows if r["kind"] != "llama_cpp"):
+        prefix = f"q{scheme}_"
+        for name in ("baseline", "baseline_compiled"):
+            found.append(
+                _decode_ratio(
+                    f"{scheme} {name.replace('_', ' ')} >= {SINGLE_OVER_LLAMA_CPP}x llama.cpp (decode tok/s)",
+                    by_name.get(prefix + name), llama, SINGLE_OVER_LLAMA_CPP,
+                )
+            )  # fmt: skip
+        poe = by_name.get(f"{prefix}hydra_poe_g{TARGET_GAMMA}_greedy")
+        found.append(
+            _decode_ratio(
+                f"{scheme} PoE gamma {TARGET_GAMMA} greedy >= {POE_OVER_LLAMA_CPP}x llama.cpp (decode tok/s)",
+                poe, llama, POE_OVER_LLAMA_CPP,
+            )
+        )  # fmt: skip
+        for name in ("baseline", f"hydra_poe_g{TARGET_GAMMA}_greedy"):
+            ours, theirs = by_name.get(prefix + name), llama
+            if ours is None or theirs is None:
+                found.append(_target(f"{scheme} {name} TTFT <= llama.cpp's", None, "<=", 1.0, "not measured"))
+                continue
+            ratio = ours["ttft_ms"]["median"] / theirs["ttft_ms"]["median"]
+            detail = f"{ours['ttft_ms']['median']:.0f} vs {theirs['ttft_ms']['median']:.0f} ms (median)"
+            found.append(_target(f"{scheme} {name} TTFT <= llama.cpp's", ratio, "<=", 1.0, detail))
     return found

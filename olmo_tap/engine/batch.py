@@ -82,8 +82,8 @@ Op = Prefill | Step | Verify
 
 def batch_invariant(model: HydraTransformer) -> bool:
     """Whether every linear layer of ``model`` runs on oneDNN-prepacked weights (the batch-invariant path)."""
-    if model.device.type != "cpu":
-        return False
+    if model.device.type != "cpu" or model.quantization is not None:
+        return False  # quantized products switch kernels with the row count (olmo_tap.quant.linear)
     packs = [packed.get(getattr(block, name)) for block in model._blocks() for name, packed in block._packed.items()]
     packs.append(model._packed_lm_head.get(model.lm_head.unsqueeze(0)))
     return all(p is not None for p in packs)

@@ -563,6 +563,8 @@ class Sequence:
             mcq=is_mcq,
             question=conversation[-1]["content"] if is_mcq else None,
         )
+        if model.quantization_scheme is not None:  # absent for float weights: their transcripts stay as they were
+            record["quantization"] = model.quantization_scheme
         self.output = new_output(decoder.tokenizer, prompt_ids, decider, verifiers, record)
         self.output.whole_jury = settings.mode == "poe" and n == model.n_text_heads
         self.output.independent_heads = decoder.independent_heads

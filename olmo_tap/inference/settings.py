@@ -96,6 +96,7 @@ RUN_FACTS: tuple[str, ...] = (
     "n_heads",  # the Hydra's split, so an audit can rebuild the same jury from the base checkpoint
     "heads_depth",
     "dtype",
+    "quantization",  # the quantized weights' scheme (int8, int4, gguf), absent for float weights
     "device",
     "threads",  # products of a few rows sum in another order with another thread count
     "batched",  # decoded in a batch with other answers

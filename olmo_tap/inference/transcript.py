@@ -185,6 +185,8 @@ def check_settings(settings: Any) -> dict[str, Any]:
     for name in ("dtype", "device"):
         if s.get(name) is not None:
             _check(isinstance(s[name], str), name, "a string", s[name])
+    if s.get("quantization") is not None:  # the audit loads the model quantized so: only what --quantize takes
+        _check(s["quantization"] in ("int8", "int4", "gguf"), "quantization", "int8, int4 or gguf", s["quantization"])
     for name in ("compile", "mcq", "ignore_eos", "batched", "batch_invariant"):
         if s.get(name) is not None:
             _check(isinstance(s[name], bool), name, "true or false", s[name])

@@ -25,6 +25,8 @@ from torch import nn
 
 from olmo_tap.model import kernels
 from olmo_tap.model.layers import apply_rope, residual_layer, rms_norm, rope_for_positions
+from olmo_tap.quant.linear import fused_int4, fused_int8
+from olmo_tap.quant.weights import QuantizedStack, dequantize_codes
 
 if TYPE_CHECKING:
     from olmo_tap.hydra import HydraTransformer
@@ -103,11 +105,17 @@ class _TowerStep(nn.Module):
         def frozen(t: torch.Tensor) -> nn.Parameter:
             return nn.Parameter(t.detach(), requires_grad=False)
 
+        # A quantized model's step reads the codes: its products are the fused dequantizing reductions, traced
+        # into the step's graph (see ``olmo_tap.quant.linear``); the codes are buffers, never folded to floats.
+        self.quantized = model.quantization is not None
         self.layers = nn.ModuleList()
         for block, t in model.tower_blocks(head):
             layer = nn.Module()
             for name in ("wqkv", "wo", "w13", "w2"):
-                setattr(layer, name, frozen(getattr(block, name)[t].t().contiguous()))
+                if self.quantized:
+                    _register_quantized(layer, name, block._packed[name].quantized[t])
+                else:
+                    setattr(layer, name, frozen(getattr(block, name)[t].t().contiguous()))
             norms = ("attn_norm", "ffn_norm") + (("q_norm", "k_norm") if self.olmo2 else ())
             for name in norms:
                 setattr(layer, name, frozen(getattr(block, name).weight[t]))
@@ -115,9 +123,13 @@ class _TowerStep(nn.Module):
             layer.register_buffer("k", torch.zeros(c.n_kv_heads, window, c.head_dim, dtype=model.cache_dtype))
             layer.register_buffer("v", torch.zeros(c.n_kv_heads, window, c.head_dim, dtype=model.cache_dtype))
             self.layers.append(layer)
-        self.embed = frozen(model.embed.weight)
         self.norm = frozen(model.norm.weight)
-        self.lm_head = frozen(model.lm_head.t().contiguous())
+        if self.quantized:
+            _register_quantized(self, "embed", QuantizedStack([model.quantized_embed]))
+            _register_quantized(self, "lm_head", model._packed_lm_head.quantized[0])
+        else:
+            self.embed = frozen(model.embed.weight)
+            self.lm_head = frozen(model.lm_head.t().contiguous())
         cos, sin = rope_for_positions(model.rope_cos, model.rope_signed_sin, c, slice(0, window), model.dtype)
         self.register_buffer("cos", cos)  # (q_heads + kv_heads, window, head_dim), q rows pre-scaled
         self.register_buffer("sin", sin)
@@ -126,19 +138,24 @@ class _TowerStep(nn.Module):
     def forward(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """token, position: (1,) int64 -> logits (1, vocab)."""
         c = self.config
-        x = F.embedding(token, self.embed)
+        if self.quantized:
+            scheme, codes, scale, minimum = _quantized_parts(self, "embed")[0]
+            x = dequantize_codes(scheme, codes[token], scale[token], None if minimum is None else minimum[token])
+            x = x.to(self.norm.dtype)
+        else:
+            x = F.embedding(token, self.embed)
         cos, sin = self.cos[:, position], self.sin[:, position]  # (q_heads + kv_heads, 1, head_dim)
         hidden_mask = self.slots > position  # keys not yet written, or stale
         for layer in self.layers:
             x = residual_layer(
                 x,
                 lambda h, layer=layer: self._attention(layer, h, position, cos, sin, hidden_mask),
-                lambda h, layer=layer: F.linear(_swiglu(F.linear(h, layer.w13)), layer.w2),
+                lambda h, layer=layer: _linear(layer, "w2", _swiglu(_linear(layer, "w13", h))),
                 lambda h, layer=layer: rms_norm(h, layer.attn_norm, c.norm_eps, self.olmo2),
                 lambda h, layer=layer: rms_norm(h, layer.ffn_norm, c.norm_eps, self.olmo2),
                 post_norm=self.olmo2,
             )
-        return F.linear(rms_norm(x, self.norm, c.norm_eps, self.olmo2), self.lm_head)
+        return _linear(self, "lm_head", rms_norm(x, self.norm, c.norm_eps, self.olmo2))
 
     def _attention(
         self,
@@ -150,7 +167,7 @@ class _TowerStep(nn.Module):
         hidden_mask: torch.Tensor,
     ) -> torch.Tensor:
         c = self.config
-        qkv = F.linear(x, layer.wqkv)
+        qkv = _linear(layer, "wqkv", x)
         if self.olmo2:
             q, k, v = qkv.split((c.q_dim, c.kv_dim, c.kv_dim), dim=-1)
             qkv = torch.cat(
@@ -167,7 +184,41 @@ class _TowerStep(nn.Module):
         scores = (q * layer.k.unsqueeze(1)).sum(-1).masked_fill(hidden_mask, float("-inf"))  # (kv, group, window)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(layer.v.dtype)
         out = (probs.unsqueeze(-1) * layer.v.unsqueeze(1)).sum(-2)  # (kv, group, head_dim)
-        return F.linear(out.reshape(1, c.q_dim).to(x.dtype), layer.wo)
+        return _linear(layer, "wo", out.reshape(1, c.q_dim).to(x.dtype))
+
+
+def _register_quantized(module: nn.Module, name: str, stack: QuantizedStack) -> None:
+    """Buffers ``{name}.{i}.codes|scale|minimum`` for each part of ``stack``, and the parts' schemes."""
+    schemes = []
+    for i, part in enumerate(stack.parts):
+        module.register_buffer(f"{name}_{i}_codes", part.codes)
+        module.register_buffer(f"{name}_{i}_scale", part.scale)
+        module.register_buffer(f"{name}_{i}_minimum", part.minimum)
+        schemes.append(part.scheme)
+    setattr(module, f"{name}_schemes", tuple(schemes))
+
+
+def _quantized_parts(module: nn.Module, name: str) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    return [
+        (
+            scheme,
+            getattr(module, f"{name}_{i}_codes"),
+            getattr(module, f"{name}_{i}_scale"),
+            getattr(module, f"{name}_{i}_minimum"),
+        )
+        for i, scheme in enumerate(getattr(module, f"{name}_schemes"))
+    ]
+
+
+def _linear(module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """x (1, in) times weight ``name`` of ``module``: a float (out, in) constant, or a quantized one's parts."""
+    if not hasattr(module, f"{name}_schemes"):
+        return F.linear(x, getattr(module, name))
+    outs = [
+        (fused_int8(x, codes, scale) if scheme == "int8" else fused_int4(x, codes, scale, minimum)).to(x.dtype)
+        for scheme, codes, scale, minimum in _quantized_parts(module, name)
+    ]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
 def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -222,16 +273,18 @@ class CompiledTower:
         self._position.fill_(position)
         if self.compiled:
             return self._run(self._token, self._position)[0]
-        with _inductor_packing(self.model.dtype), torch._inductor.config.patch(_compile_settings(self.model.device)):
+        settings = _compile_settings(self.model.device, frozen=not self.module.quantized)
+        with _inductor_packing(self.model.dtype), torch._inductor.config.patch(settings):
             logits = self._run(self._token, self._position)[0]  # compiles
         self.compiled = True
         return logits
 
 
-def _compile_settings(device: torch.device) -> dict[str, object]:
-    """Inductor settings for the compile: freezing (weights become constants, so they can be prepacked) and,
-    on CPU, a C++ wrapper (no Python between the kernels)."""
-    return {"freezing": True, "cpp_wrapper": device.type == "cpu"}
+def _compile_settings(device: torch.device, frozen: bool = True) -> dict[str, object]:
+    """Inductor settings for the compile: freezing (weights become constants, so they can be prepacked; not for
+    quantized codes, which freezing would fold back into float weights) and, on CPU, a C++ wrapper (no Python
+    between the kernels)."""
+    return {"freezing": frozen, "cpp_wrapper": device.type == "cpu"}
 
 
 def _weight_versions(model: HydraTransformer) -> tuple[int, ...]:

@@ -27,6 +27,8 @@ from torch import nn
 from olmo_tap.model import kernels
 from olmo_tap.model.config import TransformerConfig
 from olmo_tap.model.kv_cache import LayerCache, Rows
+from olmo_tap.quant.linear import stack_product
+from olmo_tap.quant.weights import QuantizedStack
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_in_fp32: bool) -> torch.Tensor:
@@ -127,6 +129,9 @@ class PackedWeights:
         self.packs: list[torch.Tensor] | None = None
         # Whether a lone row must run as two to get the bits it gets among other rows (see ``linear``).
         self.pad_lone_row = False
+        # A quantized model's weight, one fused projection per tower (``olmo_tap.quant``): used instead of the
+        # float parameter, which the quantization released.
+        self.quantized: list[QuantizedStack] | None = None
 
     def get(self, w: torch.Tensor) -> list[torch.Tensor] | None:
         """The packs of ``w``, or None when oneDNN should not take it; decided once per version of ``w``,
@@ -186,6 +191,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, sel: slice, packed: PackedWeights |
     Inference on CPU uses oneDNN-prepacked weights (one call per tower) where the CPU takes them; training,
     other devices, other dtypes and CPUs without oneDNN support for the dtype use plain (batched) matmuls.
     """
+    if packed is not None and packed.quantized is not None:
+        if x.size(0) == 1:
+            return stack_product(x, packed.quantized[sel.start])
+        return torch.stack([stack_product(x[i], packed.quantized[sel.start + i]) for i in range(x.size(0))])
     packs = packed.get(w) if packed is not None and not torch.is_grad_enabled() else None
     if packs is not None:
         if x.size(1) == 1 and packed.pad_lone_row and _BATCH_ARITHMETIC.get():  # type: ignore[union-attr]
@@ -265,6 +274,16 @@ class Block(nn.Module):
         self._packed = {name: PackedWeights() for name in ("wqkv", "wo", "w13", "w2")}
         if self.wqkv.device.type != "meta":  # a meta build is filled by a loader; random init would be wasted
             self.reset_parameters()
+
+    def tower_tensors(self, tower: int) -> list[torch.Tensor]:
+        """The tensors that define ``tower`` of this layer: its weights (quantized codes where quantized), norms."""
+        tensors = [norm.weight[tower] for norm in self.modules() if isinstance(norm, RMSNorm)]
+        for name, packed in self._packed.items():
+            if packed.quantized is not None:
+                tensors += packed.quantized[tower].tensors()
+            else:
+                tensors.append(getattr(self, name)[tower])
+        return tensors
 
     def reset_parameters(self, std: float = 0.02) -> None:
         for w in (self.wqkv, self.wo, self.w13, self.w2):

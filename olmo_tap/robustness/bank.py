@@ -169,9 +169,11 @@ def shipped_bank_path(preset: str) -> Path | None:
 
 @torch.no_grad()
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """``sha256:<hex>`` of the model's weights: every tensor of its state dict, by name, in name order, as bytes."""
+    """``sha256:<hex>`` of the model's weights: every tensor of its state dict, by name, in name order, as bytes (a
+    quantized Hydra: its codes, scales and minimums instead of the released float weights)."""
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    weights = model.weight_tensors() if hasattr(model, "weight_tensors") else model.state_dict()
+    for name, tensor in sorted(weights.items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

@@ -158,6 +158,7 @@ class Attack:
     def gradient(self, prompts: Sequence[Prompt], clean: torch.Tensor, suffix: list[int]) -> torch.Tensor:
         """d loss / d one-hot suffix tokens, (suffix_tokens, vocab), summed over the questions."""
         model = self.model
+        model.require_float_weights("an attack's gradient")
         embed = model.embed.weight
         one_hot = torch.zeros(len(suffix), embed.size(0), dtype=embed.dtype)
         one_hot[torch.arange(len(suffix)), torch.tensor(suffix)] = 1.0

@@ -98,6 +98,7 @@ def check_targets(
 
 def head_block_params(model: HydraTransformer, head: int, layer: int) -> dict[str, torch.Tensor]:
     """Head ``head``'s slice (a view, detached) of every parameter of the block holding base layer ``layer``."""
+    model.require_float_weights("training a head")
     block = model.heads[layer - model.config.trunk_layers]
     params = {name: getattr(block, name)[head : head + 1].detach() for name in _FUSED}
     for norm_name, module in block.named_modules():

@@ -288,6 +288,16 @@ def cmd_robustness_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quant_kernels(args: argparse.Namespace) -> int:
+    from olmo_tap.benchmarks.quant_kernels import markdown, run_quant_kernels
+
+    if args.budget_ms <= 0:
+        raise ValueError(f"--budget-ms must be positive, got {args.budget_ms}")
+    print(markdown(run_quant_kernels(args.out, budget_ms=args.budget_ms, progress=not args.no_progress)))
+    print(f"written to {args.out}/kernels.json, kernels.md")
+    return 0
+
+
 def cmd_signals(args: argparse.Namespace) -> int:
     from olmo_tap.benchmarks.signals import markdown, run_signals
 
@@ -536,6 +546,12 @@ def register(sub: Any, add_model_args: Callable[..., None]) -> None:
     )
     add_training_args(rtr, lr=1e-4, epochs=2, batch_size=8)
     rtr.set_defaults(func=cmd_robustness_training)
+
+    qk = esub.add_parser("quant-kernels", help="quantized linear kernels: every route's time per shape and row count")
+    qk.add_argument("--out", default="results/quant", help="kernels.json and kernels.md (default %(default)s)")
+    qk.add_argument("--budget-ms", type=float, default=150.0, help="timing per route and cell (default %(default)s)")
+    qk.add_argument("--no-progress", action="store_true", help="no progress bars")
+    qk.set_defaults(func=cmd_quant_kernels)
 
     from olmo_tap.certainty.names import SIMILARITY_NAMES
 

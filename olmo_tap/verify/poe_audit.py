@@ -218,9 +218,10 @@ def load_audit_model(
     settings = transcript["settings"]
     if dtype is None:
         dtype = settings.get("dtype")
+    quantize = settings.get("quantization")  # replayed in the generator's own quantization
     resolved = resolve(source)
     if resolved.kind == "ensemble_dir":
-        hydra = HydraTransformer.from_pretrained(resolved, dtype=dtype, device=device)
+        hydra = HydraTransformer.from_pretrained(resolved, dtype=dtype, device=device, quantize=quantize)
     else:
         hydra = HydraTransformer.from_pretrained(
             resolved,
@@ -228,6 +229,7 @@ def load_audit_model(
             heads_depth=settings.get("heads_depth"),
             dtype=dtype,
             device=device,
+            quantize=quantize,
         )
     return hydra, load_tokenizer(resolved, progress=False)
 
@@ -240,7 +242,9 @@ def replays_exactly(settings: dict[str, Any], model: HydraTransformer) -> bool:
     device = str(settings.get("device") or "").split(":")[0]
     batch_dependent = bool(settings.get("batched")) and settings.get("batch_invariant") is False
     same = settings.get("dtype") == dtype and device == model.device.type
-    return same and not settings.get("compile", False) and not batch_dependent
+    # quantized products change kernel with their row count, and a replay runs other row counts than decoding did
+    float_weights = settings.get("quantization") is None and model.quantization is None
+    return same and float_weights and not settings.get("compile", False) and not batch_dependent
 
 
 @torch.no_grad()

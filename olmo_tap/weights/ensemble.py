@@ -49,6 +49,7 @@ def save_ensemble(
     rather than deleted. The new ensemble is written aside in a sibling directory and renamed into place; the old
     one is moved aside first and removed last, so until the new one is complete the old one stays loadable.
     """
+    model.require_float_weights("saving an ensemble")
     directory = Path(directory)
     _check_replaceable(directory, work_dir)
     directory.parent.mkdir(parents=True, exist_ok=True)

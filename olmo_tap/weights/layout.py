@@ -120,6 +120,7 @@ def tower_state(model: HydraTransformer, head: int) -> dict[str, torch.Tensor]:
     c = model.base_config
     if not 0 <= head < model.n_heads:
         raise ValueError(f"head {head} out of range for {model.n_heads} heads")
+    model.require_float_weights("exporting a tower's weights")
     state = {
         "model.embed_tokens.weight": model.embed.weight.clone(),
         "model.norm.weight": model.norm.weight.clone(),

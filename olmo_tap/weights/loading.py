@@ -72,11 +72,16 @@ def load_hydra(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    quantize: str | None = None,
 ) -> HydraTransformer:
     """Build a Hydra from a preset, HF directory, hub id, GGUF file or saved ensemble.
 
-    A saved ensemble keeps its own heads: ``n_heads``/``heads_depth`` must then be None or match.
+    A saved ensemble keeps its own heads: ``n_heads``/``heads_depth`` must then be None or match. ``quantize``
+    (``int8``, ``int4``, or ``gguf`` for a GGUF source's own blocks) quantizes every weight after loading (after
+    a trained preset's adapters are merged): see ``olmo_tap.quant.model``.
     """
+    if quantize is not None:
+        return _load_quantized(source, n_heads, heads_depth, dtype, device, progress, quantize)
     from olmo_tap.weights.sources import read_base_checkpoint, resolve
 
     device = resolve_device(device)
@@ -102,6 +107,44 @@ def load_hydra(
     model.reset_rope()
     load_base_state(model, state)
     return model.eval().prepack()
+
+
+def _load_quantized(
+    source: str | Path | Any,
+    n_heads: int | None,
+    heads_depth: int | None,
+    dtype: torch.dtype | str | None,
+    device: torch.device | str | None,
+    progress: bool,
+    quantize: str,
+) -> HydraTransformer:
+    from olmo_tap.quant.model import check_scheme, quantize_model
+    from olmo_tap.weights.presets import PRESETS, embedded_gguf_path
+    from olmo_tap.weights.sources import resolve
+
+    check_scheme(quantize)
+    device = resolve_device(device)
+    if device.type != "cpu":
+        raise ValueError(f"--quantize runs on the CPU (its kernels are CPU kernels); got --device {device}")
+    resolved = resolve(source)
+    gguf_path = None
+    if quantize == "gguf":
+        if resolved.kind == "gguf":
+            gguf_path = resolved.path
+        elif resolved.kind == "preset":
+            preset = PRESETS[resolved.name]
+            preset = PRESETS[preset.base] if preset.base else preset
+            if preset.gguf_file:
+                gguf_path = embedded_gguf_path(preset)
+        if gguf_path is None:
+            raise ValueError(
+                f"--quantize gguf keeps a GGUF file's own blocks, and {source} is not a GGUF source; "
+                "use --quantize int8 or int4"
+            )
+    model = load_hydra(resolved, n_heads, heads_depth, torch.float32, device, progress)
+    quantize_model(model, quantize, gguf_path)
+    model = model.to(resolve_dtype(dtype, device))
+    return model.eval()
 
 
 def _check_matches_saved(model: HydraTransformer, n_heads: int | None, heads_depth: int | None) -> None:

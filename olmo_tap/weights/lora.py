@@ -110,6 +110,7 @@ def load_lora(path: str | Path) -> LoraAdapter:
 @torch.no_grad()
 def merge_lora(model: HydraTransformer, head: int, adapter: LoraAdapter) -> None:
     """Add the adapter's updates to head ``head``'s own weights (other heads and the trunk untouched)."""
+    model.require_float_weights("merging a LoRA adapter")
     if not 0 <= head < model.n_heads:
         raise ValueError(f"head {head} out of range for {model.n_heads} heads")
     trunk_layers = model.config.trunk_layers

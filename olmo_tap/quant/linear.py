@@ -1,0 +1,171 @@
+"""Products with quantized weights.
+
+The kernel route, chosen by measurement on the 2-core development machine (results/quant/kernels.md,
+``olmo-tap experiment quant-kernels``): a few rows (decoding, verification) run a *fused dequantizing reduction*
+that TorchInductor compiles to native loops: each weight is read once as 8- or 4-bit codes, widened, scaled and
+multiplied into an fp32 sum, never written out as floats; torch's own ``_weight_int8pack_mm`` and
+``_weight_int4pack_mm_for_cpu`` ran 5-10x slower than fp32 there, torchao's int8 weight-only layer 2-30x. Many
+rows (a prompt, a wide verification pass) dequantize the weight chunk by chunk into a buffer that stays in the
+CPU's cache and multiply each chunk at once (``dequantized_product``): the reduction widens every code once per
+row, the chunks once per product, which then costs about what the float weight's own product costs.
+
+``OLMO_TAP_QUANT_KERNEL=dequantize`` forces the chunked path for every product (no compiler needed); ``fused``
+(the default) compiles the reduction on first use (a few seconds per scheme, cached on disk) and falls back to
+the chunked path, with one warning, where Inductor cannot compile (no C++ compiler).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from olmo_tap.quant.weights import QuantizedStack, QuantizedWeight
+
+QUANT_KERNEL_ENV = "OLMO_TAP_QUANT_KERNEL"
+QUANT_KERNELS = ("fused", "dequantize")
+# Rows up to which the fused reduction beats the chunked product over a whole pass, per scheme (measured in
+# results/quant/kernels.md): the reduction widens every code once per row, so its cost grows with the rows, and
+# int4's unpacking costs more. 5 rows: a verification pass at gamma 4.
+FUSED_MAX_ROWS = {"int8": 24, "int4": 5}
+
+_compiled: dict[str, Callable[..., torch.Tensor]] = {}
+_compile_failed: str | None = None
+
+
+def quant_kernel() -> str:
+    value = os.environ.get(QUANT_KERNEL_ENV, "").strip().lower() or "fused"
+    if value not in QUANT_KERNELS:
+        raise ValueError(f"{QUANT_KERNEL_ENV} must be one of {', '.join(QUANT_KERNELS)}, got {value!r}")
+    return value
+
+
+def fused_int8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(M, in) x int8 codes (out, in) with scales (out, in // g) -> (M, out), summed in fp32."""
+    m, n_in = x.shape
+    out, groups = scale.shape
+    xg = x.float().view(m, 1, groups, n_in // groups)
+    w = codes.view(out, groups, n_in // groups).float() * scale.unsqueeze(-1)
+    return (xg * w).sum(dim=(-2, -1))
+
+
+def fused_int4(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """(M, in) x int4 codes (out, in // 2; per group of 32, byte j = input j | input j + 16 << 4) -> (M, out)."""
+    m, n_in = x.shape
+    out, groups = scale.shape
+    half = n_in // groups // 2
+    xg = x.float().view(m, 1, groups, 2, half)
+    packed = codes.view(out, groups, half)
+    s, mn = scale.unsqueeze(-1), minimum.unsqueeze(-1)
+    low = (packed & 15).float() * s + mn
+    high = (packed >> 4).float() * s + mn
+    return (xg[:, :, :, 0] * low + xg[:, :, :, 1] * high).sum(dim=(-2, -1))
+
+
+def fused_product(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    """The fused formulation, uncompiled: what the compiled decode step traces into its own graph."""
+    if w.scheme == "int8":
+        return fused_int8(x, w.codes, w.scale)
+    return fused_int4(x, w.codes, w.scale, w.minimum)  # type: ignore[arg-type]
+
+
+def _kernel(scheme: str) -> Callable[..., torch.Tensor]:
+    """The compiled reduction for ``scheme`` (one compile serves every shape: dynamic)."""
+    if scheme not in _compiled:
+        _compiled[scheme] = torch.compile(fused_int8 if scheme == "int8" else fused_int4, dynamic=True)
+    return _compiled[scheme]
+
+
+def _fused(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | None:
+    """The compiled reduction on ``x``, or None where Inductor cannot compile here (then never again)."""
+    global _compile_failed
+    if _compile_failed is not None or quant_kernel() != "fused":
+        return None
+    args = (w.codes, w.scale) if w.scheme == "int8" else (w.codes, w.scale, w.minimum)
+    try:
+        return _kernel(w.scheme)(x, *args)
+    except Exception as e:  # no C++ compiler, or Inductor refuses: the dequantizing path is as correct
+        _compile_failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        warnings.warn(
+            f"olmo-tap: the fused quantized kernel could not be compiled ({_compile_failed}); quantized products "
+            "dequantize their weights chunk by chunk instead (correct, slower for a decode step)",
+            stacklevel=3,
+        )
+        return None
+
+
+# Dequantized chunks of about this many bytes stay in the CPU's cache between being written and multiplied. A
+# whole float weight freshly allocated costs more in page faults than the product itself (measured: 39 ms to
+# allocate and fill the lm_head's 113 MB, against 10 ms for its 16-row product chunk by chunk).
+CHUNK_BYTES = 1 << 21
+_scratch = threading.local()  # one buffer per thread: the service may run products on several threads
+
+
+def _chunk_buffer(elements: int) -> torch.Tensor:
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < elements:
+        buffer = _scratch.buffer = torch.empty(elements)
+    return buffer[:elements]
+
+
+def dequantize_into(w: QuantizedWeight, rows: slice, out: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` of ``w`` as fp32 values, written into ``out`` (rows x in, contiguous); returns it. Each value
+    is q * scale (+ minimum), rounded once: the same bits as ``QuantizedWeight.dequantize``."""
+    n, groups = out.size(0), w.scale.size(1)
+    grouped = out.view(n, groups, -1)
+    scale = w.scale[rows].unsqueeze(-1)
+    if w.scheme == "int8":
+        return torch.mul(w.codes[rows].view(n, groups, -1), scale, out=grouped).view(n, -1)
+    packed = w.codes[rows].view(n, groups, -1)
+    half = packed.size(-1)
+    minimum = w.minimum[rows].unsqueeze(-1)  # type: ignore[index]
+    for nibbles, target in ((packed & 15, grouped[..., :half]), (packed >> 4, grouped[..., half:])):
+        torch.mul(nibbles, scale, out=target)
+        target.add_(minimum)
+    return out
+
+
+def dequantized_product(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    """x (M, in) @ w.T in fp32, the weight dequantized chunk by chunk into a cache-sized buffer."""
+    out_features, in_features = w.shape
+    rows = max(16, CHUNK_BYTES // (4 * in_features))
+    xt = x.float().t()
+    result = torch.empty(out_features, x.size(0))
+    buffer = _chunk_buffer(min(rows, out_features) * in_features)
+    for start in range(0, out_features, rows):
+        stop = min(out_features, start + rows)
+        chunk = dequantize_into(w, slice(start, stop), buffer[: (stop - start) * in_features].view(stop - start, -1))
+        torch.mm(chunk, xt, out=result[start:stop])
+    return result.t()
+
+
+def product(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    """x (M, in) @ w.T -> (M, out) in x's dtype."""
+    out = None
+    if x.size(0) <= FUSED_MAX_ROWS[w.scheme] and x.device.type == "cpu":
+        out = _fused(x, w)
+    if out is None:
+        out = dequantized_product(x, w)
+    return out.to(x.dtype)
+
+
+def stack_product(x: torch.Tensor, stack: QuantizedStack) -> torch.Tensor:
+    """x (..., in) @ a fused projection -> (..., out)."""
+    flat = x.reshape(-1, x.size(-1))
+    outs = [product(flat, part) for part in stack.parts]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+    return out.reshape(*x.shape[:-1], out.size(-1))
+
+
+def fused_kernel_status() -> str:
+    """One line for ``olmo-tap info``."""
+    kernel = quant_kernel()
+    if kernel == "dequantize":
+        return f"chunked dequantize-and-multiply (forced: {QUANT_KERNEL_ENV}=dequantize)"
+    if _compile_failed is not None:
+        return f"chunked dequantize-and-multiply (the fused kernel failed to compile: {_compile_failed})"
+    rows = ", ".join(f"{scheme} <= {n} rows" for scheme, n in FUSED_MAX_ROWS.items())
+    return f"fused dequantizing reduction (Inductor; {rows}), chunked dequantize-and-multiply above"

@@ -1,0 +1,280 @@
+"""Quantized inference: GGUF blocks kept at their own precision, --quantize int8|int4, the kernels, decoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from olmo_tap import HydraTransformer, HydraTransformerConfig
+from olmo_tap.quant import linear as qlinear
+from olmo_tap.quant.gguf import KEPT_TYPES, quantized_from_gguf
+from olmo_tap.quant.model import quantize_model, quantized_bytes
+from olmo_tap.quant.weights import QuantizedStack, QuantizedWeight, quantize
+from olmo_tap.weights.errors import WeightsError
+from tests.test_weights_io import hf_state
+from tests.tiny import LetterTokenizer, tiny_hydra
+
+BLOCK = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q4_K": (256, 144), "Q6_K": (256, 210), "Q5_0": (32, 22)}
+
+
+def random_blocks(type_name: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Valid random blocks of ``type_name`` for a (rows, cols) tensor, as the (rows, bytes per row) uint8 array the
+    gguf writer takes. Codes are random bytes; the fp16 scales are set to small finite values (random bytes there
+    could be inf or NaN, which no quantizer writes)."""
+    per_block, nbytes = BLOCK[type_name]
+    blocks = rng.integers(0, 256, size=(rows * cols // per_block, nbytes), dtype=np.uint8)
+
+    def fp16_at(offset: int, low: float, high: float) -> None:
+        values = rng.uniform(low, high, size=len(blocks)).astype(np.float16)
+        blocks[:, offset : offset + 2] = values.view(np.uint8).reshape(-1, 2)
+
+    if type_name in ("Q4_0", "Q8_0", "Q5_0"):
+        fp16_at(0, 0.001, 0.02)
+    elif type_name == "Q4_1":
+        fp16_at(0, 0.001, 0.02)
+        fp16_at(2, -0.1, 0.0)
+    elif type_name == "Q4_K":
+        fp16_at(0, 0.0005, 0.002)
+        fp16_at(2, 0.0005, 0.002)
+    elif type_name == "Q6_K":
+        fp16_at(208, 0.0001, 0.001)
+    return blocks.reshape(rows, -1)
+
+
+def write_gguf(path: Path, model: transformers.LlamaForCausalLM, linear_type: str, embed_type: str = "Q8_0") -> None:
+    """A llama GGUF of ``model``'s config whose linear layers are random ``linear_type`` blocks (the embedding
+    ``embed_type``), norms float: the file defines the weights, as a real quantized file does."""
+    import gguf
+
+    c = model.config
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    names = {
+        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    }  # fmt: skip
+    for name, tensor in hf_state(model).items():
+        if name == "model.norm.weight":
+            writer.add_tensor("output_norm.weight", tensor.numpy().astype(np.float32))
+            continue
+        if name == "model.embed_tokens.weight":
+            gguf_name, qtype = "token_embd.weight", embed_type
+        else:
+            _, _, layer, rest = name.split(".", 3)
+            module = rest.removesuffix(".weight")
+            gguf_name, qtype = f"blk.{layer}.{names[module]}.weight", linear_type
+            if "norm" in module:
+                writer.add_tensor(gguf_name, tensor.numpy().astype(np.float32))
+                continue
+        rows, cols = tensor.shape
+        kind = gguf.GGMLQuantizationType[qtype]
+        writer.add_tensor(gguf_name, random_blocks(qtype, rows, cols, rng), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def tiny_llama(hidden: int = 256, ffn: int = 512) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=ffn, max_position_embeddings=128, tie_word_embeddings=True, rope_theta=10000.0,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def hydra_from_gguf(path: Path) -> HydraTransformer:
+    """A 2-head Hydra of a tiny GGUF file in float (its tensors as the gguf package dequantizes them); no tokenizer,
+    which ``from_pretrained`` would convert too."""
+    from olmo_tap.weights.gguf import read_gguf
+    from olmo_tap.weights.layout import load_base_state
+
+    cfg, state = read_gguf(path)
+    model = HydraTransformerConfig.split(cfg, 2, 1).build(init_device="meta").to_empty(device="cpu")
+    model.reset_rope()
+    load_base_state(model, state)
+    return model.eval()
+
+
+# ----- storage ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("type_name", KEPT_TYPES)
+def test_gguf_blocks_map_exactly(tmp_path: Path, type_name: str) -> None:
+    """Each kept GGUF type, written by the gguf package, is held as codes whose values are the package's own
+    dequantization bit for bit (rows of 512 inputs: two K-quant super-blocks)."""
+    import gguf
+    from gguf.quants import dequantize
+
+    path = tmp_path / f"{type_name}.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    blocks = random_blocks(type_name, 6, 512, np.random.default_rng(1))
+    writer.add_tensor("w", blocks, raw_dtype=gguf.GGMLQuantizationType[type_name])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tensor = gguf.GGUFReader(path).tensors[0]
+    qw = quantized_from_gguf(tensor, str(path))
+    want = torch.from_numpy(np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)).view(6, 512)
+    assert qw.shape == (6, 512) and qw.source == type_name
+    assert qw.scheme == ("int4" if type_name.startswith("Q4") else "int8")
+    assert torch.equal(qw.dequantize(), want)
+    bits = {"int4": 4, "int8": 8}[qw.scheme]
+    assert qw.nbytes <= 6 * 512 * bits / 8 + qw.scale.numel() * 8  # codes at their width, fp32 scale (+ min)
+
+
+def test_unsupported_gguf_type_is_named(tmp_path: Path) -> None:
+    import gguf
+
+    path = tmp_path / "q5.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor(
+        "w", random_blocks("Q5_0", 2, 64, np.random.default_rng(0)), raw_dtype=gguf.GGMLQuantizationType.Q5_0
+    )
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(WeightsError, match=r"w is Q5_0, which olmo-tap cannot keep quantized .*--quantize int8"):
+        quantized_from_gguf(gguf.GGUFReader(path).tensors[0], str(path))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantize_rounds_to_nearest_code(scheme: str) -> None:
+    w = torch.randn(40, 96) * 0.05
+    w[3] = 0.0  # an all-zero row: scale 0 must not divide by zero
+    qw = quantize(w.t().contiguous().t(), scheme)  # a transposed view quantizes like the weight itself
+    deq = qw.dequantize()
+    assert qw.codes.is_contiguous() and torch.equal(deq[3], torch.zeros(96))
+    step = qw.scale.repeat_interleave(qw.group, dim=1)
+    assert ((deq - w).abs() <= step / 2 + 1e-7).all()  # nearest code: at most half a step off
+    assert qw.nbytes == (40 * 96 * (1 if scheme == "int8" else 0.5)) + qw.scale.numel() * 4 * (
+        1 if scheme == "int8" else 2
+    )
+    with pytest.raises(ValueError, match="groups of 32"):
+        quantize(torch.randn(4, 48), "int4")
+    with pytest.raises(ValueError, match="scheme must be one of int8, int4"):
+        quantize(w, "int3")
+
+
+def test_stack_merges_parts_of_one_scheme() -> None:
+    a, b = quantize(torch.randn(8, 64), "int4"), quantize(torch.randn(4, 64), "int4")
+    c = quantize(torch.randn(4, 64), "int8")
+    stack = QuantizedStack.of([a, b, c])
+    assert [p.scheme for p in stack.parts] == ["int4", "int8"] and stack.out_features == 16
+    assert torch.equal(stack.dequantize(), torch.cat([a.dequantize(), b.dequantize(), c.dequantize()]))
+
+
+# ----- kernels ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_fused_kernel_equals_dequantized_product(scheme: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled reduction (few rows) and dequantize-then-multiply (many rows, or forced) give the float product
+    of the dequantized weight, to fp32 rounding, for every row count."""
+    w = quantize(torch.randn(96, 128) * 0.05, scheme)
+    ref_weight = w.dequantize()
+    for rows in (1, 3, qlinear.FUSED_MAX_ROWS[scheme], qlinear.FUSED_MAX_ROWS[scheme] + 1, 40):
+        x = torch.randn(rows, 128)
+        torch.testing.assert_close(qlinear.product(x, w), F.linear(x, ref_weight), rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv(qlinear.QUANT_KERNEL_ENV, "dequantize")
+    x = torch.randn(2, 128)
+    torch.testing.assert_close(qlinear.product(x, w), F.linear(x, ref_weight), rtol=1e-5, atol=1e-5)
+    out = torch.empty(96, 128)
+    assert torch.equal(qlinear.dequantize_into(w, slice(0, 96), out), ref_weight)  # the same bits as dequantize()
+    monkeypatch.setenv(qlinear.QUANT_KERNEL_ENV, "bogus")
+    with pytest.raises(ValueError, match="OLMO_TAP_QUANT_KERNEL must be one of fused, dequantize"):
+        qlinear.product(x, w)
+
+
+# ----- whole models -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("type_name", KEPT_TYPES)
+def test_gguf_model_logits_against_independent_dequantization(tmp_path: Path, type_name: str) -> None:
+    """A Hydra holding a GGUF file's own blocks gives the logits of the float model that the gguf package's
+    dequantization of the same file defines (float load, then transformers on the same tensors), within fp32
+    rounding; its weights take a fraction of the float model's bytes."""
+    path = tmp_path / f"tiny-{type_name}.gguf"
+    write_gguf(path, tiny_llama(), type_name)
+    ids = torch.tensor([[1, 5, 9, 2, 33, 7, 60, 4]])
+    float_model, quant = hydra_from_gguf(path), quantize_model(hydra_from_gguf(path), "gguf", path)
+    assert quant.quantization == f"gguf ({', '.join(sorted({type_name, 'Q8_0'}))})"
+    with torch.no_grad():
+        want, got = float_model(ids), quant(ids)
+        one = quant(ids[:, :1])  # one row: the fused kernel
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(one, want[:, :, :1], rtol=1e-4, atol=1e-4)
+    # transformers on the same dequantized tensors: the float model is the reference nobody here wrote
+    from olmo_tap.weights.gguf import read_gguf
+
+    _, state = read_gguf(path)
+    ref = tiny_llama()
+    ref.load_state_dict({**state, "lm_head.weight": state["model.embed_tokens.weight"]})
+    torch.testing.assert_close(got[0], ref(ids).logits.detach(), rtol=1e-4, atol=1e-4)
+    assert quantized_bytes(quant) < 0.4 * sum(p.numel() * 4 for p in float_model.parameters())
+    assert all(p.device.type == "meta" for n, p in quant.named_parameters() if n.endswith(("wqkv", "w13", "lm_head")))
+
+
+def test_quantized_decoding_modes_and_refusals(tmp_path: Path) -> None:
+    """PoE, naive and single decoding run quantized (and the trunk/heads kernels are the quantized ones); a
+    quantized model refuses what needs float weights, by name."""
+    from olmo_tap.inference.poe import PoE
+    from olmo_tap.weights.lora import LoraAdapter, merge_lora
+
+    model = tiny_hydra(vocab=6, n_heads=3)
+    float_model = tiny_hydra(vocab=6, n_heads=3)
+    quantize_model(model, "int8")
+    assert model.quantization == "int8" and not model.identical_heads()
+    tok = LetterTokenizer(6)
+    for mode in ("poe", "naive", "single"):
+        outs = [
+            PoE(m, tok, gamma=3, seed=1, mode=mode, max_new_tokens=12).generate_with_cache("abc", temperature=0)
+            for m in (model, float_model)
+        ]
+        assert len(outs[0].token_ids) == 12
+        # int8 per channel moves these logits by ~1e-2: most greedy tokens agree with the float model's
+        assert sum(a == b for a, b in zip(outs[0].token_ids, outs[1].token_ids, strict=True)) >= 8
+    with pytest.raises(ValueError, match=r"already quantized \(int8\)"):
+        quantize_model(model, "int4")
+    with pytest.raises(ValueError, match="quantized"):
+        merge_lora(model, 0, LoraAdapter.__new__(LoraAdapter))
+
+
+def test_quantize_option_errors(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, tiny_llama(), "Q4_0")
+    with pytest.raises(ValueError, match="--quantize must be one of int8, int4, gguf"):
+        HydraTransformer.from_pretrained(str(path), quantize="int2", progress=False)
+    tiny = tiny_llama(hidden=64, ffn=128)
+    tiny.save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match="not a GGUF source; use --quantize int8 or int4"):
+        HydraTransformer.from_pretrained(str(tmp_path / "hf"), quantize="gguf", progress=False)
+    model = HydraTransformer.from_pretrained(str(tmp_path / "hf"), n_heads=2, heads_depth=1, quantize="int4",
+                                             progress=False, device="cpu")  # fmt: skip
+    assert model.quantization == "int4" and model.identical_heads()  # clones share one quantized copy
+    stacks = model.heads[0]._packed["w13"].quantized
+    assert stacks is not None and stacks[0] is stacks[1]
+
+
+def test_quantized_weight_validation() -> None:
+    with pytest.raises(ValueError, match="groups of 32 with a minimum"):
+        QuantizedWeight("int4", torch.zeros(2, 16, dtype=torch.uint8), torch.zeros(2, 1), None, 32, "int4")
+    with pytest.raises(ValueError, match="do not split into groups of 32"):
+        QuantizedWeight("int8", torch.zeros(2, 40, dtype=torch.int8), torch.zeros(2, 1), None, 32, "int8")
