@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from olmo_tap.quant.gguf import KEPT_TYPES, quantized_from_gguf
 from olmo_tap.quant.model import quantize_model, quantized_bytes
 from olmo_tap.quant.weights import QuantizedStack, QuantizedWeight, quantize
 from olmo_tap.weights.errors import WeightsError
+from olmo_tap.weights.gguf import _BLOCK_NAMES
 from tests.test_weights_io import hf_state
 from tests.tiny import LetterTokenizer, tiny_hydra
 
@@ -62,11 +64,7 @@ def write_gguf(path: Path, model: transformers.LlamaForCausalLM, linear_type: st
     writer.add_head_count_kv(c.num_key_value_heads)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    names = {
-        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    }  # fmt: skip
+    names = {hf: name for name, hf in _BLOCK_NAMES.items()}  # the loader's own mapping, inverted
     for name, tensor in hf_state(model).items():
         if name == "model.norm.weight":
             writer.add_tensor("output_norm.weight", tensor.numpy().astype(np.float32))
@@ -278,3 +276,22 @@ def test_quantized_weight_validation() -> None:
         QuantizedWeight("int4", torch.zeros(2, 16, dtype=torch.uint8), torch.zeros(2, 1), None, 32, "int4")
     with pytest.raises(ValueError, match="do not split into groups of 32"):
         QuantizedWeight("int8", torch.zeros(2, 40, dtype=torch.int8), torch.zeros(2, 1), None, 32, "int8")
+
+
+@pytest.mark.parametrize("kernel", ["fused", "dequantize"])
+def test_quantized_transcript_audits_and_a_forged_token_is_caught(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quantized answer's transcript records its scheme and passes the audit on the same quantized model (with
+    the fused kernels, and on a CPU path without them); one changed token does not pass."""
+    from olmo_tap.inference.poe import PoE
+    from olmo_tap.inference.transcript import transcript_dict
+    from olmo_tap.verify.poe_audit import audit_poe
+
+    monkeypatch.setenv(qlinear.QUANT_KERNEL_ENV, kernel)
+    model = quantize_model(tiny_hydra(vocab=6, n_heads=3, scale=1.0), "int8")
+    tok = LetterTokenizer(6)
+    data = transcript_dict(PoE(model, tok, gamma=3, seed=2, max_new_tokens=10).generate_with_cache("cab"))
+    assert data["settings"]["quantization"] == "int8"
+    assert audit_poe(data, model, tokenizer=tok).honest
+    forged = json.loads(json.dumps(data))
+    forged["token_ids"][4] = (forged["token_ids"][4] + 1) % 6
+    assert not audit_poe(forged, model, tokenizer=tok).honest

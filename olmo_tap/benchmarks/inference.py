@@ -639,7 +639,7 @@ def _quantized_group(
     """``config.quantize``'s models, each as its baseline (eager and compiled) and PoE greedy at gamma 4, and
     llama.cpp on the model's GGUF file: one group, timed interleaved (the fair comparison)."""
     from olmo_tap.benchmarks import llama_cpp_reference
-    from olmo_tap.weights.presets import PRESETS, embedded_gguf_path
+    from olmo_tap.weights.loading import gguf_source_path
     from olmo_tap.weights.sources import resolve
 
     if not config.quantize and not config.llama_cpp:
@@ -647,12 +647,7 @@ def _quantized_group(
     if device.type != "cpu":
         notes.append("quantized group skipped: the quantized kernels are CPU kernels")
         return []
-    resolved = resolve(config.model)
-    gguf_path = resolved.path if resolved.kind == "gguf" else None
-    if resolved.kind == "preset":
-        preset = PRESETS[resolved.name]
-        preset = PRESETS[preset.base] if preset.base else preset
-        gguf_path = embedded_gguf_path(preset) if preset.gguf_file else None
+    gguf_path = gguf_source_path(resolve(config.model))
     group: list[Candidate] = []
     models = []
     gamma = target_rules.TARGET_GAMMA

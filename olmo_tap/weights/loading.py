@@ -109,6 +109,20 @@ def load_hydra(
     return model.eval().prepack()
 
 
+def gguf_source_path(resolved: Any) -> Path | None:
+    """The GGUF file behind a resolved source (a .gguf path, or a preset embedding one, a trained preset's base
+    included), or None."""
+    from olmo_tap.weights.presets import PRESETS, embedded_gguf_path
+
+    if resolved.kind == "gguf":
+        return Path(resolved.path)
+    if resolved.kind == "preset":
+        preset = PRESETS[resolved.name]
+        preset = PRESETS[preset.base] if preset.base else preset
+        return embedded_gguf_path(preset) if preset.gguf_file else None
+    return None
+
+
 def _load_quantized(
     source: str | Path | Any,
     n_heads: int | None,
@@ -119,7 +133,6 @@ def _load_quantized(
     quantize: str,
 ) -> HydraTransformer:
     from olmo_tap.quant.model import check_scheme, quantize_model
-    from olmo_tap.weights.presets import PRESETS, embedded_gguf_path
     from olmo_tap.weights.sources import resolve
 
     check_scheme(quantize)
@@ -129,13 +142,7 @@ def _load_quantized(
     resolved = resolve(source)
     gguf_path = None
     if quantize == "gguf":
-        if resolved.kind == "gguf":
-            gguf_path = resolved.path
-        elif resolved.kind == "preset":
-            preset = PRESETS[resolved.name]
-            preset = PRESETS[preset.base] if preset.base else preset
-            if preset.gguf_file:
-                gguf_path = embedded_gguf_path(preset)
+        gguf_path = gguf_source_path(resolved)
         if gguf_path is None:
             raise ValueError(
                 f"--quantize gguf keeps a GGUF file's own blocks, and {source} is not a GGUF source; "
