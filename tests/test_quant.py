@@ -230,6 +230,44 @@ def test_gguf_model_logits_against_independent_dequantization(tmp_path: Path, ty
     assert all(p.device.type == "meta" for n, p in quant.named_parameters() if n.endswith(("wqkv", "w13", "lm_head")))
 
 
+def _quantized_parts(model: HydraTransformer) -> list[torch.Tensor]:
+    parts = [p for block in model._blocks() for packed in block._packed.values() for s in packed.quantized or []
+             for p in s.parts]  # fmt: skip
+    parts += [p for s in model._packed_lm_head.quantized or [] for p in s.parts] + [model.quantized_embed]
+    return [t for p in parts for t in (p.codes, p.scale, p.minimum) if t is not None]
+
+
+@pytest.mark.parametrize("scheme", ["gguf", "int4"])
+def test_loading_straight_from_gguf_equals_float_load_then_quantize(tmp_path: Path, scheme: str) -> None:
+    """The loader that never holds the model in float (one layer decoded at a time, LoRA merged per linear) builds
+    the same quantized model, bit for bit, as the fp32 load + merge_lora + quantize_model it replaces."""
+    from olmo_tap.quant.model import load_gguf_quantized
+    from olmo_tap.weights.lora import LoraAdapter, merge_lora
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, tiny_llama(), "Q4_K")
+    g = torch.Generator().manual_seed(3)
+    adapter = LoraAdapter(2, 4.0, {
+        (1, "q_proj"): (torch.randn(2, 256, generator=g), torch.randn(256, 2, generator=g) * 0.01),
+        (1, "down_proj"): (torch.randn(2, 512, generator=g), torch.randn(256, 2, generator=g) * 0.01),
+    })  # fmt: skip
+    float_model = hydra_from_gguf(path)
+    merge_lora(float_model, 1, adapter)
+    want = quantize_model(float_model, scheme, path if scheme == "gguf" else None)
+    got = load_gguf_quantized(path, 2, 1, scheme, merges=((), (adapter,)))
+    assert got.quantization == want.quantization and got.config == want.config
+    assert all(torch.equal(a, b) for a, b in zip(_quantized_parts(got), _quantized_parts(want), strict=True))
+    ids = torch.tensor([[1, 5, 9, 2, 33, 7]])
+    with torch.no_grad():
+        assert torch.equal(got(ids), want(ids))
+    stacks = got.heads[0]._packed["wqkv"].quantized
+    assert stacks is not None and stacks[0] is not stacks[1]  # the merged head holds its own codes
+    with pytest.raises(WeightsError, match="trunk is shared"):
+        load_gguf_quantized(
+            path, 2, 1, scheme, merges=((LoraAdapter(2, 4.0, {(0, "q_proj"): adapter.updates[(1, "q_proj")]}),),)
+        )
+
+
 def test_quantized_decoding_modes_and_refusals(tmp_path: Path) -> None:
     """PoE, naive and single decoding run quantized (and the trunk/heads kernels are the quantized ones); a
     quantized model refuses what needs float weights, by name."""
@@ -295,3 +333,20 @@ def test_quantized_transcript_audits_and_a_forged_token_is_caught(kernel: str, m
     forged = json.loads(json.dumps(data))
     forged["token_ids"][4] = (forged["token_ids"][4] + 1) % 6
     assert not audit_poe(forged, model, tokenizer=tok).honest
+
+
+def test_memory_table_counts_the_models_own_parameters() -> None:
+    """The OLMo-2 sizes computed from the shapes count exactly the weights a Hydra built on the meta device holds,
+    and each storage's bytes follow from them (int4: half a byte per weight plus fp32 scale and minimum per 32)."""
+    from olmo_tap.benchmarks.quant_memory import shapes_table
+    from olmo_tap.model.config import TransformerConfig
+
+    config = HydraTransformerConfig.split(TransformerConfig.olmo2_1b(), 5, 3)
+    model = config.build(init_device="meta")
+    linear = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("wqkv", "wo", "w13", "w2", "lm_head")))
+    table = shapes_table("OLMo-2-1B", config)
+    assert table["params"] == linear + model.embed.weight.numel()
+    assert table["bytes"]["fp32"] == 4 * table["params"]
+    assert table["bytes"]["int4 (groups of 32)"] == table["params"] // 2 + table["params"] // 4
+    c = config.base_config
+    assert table["kv_bytes_per_position"]["fp32"] == 2 * c.n_kv_heads * c.head_dim * 4 * (13 + 5 * 3)

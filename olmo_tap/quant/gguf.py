@@ -16,13 +16,12 @@ quantized weight holds exactly the values transformers and ``gguf`` decode, at t
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from olmo_tap.quant.weights import INT4_GROUP, QuantizedWeight, pack_int4
+from olmo_tap.quant.weights import INT4_GROUP, ROWS_PER_CHUNK, QuantizedWeight, pack_int4
 from olmo_tap.weights.errors import WeightsError
 
 KEPT_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q6_K")
@@ -57,8 +56,6 @@ def _scales(type_name: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray 
 
 def quantized_from_gguf(tensor: Any, source: str) -> QuantizedWeight:
     """The quantized weight (out, in) of a GGUF tensor of a type in ``KEPT_TYPES``, values exactly the file's."""
-    from gguf.quants import dequantize
-
     type_name = tensor.tensor_type.name
     if type_name not in KEPT_TYPES:
         raise WeightsError(
@@ -67,45 +64,41 @@ def quantized_from_gguf(tensor: Any, source: str) -> QuantizedWeight:
         )
     out, n_in = (int(n) for n in reversed(tensor.shape))  # ggml lists dimensions innermost first
     per_block, nbytes = _BLOCK[type_name]
-    raw = np.asarray(tensor.data, dtype=np.uint8).reshape(-1, nbytes)
-    values = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(out, n_in)
-    scale, minimum, group = _scales(type_name, raw)
-    scale, minimum_or_zero = scale.reshape(out, n_in // group), (0.0 if minimum is None else minimum.reshape(out, -1))
-    grouped = values.reshape(out, n_in // group, group)
-    shifted = grouped - np.asarray(minimum_or_zero, dtype=np.float32)[..., None] if minimum is not None else grouped
+    raw = np.asarray(tensor.data, dtype=np.uint8).reshape(out, (n_in // per_block) * nbytes)
+    chunks = [
+        _codes_of_rows(raw[start : start + ROWS_PER_CHUNK], tensor, type_name, source)
+        for start in range(0, out, ROWS_PER_CHUNK)
+    ]
+    codes, scale = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+    if chunks[0][2] is None:
+        return QuantizedWeight("int8", codes, scale, None, chunks[0][3], type_name)
+    minimum = torch.cat([c[2] for c in chunks])  # type: ignore[misc]
+    assert chunks[0][3] == INT4_GROUP and per_block % INT4_GROUP == 0
+    return QuantizedWeight("int4", pack_int4(codes), scale, minimum, INT4_GROUP, type_name)
+
+
+def _codes_of_rows(
+    raw: np.ndarray, tensor: Any, type_name: str, source: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """(codes, scale, minimum or None, group) of some rows of ``tensor`` given as their raw block bytes."""
+    from gguf.quants import dequantize
+
+    rows = raw.shape[0]
+    values = np.asarray(dequantize(raw, tensor.tensor_type), dtype=np.float32).reshape(rows, -1)
+    scale, minimum, group = _scales(type_name, raw.reshape(-1, _BLOCK[type_name][1]))
+    scale = scale.reshape(rows, -1)
+    grouped = values.reshape(rows, -1, group)
+    shifted = grouped if minimum is None else grouped - minimum.reshape(rows, -1)[..., None]
     safe = np.where(scale == 0, np.float32(1), scale)[..., None]
-    codes = np.rint(shifted / safe)
-    codes = np.where(scale[..., None] == 0, 0, codes)
+    codes = np.where(scale[..., None] == 0, 0, np.rint(shifted / safe))
     rebuilt = codes.astype(np.float32) * scale[..., None]
     if minimum is not None:
-        rebuilt = rebuilt + np.asarray(minimum_or_zero, dtype=np.float32)[..., None]
+        rebuilt = rebuilt + minimum.reshape(rows, -1)[..., None]
     if not np.array_equal(rebuilt, grouped):
         bad = int(np.count_nonzero(rebuilt != grouped))
         raise WeightsError(f"{source}: {tensor.name} ({type_name}) does not map exactly onto codes ({bad} values)")
     scale_t = torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32))
     if minimum is None:
-        codes_t = torch.from_numpy(codes.reshape(out, n_in).astype(np.int8))
-        return QuantizedWeight("int8", codes_t, scale_t, None, group, type_name)
-    assert group == INT4_GROUP and per_block % INT4_GROUP == 0
-    codes_t = torch.from_numpy(codes.reshape(out, n_in).astype(np.uint8))
-    minimum_t = torch.from_numpy(np.ascontiguousarray(minimum_or_zero, dtype=np.float32))
-    return QuantizedWeight("int4", pack_int4(codes_t), scale_t, minimum_t, INT4_GROUP, type_name)
-
-
-def read_quantized_gguf(path: str | Path) -> dict[str, tuple[str, Any]]:
-    """HF name -> (GGUF type name, the GGUF tensor) of every tensor of a llama GGUF file (the rows of q and k
-    still in llama.cpp's rotary order: ``olmo_tap.quant.model`` restores HF's)."""
-    from gguf import GGUFReader
-
-    from olmo_tap.weights.gguf import gguf_to_hf_name
-
-    try:
-        reader = GGUFReader(Path(path).expanduser())
-    except Exception as e:
-        raise WeightsError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from e
-    found = {}
-    for tensor in reader.tensors:
-        name = gguf_to_hf_name(tensor.name)
-        if name is not None:
-            found[name] = (tensor.tensor_type.name, tensor)
-    return found
+        return torch.from_numpy(codes.reshape(rows, -1).astype(np.int8)), scale_t, None, group
+    minimum_t = torch.from_numpy(np.ascontiguousarray(minimum.reshape(rows, -1), dtype=np.float32))
+    return torch.from_numpy(codes.reshape(rows, -1).astype(np.uint8)), scale_t, minimum_t, group

@@ -15,18 +15,21 @@ gradients, saving an ensemble) refuses a quantized model by name.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from olmo_tap.hydra import HydraTransformer
-from olmo_tap.quant.gguf import quantized_from_gguf, read_quantized_gguf
+from olmo_tap.hydra import HydraTransformer, HydraTransformerConfig
+from olmo_tap.model.layers import RMSNorm
+from olmo_tap.quant.gguf import quantized_from_gguf
 from olmo_tap.quant.weights import QuantizedStack, QuantizedWeight, quantize
 from olmo_tap.weights.errors import WeightsError
-from olmo_tap.weights.gguf import unpermute_rope_rows
-from olmo_tap.weights.layout import _block_and_towers, hf_linear_name, linear_weight
+from olmo_tap.weights.gguf import GGUFFile, unpermute_rope_rows
+from olmo_tap.weights.layout import _block_and_towers, hf_linear_name, linear_weight, load_norms
+from olmo_tap.weights.lora import LoraAdapter, check_head_layers, checked_delta
 
 QUANTIZE_CHOICES = ("int8", "int4", "gguf")
 # fused parameter -> the HF linear layers whose output rows it stacks, in order
@@ -47,18 +50,16 @@ def check_scheme(scheme: str) -> str:
 class _GGUFSource:
     """The file's quantized tensors by HF name, decoded on first use (q/k rows back in HF's rotary order)."""
 
-    def __init__(self, path: Path, model: HydraTransformer) -> None:
-        self.path = path
-        self.tensors = read_quantized_gguf(path)
-        self.config = model.base_config
+    def __init__(self, path: str | Path) -> None:
+        self.file = GGUFFile(path)
         self.decoded: dict[str, QuantizedWeight] = {}
 
     def weight(self, name: str) -> QuantizedWeight:
         if name not in self.decoded:
-            if name not in self.tensors:
-                raise WeightsError(f"{self.path} has no tensor for {name}")
-            qw = quantized_from_gguf(self.tensors[name][1], str(self.path))
-            heads = {"q_proj": self.config.n_heads, "k_proj": self.config.n_kv_heads}
+            if name not in self.file.tensors:
+                raise WeightsError(f"{self.file.source} has no tensor for {name}")
+            qw = quantized_from_gguf(self.file.tensors[name], str(self.file.source))
+            heads = {"q_proj": self.file.config.n_heads, "k_proj": self.file.config.n_kv_heads}
             kind = name.split(".")[-2]
             if kind in heads:
                 qw = qw.select_rows(unpermute_rope_rows(torch.arange(qw.out_features), heads[kind]))
@@ -66,7 +67,8 @@ class _GGUFSource:
         return self.decoded[name]
 
     def fallback_scheme(self, name: str) -> str:
-        return "int4" if self.tensors[name][0].startswith("Q4") else "int8"
+        """The scheme of the file type's width, for a weight that is not the file's own (a merged head)."""
+        return "int4" if self.file.type_name(name).startswith("Q4") else "int8"
 
 
 def _quantize_part(weight: torch.Tensor, scheme: str, name: str, gguf: _GGUFSource | None) -> QuantizedWeight:
@@ -98,53 +100,37 @@ def _release(module: nn.Module, name: str) -> None:
     setattr(module, name, nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"), requires_grad=False))
 
 
-@torch.no_grad()
-def quantize_model(model: HydraTransformer, scheme: str, gguf_path: str | Path | None = None) -> HydraTransformer:
-    """Quantize ``model`` in place (see the module doc) and return it."""
-    check_scheme(scheme)
-    if model.quantization is not None:
-        raise ValueError(f"the model is already quantized ({model.quantization})")
-    if model.device.type != "cpu":
-        raise ValueError(f"quantized weights run on the CPU; this model is on {model.device}")
-    if (scheme == "gguf") != (gguf_path is not None):
-        raise ValueError("--quantize gguf keeps a GGUF file's blocks: it needs a .gguf source, and only it does")
-    gguf = _GGUFSource(Path(gguf_path), model) if gguf_path is not None else None
-    c = model.base_config
-    sources: set[str] = set()
-    for layer in range(c.n_layers):
+# (base layer, tower, HF linear name) -> that linear's quantized weight (out, in)
+PartWeight = Callable[[int, int, str], QuantizedWeight]
+# (base layer, earlier tower, tower, HF linear names) -> whether the two towers hold the same weights there
+SameWeights = Callable[[int, int, int, tuple[str, ...]], bool]
+
+
+def _fill_quantized(
+    model: HydraTransformer,
+    part_weight: PartWeight,
+    same_weights: SameWeights,
+    embed: QuantizedWeight,
+    head: QuantizedWeight,
+    scheme: str,
+    gguf: _GGUFSource | None,
+) -> None:
+    """Give every linear of ``model`` its quantized weight (a tower equal to an earlier one shares its copy), the
+    embedding and lm_head theirs, release the float weights and label the model."""
+    sources = {embed.source, head.source}
+    for layer in range(model.base_config.n_layers):
         block, towers = _block_and_towers(model, layer)
         for fused, parts in FUSED_PARTS.items():
             stacks: list[QuantizedStack] = []
             for tower in towers:
-                floats = [linear_weight(block, tower, part).t() for part in parts]
-                same = next(
-                    (
-                        i
-                        for i in range(len(stacks))
-                        if all(
-                            torch.equal(a, linear_weight(block, i, p).t()) for a, p in zip(floats, parts, strict=True)
-                        )
-                    ),
-                    None,
-                )
-                if same is not None:  # a clone of an earlier tower: share its codes
+                same = next((i for i in range(len(stacks)) if same_weights(layer, i, tower, parts)), None)
+                if same is not None:
                     stacks.append(stacks[same])
                     continue
-                quantized = [
-                    _quantize_part(w, scheme, hf_linear_name(layer, p), gguf)
-                    for w, p in zip(floats, parts, strict=True)
-                ]
+                quantized = [part_weight(layer, tower, part) for part in parts]
                 sources.update(q.source for q in quantized)
                 stacks.append(QuantizedStack.of(quantized))
             block._packed[fused].quantized = stacks
-    embed_rows = model.embed.weight
-    embed = _quantize_part_padded(embed_rows, scheme, "model.embed_tokens.weight", gguf, c.vocab_size)
-    lm_head = model.lm_head.t()
-    if torch.equal(lm_head, embed_rows):
-        head = embed
-    else:
-        head = _quantize_part_padded(lm_head, scheme, "lm_head.weight", gguf, c.vocab_size)
-    sources.update((embed.source, head.source))
     model._packed_lm_head.quantized = [QuantizedStack([head])]
     model.quantized_embed = embed
     for block in model._blocks():
@@ -156,6 +142,43 @@ def quantize_model(model: HydraTransformer, scheme: str, gguf_path: str | Path |
     _release(model.embed, "weight")
     model.quantization = scheme if gguf is None else f"gguf ({', '.join(sorted(sources))})"
     model.quantization_scheme = scheme
+
+
+def _check_can_quantize(model: HydraTransformer, scheme: str, gguf_path: str | Path | None) -> None:
+    check_scheme(scheme)
+    if model.quantization is not None:
+        raise ValueError(f"the model is already quantized ({model.quantization})")
+    if model.device.type != "cpu":
+        raise ValueError(f"quantized weights run on the CPU; this model is on {model.device}")
+    if (scheme == "gguf") != (gguf_path is not None):
+        raise ValueError("--quantize gguf keeps a GGUF file's blocks: it needs a .gguf source, and only it does")
+
+
+@torch.no_grad()
+def quantize_model(model: HydraTransformer, scheme: str, gguf_path: str | Path | None = None) -> HydraTransformer:
+    """Quantize ``model`` in place (see the module doc) and return it."""
+    _check_can_quantize(model, scheme, gguf_path)
+    gguf = _GGUFSource(gguf_path) if gguf_path is not None else None
+
+    def float_part(layer: int, tower: int, part: str) -> torch.Tensor:
+        block, _ = _block_and_towers(model, layer)
+        return linear_weight(block, tower, part).t()
+
+    def part_weight(layer: int, tower: int, part: str) -> QuantizedWeight:
+        return _quantize_part(float_part(layer, tower, part), scheme, hf_linear_name(layer, part), gguf)
+
+    def same_weights(layer: int, first: int, tower: int, parts: tuple[str, ...]) -> bool:
+        return all(torch.equal(float_part(layer, first, p), float_part(layer, tower, p)) for p in parts)
+
+    c = model.base_config
+    embed_rows = model.embed.weight
+    embed = _quantize_part_padded(embed_rows, scheme, "model.embed_tokens.weight", gguf, c.vocab_size)
+    lm_head = model.lm_head.t()
+    if torch.equal(lm_head, embed_rows):
+        head = embed
+    else:
+        head = _quantize_part_padded(lm_head, scheme, "lm_head.weight", gguf, c.vocab_size)
+    _fill_quantized(model, part_weight, same_weights, embed, head, scheme, gguf)
     return model
 
 
@@ -163,12 +186,84 @@ def _quantize_part_padded(
     weight: torch.Tensor, scheme: str, name: str, gguf: _GGUFSource | None, rows: int
 ) -> QuantizedWeight:
     """A (vocab, d) table: a GGUF table holds the checkpoint's rows only, the model's is padded with zeros."""
-    if gguf is not None and name in gguf.tensors:
+    if gguf is not None and name in gguf.file.tensors:
         kept = gguf.weight(name)
         n = kept.out_features
         if torch.equal(kept.dequantize(), weight[:n].float()) and not weight[n:].any():
             return _pad_rows(kept, rows)
     return quantize(weight, scheme if gguf is None else "int8")
+
+
+@torch.no_grad()
+def load_gguf_quantized(
+    path: str | Path,
+    n_heads: int,
+    heads_depth: int,
+    scheme: str,
+    merges: Sequence[Sequence[LoraAdapter]] = (),
+) -> HydraTransformer:
+    """A quantized Hydra built straight from a GGUF file, never holding the model in float: the same weights as
+    loading it in fp32, merging ``merges[h]`` (LoRA adapters, in order) into head h and ``quantize_model``.
+
+    One linear at a time is decoded to float where it must be (a merged head, or ``int8``/``int4``
+    requantization); everything else keeps the file's blocks. Peak memory is the quantized model plus one layer.
+    """
+    check_scheme(scheme)
+    gguf = _GGUFSource(path)
+    config = HydraTransformerConfig.split(gguf.file.config, n_heads, heads_depth)
+    if len(merges) > config.n_heads:
+        raise ValueError(f"adapters for {len(merges)} heads, but the model has {config.n_heads}")
+    for adapters in merges:
+        for adapter in adapters:
+            check_head_layers(adapter, config.trunk_layers, config.base_config.n_layers)
+    model = config.build(init_device="meta")
+    for module in model.modules():
+        if isinstance(module, RMSNorm):  # the norms are the only float weights a quantized model keeps
+            module.weight = nn.Parameter(torch.empty(module.weight.shape), requires_grad=False)
+    model.reset_rope()
+    load_norms(model, gguf.file.float)
+
+    def adapters_at(layer: int, tower: int, part: str) -> list[LoraAdapter]:
+        if layer < config.trunk_layers or tower >= len(merges):
+            return []
+        return [a for a in merges[tower] if (layer, part) in a.updates]
+
+    def part_weight(layer: int, tower: int, part: str) -> QuantizedWeight:
+        name = hf_linear_name(layer, part)
+        adapters = adapters_at(layer, tower, part)
+        if scheme == "gguf" and not adapters:
+            return gguf.weight(name)
+        weight = gguf.file.float(name)
+        for adapter in adapters:  # in merge_lora's order and arithmetic: the same floats as the fp32 load
+            weight.add_(checked_delta(adapter, layer, part, tuple(weight.shape)))
+        return quantize(weight, gguf.fallback_scheme(name) if scheme == "gguf" else scheme)
+
+    def same_weights(layer: int, first: int, tower: int, parts: tuple[str, ...]) -> bool:
+        return not any(adapters_at(layer, t, p) for t in (first, tower) for p in parts)
+
+    c = config.base_config
+    tables = {}
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name not in gguf.file.tensors:
+            continue  # tied embeddings: the file has no output.weight
+        if scheme == "gguf":
+            tables[name] = _pad_rows(gguf.weight(name), c.vocab_size)
+        else:
+            rows = gguf.file.float(name)
+            if rows.size(0) < c.vocab_size:  # the model's padding rows quantize as the fp32 load's zeros do
+                rows = torch.cat((rows, rows.new_zeros(c.vocab_size - rows.size(0), rows.size(1))))
+            tables[name] = quantize(rows, scheme)
+    embed = tables["model.embed_tokens.weight"]
+    _fill_quantized(
+        model,
+        part_weight,
+        same_weights,
+        embed,
+        tables.get("lm_head.weight", embed),
+        scheme,
+        gguf if scheme == "gguf" else None,
+    )
+    return model.eval()
 
 
 def quantized_bytes(model: HydraTransformer) -> int:

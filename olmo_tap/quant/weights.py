@@ -154,12 +154,19 @@ class QuantizedStack:
         return torch.cat([p.dequantize(dtype) for p in self.parts])
 
 
+# rows quantized at a time (a vocabulary-sized table would otherwise need several float copies of itself)
+ROWS_PER_CHUNK = 2048
+
+
 def quantize(weight: torch.Tensor, scheme: str, source: str | None = None) -> QuantizedWeight:
     """Quantize a float weight (out, in): ``int8`` symmetric per output channel (scale = max |w| / 127, codes
     rounded to nearest), ``int4`` asymmetric in groups of 32 (scale = (max - min) / 15, minimum = min, codes
     round((w - min) / scale) clamped to [0, 15]: Q4_1's rule). Computed in fp32."""
     if scheme not in SCHEMES:
         raise ValueError(f"quantization scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+    if weight.size(0) > ROWS_PER_CHUNK:  # rows quantize independently: chunks keep the float temporaries small
+        chunks = weight.split(ROWS_PER_CHUNK)
+        return concat_rows([quantize(chunk, scheme, source) for chunk in chunks])
     w = weight.detach().float().contiguous()  # codes in row order whatever view came in (a kernel streams rows)
     out, n_in = w.shape
     if scheme == "int8":

@@ -298,6 +298,14 @@ def cmd_quant_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quant_memory(args: argparse.Namespace) -> int:
+    from olmo_tap.benchmarks.quant_memory import markdown, run_quant_memory
+
+    print(markdown(run_quant_memory(args.out, preset=args.model, progress=not args.no_progress)))
+    print(f"written to {args.out}/memory.json, memory.md")
+    return 0
+
+
 def cmd_signals(args: argparse.Namespace) -> int:
     from olmo_tap.benchmarks.signals import markdown, run_signals
 
@@ -552,6 +560,12 @@ def register(sub: Any, add_model_args: Callable[..., None]) -> None:
     qk.add_argument("--budget-ms", type=float, default=150.0, help="timing per route and cell (default %(default)s)")
     qk.add_argument("--no-progress", action="store_true", help="no progress bars")
     qk.set_defaults(func=cmd_quant_kernels)
+
+    qm = esub.add_parser("quant-memory", help="peak RSS per --quantize scheme; OLMo-2 Hydra sizes from the shapes")
+    qm.add_argument("--model", default=DEFAULT_MODEL, help=f"a GGUF-backed preset or file (default {DEFAULT_MODEL})")
+    qm.add_argument("--out", default="results/quant", help="memory.json and memory.md (default %(default)s)")
+    qm.add_argument("--no-progress", action="store_true", help="no progress lines")
+    qm.set_defaults(func=cmd_quant_memory)
 
     from olmo_tap.certainty.names import SIMILARITY_NAMES
 

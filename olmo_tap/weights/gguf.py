@@ -122,6 +122,67 @@ def _config_from_gguf(reader: Any, source: Path) -> TransformerConfig:
         raise ConfigError(f"{source}: {e}") from e
 
 
+class GGUFFile:
+    """An open llama-architecture GGUF file: its config, and its tensors by HF name, each decoded on request
+    (so a loader that keeps the blocks quantized never holds the whole model in float)."""
+
+    def __init__(self, path: str | Path) -> None:
+        source = Path(path).expanduser()
+        if not source.exists():
+            raise WeightsError(f"GGUF file {source} does not exist")
+        if not source.is_file():
+            raise WeightsError(f"{source} is not a file (expected a .gguf file)")
+        try:
+            from gguf import GGUFReader
+        except ImportError as e:
+            raise WeightsError(f"reading {source} needs the 'gguf' package: pip install gguf") from e
+        try:
+            reader = GGUFReader(source)
+        except Exception as e:  # bad magic, truncated data and bad offsets all surface differently
+            raise WeightsError(
+                f"cannot read GGUF file {source}: {type(e).__name__}: {e} (not GGUF, or truncated?)"
+            ) from e
+        self.source = source
+        self.config = _config_from_gguf(reader, source)
+        unknown = [t.name for t in reader.tensors if gguf_to_hf_name(t.name) is None]
+        if "rope_freqs.weight" in unknown:  # Llama-3.1-style frequency scaling
+            raise ConfigError(f"{source}: rope frequency scaling (rope_freqs.weight) is unsupported")
+        if unknown:
+            raise WeightsError(f"GGUF file {source} has tensors olmo-tap does not know: {', '.join(unknown[:5])}")
+        # HF name -> the reader's tensor (its data a view of the read-only memory map)
+        self.tensors: dict[str, Any] = {gguf_to_hf_name(t.name): t for t in reader.tensors}  # type: ignore[misc]
+
+    def type_name(self, hf_name: str) -> str:
+        return self.tensors[hf_name].tensor_type.name
+
+    def float(self, hf_name: str) -> torch.Tensor:
+        """Tensor ``hf_name`` dequantized to float32 by the ``gguf`` package, q/k rows in HF's rotary order."""
+        from gguf.quants import dequantize
+
+        try:
+            tensor = self.tensors[hf_name]
+        except KeyError:
+            raise WeightsError(f"GGUF file {self.source} has no tensor for {hf_name}") from None
+        try:
+            values = dequantize(tensor.data, tensor.tensor_type)
+        except Exception as e:
+            raise WeightsError(
+                f"GGUF file {self.source}: cannot dequantize {tensor.name} ({tensor.tensor_type.name}): {e}"
+            ) from e
+        values = np.asarray(values, dtype=np.float32)
+        if np.may_share_memory(values, tensor.data):  # float32 tensors come back as views of the read-only map
+            values = values.copy()
+        weight = torch.from_numpy(values)
+        shape = tuple(int(n) for n in reversed(tensor.shape))  # ggml lists dimensions innermost first
+        if tuple(weight.shape) != shape:
+            raise WeightsError(f"GGUF file {self.source}: {tensor.name} decoded to {tuple(weight.shape)}, not {shape}")
+        if hf_name.endswith("q_proj.weight"):
+            weight = unpermute_rope_rows(weight, self.config.n_heads)
+        elif hf_name.endswith("k_proj.weight"):
+            weight = unpermute_rope_rows(weight, self.config.n_kv_heads)
+        return weight
+
+
 def read_gguf(
     path: str | Path, progress: bool = False, bar: Any | None = None
 ) -> tuple[TransformerConfig, dict[str, torch.Tensor]]:
@@ -131,62 +192,22 @@ def read_gguf(
     ``bar``: an existing tqdm bar to advance once per tensor (its total is raised by the tensor count);
     otherwise ``progress`` shows a bar of its own.
     """
-    source = Path(path).expanduser()
-    if not source.exists():
-        raise WeightsError(f"GGUF file {source} does not exist")
-    if not source.is_file():
-        raise WeightsError(f"{source} is not a file (expected a .gguf file)")
-    try:
-        from gguf import GGUFReader
-        from gguf.quants import dequantize
-    except ImportError as e:
-        raise WeightsError(f"reading {source} needs the 'gguf' package: pip install gguf") from e
-    try:
-        reader = GGUFReader(source)
-    except Exception as e:  # bad magic, truncated data and bad offsets all surface differently
-        raise WeightsError(f"cannot read GGUF file {source}: {type(e).__name__}: {e} (not GGUF, or truncated?)") from e
-    cfg = _config_from_gguf(reader, source)
-
-    unknown = [t.name for t in reader.tensors if gguf_to_hf_name(t.name) is None]
-    if "rope_freqs.weight" in unknown:  # Llama-3.1-style frequency scaling
-        raise ConfigError(f"{source}: rope frequency scaling (rope_freqs.weight) is unsupported")
-    if unknown:
-        raise WeightsError(f"GGUF file {source} has tensors olmo-tap does not know: {', '.join(unknown[:5])}")
-
+    file = GGUFFile(path)
     own_bar = None
     if bar is None and progress:
         from tqdm.auto import tqdm
 
-        bar = own_bar = tqdm(total=0, desc=f"reading {source.name}", unit="tensor")
+        bar = own_bar = tqdm(total=0, desc=f"reading {file.source.name}", unit="tensor")
     if bar is not None:
-        bar.total = (bar.total or 0) + len(reader.tensors)
+        bar.total = (bar.total or 0) + len(file.tensors)
         bar.refresh()
     state: dict[str, torch.Tensor] = {}
     try:
-        for tensor in reader.tensors:
-            hf_name = gguf_to_hf_name(tensor.name)
-            assert hf_name is not None  # checked above
-            try:
-                values = dequantize(tensor.data, tensor.tensor_type)
-            except Exception as e:
-                raise WeightsError(
-                    f"GGUF file {source}: cannot dequantize {tensor.name} ({tensor.tensor_type.name}): {e}"
-                ) from e
-            values = np.asarray(values, dtype=np.float32)
-            if np.may_share_memory(values, tensor.data):  # float32 tensors come back as views of the read-only map
-                values = values.copy()
-            weight = torch.from_numpy(values)
-            shape = tuple(int(n) for n in reversed(tensor.shape))  # ggml lists dimensions innermost first
-            if tuple(weight.shape) != shape:
-                raise WeightsError(f"GGUF file {source}: {tensor.name} decoded to {tuple(weight.shape)}, not {shape}")
-            if hf_name.endswith("q_proj.weight"):
-                weight = unpermute_rope_rows(weight, cfg.n_heads)
-            elif hf_name.endswith("k_proj.weight"):
-                weight = unpermute_rope_rows(weight, cfg.n_kv_heads)
-            state[hf_name] = weight
+        for hf_name in file.tensors:
+            state[hf_name] = file.float(hf_name)
             if bar is not None:
                 bar.update(1)
     finally:
         if own_bar is not None:
             own_bar.close()
-    return cfg, validate_hf_state(cfg, state, str(source))
+    return file.config, validate_hf_state(file.config, state, str(file.source))

@@ -8,6 +8,8 @@ and the norms. Loading, LoRA merging and exporting one head's tower all use it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from olmo_tap.hydra import HydraTransformer
@@ -93,12 +95,9 @@ def load_base_state(model: HydraTransformer, state: dict[str, torch.Tensor]) -> 
     lm_head = embed if c.tie_embeddings else take("lm_head.weight")
     model.lm_head.zero_()
     model.lm_head[:, : lm_head.size(0)] = lm_head.t()
-    model.norm.weight.copy_(take("model.norm.weight"))
-
-    norms = _norm_names(c.family)
+    load_norms(model, take)
     for layer in range(c.n_layers):
         block, towers = _block_and_towers(model, layer)
-        prefix = _layer_prefix(layer)
         for name in LINEAR_NAMES:
             weight = take(hf_linear_name(layer, name))
             for tower in towers:
@@ -109,9 +108,18 @@ def load_base_state(model: HydraTransformer, state: dict[str, torch.Tensor]) -> 
                         f"expected {tuple(target.t().shape)} for this config"
                     )
                 target.copy_(weight.t())
+
+
+@torch.no_grad()
+def load_norms(model: HydraTransformer, take: Callable[[str], torch.Tensor]) -> None:
+    """Fill every norm of ``model`` (the final one, each block's, cloned into every head) from ``take(HF name)``."""
+    c = model.base_config
+    model.norm.weight.copy_(take("model.norm.weight"))
+    norms = _norm_names(c.family)
+    for layer in range(c.n_layers):
+        block, towers = _block_and_towers(model, layer)
         for attr, hf_name in norms.items():
-            weight = take(prefix + hf_name + ".weight")
-            getattr(block, attr).weight[towers.start : towers.stop] = weight
+            getattr(block, attr).weight[towers.start : towers.stop] = take(_layer_prefix(layer) + hf_name + ".weight")
 
 
 @torch.no_grad()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -11,6 +12,9 @@ from olmo_tap.hydra import HydraTransformer, HydraTransformerConfig
 from olmo_tap.weights.errors import WeightsError
 from olmo_tap.weights.layout import load_base_state
 from olmo_tap.weights.presets import get_preset
+
+if TYPE_CHECKING:
+    from olmo_tap.weights.lora import LoraAdapter
 
 # The embedded default (SmolLM2-135M, 30 layers) splits into 5 heads of 3 layers: the
 # original system's depth, a trunk of 27 shared layers, and a 5-head jury whose
@@ -132,7 +136,7 @@ def _load_quantized(
     progress: bool,
     quantize: str,
 ) -> HydraTransformer:
-    from olmo_tap.quant.model import check_scheme, quantize_model
+    from olmo_tap.quant.model import check_scheme, load_gguf_quantized, quantize_model
     from olmo_tap.weights.sources import resolve
 
     check_scheme(quantize)
@@ -140,18 +144,29 @@ def _load_quantized(
     if device.type != "cpu":
         raise ValueError(f"--quantize runs on the CPU (its kernels are CPU kernels); got --device {device}")
     resolved = resolve(source)
-    gguf_path = None
-    if quantize == "gguf":
-        gguf_path = gguf_source_path(resolved)
-        if gguf_path is None:
-            raise ValueError(
-                f"--quantize gguf keeps a GGUF file's own blocks, and {source} is not a GGUF source; "
-                "use --quantize int8 or int4"
-            )
-    model = load_hydra(resolved, n_heads, heads_depth, torch.float32, device, progress)
-    quantize_model(model, quantize, gguf_path)
-    model = model.to(resolve_dtype(dtype, device))
-    return model.eval()
+    gguf_path = gguf_source_path(resolved)
+    if quantize == "gguf" and gguf_path is None:
+        raise ValueError(
+            f"--quantize gguf keeps a GGUF file's own blocks, and {source} is not a GGUF source; "
+            "use --quantize int8 or int4"
+        )
+    if gguf_path is None:  # a float checkpoint: load it, then quantize it
+        model = load_hydra(resolved, n_heads, heads_depth, torch.float32, device, progress)
+        quantize_model(model, quantize)
+    else:  # straight from the file's blocks, never the whole model in float
+        plan = None
+        if resolved.kind == "preset" and get_preset(resolved.name).adapters:
+            plan = trained_jury_plan(resolved.name, n_heads, heads_depth)
+            n_heads, heads_depth = plan.n_heads, plan.heads_depth
+        model = load_gguf_quantized(
+            gguf_path,
+            DEFAULT_N_HEADS if n_heads is None else n_heads,
+            DEFAULT_HEADS_DEPTH if heads_depth is None else heads_depth,
+            quantize,
+            plan.merges if plan is not None else (),
+        )
+        model.uncertainty_head = plan.uncertainty_head if plan is not None else None
+    return model.to(resolve_dtype(dtype, device)).eval()
 
 
 def _check_matches_saved(model: HydraTransformer, n_heads: int | None, heads_depth: int | None) -> None:
@@ -164,24 +179,26 @@ def _check_matches_saved(model: HydraTransformer, n_heads: int | None, heads_dep
         )
 
 
-def load_trained_preset(
-    name: str,
-    n_heads: int | None,
-    heads_depth: int | None,
-    dtype: torch.dtype,
-    device: torch.device,
-    progress: bool = True,
-) -> HydraTransformer:
-    """A preset whose heads carry LoRA adapters shipped in the package (the trained default jury): the base split
-    into text heads + the uncertainty head, each adapter merged into its own head in fp32, then cast.
+@dataclass(frozen=True)
+class JuryPlan:
+    """A trained preset's heads: its untrained base, the split, and the adapters merged (in order) into each head."""
 
-    The uncertainty head starts, as in training (``olmo_tap.train.uncertainty.with_uncertainty_head``), from the
-    text head it was copied from, that head's adapter included, and then takes its own adapter.
-    """
+    base: str
+    n_heads: int
+    heads_depth: int
+    merges: tuple[tuple[LoraAdapter, ...], ...]
+    uncertainty_head: int
+
+
+def trained_jury_plan(name: str, n_heads: int | None, heads_depth: int | None) -> JuryPlan:
+    """The plan of a preset whose heads carry LoRA adapters shipped in the package (the trained default jury):
+    text head h takes adapter h; the uncertainty head starts, as in training
+    (``olmo_tap.train.uncertainty.with_uncertainty_head``), from the text head it was copied from, that head's
+    adapter included, and then takes its own adapter."""
     import json
     from importlib import resources
 
-    from olmo_tap.weights.lora import load_lora, merge_lora
+    from olmo_tap.weights.lora import load_lora
 
     preset = get_preset(name)
     assert preset.adapters is not None and preset.base is not None
@@ -198,15 +215,30 @@ def load_trained_preset(
             f"preset {name!r} is a trained jury of {n_text} text heads + 1 uncertainty head, {depth} layers deep; "
             f"for another split use the untrained {preset.base!r}"
         )
-    model = load_hydra(preset.base, n_text + 1, depth, torch.float32, device, progress)
     try:
         adapters = [load_lora(directory / f"head{h}") for h in range(n_text)]
         uncertainty = load_lora(directory / "uncertainty")
     except WeightsError as e:
         raise WeightsError(f"preset {name!r}: {e}; {rebuild}") from e
-    for head, adapter in enumerate(adapters):
-        merge_lora(model, head, adapter)
-    merge_lora(model, n_text, adapters[init_from])
-    merge_lora(model, n_text, uncertainty)
-    model.uncertainty_head = n_text
+    merges = (*((a,) for a in adapters), (adapters[init_from], uncertainty))
+    return JuryPlan(preset.base, n_text + 1, depth, merges, n_text)
+
+
+def load_trained_preset(
+    name: str,
+    n_heads: int | None,
+    heads_depth: int | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    progress: bool = True,
+) -> HydraTransformer:
+    """A trained preset (see ``trained_jury_plan``): the base split, each head's adapters merged in fp32, then cast."""
+    from olmo_tap.weights.lora import merge_lora
+
+    plan = trained_jury_plan(name, n_heads, heads_depth)
+    model = load_hydra(plan.base, plan.n_heads, plan.heads_depth, torch.float32, device, progress)
+    for head, adapters in enumerate(plan.merges):
+        for adapter in adapters:
+            merge_lora(model, head, adapter)
+    model.uncertainty_head = plan.uncertainty_head
     return model.to(dtype).eval().prepack()

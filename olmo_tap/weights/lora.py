@@ -107,6 +107,24 @@ def load_lora(path: str | Path) -> LoraAdapter:
     return parse_lora_state(state, rank, alpha)
 
 
+def check_head_layers(adapter: LoraAdapter, trunk_layers: int, n_layers: int) -> None:
+    """Refuse an adapter that touches a trunk layer (shared by every head) or a layer the model lacks."""
+    for layer, _ in adapter.updates:
+        if not trunk_layers <= layer < n_layers:
+            raise WeightsError(
+                f"LoRA targets layer {layer}, but heads hold layers {trunk_layers}..{n_layers - 1}; "
+                "the trunk is shared and cannot take a per-head adapter"
+            )
+
+
+def checked_delta(adapter: LoraAdapter, layer: int, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The adapter's dense update (out, in) of one linear layer, refused unless the layer is ``shape`` (out, in)."""
+    delta = adapter.delta(layer, name)
+    if tuple(delta.shape) != tuple(shape):
+        raise WeightsError(f"LoRA update for layer {layer} {name} is {tuple(delta.shape)}, the layer is {tuple(shape)}")
+    return delta
+
+
 @torch.no_grad()
 def merge_lora(model: HydraTransformer, head: int, adapter: LoraAdapter) -> None:
     """Add the adapter's updates to head ``head``'s own weights (other heads and the trunk untouched)."""
@@ -114,19 +132,8 @@ def merge_lora(model: HydraTransformer, head: int, adapter: LoraAdapter) -> None
     if not 0 <= head < model.n_heads:
         raise ValueError(f"head {head} out of range for {model.n_heads} heads")
     trunk_layers = model.config.trunk_layers
-    n_layers = model.base_config.n_layers
-    for layer, _ in adapter.updates:
-        if not trunk_layers <= layer < n_layers:
-            raise WeightsError(
-                f"LoRA targets layer {layer}, but heads hold layers {trunk_layers}..{n_layers - 1}; "
-                "the trunk is shared and cannot take a per-head adapter"
-            )
+    check_head_layers(adapter, trunk_layers, model.base_config.n_layers)
     for layer, name in adapter.updates:
         target = linear_weight(model.heads[layer - trunk_layers], head, name)  # type: ignore[arg-type]
-        delta = adapter.delta(layer, name).t()
-        if delta.shape != target.shape:
-            raise WeightsError(
-                f"LoRA update for layer {layer} {name} is {tuple(delta.t().shape)}, "
-                f"the layer is {tuple(target.t().shape)}"
-            )
-        target.add_(delta.to(target.dtype))
+        delta = checked_delta(adapter, layer, name, tuple(target.t().shape))
+        target.add_(delta.t().to(target.dtype))
