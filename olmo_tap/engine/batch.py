@@ -21,8 +21,9 @@ a transcript says so.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -77,7 +78,15 @@ class VerifyResult:
     logits: torch.Tensor  # (len(heads), g, vocab)
 
 
-Op = Prefill | Step | Verify
+@dataclass
+class Local:
+    """Work a sequence does alone, outside the batch (its compiled decode step): the runner calls ``work`` and
+    hands back what it returns. An op of its own so that the events before it reach the consumer first."""
+
+    work: Callable[[], Any]
+
+
+Op = Prefill | Step | Verify | Local
 
 
 def batch_invariant(model: HydraTransformer) -> bool:
@@ -104,16 +113,18 @@ class BatchRunner:
         self.batched = cache.slots > 1 if batched is None else batched
 
     @torch.no_grad()
-    def run(self, ops: list[Op]) -> list[StepResult | VerifyResult | None]:
+    def run(self, ops: list[Op]) -> list[Any]:
         """The result of each op, in order."""
         with batch_arithmetic(self.batched):
             return self._run(ops)
 
-    def _run(self, ops: list[Op]) -> list[StepResult | VerifyResult | None]:
-        results: list[StepResult | VerifyResult | None] = [None] * len(ops)
-        for op in ops:
+    def _run(self, ops: list[Op]) -> list[Any]:
+        results: list[Any] = [None] * len(ops)
+        for i, op in enumerate(ops):
             if isinstance(op, Prefill) and op.ids:
                 self._prefill(op)
+            elif isinstance(op, Local):
+                results[i] = op.work()
         steps = [(i, op) for i, op in enumerate(ops) if isinstance(op, Step)]
         verifies = [(i, op) for i, op in enumerate(ops) if isinstance(op, Verify)]
         hidden_parts: list[torch.Tensor] = []  # every row's pre-norm states, projected together below

@@ -32,11 +32,20 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import torch
 
-from olmo_tap.engine.batch import BatchRunner, Op, Prefill, Step, StepResult, Verify, VerifyResult, batch_invariant
+from olmo_tap.engine.batch import (
+    BatchRunner,
+    Local,
+    Op,
+    Prefill,
+    Step,
+    Verify,
+    batch_invariant,
+)
 from olmo_tap.hydra import HydraTransformer
 from olmo_tap.inference.jury import jury_distribution, speculative_decision
 from olmo_tap.inference.metrics import entropy_nats, stability_radius, top2_margin, validity_radius
@@ -581,7 +590,7 @@ class Sequence:
         emitted token; the decoding head in single / naive mode). None before the first token or on abstention."""
         return self.witness.get("hidden")
 
-    def advance(self, result: StepResult | VerifyResult | None = None) -> tuple[list[Event], Op | None]:
+    def advance(self, result: Any = None) -> tuple[list[Event], Op | None]:
         """Give the last op's result (None at the start); get the events it decided and the next op (None: the
         answer is complete). The events are not yet part of ``output``: ``deliver`` each one as it is handed on,
         so that an answer stopped between two events holds exactly those handed on."""
@@ -710,7 +719,8 @@ class Sequence:
         for emitted in range(settings.max_new_tokens):
             position = len(prompt_ids) + emitted
             if compiled is not None:  # the token sits at position - 1
-                head_logits = compiled.step(token, position - 1)[: decoder.vocab_limit].view(1, 1, -1)
+                logits = yield Local(partial(compiled.step, token, position - 1))
+                head_logits = logits[: decoder.vocab_limit].view(1, 1, -1)
             else:
                 step = yield Step(slot, token, position - 1, head_range)
                 head_logits = step.logits[:, : decoder.vocab_limit].unsqueeze(1)  # (n, 1, vocab)

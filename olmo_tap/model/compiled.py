@@ -25,7 +25,7 @@ from torch import nn
 
 from olmo_tap.model import kernels
 from olmo_tap.model.layers import apply_rope, residual_layer, rms_norm, rope_for_positions
-from olmo_tap.quant.linear import fused_int4, fused_int8
+from olmo_tap.quant.linear import step_product
 from olmo_tap.quant.weights import QuantizedStack, dequantize_codes
 
 if TYPE_CHECKING:
@@ -105,8 +105,9 @@ class _TowerStep(nn.Module):
         def frozen(t: torch.Tensor) -> nn.Parameter:
             return nn.Parameter(t.detach(), requires_grad=False)
 
-        # A quantized model's step reads the codes: its products are the fused dequantizing reductions, traced
-        # into the step's graph (see ``olmo_tap.quant.linear``); the codes are buffers, never folded to floats.
+        # A quantized model's step reads the codes: its products are the native kernel's ops or the fused
+        # dequantizing reductions traced into the step's graph (``olmo_tap.quant.linear.step_product``); the codes
+        # are buffers, never folded to floats.
         self.quantized = model.quantization is not None
         self.layers = nn.ModuleList()
         for block, t in model.tower_blocks(head):
@@ -215,7 +216,7 @@ def _linear(module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     if not hasattr(module, f"{name}_schemes"):
         return F.linear(x, getattr(module, name))
     outs = [
-        (fused_int8(x, codes, scale) if scheme == "int8" else fused_int4(x, codes, scale, minimum)).to(x.dtype)
+        step_product(x, scheme, codes, scale, minimum).to(x.dtype)
         for scheme, codes, scale, minimum in _quantized_parts(module, name)
     ]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)

@@ -1,17 +1,20 @@
 """Products with quantized weights.
 
-The kernel route, chosen by measurement on the 2-core development machine (results/quant/kernels.md,
-``olmo-tap experiment quant-kernels``): a few rows (decoding, verification) run a *fused dequantizing reduction*
-that TorchInductor compiles to native loops: each weight is read once as 8- or 4-bit codes, widened, scaled and
-multiplied into an fp32 sum, never written out as floats; torch's own ``_weight_int8pack_mm`` and
-``_weight_int4pack_mm_for_cpu`` ran 5-10x slower than fp32 there, torchao's int8 weight-only layer 2-30x. Many
-rows (a prompt, a wide verification pass) dequantize the weight chunk by chunk into a buffer that stays in the
-CPU's cache and multiply each chunk at once (``dequantized_product``): the reduction widens every code once per
-row, the chunks once per product, which then costs about what the float weight's own product costs.
+Three routes, chosen by measurement on the 2-core development machine (results/quant/kernels.md,
+``olmo-tap experiment quant-kernels``):
 
-``OLMO_TAP_QUANT_KERNEL=dequantize`` forces the chunked path for every product (no compiler needed); ``fused``
-(the default) compiles the reduction on first use (a few seconds per scheme, cached on disk) and falls back to
-the chunked path, with one warning, where Inductor cannot compile (no C++ compiler).
+- **native** (the default): olmo-tap's own kernel (``native.cpp``, built on first use for this CPU) for up to
+  ``NATIVE_MAX_ROWS`` rows (a decode step, a head's verification rows): each block of codes is widened to floats
+  once and multiplied into every row's sum, never written out as floats;
+- **fused**: the same reduction written in torch ops and compiled by TorchInductor (the route before the native
+  kernel, 2-10x slower than it; kept as the fallback where the native build fails);
+- **dequantize**: many rows (a prompt, a wide verification pass) dequantize the weight chunk by chunk into a
+  buffer that stays in the CPU's cache and multiply each chunk at once (``dequantized_product``), which then costs
+  about what the float weight's own product costs.
+
+torch's own ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` ran 5-10x slower than fp32 here, torchao's
+int8 weight-only layer 2-30x. ``OLMO_TAP_QUANT_KERNEL=native|fused|dequantize`` forces a route (``dequantize``
+needs no compiler); a route that cannot be built falls back to the next, with one warning.
 """
 
 from __future__ import annotations
@@ -23,10 +26,14 @@ from collections.abc import Callable
 
 import torch
 
+from olmo_tap.quant import native
 from olmo_tap.quant.weights import QuantizedStack, QuantizedWeight
 
 QUANT_KERNEL_ENV = "OLMO_TAP_QUANT_KERNEL"
-QUANT_KERNELS = ("fused", "dequantize")
+QUANT_KERNELS = ("native", "fused", "dequantize")
+# Rows up to which the native kernel beats the chunked product (results/quant/kernels.md): it widens each code
+# once per product but multiplies it into each row separately, so its cost grows with the rows.
+NATIVE_MAX_ROWS = 12
 # Rows up to which the fused reduction beats the chunked product over a whole pass, per scheme (measured in
 # results/quant/kernels.md): the reduction widens every code once per row, so its cost grows with the rows, and
 # int4's unpacking costs more. 5 rows: a verification pass at gamma 4.
@@ -34,10 +41,11 @@ FUSED_MAX_ROWS = {"int8": 24, "int4": 5}
 
 _compiled: dict[str, Callable[..., torch.Tensor]] = {}
 _compile_failed: str | None = None
+_native_warned = False
 
 
 def quant_kernel() -> str:
-    value = os.environ.get(QUANT_KERNEL_ENV, "").strip().lower() or "fused"
+    value = os.environ.get(QUANT_KERNEL_ENV, "").strip().lower() or "native"
     if value not in QUANT_KERNELS:
         raise ValueError(f"{QUANT_KERNEL_ENV} must be one of {', '.join(QUANT_KERNELS)}, got {value!r}")
     return value
@@ -65,11 +73,32 @@ def fused_int4(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimu
     return (xg[:, :, :, 0] * low + xg[:, :, :, 1] * high).sum(dim=(-2, -1))
 
 
-def fused_product(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
-    """The fused formulation, uncompiled: what the compiled decode step traces into its own graph."""
-    if w.scheme == "int8":
-        return fused_int8(x, w.codes, w.scale)
-    return fused_int4(x, w.codes, w.scale, w.minimum)  # type: ignore[arg-type]
+def step_product(
+    x: torch.Tensor, scheme: str, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None
+) -> torch.Tensor:
+    """What the compiled decode step traces for one quantized product: the native op where it is the route, else
+    the fused formulation (which Inductor then compiles into the step's own loops)."""
+    if _native_ready() and native.supports(codes.size(0), x.size(-1)):
+        return native.product(x, scheme, codes, scale, minimum)
+    if scheme == "int8":
+        return fused_int8(x, codes, scale)
+    return fused_int4(x, codes, scale, minimum)  # type: ignore[arg-type]
+
+
+def _native_ready() -> bool:
+    """Whether the native kernel is the route and is built (building it on first use; one warning if it cannot)."""
+    global _native_warned
+    if quant_kernel() != "native":
+        return False
+    why_not = native.available()
+    if why_not is not None and not _native_warned:
+        _native_warned = True
+        warnings.warn(
+            f"olmo-tap: the native quantized kernel could not be built ({why_not}); quantized products use the "
+            "Inductor-compiled reduction instead (correct, slower)",
+            stacklevel=3,
+        )
+    return why_not is None
 
 
 def _kernel(scheme: str) -> Callable[..., torch.Tensor]:
@@ -82,7 +111,7 @@ def _kernel(scheme: str) -> Callable[..., torch.Tensor]:
 def _fused(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | None:
     """The compiled reduction on ``x``, or None where Inductor cannot compile here (then never again)."""
     global _compile_failed
-    if _compile_failed is not None or quant_kernel() != "fused":
+    if _compile_failed is not None or quant_kernel() == "dequantize":
         return None
     args = (w.codes, w.scale) if w.scheme == "int8" else (w.codes, w.scale, w.minimum)
     try:
@@ -143,10 +172,15 @@ def dequantized_product(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
 
 
 def product(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
-    """x (M, in) @ w.T -> (M, out) in x's dtype."""
+    """x (M, in) @ w.T -> (M, out) in x's dtype, by the route for this many rows (see the module doc)."""
     out = None
-    if x.size(0) <= FUSED_MAX_ROWS[w.scheme] and x.device.type == "cpu":
-        out = _fused(x, w)
+    rows = x.size(0)
+    if x.device.type == "cpu":
+        if _native_ready() and native.supports(*w.shape):
+            if rows <= NATIVE_MAX_ROWS:
+                out = native.product(x, w.scheme, w.codes, w.scale, w.minimum)
+        elif rows <= FUSED_MAX_ROWS[w.scheme]:
+            out = _fused(x, w)
     if out is None:
         out = dequantized_product(x, w)
     return out.to(x.dtype)
@@ -165,7 +199,14 @@ def fused_kernel_status() -> str:
     kernel = quant_kernel()
     if kernel == "dequantize":
         return f"chunked dequantize-and-multiply (forced: {QUANT_KERNEL_ENV}=dequantize)"
+    if kernel == "native":
+        why_not = native.available()
+        if why_not is None:
+            return f"native kernel (built for this CPU) up to {NATIVE_MAX_ROWS} rows, chunked dequantize above"
+        fallback = f"the native kernel could not be built ({why_not}); "
+    else:
+        fallback = f"forced: {QUANT_KERNEL_ENV}=fused; "
     if _compile_failed is not None:
-        return f"chunked dequantize-and-multiply (the fused kernel failed to compile: {_compile_failed})"
+        return f"chunked dequantize-and-multiply ({fallback}the fused kernel failed to compile: {_compile_failed})"
     rows = ", ".join(f"{scheme} <= {n} rows" for scheme, n in FUSED_MAX_ROWS.items())
-    return f"fused dequantizing reduction (Inductor; {rows}), chunked dequantize-and-multiply above"
+    return f"fused dequantizing reduction ({fallback}Inductor; {rows}), chunked dequantize-and-multiply above"

@@ -1,0 +1,237 @@
+// Few-row products with quantized weights, read once as codes: y (M, out) = x (M, in) @ dequantized(w).T.
+//
+// Built at first use by olmo_tap/quant/native.py with -O3 -march=native: AVX2 + FMA intrinsics where the CPU has
+// them, plain loops elsewhere. Per output row, each block of 16 or 32 codes is widened to floats once and
+// multiplied into every input row's sum (so a verification pass of 20 rows widens each code once, not 20 times),
+// scaled once per block; two accumulators per input row alternate between blocks to keep several FMAs in flight.
+// Output rows split over the intra-op threads (at::parallel_for).
+//
+// Storage (olmo_tap/quant/weights.py): int8 codes (out, in) with an fp32 scale per group of G inputs (G a multiple
+// of 16: 16, 32, or the whole row); int4 codes two per byte, (out, in / 2), groups of 32 with byte j holding input j
+// (low nibble) and input j + 16 (high nibble), an fp32 scale and minimum per group.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kGrain = 64;  // output rows per parallel task
+constexpr int64_t kBlock = 32;  // inputs per quantized block of the activations
+
+void check_inputs(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be (M, in) fp32 contiguous");
+  TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous(), "codes must be 2-D contiguous");
+  TORCH_CHECK(scale.dim() == 2 && scale.scalar_type() == at::kFloat && scale.is_contiguous(),
+              "scale must be (out, groups) fp32 contiguous");
+  TORCH_CHECK(scale.size(0) == codes.size(0), "scale and codes differ in rows");
+  TORCH_CHECK(x.size(1) % kBlock == 0, "the inputs must come in blocks of 32, got ", x.size(1));
+}
+
+// The activations, quantized once per product like llama.cpp's Q8 blocks: per row and block of 32 inputs, int8
+// codes round(x / d) with d = max |x| / 127, the scale d, and the block's exact float sum (for int4's minimum).
+struct Activations {
+  std::vector<int8_t> codes;
+  std::vector<float> scale, sum;
+  int64_t m, n_in, blocks;
+
+  explicit Activations(const at::Tensor& x) : m(x.size(0)), n_in(x.size(1)), blocks(x.size(1) / kBlock) {
+    codes.resize(m * n_in);
+    scale.resize(m * blocks);
+    sum.resize(m * blocks);
+    const float* xp = x.data_ptr<float>();
+    for (int64_t b = 0; b < m * blocks; ++b) {
+      const float* v = xp + b * kBlock;
+      float amax = 0.f, total = 0.f;
+      for (int64_t j = 0; j < kBlock; ++j) {
+        amax = std::max(amax, std::fabs(v[j]));
+        total += v[j];
+      }
+      const float d = amax / 127.f;
+      const float inv = d > 0.f ? 1.f / d : 0.f;
+      for (int64_t j = 0; j < kBlock; ++j) codes[b * kBlock + j] = static_cast<int8_t>(std::nearbyint(v[j] * inv));
+      scale[b] = d;
+      sum[b] = total;
+    }
+  }
+};
+
+#ifdef __AVX2__
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 8 int32 sums of four products each: unsigned bytes ``u`` times signed bytes ``s`` (no overflow: |u| <= 127).
+inline __m256 dot_u8_s8(__m256i u, __m256i s) {
+  const __m256i pairs = _mm256_maddubs_epi16(u, s);
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+#endif
+
+// One output row of an int8 weight (a scale per group of 16, of a multiple of 32, or per row) against R activation
+// rows from ``r0``: per block of 32, the codes are loaded once and multiplied as integers into each row's sum,
+// scaled by weight scale x activation scale. R is a constant so that each row's accumulators stay in registers.
+template <int R>
+void tile_int8(const Activations& a, int64_t r0, const int8_t* row, const float* s, int64_t group, float* y,
+               int64_t y_stride) {
+  const int64_t n_in = a.n_in, blocks = a.blocks;
+  const int8_t* qx = a.codes.data() + r0 * n_in;
+  const float* dx = a.scale.data() + r0 * blocks;
+#ifdef __AVX2__
+  __m256 acc[R][2];
+  for (int t = 0; t < R; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
+    const __m256i w_abs = _mm256_sign_epi8(w, w);  // maddubs wants its first operand unsigned: |w| x (x with w's sign)
+    const bool halves = group == 16;  // lanes 0-3 hold the block's first 16 inputs, lanes 4-7 the next 16
+    const float s0 = halves ? s[2 * b] : s[b * kBlock / group], s1 = halves ? s[2 * b + 1] : s0;
+    for (int t = 0; t < R; ++t) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + t * n_in + b * kBlock));
+      const float d = dx[t * blocks + b];
+      const __m256 scale = _mm256_set_m128(_mm_set1_ps(s1 * d), _mm_set1_ps(s0 * d));
+      acc[t][b & 1] = _mm256_fmadd_ps(scale, dot_u8_s8(w_abs, _mm256_sign_epi8(x, w)), acc[t][b & 1]);
+    }
+  }
+  for (int t = 0; t < R; ++t) y[(r0 + t) * y_stride] = hsum(_mm256_add_ps(acc[t][0], acc[t][1]));
+#else
+  for (int t = 0; t < R; ++t) {
+    float total = 0.f;
+    for (int64_t k = 0; k < n_in; k += 16) {
+      int32_t dot = 0;
+      for (int64_t j = 0; j < 16; ++j) dot += int32_t(row[k + j]) * int32_t(qx[t * n_in + k + j]);
+      total += s[k / group] * dx[t * blocks + k / kBlock] * static_cast<float>(dot);
+    }
+    y[(r0 + t) * y_stride] = total;
+  }
+#endif
+}
+
+// One output row of an int4 weight (groups of 32, byte j = input j | input j + 16 << 4, a scale and a minimum per
+// group) against R activation rows from ``r0``: scale x activation scale x integer dot, plus minimum x the block's
+// float sum; each block's codes unpacked once for the R rows.
+template <int R>
+void tile_int4(const Activations& a, int64_t r0, const uint8_t* row, const float* s, const float* mn, float* y,
+               int64_t y_stride) {
+  const int64_t n_in = a.n_in, blocks = a.blocks;
+  const int8_t* qx = a.codes.data() + r0 * n_in;
+  const float* dx = a.scale.data() + r0 * blocks;
+  const float* xs = a.sum.data() + r0 * blocks;
+  float shift[R];
+  for (int t = 0; t < R; ++t) {
+    shift[t] = 0.f;
+    for (int64_t b = 0; b < blocks; ++b) shift[t] += mn[b] * xs[t * blocks + b];
+  }
+#ifdef __AVX2__
+  __m256 acc[R][2];
+  for (int t = 0; t < R; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  const __m128i low_mask = _mm_set1_epi8(15);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16));
+    const __m128i low = _mm_and_si128(bytes, low_mask), high = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_mask);
+    const __m256i w = _mm256_set_m128i(high, low);  // the 32 codes in input order
+    for (int t = 0; t < R; ++t) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + t * n_in + b * kBlock));
+      const __m256 scale = _mm256_set1_ps(s[b] * dx[t * blocks + b]);
+      acc[t][b & 1] = _mm256_fmadd_ps(scale, dot_u8_s8(w, x), acc[t][b & 1]);
+    }
+  }
+  for (int t = 0; t < R; ++t) y[(r0 + t) * y_stride] = shift[t] + hsum(_mm256_add_ps(acc[t][0], acc[t][1]));
+#else
+  for (int t = 0; t < R; ++t) {
+    float total = shift[t];
+    for (int64_t b = 0; b < blocks; ++b) {
+      int32_t dot = 0;
+      for (int64_t j = 0; j < 16; ++j) {
+        const uint8_t v = row[b * 16 + j];
+        const int8_t* xb = qx + t * n_in + b * kBlock;
+        dot += int32_t(v & 15) * int32_t(xb[j]) + int32_t(v >> 4) * int32_t(xb[16 + j]);
+      }
+      total += s[b] * dx[t * blocks + b] * static_cast<float>(dot);
+    }
+    y[(r0 + t) * y_stride] = total;
+  }
+#endif
+}
+
+// Every activation row against one output row, in tiles of up to 4 rows.
+template <typename Tile>
+void in_tiles(int64_t m, Tile tile) {
+  int64_t r = 0;
+  for (; r + 4 <= m; r += 4) tile(r, std::integral_constant<int, 4>{});
+  switch (m - r) {
+    case 3: tile(r, std::integral_constant<int, 3>{}); break;
+    case 2: tile(r, std::integral_constant<int, 2>{}); break;
+    case 1: tile(r, std::integral_constant<int, 1>{}); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+at::Tensor mm_int8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale) {
+  check_inputs(x, codes, scale);
+  TORCH_CHECK(codes.scalar_type() == at::kChar, "int8 codes must be int8");
+  const int64_t m = x.size(0), n_in = x.size(1), out = codes.size(0), groups = scale.size(1);
+  TORCH_CHECK(codes.size(1) == n_in, "codes have ", codes.size(1), " inputs, x has ", n_in);
+  TORCH_CHECK(groups > 0 && n_in % groups == 0, "the groups must divide the inputs");
+  const int64_t group = n_in / groups;
+  TORCH_CHECK(group == 16 || group % kBlock == 0, "int8 groups must be 16 inputs or a multiple of 32, got ", group);
+  const Activations a(x);
+  at::Tensor y = at::empty({m, out}, x.options());
+  const int8_t* cp = codes.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, out, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      in_tiles(m, [&](int64_t r0, auto rows) {
+        tile_int8<decltype(rows)::value>(a, r0, cp + o * n_in, sp + o * groups, group, yp + o, out);
+      });
+    }
+  });
+  return y;
+}
+
+at::Tensor mm_int4(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& minimum) {
+  check_inputs(x, codes, scale);
+  TORCH_CHECK(codes.scalar_type() == at::kByte, "int4 codes must be uint8 (two per byte)");
+  TORCH_CHECK(minimum.sizes() == scale.sizes() && minimum.scalar_type() == at::kFloat && minimum.is_contiguous(),
+              "minimum must match scale");
+  const int64_t m = x.size(0), n_in = x.size(1), out = codes.size(0), groups = scale.size(1);
+  TORCH_CHECK(n_in == groups * kBlock && codes.size(1) * 2 == n_in, "int4 weights come in groups of 32 inputs");
+  const Activations a(x);
+  at::Tensor y = at::empty({m, out}, x.options());
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* mp = minimum.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, out, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      in_tiles(m, [&](int64_t r0, auto rows) {
+        tile_int4<decltype(rows)::value>(a, r0, cp + o * (n_in / 2), sp + o * groups, mp + o * groups, yp + o, out);
+      });
+    }
+  });
+  return y;
+}
+
+// Dispatcher ops (not a Python module): callable from eager code and from a compiled step's C++ wrapper alike.
+TORCH_LIBRARY(olmo_tap, m) {
+  m.def("mm_int8(Tensor x, Tensor codes, Tensor scale) -> Tensor");
+  m.def("mm_int4(Tensor x, Tensor codes, Tensor scale, Tensor minimum) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(olmo_tap, CPU, m) {
+  m.impl("mm_int8", &mm_int8);
+  m.impl("mm_int4", &mm_int4);
+}
