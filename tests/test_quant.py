@@ -223,11 +223,12 @@ def test_every_kernel_route_equals_its_reference(kernel: str, monkeypatch: pytes
         assert native.available() is None  # a C++ compiler is part of the set-up: the native build must work
     for w in _weights_of_every_layout():
         exact = w.dequantize()
-        for rows in (1, 3, 5, qlinear.NATIVE_MAX_ROWS, qlinear.NATIVE_MAX_ROWS + 1, 40):
+        most = qlinear.NATIVE_MAX_ROWS[w.scheme]
+        for rows in (1, 3, 5, most, most + 1, 40):
             x = torch.randn(rows, 128)
             got, float_product = qlinear.product(x, w), F.linear(x, exact)
             where = f"{w.source} x {rows} rows"
-            if kernel == "native" and rows <= qlinear.NATIVE_MAX_ROWS:
+            if kernel == "native" and rows <= most:
                 torch.testing.assert_close(got, q8_activations_product(x, w), rtol=1e-5, atol=1e-5, msg=where)
                 # and from the float product by no more than rounding each activation (half a step) allows
                 step = x.view(rows, -1, 32).abs().amax(-1, keepdim=True).expand(-1, -1, 32).reshape(rows, -1) / 127

@@ -8,11 +8,14 @@ route available in this process, timed in alternating rounds (``run_interleaved`
 - ``int8pack`` / ``int4pack``: torch's own weight-only kernels (``_weight_int8pack_mm``,
   ``_weight_int4pack_mm_for_cpu``);
 - ``torchao-int8``: torchao's ``Int8WeightOnlyConfig`` on an ``nn.Linear`` (only where torchao imports);
-- ``fused-int8`` / ``fused-int4``: olmo-tap's dequantizing reduction compiled by Inductor (``olmo_tap.quant.linear``);
+- ``native-int8`` / ``native-int4``: olmo-tap's own kernel (``olmo_tap/quant/native.cpp``: int8-rounded activations,
+  integer products with the codes);
+- ``fused-int8`` / ``fused-int4``: the dequantizing reduction compiled by Inductor (``olmo_tap.quant.linear``);
 - ``chunked-int8`` / ``chunked-int4``: dequantize chunk by chunk into a cache-sized buffer, multiply each chunk.
 
 Writes ``kernels.json`` and ``kernels.md`` (the table, and per scheme the largest row count at which the fused
-reduction still beats the chunked product over a whole pass: what ``FUSED_MAX_ROWS`` should be).
+and fused routes still beat the chunked product over a whole pass: what ``NATIVE_MAX_ROWS`` and ``FUSED_MAX_ROWS``
+should be).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from olmo_tap.benchmarks.harness import machine_info, run_interleaved
 from olmo_tap.model import kernels
 from olmo_tap.quant import linear as qlinear
+from olmo_tap.quant import native
 from olmo_tap.quant.weights import quantize
 
 # (name, out, in) of the embedded default's linear layers
@@ -64,6 +68,8 @@ def _routes(out: int, n_in: int) -> tuple[dict[str, Callable[[torch.Tensor], tor
         routes["torchao-int8"] = torchao
     for scheme, qw in (("int8", q8), ("int4", q4)):
         args = (qw.codes, qw.scale) if scheme == "int8" else (qw.codes, qw.scale, qw.minimum)
+        if native.available() is None:
+            routes[f"native-{scheme}"] = lambda x, qw=qw: native.product(x, qw.scheme, qw.codes, qw.scale, qw.minimum)
         routes[f"fused-{scheme}"] = lambda x, scheme=scheme, args=args: qlinear._kernel(scheme)(x, *args)
         routes[f"chunked-{scheme}"] = lambda x, qw=qw: qlinear.dequantized_product(x, qw)
     # torchao quantizes with its own scales: its error is against the float weight, its quantization included
@@ -117,7 +123,7 @@ def run_quant_kernels(out: str | Path, budget_ms: float = 150.0, progress: bool 
         "seconds": round(time.time() - started, 1),
         "table": table,
         "fused_beats_dequant_up_to": _crossovers(table),
-        "fused_max_rows_in_code": dict(qlinear.FUSED_MAX_ROWS),
+        "max_rows_in_code": {"native": dict(qlinear.NATIVE_MAX_ROWS), "fused": dict(qlinear.FUSED_MAX_ROWS)},
     }
     path = Path(out)
     path.mkdir(parents=True, exist_ok=True)
@@ -136,18 +142,22 @@ def _crossovers(table: list[dict[str, Any]]) -> dict[str, int]:
     """Per scheme, the largest row count up to which the fused reduction beats the chunked product over a whole
     pass of the embedded default: each layer weight counted once per layer (30), the lm_head once (0: never)."""
     result = {}
-    for scheme in ("int8", "int4"):
-        best = 0
-        for rows in ROWS:
-            cells = [r for r in table if r["rows"] == rows]
+    for kind in ("native", "fused"):
+        for scheme in ("int8", "int4"):
+            route = f"{kind}-{scheme}"
+            if route not in table[0]["us"]:
+                continue
+            best = 0
+            for rows in ROWS:
+                cells = [r for r in table if r["rows"] == rows]
 
-            def pass_us(route: str, cells: list[dict[str, Any]] = cells) -> float:
-                return sum(c["us"][route] * (1 if c["shape"] == "lm_head" else PASS_LAYERS) for c in cells)
+                def pass_us(route: str, cells: list[dict[str, Any]] = cells) -> float:
+                    return sum(c["us"][route] * (1 if c["shape"] == "lm_head" else PASS_LAYERS) for c in cells)
 
-            if pass_us(f"fused-{scheme}") > pass_us(f"chunked-{scheme}"):
-                break
-            best = rows
-        result[scheme] = best
+                if pass_us(route) > pass_us(f"chunked-{scheme}"):
+                    break
+                best = rows
+            result[route] = best
     return result
 
 
@@ -169,15 +179,15 @@ def markdown(report: dict[str, Any]) -> str:
     cross = report["fused_beats_dequant_up_to"]
     lines += [
         "",
-        "Over a whole pass (each layer weight x 30, the lm_head x 1) the fused reduction beats the chunked "
-        "dequantize-and-multiply up to "
-        + ", ".join(f"{n} rows ({scheme})" for scheme, n in cross.items())
-        + f"; the code switches at {report['fused_max_rows_in_code']}.",
+        "Over a whole pass (each layer weight x 30, the lm_head x 1), against the chunked dequantize-and-multiply, "
+        "each few-row route is faster up to "
+        + ", ".join(f"{n} rows ({route})" for route, n in cross.items())
+        + f"; the code switches at {report['max_rows_in_code']}.",
         "Largest |error| of each route against a float product with its own (dequantized) weight, over every "
         "cell: "
         + ", ".join(f"{r} {max(row['max_abs_error'][r] for row in report['table']):.1e}" for r in routes)
-        + " (bf16 rounds its activations and weight; torchao's is against the float weight, its own int8 "
-        "rounding included).",
+        + " (bf16 rounds its activations and weight, the native kernel its activations to int8 per block of 32; "
+        "torchao's is against the float weight, its own int8 rounding included).",
         f"Run time {report['seconds']} s.",
     ]
     return "\n".join(lines) + "\n"

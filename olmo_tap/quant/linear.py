@@ -4,8 +4,9 @@ Three routes, chosen by measurement on the 2-core development machine (results/q
 ``olmo-tap experiment quant-kernels``):
 
 - **native** (the default): olmo-tap's own kernel (``native.cpp``, built on first use for this CPU) for up to
-  ``NATIVE_MAX_ROWS`` rows (a decode step, a head's verification rows): each block of codes is widened to floats
-  once and multiplied into every row's sum, never written out as floats;
+  ``NATIVE_MAX_ROWS`` rows (a decode step, a head's verification rows): like llama.cpp, it rounds the activations
+  to int8 per block of 32 and multiplies them with the codes as integers (AVX2), each block of codes unpacked
+  once per 4 rows and never written out as floats;
 - **fused**: the same reduction written in torch ops and compiled by TorchInductor (the route before the native
   kernel, 2-10x slower than it; kept as the fallback where the native build fails);
 - **dequantize**: many rows (a prompt, a wide verification pass) dequantize the weight chunk by chunk into a
@@ -31,9 +32,10 @@ from olmo_tap.quant.weights import QuantizedStack, QuantizedWeight
 
 QUANT_KERNEL_ENV = "OLMO_TAP_QUANT_KERNEL"
 QUANT_KERNELS = ("native", "fused", "dequantize")
-# Rows up to which the native kernel beats the chunked product (results/quant/kernels.md): it widens each code
-# once per product but multiplies it into each row separately, so its cost grows with the rows.
-NATIVE_MAX_ROWS = 12
+# Rows up to which the native kernel beats the chunked product over a whole pass, per scheme (measured in
+# results/quant/kernels.md): it unpacks each block of codes once per 4 rows but multiplies it into each row
+# separately, so its cost grows with the rows; int4's unpacking is the larger share, so it pays off longer.
+NATIVE_MAX_ROWS = {"int8": 8, "int4": 24}
 # Rows up to which the fused reduction beats the chunked product over a whole pass, per scheme (measured in
 # results/quant/kernels.md): the reduction widens every code once per row, so its cost grows with the rows, and
 # int4's unpacking costs more. 5 rows: a verification pass at gamma 4.
@@ -177,7 +179,7 @@ def product(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     rows = x.size(0)
     if x.device.type == "cpu":
         if _native_ready() and native.supports(*w.shape):
-            if rows <= NATIVE_MAX_ROWS:
+            if rows <= NATIVE_MAX_ROWS[w.scheme]:
                 out = native.product(x, w.scheme, w.codes, w.scale, w.minimum)
         elif rows <= FUSED_MAX_ROWS[w.scheme]:
             out = _fused(x, w)
@@ -202,7 +204,8 @@ def fused_kernel_status() -> str:
     if kernel == "native":
         why_not = native.available()
         if why_not is None:
-            return f"native kernel (built for this CPU) up to {NATIVE_MAX_ROWS} rows, chunked dequantize above"
+            rows = ", ".join(f"{scheme} <= {n} rows" for scheme, n in NATIVE_MAX_ROWS.items())
+            return f"native kernel (built for this CPU; {rows}), chunked dequantize-and-multiply above"
         fallback = f"the native kernel could not be built ({why_not}); "
     else:
         fallback = f"forced: {QUANT_KERNEL_ENV}=fused; "

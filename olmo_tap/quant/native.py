@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -45,8 +46,12 @@ def _build_and_load() -> None:
         except ImportError:
             pass
     tag = hashlib.sha256((_SOURCE.read_text() + _cpu_flags() + torch.__version__).encode()).hexdigest()[:12]
+    name = f"olmo_tap_quant_{tag}"
+    built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+    if not built.exists():  # the one slow moment: say what it is
+        print("olmo-tap: building the native quantized kernel for this CPU (once, about a minute)", file=sys.stderr)
     cpp_extension.load(
-        name=f"olmo_tap_quant_{tag}",
+        name=name,
         sources=[str(_SOURCE)],
         extra_cflags=["-O3", "-march=native"],
         is_python_module=False,
