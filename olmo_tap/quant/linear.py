@@ -80,7 +80,7 @@ def step_product(
 ) -> torch.Tensor:
     """What the compiled decode step traces for one quantized product: the native op where it is the route, else
     the fused formulation (which Inductor then compiles into the step's own loops)."""
-    if _native_ready() and native.supports(codes.size(0), x.size(-1)):
+    if _native_ready() and native.supports(x.size(-1)):
         return native.product(x, scheme, codes, scale, minimum)
     if scheme == "int8":
         return fused_int8(x, codes, scale)
@@ -178,7 +178,7 @@ def product(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     out = None
     rows = x.size(0)
     if x.device.type == "cpu":
-        if _native_ready() and native.supports(*w.shape):
+        if _native_ready() and native.supports(w.in_features):
             if rows <= NATIVE_MAX_ROWS[w.scheme]:
                 out = native.product(x, w.scheme, w.codes, w.scale, w.minimum)
         elif rows <= FUSED_MAX_ROWS[w.scheme]:

@@ -164,17 +164,22 @@ void tile_int4(const Activations& a, int64_t r0, const uint8_t* row, const float
 #endif
 }
 
-// Every activation row against one output row, in tiles of up to 4 rows.
+// ``tile(o, r0, rows)`` for every output row o (split over the intra-op threads) and every tile of up to 4
+// activation rows from r0 (``rows`` an integral_constant, so each tile's accumulators stay in registers).
 template <typename Tile>
-void in_tiles(int64_t m, Tile tile) {
-  int64_t r = 0;
-  for (; r + 4 <= m; r += 4) tile(r, std::integral_constant<int, 4>{});
-  switch (m - r) {
-    case 3: tile(r, std::integral_constant<int, 3>{}); break;
-    case 2: tile(r, std::integral_constant<int, 2>{}); break;
-    case 1: tile(r, std::integral_constant<int, 1>{}); break;
-    default: break;
-  }
+void for_each_tile(int64_t out, int64_t m, Tile tile) {
+  at::parallel_for(0, out, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      int64_t r = 0;
+      for (; r + 4 <= m; r += 4) tile(o, r, std::integral_constant<int, 4>{});
+      switch (m - r) {
+        case 3: tile(o, r, std::integral_constant<int, 3>{}); break;
+        case 2: tile(o, r, std::integral_constant<int, 2>{}); break;
+        case 1: tile(o, r, std::integral_constant<int, 1>{}); break;
+        default: break;
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -192,12 +197,8 @@ at::Tensor mm_int8(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   const int8_t* cp = codes.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, out, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      in_tiles(m, [&](int64_t r0, auto rows) {
-        tile_int8<decltype(rows)::value>(a, r0, cp + o * n_in, sp + o * groups, group, yp + o, out);
-      });
-    }
+  for_each_tile(out, m, [&](int64_t o, int64_t r0, auto rows) {
+    tile_int8<decltype(rows)::value>(a, r0, cp + o * n_in, sp + o * groups, group, yp + o, out);
   });
   return y;
 }
@@ -215,12 +216,8 @@ at::Tensor mm_int4(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   const float* sp = scale.data_ptr<float>();
   const float* mp = minimum.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, out, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      in_tiles(m, [&](int64_t r0, auto rows) {
-        tile_int4<decltype(rows)::value>(a, r0, cp + o * (n_in / 2), sp + o * groups, mp + o * groups, yp + o, out);
-      });
-    }
+  for_each_tile(out, m, [&](int64_t o, int64_t r0, auto rows) {
+    tile_int4<decltype(rows)::value>(a, r0, cp + o * (n_in / 2), sp + o * groups, mp + o * groups, yp + o, out);
   });
   return y;
 }

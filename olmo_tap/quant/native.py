@@ -81,8 +81,8 @@ def available() -> str | None:
     return _state["error"]
 
 
-def supports(out_features: int, in_features: int) -> bool:
-    """Whether the kernel takes a weight of this shape: its activations are quantized in blocks of 32 inputs."""
+def supports(in_features: int) -> bool:
+    """Whether the kernel takes a weight with this many inputs: it quantizes activations in blocks of 32."""
     return in_features % 32 == 0
 
 
