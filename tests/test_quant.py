@@ -275,8 +275,8 @@ def test_gguf_model_logits_against_independent_dequantization(tmp_path: Path, ty
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     # the native kernel rounds each activation to 8 bits per block of 32, as llama.cpp does (its arithmetic is
     # checked linear by linear in test_every_kernel_route_equals_its_reference); through a whole random model the
-    # rounding moves the logits by ~1% of the largest on average (an outlier-heavy position more), and the greedy
-    # choice mostly stays the float model's
+    # rounding moves the logits by 0.04-0.4% of the largest on average (measured for Q4_1, Q4_K; up to 11% at an
+    # outlier-heavy position), and the greedy choice mostly stays the float model's
     scale = want.abs().max()
     assert (native_logits - want).abs().mean() <= 0.02 * scale
     assert (native_logits.argmax(-1) == want.argmax(-1)).float().mean() >= 0.75

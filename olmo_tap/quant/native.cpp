@@ -1,10 +1,12 @@
-// Few-row products with quantized weights, read once as codes: y (M, out) = x (M, in) @ dequantized(w).T.
+// Few-row products with quantized weights, read once as codes: y (M, out) ~= x (M, in) @ dequantized(w).T.
 //
-// Built at first use by olmo_tap/quant/native.py with -O3 -march=native: AVX2 + FMA intrinsics where the CPU has
-// them, plain loops elsewhere. Per output row, each block of 16 or 32 codes is widened to floats once and
-// multiplied into every input row's sum (so a verification pass of 20 rows widens each code once, not 20 times),
-// scaled once per block; two accumulators per input row alternate between blocks to keep several FMAs in flight.
-// Output rows split over the intra-op threads (at::parallel_for).
+// Built at first use by olmo_tap/quant/native.py with -O3 -march=native: AVX2 intrinsics where the CPU has them,
+// plain integer loops elsewhere (checked against the same reference with a -march=x86-64 build). As llama.cpp
+// does, the activations are rounded to int8 per block of 32 (scale max |x| / 127) once per product; each block
+// of weight codes is multiplied with them as integers (maddubs + madd), and the int32 sums are scaled once per
+// block by weight scale x activation scale (int4 adds its minimum x the block's exact float sum). Each block of
+// codes is loaded and unpacked once per tile of up to 4 activation rows; two accumulators per row alternate
+// between blocks to keep several FMAs in flight. Output rows split over the intra-op threads.
 //
 // Storage (olmo_tap/quant/weights.py): int8 codes (out, in) with an fp32 scale per group of G inputs (G a multiple
 // of 16: 16, 32, or the whole row); int4 codes two per byte, (out, in / 2), groups of 32 with byte j holding input j
