@@ -4,9 +4,10 @@ A decoder (``olmo_tap.inference.poe``) is a generator per sequence: it yields an
 and yields the next. ``BatchRunner.run`` takes one op from each of any number of sequences and does them
 together: every ``Step`` of the batch shares one trunk pass (one token per row, each at its own position),
 rows asking for the same heads share their head pass, every ``Verify`` shares one pass of all text heads, and
-all of it shares one lm_head product. A ``Prefill`` runs on its own, between steps: a prompt is many rows of
-one sequence, already an efficient product, and running it apart keeps a decoding row's step time bounded
-by the step, not by a newcomer's prompt.
+all of it shares one lm_head product. The ``Prefill`` ops of a call run first, all prompts in one pass (their
+products read each weight once for all of them), before the call's steps: a prompt is already many rows, and
+running prompts between steps rather than inside them keeps a decoding row's step time bounded by the step
+plus the prompts that arrived with it.
 
 Batch invariance: a row's result does not depend on the other rows. Attention runs per row over its own
 slot; norms and elementwise operations are per row; the linear layers on CPU run on oneDNN-prepacked weights,
@@ -120,10 +121,9 @@ class BatchRunner:
 
     def _run(self, ops: list[Op]) -> list[Any]:
         results: list[Any] = [None] * len(ops)
+        self._prefill([op for op in ops if isinstance(op, Prefill) and op.ids])
         for i, op in enumerate(ops):
-            if isinstance(op, Prefill) and op.ids:
-                self._prefill(op)
-            elif isinstance(op, Local):
+            if isinstance(op, Local):
                 results[i] = op.work()
         steps = [(i, op) for i, op in enumerate(ops) if isinstance(op, Step)]
         verifies = [(i, op) for i, op in enumerate(ops) if isinstance(op, Verify)]
@@ -142,10 +142,27 @@ class BatchRunner:
             results[i] = VerifyResult(hidden, logits[offset : offset + n * g].view(n, g, -1))
         return results
 
-    def _prefill(self, op: Prefill) -> None:
-        model, rows = self.model, Rows.of([op.slot], [0], [len(op.ids)])
-        trunk = model.trunk_rows(torch.tensor(op.ids), rows, self.cache)
-        model.heads_rows(trunk, op.heads, rows, self.cache)
+    def _prefill(self, ops: list[Prefill]) -> None:
+        """Every prompt in one trunk pass (its products read each weight once for all of them) and one head pass
+        per head set; each row attends to its own slot only."""
+        if not ops:
+            return
+        model = self.model
+        rows = Rows.of([op.slot for op in ops], [0] * len(ops), [len(op.ids) for op in ops])
+        trunk = model.trunk_rows(torch.tensor([t for op in ops for t in op.ids]), rows, self.cache)
+        spans, first = [], 0
+        for op in ops:
+            spans.append(range(first, first + len(op.ids)))
+            first += len(op.ids)
+        groups: dict[range, list[int]] = defaultdict(list)
+        for i, op in enumerate(ops):
+            groups[op.heads].append(i)
+        for heads, members in groups.items():
+            if len(members) == len(ops):
+                model.heads_rows(trunk, heads, rows, self.cache)
+                continue
+            sub = Rows.of([ops[i].slot for i in members], [0] * len(members), [len(ops[i].ids) for i in members])
+            model.heads_rows(trunk[[t for i in members for t in spans[i]]], heads, sub, self.cache)
 
     def _steps(self, ops: list[Step], hidden_parts: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
         """One trunk pass for every step; one head pass per head set. Per op: (trunk state, head states,

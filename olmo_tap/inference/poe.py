@@ -53,6 +53,7 @@ from olmo_tap.inference.prompts import encode_chat, normalise_messages, stop_tok
 from olmo_tap.inference.sampling import Purpose, check_temperature, head_for_seed, sample_from_logits
 from olmo_tap.inference.settings import DecodeSettings, Mode
 from olmo_tap.inference.text import TextStream
+from olmo_tap.model import native_attention
 from olmo_tap.model.kv_cache import HydraCache
 from olmo_tap.weights.tokenizer import vocab_limit
 
@@ -568,6 +569,8 @@ class Sequence:
             # decoded among other sequences: exact alone too where the kernels are batch-invariant
             batched=batched,
             batch_invariant=batch_invariant(model),
+            # the attention's route: the two agree within rounding, so an exact replay takes the same one
+            attention=native_attention.route_for(model),
             # multiple choice: the question the uncertainty head scores, so an audit can re-score it
             mcq=is_mcq,
             question=conversation[-1]["content"] if is_mcq else None,

@@ -101,6 +101,7 @@ RUN_FACTS: tuple[str, ...] = (
     "threads",  # products of a few rows sum in another order with another thread count
     "batched",  # decoded in a batch with other answers
     "batch_invariant",  # ... on kernels that give each row the same bits whatever the batch
+    "attention",  # the cached attention's route (native or torch): they agree within rounding, not bit for bit
     "mcq",  # multiple choice: the question the uncertainty head scores, so an audit can re-score it
     "question",
 )

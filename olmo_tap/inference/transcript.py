@@ -5,7 +5,7 @@ Format (JSON object, ``format`` = "olmo-tap-transcript", ``version`` = 2). One c
 - ``model``: the model source the response came from (preset, directory or hub id), or null;
 - ``settings``: the decoder's ``DecodeSettings`` (mode, seed, temperature, gamma, beta, veto_threshold,
   draft_head, head, n_llm_heads, max_new_tokens, ignore_eos, compile, top_logprobs) and the run's facts
-  (vocab_limit, stop_ids, n_heads, heads_depth, dtype, device, threads, batched, batch_invariant, and for
+  (vocab_limit, stop_ids, n_heads, heads_depth, dtype, device, threads, batched, batch_invariant, attention, and for
   multiple choice ``mcq`` and the ``question`` the uncertainty head scored): ``settings.RECORDED_SETTINGS``;
 - ``prompt_ids`` / ``token_ids``: the templated prompt and the emitted tokens, as ids;
 - ``certainty`` (only when the answer's certainty is Kernel Language Entropy): its sampled answers (seed, draft
@@ -187,6 +187,8 @@ def check_settings(settings: Any) -> dict[str, Any]:
             _check(isinstance(s[name], str), name, "a string", s[name])
     if s.get("quantization") is not None:  # the audit loads the model quantized so: only what --quantize takes
         _check(s["quantization"] in ("int8", "int4", "gguf"), "quantization", "int8, int4 or gguf", s["quantization"])
+    if s.get("attention") is not None:
+        _check(s["attention"] in ("native", "torch"), "attention", "native or torch", s["attention"])
     for name in ("compile", "mcq", "ignore_eos", "batched", "batch_invariant"):
         if s.get(name) is not None:
             _check(isinstance(s[name], bool), name, "true or false", s[name])

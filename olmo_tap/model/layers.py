@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from olmo_tap.model import kernels
+from olmo_tap.model import kernels, native_attention
 from olmo_tap.model.config import TransformerConfig
 from olmo_tap.model.kv_cache import LayerCache, Rows
 from olmo_tap.quant.linear import stack_product
@@ -338,13 +338,24 @@ class Block(nn.Module):
             # Each row attends to its own slot: the same computation alone or in a batch (batch-invariant).
             heads = qkv.view(n, tokens, c.n_heads + 2 * c.n_kv_heads, c.head_dim).transpose(1, 2)
             qk = apply_rope(heads[:, : c.n_heads + c.n_kv_heads], *rope)  # also scales q
+            v_new = heads[:, c.n_heads + c.n_kv_heads :]
+            native = native_attention.takes(qk, cache.k)
+            if native and max(rows.lengths) <= SMALL_QUERY:  # decode steps, verification: all rows in one op
+                out = native_attention.attend(
+                    qk, v_new, cache.k, cache.v, sel.start, rows.slots, rows.starts, rows.lengths, c.n_heads
+                )
+                return linear(out, self.wo, sel, self._packed["wo"])
             parts, offset = [], 0
             for slot, start, length in zip(rows.slots, rows.starts, rows.lengths, strict=True):
                 span = slice(offset, offset + length)
+                if native and length <= SMALL_QUERY:  # a short row among long ones: the same op as in a batch
+                    one = (slot,), (start,), (length,)
+                    parts.append(native_attention.attend(qk[:, :, span], v_new[:, :, span], cache.k, cache.v,
+                                                         sel.start, *one, c.n_heads))  # fmt: skip
+                    offset += length
+                    continue
                 q = qk[:, : c.n_heads, span]
-                k, v = cache.update(
-                    sel, slot, start, qk[:, c.n_heads :, span], heads[:, c.n_heads + c.n_kv_heads :, span]
-                )
+                k, v = cache.update(sel, slot, start, qk[:, c.n_heads :, span], v_new[:, :, span])
                 if q.dtype != k.dtype:  # the cache may hold a wider dtype than the weights (see cache_dtype)
                     q = q.to(k.dtype)
                 parts.append(self._scores(q, k, v).transpose(1, 2).reshape(n, length, c.q_dim))

@@ -1,6 +1,6 @@
 // Few-row products with quantized weights, read once as codes: y (M, out) ~= x (M, in) @ dequantized(w).T.
 //
-// Built at first use by olmo_tap/quant/native.py with -O3 -march=native: AVX2 intrinsics where the CPU has them,
+// Built at first use by olmo_tap/quant/native.py (olmo_tap.native) with -O3 -march=native: AVX2 intrinsics where the CPU has them,
 // plain integer loops elsewhere (checked against the same reference with a -march=x86-64 build). As llama.cpp
 // does, the activations are rounded to int8 per block of 32 (scale max |x| / 127) once per product; each block
 // of weight codes is multiplied with them as integers (maddubs + madd), and the int32 sums are scaled once per
@@ -225,7 +225,7 @@ at::Tensor mm_int4(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
 }
 
 // Dispatcher ops (not a Python module): callable from eager code and from a compiled step's C++ wrapper alike.
-TORCH_LIBRARY(olmo_tap, m) {
+TORCH_LIBRARY_FRAGMENT(olmo_tap, m) {
   m.def("mm_int8(Tensor x, Tensor codes, Tensor scale) -> Tensor");
   m.def("mm_int4(Tensor x, Tensor codes, Tensor scale, Tensor minimum) -> Tensor");
 }

@@ -55,6 +55,7 @@ from olmo_tap.inference.prompts import stop_token_ids
 from olmo_tap.inference.sampling import Purpose, check_temperature, gumbel, logit_scores, prob_scores, uniform
 from olmo_tap.inference.settings import RECORDED_SETTINGS
 from olmo_tap.inference.transcript import TOP_LEVEL_FIELDS, check_transcript, content_digest, read_transcript
+from olmo_tap.model import native_attention
 from olmo_tap.robustness.bank import AttackBank
 from olmo_tap.verify.certainty_audit import CertaintyAudit, audit_certainty
 from olmo_tap.verify.regenerate import Regeneration, regenerate
@@ -244,7 +245,10 @@ def replays_exactly(settings: dict[str, Any], model: HydraTransformer) -> bool:
     same = settings.get("dtype") == dtype and device == model.device.type
     # quantized products change kernel with their row count, and a replay runs other row counts than decoding did
     float_weights = settings.get("quantization") is None and model.quantization is None
-    return same and float_weights and not settings.get("compile", False) and not batch_dependent
+    # the two attention routes agree within rounding: exact only where this machine can take the generator's
+    route = settings.get("attention") or "torch"
+    same_route = route == "torch" or native_attention.route_for(model) == "native"
+    return same and float_weights and same_route and not settings.get("compile", False) and not batch_dependent
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from typing import Any
 from olmo_tap.hydra import HydraTransformer
 from olmo_tap.inference.poe import PoE, TokenEvent
 from olmo_tap.inference.settings import DecodeSettings
+from olmo_tap.model import native_attention
 from olmo_tap.model.kernels import torch_threads
 
 
@@ -68,7 +69,8 @@ def regenerate(
     def result(reproduced: bool, detail: str) -> Regeneration:
         return Regeneration(reproduced, None if reproduced else len(events), detail, events)
 
-    with torch_threads(settings.get("threads")):
+    # a transcript from before the native route was decoded on torch's
+    with torch_threads(settings.get("threads")), native_attention.route_as(settings.get("attention") or "torch"):
         stream = decoder.stream(
             prompt_ids=prompt_ids,
             temperature=settings["temperature"],

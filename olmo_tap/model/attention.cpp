@@ -1,0 +1,144 @@
+// Cached attention of a few query tokens per row for many rows in one call, each row in its own cache slot.
+//
+// Built at first use by olmo_tap/model/native_attention.py (olmo_tap.native) with -O3 -march=native. A decoding
+// batch has rows at different positions: in torch each row needs its own handful of small ops per layer (the
+// cache write, two products, a softmax), and at 8 rows that per-row work cost more than the layer's matrix
+// products. Here one call writes every row's new keys and values into its slot and attends every query token of
+// every row and tower.
+//
+// Batch-invariant by construction: each (tower, query token, head) is computed start to finish by one thread,
+// in a fixed order that depends only on that query's own keys: dot products with 8 partial sums combined in a
+// fixed tree, the softmax's maximum and sum over the keys in position order, the weighted sum of values in
+// position order. What else is in the call (other rows, other towers, the thread count) changes which thread
+// does the work, never the arithmetic.
+//
+// Layouts: qk (towers, heads + kv_heads, tokens, head_dim), the queries rotated and scaled, then the keys
+// rotated; v (towers, kv_heads, tokens, head_dim); the caches (slots, cache towers, kv_heads, max_len, head_dim),
+// contiguous, the call's towers starting at cache tower `tower0`. Row r is `lengths[r]` consecutive tokens of
+// slot `slots[r]`, the first at position `starts[r]`; its query i sees the slot's keys 0 .. starts[r] + i.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <initializer_list>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// n floats' dot product: 8 lanes of partial sums (the compiler vectorises them), combined in a fixed tree.
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) {
+    for (int u = 0; u < 8; ++u) acc[u] += a[d + u] * b[d + u];
+  }
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; d < n; ++d) s += a[d] * b[d];
+  return s;
+}
+
+at::Tensor attend_cached(const at::Tensor& qk, const at::Tensor& v, at::Tensor k_cache, at::Tensor v_cache,
+                         int64_t tower0, at::IntArrayRef slots, at::IntArrayRef starts, at::IntArrayRef lengths,
+                         int64_t n_heads) {
+  TORCH_CHECK(qk.dim() == 4 && v.dim() == 4, "qk and v must be (towers, heads, tokens, head_dim)");
+  TORCH_CHECK(k_cache.dim() == 5 && v_cache.sizes() == k_cache.sizes(), "caches must be equal 5-D tensors");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&qk, &v, &k_cache, &v_cache}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), "fp32 CPU tensors only");
+    TORCH_CHECK(t->stride(3 + (t->dim() == 5)) == 1, "the head dimension must be contiguous");
+  }
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  const int64_t n = qk.size(0), tokens = qk.size(2), hd = qk.size(3);
+  const int64_t n_slots = k_cache.size(0), cache_towers = k_cache.size(1), kv = k_cache.size(2);
+  const int64_t max_len = k_cache.size(3);
+  TORCH_CHECK(n_heads > 0 && kv > 0 && n_heads % kv == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(qk.size(1) == n_heads + kv && v.size(0) == n && v.size(1) == kv && v.size(2) == tokens,
+              "qk, v and the cache disagree in shape");
+  TORCH_CHECK(v.size(3) == hd && k_cache.size(4) == hd, "head_dim differs between qk, v and the cache");
+  TORCH_CHECK(tower0 >= 0 && tower0 + n <= cache_towers, "towers outside the cache");
+  TORCH_CHECK(slots.size() == starts.size() && slots.size() == lengths.size(), "rows: slots, starts, lengths");
+
+  const int64_t rows = static_cast<int64_t>(slots.size());
+  std::vector<int64_t> first(rows), row_of(tokens);
+  int64_t offset = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(slots[r] >= 0 && slots[r] < n_slots, "slot outside the cache");
+    TORCH_CHECK(starts[r] >= 0 && lengths[r] >= 0 && starts[r] + lengths[r] <= max_len, "positions outside the cache");
+    first[r] = offset;
+    for (int64_t i = 0; i < lengths[r]; ++i) {
+      TORCH_CHECK(offset + i < tokens, "rows hold more tokens than qk");
+      row_of[offset + i] = r;
+    }
+    offset += lengths[r];
+  }
+  TORCH_CHECK(offset == tokens, "rows hold fewer tokens than qk");
+
+  const float* qk_p = qk.data_ptr<float>();
+  const float* v_p = v.data_ptr<float>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const int64_t q0 = qk.stride(0), q1 = qk.stride(1), q2 = qk.stride(2);
+  const int64_t v0 = v.stride(0), v1 = v.stride(1), v2 = v.stride(2);
+  auto cache_at = [&](int64_t slot, int64_t t, int64_t g, int64_t pos) {
+    return (((slot * cache_towers + tower0 + t) * kv + g) * max_len + pos) * hd;
+  };
+
+  for (int64_t t = 0; t < n; ++t) {  // the new keys and values, before any query reads them
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t g = 0; g < kv; ++g) {
+        for (int64_t i = 0; i < lengths[r]; ++i) {
+          const int64_t tok = first[r] + i, at = cache_at(slots[r], t, g, starts[r] + i);
+          std::memcpy(kc + at, qk_p + t * q0 + (n_heads + g) * q1 + tok * q2, hd * sizeof(float));
+          std::memcpy(vc + at, v_p + t * v0 + g * v1 + tok * v2, hd * sizeof(float));
+        }
+      }
+    }
+  }
+
+  at::Tensor out = at::empty({n, tokens, n_heads * hd}, qk.options().memory_format(at::MemoryFormat::Contiguous));
+  float* out_p = out.data_ptr<float>();
+  const int64_t group = n_heads / kv;
+  at::parallel_for(0, n * tokens * n_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> weights;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / (tokens * n_heads), tok = (item / n_heads) % tokens, h = item % n_heads;
+      const int64_t r = row_of[tok], keys = starts[r] + (tok - first[r]) + 1;
+      const float* q = qk_p + t * q0 + h * q1 + tok * q2;
+      const float* k = kc + cache_at(slots[r], t, h / group, 0);
+      const float* val = vc + cache_at(slots[r], t, h / group, 0);
+      weights.resize(keys);
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < keys; ++j) {
+        weights[j] = dot(q, k + j * hd, hd);
+        top = std::max(top, weights[j]);
+      }
+      float sum = 0.f;
+      for (int64_t j = 0; j < keys; ++j) {
+        weights[j] = std::exp(weights[j] - top);
+        sum += weights[j];
+      }
+      float* o = out_p + (t * tokens + tok) * n_heads * hd + h * hd;
+      std::fill(o, o + hd, 0.f);
+      for (int64_t j = 0; j < keys; ++j) {
+        const float p = weights[j] / sum;
+        const float* vj = val + j * hd;
+        for (int64_t d = 0; d < hd; ++d) o[d] += p * vj[d];
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(olmo_tap, m) {
+  m.def(
+      "attend_cached(Tensor qk, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, int tower0, int[] slots, "
+      "int[] starts, int[] lengths, int n_heads) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(olmo_tap, CPU, m) { m.impl("attend_cached", &attend_cached); }

@@ -1,0 +1,85 @@
+"""olmo-tap's own C++ kernels, built on first use for this CPU.
+
+Each kernel is one source file next to the module that uses it, compiled with torch's C++ extension loader
+(ninja and the system C++ compiler) with ``-O3 -march=native``, and cached under torch's extension directory by
+a name that hashes the source, torch's version and this CPU's instruction-set flags (a build made on an AVX-512
+machine is never loaded on an AVX2 one). A kernel registers dispatcher ops (``torch.ops.olmo_tap.*``). Where it
+cannot be built (no compiler, no ninja, a build error), ``NativeKernel.available()`` says why and its callers
+take their torch route.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+class NativeKernel:
+    """One C++ source built once per process on first ``available()``; ``register`` (if given) runs after the
+    load (fake kernels for the compiled step)."""
+
+    def __init__(self, source: Path, name: str, what: str, register: Callable[[], None] | None = None) -> None:
+        self.source = source
+        self.name = name
+        self.what = what
+        self.register = register
+        self._lock = threading.Lock()
+        self._error: str | None = None
+        self._tried = False
+
+    def _build_and_load(self) -> None:
+        from torch.utils import cpp_extension
+
+        if shutil.which("ninja") is None:  # the pip wheel's binary, where the system has none
+            try:
+                import ninja
+
+                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+            except ImportError:
+                pass
+        tag = hashlib.sha256((self.source.read_text() + _cpu_flags() + torch.__version__).encode()).hexdigest()[:12]
+        name = f"olmo_tap_{self.name}_{tag}"
+        built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+        if not built.exists():  # the one slow moment: say what it is
+            print(f"olmo-tap: building the native {self.what} for this CPU (once, about a minute)", file=sys.stderr)
+        cpp_extension.load(
+            name=name,
+            sources=[str(self.source)],
+            extra_cflags=["-O3", "-march=native"],
+            is_python_module=False,
+            verbose=False,
+        )
+        if self.register is not None:
+            self.register()
+
+    def available(self) -> str | None:
+        """None once the kernel is built and loaded (building it on the first call), else why it is not."""
+        if not self._tried:
+            with self._lock:
+                if not self._tried:
+                    try:
+                        self._build_and_load()
+                    except Exception as e:  # no compiler, no ninja, or a build error: the torch routes remain
+                        lines = str(e).strip().splitlines()
+                        self._error = f"{type(e).__name__}: {lines[-1] if lines else ''}"
+                    self._tried = True
+        return self._error
