@@ -103,4 +103,7 @@ def attend(
 ) -> torch.Tensor:
     """Write the rows' keys and values into their slots and attend: qk (towers, heads + kv_heads, tokens, hd)
     rotated (queries scaled), v (towers, kv_heads, tokens, hd) -> (towers, tokens, heads * hd)."""
+    # the kernel reads each head's vector as one run of floats (some quantized routes hand out other layouts)
+    qk = qk if qk.stride(-1) == 1 else qk.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
     return torch.ops.olmo_tap.attend_cached(qk, v, cache_k, cache_v, tower0, slots, starts, lengths, n_heads)

@@ -1,0 +1,162 @@
+"""The native cached attention (olmo_tap/model/attention.cpp): right against torch's own attention, each row's
+bits independent of the rest of the call, its route forced, recorded in transcripts and replayed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import LetterTokenizer, tiny_hydra
+
+from olmo_tap.inference.poe import PoE
+from olmo_tap.inference.settings import DecodeSettings
+from olmo_tap.inference.transcript import transcript_dict
+from olmo_tap.model import native_attention
+from olmo_tap.model.kv_cache import Rows
+from olmo_tap.verify.forgery import restamp
+from olmo_tap.verify.poe_audit import audit_poe
+
+H, KV, HD = 6, 2, 24  # a head_dim that is not a multiple of 8 runs the dot product's tail too
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    why = native_attention._KERNEL.available()
+    assert why is None, why  # a C++ compiler is part of the set-up: the build must work
+    return native_attention.attend
+
+
+def random_call(rows, towers=2, cache_towers=3, tower0=1, slots=4, max_len=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = sum(length for _, _, length in rows)
+    qk = torch.randn(towers, H + KV, tokens, HD, generator=g)
+    v = torch.randn(towers, KV, tokens, HD, generator=g)
+    k_cache = torch.randn(slots, cache_towers, KV, max_len, HD, generator=g)
+    v_cache = torch.randn(slots, cache_towers, KV, max_len, HD, generator=g)
+    return qk, v, k_cache, v_cache, tower0
+
+
+def reference(qk, v, k_cache, v_cache, tower0, rows):
+    """torch's scaled_dot_product_attention per row and tower, over the cache with the new keys written in."""
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    towers = slice(tower0, tower0 + qk.size(0))
+    outs, first = [], 0
+    for slot, start, length in rows:
+        span = slice(first, first + length)
+        k_cache[slot, towers, :, start : start + length] = qk[:, H:, span]
+        v_cache[slot, towers, :, start : start + length] = v[:, :, span]
+        keys = start + length
+        allowed = torch.ones(length, keys, dtype=torch.bool).tril(diagonal=start)
+        out = F.scaled_dot_product_attention(
+            qk[:, :H, span],
+            k_cache[slot, towers, :, :keys],
+            v_cache[slot, towers, :, :keys],
+            attn_mask=allowed,
+            scale=1.0,  # the queries come scaled
+            enable_gqa=True,
+        )
+        outs.append(out.transpose(1, 2).reshape(qk.size(0), length, H * HD))
+        first += length
+    return torch.cat(outs, dim=1), k_cache, v_cache
+
+
+ROWS = [(0, 0, 3), (2, 17, 1), (3, 5, 6), (1, 30, 1)]  # (slot, start, length): a prompt, steps, a verification
+
+
+def test_the_kernel_matches_torch_attention_and_writes_the_cache(kernel):
+    qk, v, k_cache, v_cache, tower0 = random_call(ROWS)
+    want, want_k, want_v = reference(qk, v, k_cache, v_cache, tower0, ROWS)
+    slots, starts, lengths = (tuple(r[i] for r in ROWS) for i in range(3))
+    got = kernel(qk, v, k_cache, v_cache, tower0, slots, starts, lengths, H)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)  # new entries copied, nothing else touched
+
+
+def test_a_row_gets_the_same_bits_alone_and_among_others_at_any_thread_count(kernel):
+    qk, v, k_cache, v_cache, tower0 = random_call(ROWS, seed=1)
+    slots, starts, lengths = (tuple(r[i] for r in ROWS) for i in range(3))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        together = kernel(qk, v, k_cache.clone(), v_cache.clone(), tower0, slots, starts, lengths, H)
+        torch.set_num_threads(1)
+        first = 0
+        for slot, start, length in ROWS:
+            span = slice(first, first + length)
+            one = kernel(qk[:, :, span], v[:, :, span], k_cache.clone(), v_cache.clone(), tower0, (slot,), (start,),
+                         (length,), H)  # fmt: skip
+            assert torch.equal(one, together[:, span])
+            first += length
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda a: {**a, "qk": a["qk"].double()}, "fp32"),
+        (lambda a: {**a, "slots": (0, 2, 9, 1)}, "slot outside the cache"),
+        (lambda a: {**a, "starts": (0, 17, 5, 40)}, "positions outside the cache"),
+        (lambda a: {**a, "lengths": (3, 1, 6, 2)}, "more tokens"),
+        (lambda a: {**a, "tower0": 2}, "towers outside the cache"),
+        (lambda a: {**a, "n_heads": 5}, "multiple of kv heads"),
+    ],
+)
+def test_bad_calls_are_refused_by_name(kernel, change, match):
+    qk, v, k_cache, v_cache, tower0 = random_call(ROWS)
+    args = dict(qk=qk, v=v, cache_k=k_cache, cache_v=v_cache, tower0=tower0, slots=(0, 2, 3, 1),
+                starts=(0, 17, 5, 30), lengths=(3, 1, 6, 1), n_heads=H)  # fmt: skip
+    with pytest.raises(RuntimeError, match=match):
+        kernel(**change(args))
+
+
+def test_the_route_is_forced_by_the_environment_and_checked(monkeypatch):
+    monkeypatch.setenv(native_attention.ATTENTION_ENV, "torch")
+    assert native_attention.attention_route() == "torch"
+    assert "forced" in native_attention.why_not_native()
+    with native_attention.route_as("native"):  # a replay takes the transcript's route
+        assert native_attention.attention_route() == "native"
+    monkeypatch.setenv(native_attention.ATTENTION_ENV, "fast")
+    with pytest.raises(ValueError, match=native_attention.ATTENTION_ENV):
+        native_attention.attention_route()
+
+
+def jury():
+    return tiny_hydra(vocab=6, n_heads=4, heads_depth=1, seed=3), LetterTokenizer(6, eos_token_id=5)
+
+
+def test_both_routes_decode_within_rounding_of_each_other(monkeypatch, one_thread):
+    model, _ = jury()
+    cache = model.new_cache(1, 16)
+    ids = torch.tensor([1, 2, 3, 4, 0, 2, 1, 3])
+
+    def logits(route: str) -> torch.Tensor:
+        monkeypatch.setenv(native_attention.ATTENTION_ENV, route)
+        cache.release(0)
+        outs = []
+        with torch.no_grad():
+            for position, token in enumerate(ids):  # one token at a time: the cached decode-step path
+                rows = Rows.of([0], [position], [1])
+                trunk = model.trunk_rows(token.view(1), rows, cache)
+                outs.append(model.project(model.heads_rows(trunk, range(4), rows, cache)[:, 0]))
+        return torch.stack(outs)
+
+    native, plain = logits("native"), logits("torch")
+    assert torch.allclose(native, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_transcripts_record_the_route_and_replay_on_it(monkeypatch, one_thread):
+    model, tokenizer = jury()
+    settings = DecodeSettings(gamma=3, max_new_tokens=10, temperature=0.9)
+    for route in ("torch", "native"):
+        monkeypatch.setenv(native_attention.ATTENTION_ENV, route)
+        answer = PoE(model, tokenizer, settings=settings, seed=5).generate_with_cache("bad cab")
+        transcript = transcript_dict(answer)
+        assert transcript["settings"]["attention"] == route
+        monkeypatch.delenv(native_attention.ATTENTION_ENV)  # the auditor's default route: native
+        report = audit_poe(transcript, model, tokenizer=tokenizer)
+        assert report.honest and report.exact, report.reason
+    forged = transcript_dict(answer)
+    forged["settings"]["attention"] = "gpu"
+    with pytest.raises(ValueError, match="attention"):
+        audit_poe(restamp(forged, tokenizer), model, tokenizer=tokenizer)
