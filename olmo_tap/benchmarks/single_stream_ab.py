@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 CHILD = r"""
 import json, statistics, sys, time, torch
 from olmo_tap import HydraTransformer, load_tokenizer
@@ -69,8 +71,13 @@ def main() -> None:
         for who in ("previous", "this")
     }
     ratio = {mode: mean["this"][mode] / mean["previous"][mode] for mode in ("single", "poe")}
-    result = {"pairs": pairs, "mean": mean, "ratio": ratio, "threads": args.threads, "answers": args.answers,
-              "tokens": args.tokens}  # fmt: skip
+    from olmo_tap.benchmarks.harness import machine_info
+
+    machine = machine_info(torch.device("cpu"))
+    result = {
+        "machine": machine, "previous": str(args.previous), "pairs": pairs, "mean": mean, "ratio": ratio,
+        "threads": args.threads, "answers": args.answers, "tokens": args.tokens,
+    }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     rows = [
@@ -89,7 +96,12 @@ def main() -> None:
             *rows,
         ]
     )
-    args.out.with_suffix(".md").write_text(table + "\n")
+    header = (
+        f"Single stream, this checkout against {args.previous} (fresh processes, alternating): {args.answers} greedy "
+        f"answers of {args.tokens} tokens per measurement, median tok/s, clones preset; {machine['cpu']} "
+        f"({', '.join(machine['cpu_flags'])}), {args.threads} threads.\n\n"
+    )
+    args.out.with_suffix(".md").write_text(header + table + "\n")
     print(table)
 
 

@@ -79,6 +79,15 @@ def route_for(model: torch.nn.Module) -> str:
     return attention_route() if fp32 and on_cpu else "torch"
 
 
+def status(model: torch.nn.Module) -> str:
+    """One line for ``olmo-tap info``: the route ``model``'s cached decoding takes, and why not native."""
+    route = route_for(model)
+    if route == "native":
+        return "native (every decoding row of a pass in one op, built for this CPU)"
+    why = why_not_native() if attention_route() == "torch" else "fp32 on CPU only"
+    return f"torch, per row ({why})"
+
+
 def takes(qk: torch.Tensor, cache_k: torch.Tensor) -> bool:
     """Whether a cached pass with these tensors can run natively (fp32 on CPU, no autograd)."""
     return (
