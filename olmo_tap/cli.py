@@ -139,8 +139,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from olmo_tap.model.kernels import describe
-    from olmo_tap.model.native_attention import status as attention_status
     from olmo_tap.model.kv_cache import HydraCache
+    from olmo_tap.model.native_attention import status as attention_status
 
     model, tokenizer = load_model_and_tokenizer(args)
     config, base = model.config, model.base_config
