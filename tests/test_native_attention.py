@@ -160,3 +160,16 @@ def test_transcripts_record_the_route_and_replay_on_it(monkeypatch, one_thread):
     forged["settings"]["attention"] = "gpu"
     with pytest.raises(ValueError, match="attention"):
         audit_poe(restamp(forged, tokenizer), model, tokenizer=tokenizer)
+
+
+def test_a_kernel_that_cannot_be_built_leaves_the_torch_route(monkeypatch, tmp_path, one_thread):
+    from olmo_tap.native import NativeKernel
+
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(native_attention, "_KERNEL", NativeKernel(broken, "broken_test", "test kernel"))
+    assert native_attention.why_not_native()  # the build error, said in one line
+    assert native_attention.attention_route() == "torch"
+    model, tokenizer = jury()
+    answer = PoE(model, tokenizer, max_new_tokens=6, seed=2).generate_with_cache("abc")
+    assert answer.settings["attention"] == "torch" and len(answer.token_ids) > 0
