@@ -444,3 +444,11 @@ def test_concurrency_levels_measure_streams_through_the_real_server(tmp_path):
     assert "| 8 | 45.0 |" in concurrency.markdown(results)
     json_path, graph_path = concurrency.write(results, tmp_path / "run")
     assert json_path.exists() and graph_path.stat().st_size > 0
+
+
+def test_a_serve_process_that_cannot_start_says_why(tmp_path):
+    from olmo_tap.serve.live import ServeProcess
+
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(RuntimeError, match="did not start.*no-such-model"), ServeProcess(["--model", str(missing)]):
+        pass

@@ -1,8 +1,9 @@
 """``olmo-tap bench --concurrency 1,2,4,8,16``: many answers at once, through the real HTTP server and the
 Python API.
 
-For each number of concurrent streams, that many clients each ask the server (a real uvicorn on localhost, the
-service's own app and continuous batching) for one streamed answer at the same moment; the same prompts then go
+For each number of concurrent streams, that many clients each ask the server (``olmo-tap serve`` in a child
+process on localhost, as deployed: its event loop and decoding thread share no interpreter lock with the
+clients) for one streamed answer at the same moment; the same prompts then go
 through ``PoE.generate_many`` (the Python API's batch). Every answer is greedy PoE of the same length (the
 prompts ask for long stories; an answer that ends earlier counts the tokens it has). Measured per level, over
 ``repeats`` rounds: aggregate tokens/s (all tokens over the wall time from the first request to the last
@@ -169,9 +170,7 @@ def run_sweep(
     from olmo_tap.benchmarks.harness import load_average, machine_info, software_versions
     from olmo_tap.inference.poe import PoE
     from olmo_tap.inference.settings import DecodeSettings
-    from olmo_tap.serve.app import create_app
-    from olmo_tap.serve.config import ServeConfig
-    from olmo_tap.serve.live import LiveServer
+    from olmo_tap.serve.live import ServeProcess
     from olmo_tap.weights.loading import load_hydra
     from olmo_tap.weights.tokenizer import load_tokenizer
 
@@ -180,12 +179,13 @@ def run_sweep(
     model = load_hydra(model_name, progress=progress).prepack()
     tokenizer = load_tokenizer(model_name, progress=progress)
     machine = machine_info(model.device)
-    config = ServeConfig(queue_size=max(levels), max_batch=max_batch, request_timeout_s=3600)
     decoder = PoE.from_settings(model, tokenizer, DecodeSettings(max_new_tokens=max_tokens, temperature=0.0))
     http: dict[int, list[dict[str, Any]]] = {n: [] for n in levels}
     api: dict[int, list[dict[str, Any]]] = {n: [] for n in levels}
     bar = tqdm(total=2 * repeats * len(levels), desc="concurrency", unit="level", disable=not progress)
-    with LiveServer(create_app(model, tokenizer, model_name, config)) as server:
+    serve_args = ["--model", model_name, "--max-batch", str(max_batch), "--queue-size", str(max(levels)),
+                  "--request-timeout", "3600"]  # fmt: skip
+    with ServeProcess(serve_args, threads=threads or torch.get_num_threads()) as server:
         http_level(server.url, 1, 4)  # warm-up: first-call costs (packing, allocator) out of the figures
         for _ in range(repeats):
             for n in levels:
