@@ -450,5 +450,5 @@ def test_a_serve_process_that_cannot_start_says_why(tmp_path):
     from olmo_tap.serve.live import ServeProcess
 
     missing = tmp_path / "no-such-model"
-    with pytest.raises(RuntimeError, match="did not start.*no-such-model"), ServeProcess(["--model", str(missing)]):
+    with pytest.raises(RuntimeError, match=r"did not start.*no-such-model"), ServeProcess(["--model", str(missing)]):
         pass
