@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -45,7 +46,7 @@ def measure(checkout: Path, threads: int, answers: int, tokens: int) -> dict[str
     done = subprocess.run(
         [sys.executable, "-c", CHILD, str(threads), str(answers), str(tokens)],
         cwd=checkout, capture_output=True, text=True, check=True,
-        env={"PYTHONPATH": str(checkout), "PATH": "/usr/bin:/bin"},
+        env={**os.environ, "PYTHONPATH": str(checkout)},  # this checkout's olmo_tap before the installed one
     )  # fmt: skip
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -38,6 +38,7 @@ from typing import Any
 
 from olmo_tap.inference.poe import PoEOutput
 from olmo_tap.inference.settings import MODES
+from olmo_tap.model.native_attention import TAKEN
 
 FORMAT = "olmo-tap-transcript"
 VERSION = 2
@@ -188,7 +189,7 @@ def check_settings(settings: Any) -> dict[str, Any]:
     if s.get("quantization") is not None:  # the audit loads the model quantized so: only what --quantize takes
         _check(s["quantization"] in ("int8", "int4", "gguf"), "quantization", "int8, int4 or gguf", s["quantization"])
     if s.get("attention") is not None:
-        _check(s["attention"] in ("native", "torch"), "attention", "native or torch", s["attention"])
+        _check(s["attention"] in TAKEN, "attention", " or ".join(TAKEN), s["attention"])
     for name in ("compile", "mcq", "ignore_eos", "batched", "batch_invariant"):
         if s.get(name) is not None:
             _check(isinstance(s[name], bool), name, "true or false", s[name])

@@ -40,14 +40,17 @@ def set_kernel_path(path: str | None) -> None:
     _epoch += 1
 
 
+def env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """``$name`` as one of ``choices`` (unset or empty: the first); anything else is refused by name."""
+    value = os.environ.get(name, "").strip().lower() or choices[0]
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def kernel_path() -> str:
     """``"auto"`` or ``"stock"``: the forced value, else ``$OLMO_TAP_KERNELS``, else ``"auto"``."""
-    if _override is not None:
-        return _override
-    value = os.environ.get(KERNELS_ENV, "").strip().lower() or "auto"
-    if value not in KERNEL_PATHS:
-        raise ValueError(f"{KERNELS_ENV} must be one of {', '.join(KERNEL_PATHS)}, got {value!r}")
-    return value
+    return _override if _override is not None else env_choice(KERNELS_ENV, KERNEL_PATHS)
 
 
 def epoch() -> int:

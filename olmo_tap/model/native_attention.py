@@ -14,7 +14,6 @@ records which one decoded it (``attention_route()``), and a replay is exact only
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -22,10 +21,12 @@ from pathlib import Path
 
 import torch
 
+from olmo_tap.model.kernels import env_choice
 from olmo_tap.native import NativeKernel
 
 ATTENTION_ENV = "OLMO_TAP_ATTENTION"
 ROUTES = ("auto", "native", "torch")
+TAKEN = ("native", "torch")  # the routes decoding can take, as a transcript records them
 
 _KERNEL = NativeKernel(Path(__file__).with_name("attention.cpp"), "attention", "attention kernel")
 _FORCED: ContextVar[str | None] = ContextVar("attention_route", default=None)
@@ -35,7 +36,7 @@ _FORCED: ContextVar[str | None] = ContextVar("attention_route", default=None)
 def route_as(route: str) -> Iterator[None]:
     """Within the block, take ``route`` (``native`` or ``torch``), as a transcript's replay must: ``native``
     still needs the kernel to build here (else the torch route, and the replay cannot be exact)."""
-    if route not in ("native", "torch"):
+    if route not in TAKEN:
         raise ValueError(f"attention route must be native or torch, got {route!r}")
     token = _FORCED.set(route)
     try:
@@ -48,12 +49,7 @@ def requested() -> str:
     """``auto`` (the default: native where it builds), ``native`` (the same, named) or ``torch``: a replay's
     forced route, else ``$OLMO_TAP_ATTENTION``."""
     forced = _FORCED.get()
-    if forced is not None:
-        return forced
-    value = os.environ.get(ATTENTION_ENV, "").strip().lower() or "auto"
-    if value not in ROUTES:
-        raise ValueError(f"{ATTENTION_ENV} must be one of {', '.join(ROUTES)}, got {value!r}")
-    return value
+    return forced if forced is not None else env_choice(ATTENTION_ENV, ROUTES)
 
 
 def attention_route() -> str:

@@ -20,13 +20,13 @@ needs no compiler); a route that cannot be built falls back to the next, with on
 
 from __future__ import annotations
 
-import os
 import threading
 import warnings
 from collections.abc import Callable
 
 import torch
 
+from olmo_tap.model.kernels import env_choice
 from olmo_tap.quant import native
 from olmo_tap.quant.weights import QuantizedStack, QuantizedWeight
 
@@ -47,10 +47,7 @@ _native_warned = False
 
 
 def quant_kernel() -> str:
-    value = os.environ.get(QUANT_KERNEL_ENV, "").strip().lower() or "native"
-    if value not in QUANT_KERNELS:
-        raise ValueError(f"{QUANT_KERNEL_ENV} must be one of {', '.join(QUANT_KERNELS)}, got {value!r}")
-    return value
+    return env_choice(QUANT_KERNEL_ENV, QUANT_KERNELS)
 
 
 def fused_int8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
