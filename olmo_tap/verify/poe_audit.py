@@ -75,6 +75,7 @@ SAME_DTYPE_SIGNAL_TOLERANCE = 1e-3
 CROSS_DTYPE_SIGNAL_TOLERANCE = 1.1
 UNAUDITED_OUTPUT_FIELDS = ("elapsed_s", "tokens_per_second")  # timings: no replay can know them
 # per-token signals: a rounding tie may flip a discrete one (a head's vote, so a radius) between two exact paths
+MISSING = "(missing)"  # what a FieldMismatch claims for a field the record leaves out
 PER_TOKEN_FIELDS = ("token_entropies", "stability_radii", "stability_margins", "validity_radii", "suppression_scores")
 V2_OUTPUT_FIELDS = ("whole_jury", "independent_heads", "certified")  # a version 1 transcript lacks them
 SETTING_NAMES = RECORDED_SETTINGS
@@ -106,6 +107,11 @@ class FieldMismatch:
     field: str  # e.g. "output.output_parts[3]", "digest", "settings.vocab_limit"
     claimed: Any
     expected: Any
+
+    @property
+    def missing(self) -> bool:
+        """The record leaves the field out."""
+        return self.claimed == MISSING
 
     def __str__(self) -> str:
         return f"{self.field}: transcript says {_short(self.claimed)}, the replay gives {_short(self.expected)}"
@@ -364,7 +370,12 @@ def audit_poe(
 
     expected, output_mismatches = derived(events)
     regenerated = None
-    per_token = [m for m in output_mismatches if m.field.split("[")[0].removeprefix("output.") in PER_TOKEN_FIELDS]
+    # A field the record leaves out (a side answer keeps only its path) is as missing after a regeneration.
+    per_token = [
+        m
+        for m in output_mismatches
+        if not m.missing and m.field.split("[")[0].removeprefix("output.") in PER_TOKEN_FIELDS
+    ]
     if (
         exact
         and tolerance == 0
@@ -806,7 +817,7 @@ def _compare_output(
 
     for name, value in wanted.items():
         if name not in claimed:
-            mismatches.append(FieldMismatch(f"output.{name}", "(missing)", value))
+            mismatches.append(FieldMismatch(f"output.{name}", MISSING, value))
             continue
         got = claimed[name]
         if isinstance(value, list) and isinstance(got, list) and len(got) == len(value):

@@ -40,7 +40,7 @@ def replayed(report: Any) -> tuple[bool, str]:
     wrong other than the derived ones it does not record."""
     if report.inconsistent_positions or not report.ending_consistent:
         return False, report.reason
-    wrong = [m for m in report.field_mismatches if m.claimed != "(missing)"]
+    wrong = [m for m in report.field_mismatches if not m.missing]
     if wrong:
         return False, f"{wrong[0].field} is {wrong[0].claimed!r}, the replay gives {wrong[0].expected!r}"
     return True, ""
