@@ -243,6 +243,69 @@ def test_every_kernel_route_equals_its_reference(kernel: str, monkeypatch: pytes
         qlinear.product(x, w)
 
 
+def _cpu_has(*flags: str) -> bool:
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return set(flags) <= set(line.split())
+
+
+def _kernel_variant(name: str, *cflags: str) -> object:
+    """The ops of a build of native.cpp with ``cflags`` after -march=native, under the namespace ``name``."""
+    from olmo_tap.native import NativeKernel
+    from olmo_tap.quant import native
+
+    variant = NativeKernel(
+        native._KERNEL.source, name, f"quantized kernel ({name})", None, (*cflags, f"-DOLMO_TAP_OPS={name}")
+    )
+    assert variant.available() is None, variant.available()
+    return getattr(torch.ops, name)
+
+
+@pytest.mark.skipif(
+    not _cpu_has("avx512f", "avx512bw", "avx512_vnni"), reason="the CPU has no AVX-512 VNNI: the build has no such path"
+)
+def test_the_avx512_path_gives_the_avx2_paths_bits() -> None:
+    """Machines differ (AVX-512 one day, AVX2 the next): the AVX-512 VNNI path must give the AVX2 path's bits, so
+    a transcript decoded on one replays exactly on the other. Compared with a build that leaves the path out, over
+    every storage layout, odd and even block counts, 1-9 rows and codes at the extremes."""
+    from olmo_tap.quant import native
+
+    assert native.available() is None
+    avx2 = _kernel_variant("olmo_tap_avx2_only", "-DOLMO_TAP_NO_AVX512")
+    g = torch.Generator().manual_seed(0)
+    for n_in in (32, 96, 576, 1536):
+        for out in (1, 7, 130):
+            for rows in (1, 2, 3, 4, 5, 8, 9):
+                x = torch.randn(rows, n_in, generator=g) * torch.rand(rows, n_in, generator=g).pow(4) * 10
+                for group in sorted({16, 32, n_in}):
+                    codes = torch.randint(-128, 128, (out, n_in), dtype=torch.int8, generator=g)
+                    scale = torch.rand(out, n_in // group, generator=g)
+                    assert torch.equal(torch.ops.olmo_tap.mm_int8(x, codes, scale), avx2.mm_int8(x, codes, scale)), (
+                        f"int8 {out}x{n_in} group {group}, {rows} rows"
+                    )
+                codes = torch.randint(0, 256, (out, n_in // 2), dtype=torch.uint8, generator=g)
+                scale, minimum = torch.rand(out, n_in // 32, generator=g), torch.randn(out, n_in // 32, generator=g)
+                assert torch.equal(
+                    torch.ops.olmo_tap.mm_int4(x, codes, scale, minimum), avx2.mm_int4(x, codes, scale, minimum)
+                ), f"int4 {out}x{n_in}, {rows} rows"
+
+
+def test_the_portable_build_equals_its_reference() -> None:
+    """A CPU without AVX2 takes the kernel's plain loops: built for x86-64 alone, they give the reference product
+    (int8-rounded activations times the codes) to fp32 rounding for every storage layout."""
+    portable = _kernel_variant("olmo_tap_portable", "-march=x86-64")
+    for w in _weights_of_every_layout():
+        for rows in (1, 3, 5):
+            x = torch.randn(rows, 128)
+            if w.scheme == "int8":
+                got = portable.mm_int8(x, w.codes, w.scale)
+            else:
+                got = portable.mm_int4(x, w.codes, w.scale, w.minimum)
+            torch.testing.assert_close(got, q8_activations_product(x, w), rtol=1e-5, atol=1e-5, msg=w.source)
+
+
 def test_native_kernel_refuses_bad_input_by_name() -> None:
     from olmo_tap.quant import native
 

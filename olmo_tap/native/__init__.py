@@ -35,13 +35,22 @@ def _cpu_flags() -> str:
 
 class NativeKernel:
     """One C++ source built once per process on first ``available()``; ``register`` (if given) runs after the
-    load (fake kernels for the compiled step)."""
+    load (fake kernels for the compiled step); ``extra_cflags`` follow ``-O3 -march=native`` (a test builds a
+    variant of a kernel that way, its ops under another namespace)."""
 
-    def __init__(self, source: Path, name: str, what: str, register: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        source: Path,
+        name: str,
+        what: str,
+        register: Callable[[], None] | None = None,
+        extra_cflags: tuple[str, ...] = (),
+    ) -> None:
         self.source = source
         self.name = name
         self.what = what
         self.register = register
+        self.extra_cflags = extra_cflags
         self._lock = threading.Lock()
         self._error: str | None = None
         self._tried = False
@@ -56,7 +65,8 @@ class NativeKernel:
                 os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
             except ImportError:
                 pass
-        tag = hashlib.sha256((self.source.read_text() + _cpu_flags() + torch.__version__).encode()).hexdigest()[:12]
+        built_from = self.source.read_text() + _cpu_flags() + torch.__version__ + " ".join(self.extra_cflags)
+        tag = hashlib.sha256(built_from.encode()).hexdigest()[:12]
         name = f"olmo_tap_{self.name}_{tag}"
         built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
         if not built.exists():  # the one slow moment: say what it is
@@ -64,7 +74,7 @@ class NativeKernel:
         cpp_extension.load(
             name=name,
             sources=[str(self.source)],
-            extra_cflags=["-O3", "-march=native"],
+            extra_cflags=["-O3", "-march=native", *self.extra_cflags],
             is_python_module=False,
             verbose=False,
         )

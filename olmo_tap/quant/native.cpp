@@ -1,7 +1,10 @@
 // Few-row products with quantized weights, read once as codes: y (M, out) ~= x (M, in) @ dequantized(w).T.
 //
-// Built at first use by olmo_tap/quant/native.py (olmo_tap.native) with -O3 -march=native: AVX2 intrinsics where the CPU has them,
-// plain integer loops elsewhere (checked against the same reference with a -march=x86-64 build). As llama.cpp
+// Built at first use by olmo_tap/quant/native.py (olmo_tap.native) with -O3 -march=native: AVX-512 VNNI where the CPU
+// has it, AVX2 intrinsics where it has those, plain integer loops elsewhere (checked against the same reference with
+// a -march=x86-64 build). The AVX-512 path gives the AVX2 path's bits: it does two blocks per instruction in the
+// lanes the AVX2 path spreads over its two accumulators, with the same integer sums and the same float operations
+// in the same order (tested against a build without it). As llama.cpp
 // does, the activations are rounded to int8 per block of 32 (scale max |x| / 127) once per product; each block
 // of weight codes is multiplied with them as integers (maddubs + madd), and the int32 sums are scaled once per
 // block by weight scale x activation scale (int4 adds its minimum x the block's exact float sum). Each block of
@@ -22,6 +25,13 @@
 #include <vector>
 #ifdef __AVX2__
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && !defined(OLMO_TAP_NO_AVX512)
+#define OLMO_TAP_AVX512 1
+#endif
+// The ops' namespace: a test builds a second copy under another name (without AVX-512) to compare the paths.
+#ifndef OLMO_TAP_OPS
+#define OLMO_TAP_OPS olmo_tap
 #endif
 
 namespace {
@@ -66,6 +76,14 @@ struct Activations {
   }
 };
 
+constexpr int64_t kWholeRow = 0;  // the group of a weight with one scale per row (per channel)
+
+// The scale of int8 block b (of 32 inputs) in groups of ``group`` >= 32 inputs or kWholeRow, without dividing in
+// the common cases (a division per block costs more than the block's products): groups of 32 (GGUF's Q8_0), rows.
+inline int64_t scale_index(int64_t b, int64_t group) {
+  return group == kBlock ? b : group == kWholeRow ? 0 : b * kBlock / group;
+}
+
 #ifdef __AVX2__
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -79,6 +97,47 @@ inline __m256 dot_u8_s8(__m256i u, __m256i s) {
   const __m256i pairs = _mm256_maddubs_epi16(u, s);
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
+
+// The scales of int8 block b's 8 lanes times the activation scale d: lanes 0-3 hold the block's first 16 inputs,
+// lanes 4-7 the next 16 (two groups when a group is 16 inputs).
+inline __m256 int8_scale(const float* s, int64_t b, int64_t group, float d) {
+  const bool halves = group == 16;
+  const float s0 = halves ? s[2 * b] : s[scale_index(b, group)], s1 = halves ? s[2 * b + 1] : s0;
+  return _mm256_set_m128(_mm_set1_ps(s1 * d), _mm_set1_ps(s0 * d));
+}
+
+// An int4 block's 32 codes in input order, from its 16 bytes (input j low nibble, input j + 16 high).
+inline __m256i int4_codes(const uint8_t* bytes16) {
+  const __m128i low_mask = _mm_set1_epi8(15);
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes16));
+  const __m128i low = _mm_and_si128(bytes, low_mask), high = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_mask);
+  return _mm256_set_m128i(high, low);
+}
+#endif
+
+#ifdef OLMO_TAP_AVX512
+// Blocks b and b + 1 side by side: lanes 0-7 hold what the AVX2 path adds into its accumulator of even blocks, lanes
+// 8-15 its accumulator of odd blocks. dpbusd sums the same four byte products per int32 lane as maddubs + madd.
+inline __m512 dot2_u8_s8(__m512i u, __m512i s) {
+  return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s));
+}
+
+// a in lanes 0-7 (block b), b in lanes 8-15 (block b + 1).
+inline __m512 pair(float a, float b) { return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(a), _mm512_set1_ps(b)); }
+
+// The weight scales of int8 blocks b and b + 1 per lane, as the AVX2 path lays them out (see int8_scale).
+inline __m512 int8_scales2(const float* s, int64_t b, int64_t group) {
+  if (group != 16) return pair(s[scale_index(b, group)], s[scale_index(b + 1, group)]);
+  const __m512i each_four = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  return _mm512_permutexvar_ps(each_four, _mm512_castps128_ps512(_mm_loadu_ps(s + 2 * b)));
+}
+
+// The AVX2 path's final sum: its even accumulator plus its odd one, then across the 8 lanes.
+inline float hsum_halves(__m512 acc) {
+  const __m256 low = _mm512_castps512_ps256(acc);
+  const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1));
+  return hsum(_mm256_add_ps(low, high));
+}
 #endif
 
 // One output row of an int8 weight (a scale per group of 16, of a multiple of 32, or per row) against R activation
@@ -90,18 +149,43 @@ void tile_int8(const Activations& a, int64_t r0, const int8_t* row, const float*
   const int64_t n_in = a.n_in, blocks = a.blocks;
   const int8_t* qx = a.codes.data() + r0 * n_in;
   const float* dx = a.scale.data() + r0 * blocks;
-#ifdef __AVX2__
+#if defined(OLMO_TAP_AVX512)
+  __m512 acc[R];
+  for (int t = 0; t < R; ++t) acc[t] = _mm512_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= blocks; b += 2) {
+    const __m512i w = _mm512_loadu_si512(row + b * kBlock);
+    const __m512i w_abs = _mm512_abs_epi8(w);
+    const __mmask64 negative = _mm512_movepi8_mask(w);
+    const __m512 w_scale = int8_scales2(s, b, group);
+    for (int t = 0; t < R; ++t) {
+      const __m512i x = _mm512_loadu_si512(qx + t * n_in + b * kBlock);
+      const __m512i x_signed = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
+      const float* d = dx + t * blocks + b;
+      const __m512 scale = _mm512_mul_ps(w_scale, pair(d[0], d[1]));  // each lane's product as the AVX2 path's
+      acc[t] = _mm512_fmadd_ps(scale, dot2_u8_s8(w_abs, x_signed), acc[t]);
+    }
+  }
+  if (b < blocks) {  // an odd count: the last block is an even one, the low lanes
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
+    const __m256i w_abs = _mm256_sign_epi8(w, w);
+    for (int t = 0; t < R; ++t) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + t * n_in + b * kBlock));
+      const __m256 dot = dot_u8_s8(w_abs, _mm256_sign_epi8(x, w));
+      const __m256 scale = int8_scale(s, b, group, dx[t * blocks + b]);
+      acc[t] = _mm512_mask3_fmadd_ps(_mm512_castps256_ps512(scale), _mm512_castps256_ps512(dot), acc[t], 0x00FF);
+    }
+  }
+  for (int t = 0; t < R; ++t) y[(r0 + t) * y_stride] = hsum_halves(acc[t]);
+#elif defined(__AVX2__)
   __m256 acc[R][2];
   for (int t = 0; t < R; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
     const __m256i w_abs = _mm256_sign_epi8(w, w);  // maddubs wants its first operand unsigned: |w| x (x with w's sign)
-    const bool halves = group == 16;  // lanes 0-3 hold the block's first 16 inputs, lanes 4-7 the next 16
-    const float s0 = halves ? s[2 * b] : s[b * kBlock / group], s1 = halves ? s[2 * b + 1] : s0;
     for (int t = 0; t < R; ++t) {
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + t * n_in + b * kBlock));
-      const float d = dx[t * blocks + b];
-      const __m256 scale = _mm256_set_m128(_mm_set1_ps(s1 * d), _mm_set1_ps(s0 * d));
+      const __m256 scale = int8_scale(s, b, group, dx[t * blocks + b]);
       acc[t][b & 1] = _mm256_fmadd_ps(scale, dot_u8_s8(w_abs, _mm256_sign_epi8(x, w)), acc[t][b & 1]);
     }
   }
@@ -112,7 +196,8 @@ void tile_int8(const Activations& a, int64_t r0, const int8_t* row, const float*
     for (int64_t k = 0; k < n_in; k += 16) {
       int32_t dot = 0;
       for (int64_t j = 0; j < 16; ++j) dot += int32_t(row[k + j]) * int32_t(qx[t * n_in + k + j]);
-      total += s[k / group] * dx[t * blocks + k / kBlock] * static_cast<float>(dot);
+      const int64_t g = group == 16 ? k / 16 : scale_index(k / kBlock, group);
+      total += s[g] * dx[t * blocks + k / kBlock] * static_cast<float>(dot);
     }
     y[(r0 + t) * y_stride] = total;
   }
@@ -134,14 +219,41 @@ void tile_int4(const Activations& a, int64_t r0, const uint8_t* row, const float
     shift[t] = 0.f;
     for (int64_t b = 0; b < blocks; ++b) shift[t] += mn[b] * xs[t * blocks + b];
   }
-#ifdef __AVX2__
+#if defined(OLMO_TAP_AVX512)
+  __m512 acc[R];
+  for (int t = 0; t < R; ++t) acc[t] = _mm512_setzero_ps();
+  const __m256i low_mask = _mm256_set1_epi8(15);
+  int64_t b = 0;
+  for (; b + 2 <= blocks; b += 2) {
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * 16));  // blocks b, b + 1
+    const __m256i low = _mm256_and_si256(bytes, low_mask);
+    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_mask);
+    // 128-bit lanes [low b, low b+1, high b, high b+1] -> [low b, high b, low b+1, high b+1]: codes in input order
+    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+    const __m512i w = _mm512_shuffle_i64x2(both, both, _MM_SHUFFLE(3, 1, 2, 0));
+    const __m512 w_scale = pair(s[b], s[b + 1]);
+    for (int t = 0; t < R; ++t) {
+      const __m512i x = _mm512_loadu_si512(qx + t * n_in + b * kBlock);
+      const float* d = dx + t * blocks + b;
+      const __m512 scale = _mm512_mul_ps(w_scale, pair(d[0], d[1]));
+      acc[t] = _mm512_fmadd_ps(scale, dot2_u8_s8(w, x), acc[t]);
+    }
+  }
+  if (b < blocks) {  // an odd count: the last block is an even one, the low lanes
+    const __m256i w = int4_codes(row + b * 16);
+    for (int t = 0; t < R; ++t) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + t * n_in + b * kBlock));
+      const __m256 scale = _mm256_set1_ps(s[b] * dx[t * blocks + b]);
+      acc[t] = _mm512_mask3_fmadd_ps(_mm512_castps256_ps512(scale), _mm512_castps256_ps512(dot_u8_s8(w, x)), acc[t],
+                                     0x00FF);
+    }
+  }
+  for (int t = 0; t < R; ++t) y[(r0 + t) * y_stride] = shift[t] + hsum_halves(acc[t]);
+#elif defined(__AVX2__)
   __m256 acc[R][2];
   for (int t = 0; t < R; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-  const __m128i low_mask = _mm_set1_epi8(15);
   for (int64_t b = 0; b < blocks; ++b) {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16));
-    const __m128i low = _mm_and_si128(bytes, low_mask), high = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_mask);
-    const __m256i w = _mm256_set_m128i(high, low);  // the 32 codes in input order
+    const __m256i w = int4_codes(row + b * 16);
     for (int t = 0; t < R; ++t) {
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + t * n_in + b * kBlock));
       const __m256 scale = _mm256_set1_ps(s[b] * dx[t * blocks + b]);
@@ -194,13 +306,14 @@ at::Tensor mm_int8(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   TORCH_CHECK(groups > 0 && n_in % groups == 0, "the groups must divide the inputs");
   const int64_t group = n_in / groups;
   TORCH_CHECK(group == 16 || group % kBlock == 0, "int8 groups must be 16 inputs or a multiple of 32, got ", group);
+  const int64_t kernel_group = groups == 1 && group != 16 ? kWholeRow : group;
   const Activations a(x);
   at::Tensor y = at::empty({m, out}, x.options());
   const int8_t* cp = codes.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   for_each_tile(out, m, [&](int64_t o, int64_t r0, auto rows) {
-    tile_int8<decltype(rows)::value>(a, r0, cp + o * n_in, sp + o * groups, group, yp + o, out);
+    tile_int8<decltype(rows)::value>(a, r0, cp + o * n_in, sp + o * groups, kernel_group, yp + o, out);
   });
   return y;
 }
@@ -225,12 +338,14 @@ at::Tensor mm_int4(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
 }
 
 // Dispatcher ops (not a Python module): callable from eager code and from a compiled step's C++ wrapper alike.
-TORCH_LIBRARY_FRAGMENT(olmo_tap, m) {
+#define OLMO_TAP_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)  // expands OLMO_TAP_OPS before the macro pastes it
+#define OLMO_TAP_IMPL(ns, m) TORCH_LIBRARY_IMPL(ns, CPU, m)
+OLMO_TAP_FRAGMENT(OLMO_TAP_OPS, m) {
   m.def("mm_int8(Tensor x, Tensor codes, Tensor scale) -> Tensor");
   m.def("mm_int4(Tensor x, Tensor codes, Tensor scale, Tensor minimum) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(olmo_tap, CPU, m) {
+OLMO_TAP_IMPL(OLMO_TAP_OPS, m) {
   m.impl("mm_int8", &mm_int8);
   m.impl("mm_int4", &mm_int4);
 }
