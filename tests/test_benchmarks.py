@@ -452,3 +452,26 @@ def test_a_serve_process_that_cannot_start_says_why(tmp_path):
     missing = tmp_path / "no-such-model"
     with pytest.raises(RuntimeError, match=r"did not start.*no-such-model"), ServeProcess(["--model", str(missing)]):
         pass
+
+
+def test_a_llama_cpp_build_that_dies_on_this_cpu_is_a_note_not_a_crash(monkeypatch, tmp_path):
+    """llama.cpp is probed on the file in a child process first: a build whose kernels the CPU refuses (SIGILL)
+    or that fails otherwise leaves the bench running, with the reason as the row's note."""
+    import signal
+    import types
+
+    from olmo_tap.benchmarks import llama_cpp_reference
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.ModuleType("llama_cpp"))
+    outcomes = iter([(-signal.SIGILL, ""), (1, "ValueError: Failed to load model from file\n"), (0, "")])
+
+    def child(args, **kwargs):
+        assert args[0] == sys.executable and str(tmp_path / "m.gguf") in args
+        code, err = next(outcomes)
+        return subprocess.CompletedProcess(args, code, "", err)
+
+    monkeypatch.setattr(llama_cpp_reference.subprocess, "run", child)
+    assert "dies by SIGILL on this CPU" in llama_cpp_reference.available(tmp_path / "m.gguf", 2)
+    assert "Failed to load model" in llama_cpp_reference.available(tmp_path / "m.gguf", 2)
+    assert llama_cpp_reference.available(tmp_path / "m.gguf", 2) is None
+    assert llama_cpp_reference.available() is None  # installed, no file to probe

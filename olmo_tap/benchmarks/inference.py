@@ -667,7 +667,7 @@ def _quantized_group(
             ),
             ours(f"{prefix}hydra_poe_g{gamma}_greedy", "hydra_poe", main_heads, model, tokenizer, config, "poe", gamma),
         ]
-    why_not = llama_cpp_reference.available()
+    why_not = llama_cpp_reference.available(gguf_path, config.threads) if config.llama_cpp else None
     if config.llama_cpp and gguf_path is not None and why_not is None:
         group.insert(0, llama_cpp_reference.llama_cpp_candidate(gguf_path, tokenizer, config, main_heads))
     elif config.llama_cpp:

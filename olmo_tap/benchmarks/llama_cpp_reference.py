@@ -8,6 +8,9 @@ the same thread count as torch, prefill in one ``eval`` call.
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +20,37 @@ import torch
 from olmo_tap.benchmarks.harness import PeakMemory, Stopwatch
 
 
-def available() -> str | None:
-    """Why llama.cpp cannot be timed here, or None."""
+def available(path: str | Path | None = None, threads: int | None = None) -> str | None:
+    """Why llama.cpp cannot be timed here (on GGUF file ``path``, when given), or None.
+
+    With a file, llama.cpp first decodes a few tokens of it in a child process: a build whose kernels this CPU
+    (or its hypervisor) refuses dies by a signal, and would take the whole bench down with it. Seen on a KVM
+    Sapphire Rapids guest: SIGILL in the AMX path that a native build of llama-cpp-python 0.3.36 turns on.
+    """
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         return "llama-cpp-python is not installed (pip install llama-cpp-python)"
+    if path is None:
+        return None
+    probe = (
+        "import sys, llama_cpp; llm = llama_cpp.Llama(sys.argv[1], n_ctx=64, n_threads=int(sys.argv[2]), "
+        "verbose=False); llm.eval(llm.tokenize(b'Hello there, how are you?'))"
+    )
+    args = [sys.executable, "-c", probe, str(path), str(threads or torch.get_num_threads())]
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=600, check=False)
+    except subprocess.TimeoutExpired:
+        return f"llama.cpp did not decode {Path(path).name} within 10 minutes"
+    if done.returncode < 0:
+        name = signal.Signals(-done.returncode).name
+        return (
+            f"llama.cpp dies by {name} on this CPU (its build uses instructions the machine refuses; rebuild "
+            "llama-cpp-python for this CPU without them, e.g. CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON ...')"
+        )
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        return f"llama.cpp failed on {Path(path).name}: {lines[-1] if lines else f'exit status {done.returncode}'}"
     return None
 
 
