@@ -23,7 +23,6 @@ Knobs and their defaults: ``config.json`` next to this file, documented in ``olm
 from __future__ import annotations
 
 import datetime as dt
-import gc
 import statistics
 import sys
 import time
@@ -57,6 +56,7 @@ from olmo_tap.hydra import HydraTransformer
 from olmo_tap.inference.poe import PoE, PoEOutput
 from olmo_tap.inference.prompts import encode_chat
 from olmo_tap.inference.settings import DecodeSettings
+from olmo_tap.memory import release_freed_memory
 from olmo_tap.model.kernels import torch_threads
 
 PROMPT_TEXT = "Explain, step by step, how a bicycle works and why it stays upright. "
@@ -439,13 +439,6 @@ def _poe_stats(
 # ----- the whole run -------------------------------------------------------------------------------------------------
 
 
-def _release_memory() -> None:
-    """Return what dropped models held (the caller deletes its references first)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def model_info(model: HydraTransformer, source: str) -> dict[str, Any]:
     c = model.base_config
     weights = WeightBytes.of(model)
@@ -555,7 +548,7 @@ def _run(config: BenchConfig, command: str, progress: bool) -> Results:
         del profiled
     info = model_info(model, config.model)
     del candidates, towers, model, hf_model
-    _release_memory()
+    release_freed_memory()
 
     # Further groups: baseline, naive and PoE on Hydras with other numbers of heads.
     for n_heads in config.extra_heads:
@@ -568,7 +561,7 @@ def _run(config: BenchConfig, command: str, progress: bool) -> Results:
         time_candidates(group, prompt_ids, config, f"{n_heads} heads", progress)
         configs += summarise_group(group, group[0].name, config.gen_length, read_gb_s)
         del group
-        _release_memory()
+        release_freed_memory()
 
     # The trained jury beside the main model: heads that differ reject drafts, which clones never do greedily.
     trained: list[dict] = []
@@ -578,7 +571,7 @@ def _run(config: BenchConfig, command: str, progress: bool) -> Results:
         time_candidates(group, prompt_ids, config, "trained jury", progress)
         trained = summarise_group(group, group[0].name, config.gen_length, read_gb_s)
         del group, jury
-        _release_memory()
+        release_freed_memory()
 
     quantized = _quantized_group(config, device, tokenizer, prompt_ids, read_gb_s, main_heads, notes, progress)
 
@@ -677,7 +670,7 @@ def _quantized_group(
     time_candidates(group, prompt_ids, config, "quantized", progress)
     rows = [summarise(c, config.gen_length, read_gb_s, None) for c in group]
     del group, models
-    _release_memory()
+    release_freed_memory()
     return rows
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from olmo_tap.hydra import HydraTransformer, HydraTransformerConfig
+from olmo_tap.memory import release_freed_memory
 from olmo_tap.model.layers import RMSNorm
 from olmo_tap.quant.gguf import quantized_from_gguf
 from olmo_tap.quant.weights import QuantizedStack, QuantizedWeight, quantize
@@ -131,6 +132,7 @@ def _fill_quantized(
                 sources.update(q.source for q in quantized)
                 stacks.append(QuantizedStack.of(quantized))
             block._packed[fused].quantized = stacks
+        release_freed_memory()  # each layer's temporaries (decoded blocks, merged heads), before the next's
     model._packed_lm_head.quantized = [QuantizedStack([head])]
     model.quantized_embed = embed
     for block in model._blocks():

@@ -7,12 +7,14 @@ package (the same code transformers' GGUF loader uses), so the result equals tra
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from olmo_tap.memory import release_freed_memory
 from olmo_tap.model.config import ConfigError, TransformerConfig
 from olmo_tap.weights.errors import WeightsError
 from olmo_tap.weights.hf import validate_hf_state
@@ -122,9 +124,29 @@ def _config_from_gguf(reader: Any, source: Path) -> TransformerConfig:
         raise ConfigError(f"{source}: {e}") from e
 
 
+@dataclass(frozen=True)
+class GGUFTensor:
+    """Where one tensor of a GGUF file lies; ``data`` reads it (the reader's array: blocks as rows of bytes)."""
+
+    path: Path
+    name: str
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # ggml's order, innermost first
+    offset: int
+    dtype: np.dtype
+    data_shape: tuple[int, ...]
+
+    @property
+    def data(self) -> np.ndarray:
+        # Read, not mapped: pages of a mapped file count in the process's memory for as long as the map lives,
+        # and a loader that keeps each tensor quantized needs its bytes only while it converts them.
+        count = int(np.prod(self.data_shape))
+        return np.fromfile(self.path, dtype=self.dtype, count=count, offset=self.offset).reshape(self.data_shape)
+
+
 class GGUFFile:
-    """An open llama-architecture GGUF file: its config, and its tensors by HF name, each decoded on request
-    (so a loader that keeps the blocks quantized never holds the whole model in float)."""
+    """An open llama-architecture GGUF file: its config, and its tensors by HF name, each read and decoded on
+    request (so a loader that keeps the blocks quantized never holds the whole model in float, nor the file)."""
 
     def __init__(self, path: str | Path) -> None:
         source = Path(path).expanduser()
@@ -149,8 +171,17 @@ class GGUFFile:
             raise ConfigError(f"{source}: rope frequency scaling (rope_freqs.weight) is unsupported")
         if unknown:
             raise WeightsError(f"GGUF file {source} has tensors olmo-tap does not know: {', '.join(unknown[:5])}")
-        # HF name -> the reader's tensor (its data a view of the read-only memory map)
-        self.tensors: dict[str, Any] = {gguf_to_hf_name(t.name): t for t in reader.tensors}  # type: ignore[misc]
+        # HF name -> where the tensor lies. The reader itself is let go here: it holds a Python object per tokenizer
+        # entry (~160 MB for a 49k vocabulary) and a map of the whole file, neither needed past the header.
+        self.tensors: dict[str, GGUFTensor] = {
+            gguf_to_hf_name(t.name): GGUFTensor(  # type: ignore[misc]
+                source, t.name, t.tensor_type, tuple(int(n) for n in t.shape), int(t.data_offset), t.data.dtype,
+                t.data.shape,
+            )
+            for t in reader.tensors
+        }  # fmt: skip
+        del reader
+        release_freed_memory()
 
     def type_name(self, hf_name: str) -> str:
         return self.tensors[hf_name].tensor_type.name
