@@ -306,6 +306,17 @@ def test_the_portable_build_equals_its_reference() -> None:
             torch.testing.assert_close(got, q8_activations_product(x, w), rtol=1e-5, atol=1e-5, msg=w.source)
 
 
+def test_the_native_kernels_run_on_atens_threads() -> None:
+    """ATen's parallel_for is inline OpenMP: a kernel built without it runs its loop on one thread (it did, and
+    took twice as long on 2 cores). Both native kernels link the OpenMP runtime torch runs on."""
+    from olmo_tap.model import native_attention
+    from olmo_tap.quant import native
+
+    for kernel in (native._KERNEL, native_attention._KERNEL):
+        assert kernel.available() is None
+        assert b"libgomp" in Path(kernel.library).read_bytes(), kernel.name
+
+
 def test_native_kernel_refuses_bad_input_by_name() -> None:
     from olmo_tap.quant import native
 

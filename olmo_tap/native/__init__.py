@@ -1,11 +1,12 @@
 """olmo-tap's own C++ kernels, built on first use for this CPU.
 
 Each kernel is one source file next to the module that uses it, compiled with torch's C++ extension loader
-(ninja and the system C++ compiler) with ``-O3 -march=native``, and cached under torch's extension directory by
-a name that hashes the source, torch's version and this CPU's instruction-set flags (a build made on an AVX-512
-machine is never loaded on an AVX2 one). A kernel registers dispatcher ops (``torch.ops.olmo_tap.*``). Where it
-cannot be built (no compiler, no ninja, a build error), ``NativeKernel.available()`` says why and its callers
-take their torch route.
+(ninja and the system C++ compiler) with ``-O3 -march=native -fopenmp`` (ATen's ``parallel_for`` is inline
+OpenMP: built without it, a kernel's loop runs on one thread whatever ``torch.set_num_threads`` says), and
+cached under torch's extension directory by a name that hashes the source, its flags, torch's version and this
+CPU's instruction-set flags (a build made on an AVX-512 machine is never loaded on an AVX2 one). A kernel
+registers dispatcher ops (``torch.ops.olmo_tap.*``). Where it cannot be built (no compiler, no ninja, a build
+error), ``NativeKernel.available()`` says why and its callers take their torch route.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class NativeKernel:
         self.extra_cflags = extra_cflags
         self._lock = threading.Lock()
         self._error: str | None = None
+        self.library: str | None = None  # the built shared library, once loaded
         self._tried = False
 
     def _build_and_load(self) -> None:
@@ -65,16 +67,19 @@ class NativeKernel:
                 os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
             except ImportError:
                 pass
-        built_from = self.source.read_text() + _cpu_flags() + torch.__version__ + " ".join(self.extra_cflags)
+        # -fopenmp: ATen's parallel_for is inline OpenMP; without it a kernel's loop runs on one thread
+        cflags = ["-O3", "-march=native", "-fopenmp", *self.extra_cflags]
+        built_from = self.source.read_text() + _cpu_flags() + torch.__version__ + " ".join(cflags)
         tag = hashlib.sha256(built_from.encode()).hexdigest()[:12]
         name = f"olmo_tap_{self.name}_{tag}"
         built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
         if not built.exists():  # the one slow moment: say what it is
             print(f"olmo-tap: building the native {self.what} for this CPU (once, about a minute)", file=sys.stderr)
-        cpp_extension.load(
+        self.library = cpp_extension.load(
             name=name,
             sources=[str(self.source)],
-            extra_cflags=["-O3", "-march=native", *self.extra_cflags],
+            extra_cflags=cflags,
+            extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
         )
