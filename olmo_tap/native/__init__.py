@@ -34,6 +34,11 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_has(*flags: str) -> bool:
+    """Whether this CPU lists every one of ``flags`` (as /proc/cpuinfo names them; False where it cannot tell)."""
+    return set(flags) <= set(_cpu_flags().split())
+
+
 class NativeKernel:
     """One C++ source built once per process on first ``available()``; ``register`` (if given) runs after the
     load (fake kernels for the compiled step); ``extra_cflags`` follow ``-O3 -march=native`` (a test builds a

@@ -34,8 +34,11 @@ QUANT_KERNEL_ENV = "OLMO_TAP_QUANT_KERNEL"
 QUANT_KERNELS = ("native", "fused", "dequantize")
 # Rows up to which the native kernel beats the chunked product over a whole pass, per scheme (measured in
 # results/quant/kernels.md): it unpacks each block of codes once per 4 rows but multiplies it into each row
-# separately, so its cost grows with the rows; int4's unpacking is the larger share, so it pays off longer.
-NATIVE_MAX_ROWS = {"int8": 8, "int4": 24}
+# separately, so its cost grows with the rows. With AVX-512 VNNI (two blocks per instruction) it won at every row
+# count measured, up to 64 (Intel Sapphire Rapids VM, 2 threads); on AVX2 alone, at up to 8 (int8) and 24 (int4)
+# rows (AMD EPYC VM, measured with the loop on one thread: conservative).
+NATIVE_MAX_ROWS_BY_PATH = {"avx512": {"int8": 64, "int4": 64}, "avx2": {"int8": 8, "int4": 24}}
+NATIVE_MAX_ROWS = NATIVE_MAX_ROWS_BY_PATH[native.VECTOR_PATH]
 # Rows up to which the fused reduction beats the chunked product over a whole pass, per scheme (measured in
 # results/quant/kernels.md): the reduction widens every code once per row, so its cost grows with the rows, and
 # int4's unpacking costs more. 5 rows: a verification pass at gamma 4.

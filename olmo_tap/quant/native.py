@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from olmo_tap.native import NativeKernel
+from olmo_tap.native import NativeKernel, cpu_has
 
 
 def _register_fakes() -> None:
@@ -25,6 +25,9 @@ def _register_fakes() -> None:
     def _(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.size(0), codes.size(0))
 
+
+# The kernel's widest path on this CPU (what -march=native turns on in native.cpp): its speed, so its routes.
+VECTOR_PATH = "avx512" if cpu_has("avx512f", "avx512bw", "avx512_vnni") else "avx2"
 
 _KERNEL = NativeKernel(Path(__file__).with_name("native.cpp"), "quant", "quantized kernel", _register_fakes)
 
