@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -243,8 +244,8 @@ def test_every_kernel_route_equals_its_reference(kernel: str, monkeypatch: pytes
         qlinear.product(x, w)
 
 
-def _kernel_variant(name: str, *cflags: str) -> object:
-    """The ops of a build of native.cpp with ``cflags`` after -march=native, under the namespace ``name``."""
+def _kernel_variant(name: str, *cflags: str) -> Any:
+    """A build of native.cpp with ``cflags`` after -march=native, its ops under the namespace ``name``."""
     from olmo_tap.native import NativeKernel
     from olmo_tap.quant import native
 
@@ -252,7 +253,7 @@ def _kernel_variant(name: str, *cflags: str) -> object:
         native._KERNEL.source, name, f"quantized kernel ({name})", None, (*cflags, f"-DOLMO_TAP_OPS={name}")
     )
     assert variant.available() is None, variant.available()
-    return getattr(torch.ops, name)
+    return variant
 
 
 @pytest.mark.skipif(
@@ -265,7 +266,8 @@ def test_the_avx512_path_gives_the_avx2_paths_bits() -> None:
     from olmo_tap.quant import native
 
     assert native.available() is None
-    avx2 = _kernel_variant("olmo_tap_avx2_only", "-DOLMO_TAP_NO_AVX512")
+    _kernel_variant("olmo_tap_avx2_only", "-DOLMO_TAP_NO_AVX512")
+    avx2 = torch.ops.olmo_tap_avx2_only
     g = torch.Generator().manual_seed(0)
     for n_in in (32, 96, 576, 1536):
         for out in (1, 7, 130):
@@ -284,10 +286,24 @@ def test_the_avx512_path_gives_the_avx2_paths_bits() -> None:
                 ), f"int4 {out}x{n_in}, {rows} rows"
 
 
-def test_the_portable_build_equals_its_reference() -> None:
+def test_the_portable_build_equals_its_reference(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """A CPU without AVX2 takes the kernel's plain loops: built for x86-64 alone, they give the reference product
-    (int8-rounded activations times the codes) to fp32 rounding for every storage layout."""
-    portable = _kernel_variant("olmo_tap_portable", "-march=x86-64")
+    (int8-rounded activations times the codes) to fp32 rounding for every storage layout. Built here by a compiler
+    without OpenMP, too: the build falls back to one thread, says so, and works."""
+    from torch.utils import cpp_extension
+
+    load = cpp_extension.load
+
+    def no_openmp(**kwargs: Any) -> Any:
+        if "-fopenmp" in kwargs["extra_cflags"]:
+            raise RuntimeError("error: unsupported option '-fopenmp'")
+        return load(**kwargs)
+
+    monkeypatch.setattr(cpp_extension, "load", no_openmp)
+    variant = _kernel_variant("olmo_tap_portable", "-march=x86-64")
+    assert "did not build with OpenMP" in capsys.readouterr().err
+    assert b"libgomp" not in Path(variant.library).read_bytes()
+    portable = torch.ops.olmo_tap_portable
     for w in _weights_of_every_layout():
         for rows in (1, 3, 5):
             x = torch.randn(rows, 128)

@@ -63,6 +63,17 @@ class NativeKernel:
         self._tried = False
 
     def _build_and_load(self) -> None:
+        try:
+            self._build_and_load_with(openmp=True)
+        except Exception as e:  # a compiler without OpenMP (clang without libomp): the same kernel, one thread
+            print(
+                f"olmo-tap: the native {self.what} did not build with OpenMP ({type(e).__name__}); building it "
+                "without, its loops on one thread",
+                file=sys.stderr,
+            )
+            self._build_and_load_with(openmp=False)
+
+    def _build_and_load_with(self, openmp: bool) -> None:
         from torch.utils import cpp_extension
 
         if shutil.which("ninja") is None:  # the pip wheel's binary, where the system has none
@@ -73,7 +84,8 @@ class NativeKernel:
             except ImportError:
                 pass
         # -fopenmp: ATen's parallel_for is inline OpenMP; without it a kernel's loop runs on one thread
-        cflags = ["-O3", "-march=native", "-fopenmp", *self.extra_cflags]
+        openmp_flags = ["-fopenmp"] if openmp else []
+        cflags = ["-O3", "-march=native", *openmp_flags, *self.extra_cflags]
         built_from = self.source.read_text() + _cpu_flags() + torch.__version__ + " ".join(cflags)
         tag = hashlib.sha256(built_from.encode()).hexdigest()[:12]
         name = f"olmo_tap_{self.name}_{tag}"
@@ -84,7 +96,7 @@ class NativeKernel:
             name=name,
             sources=[str(self.source)],
             extra_cflags=cflags,
-            extra_ldflags=["-fopenmp"],
+            extra_ldflags=openmp_flags,
             is_python_module=False,
             verbose=False,
         )
