@@ -72,16 +72,22 @@ def test_the_kernel_matches_torch_attention_and_writes_the_cache(kernel):
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)  # new entries copied, nothing else touched
 
 
-def test_a_row_gets_the_same_bits_alone_and_among_others_at_any_thread_count(kernel):
-    qk, v, k_cache, v_cache, tower0 = random_call(ROWS, seed=1)
-    slots, starts, lengths = (tuple(r[i] for r in ROWS) for i in range(3))
+# A row deep in its context: each (tower, token, head) then outweighs waking a thread, and the call splits across
+# threads (short calls run on the calling thread).
+LONG_ROWS = [(0, 0, 3), (2, 4200, 1), (3, 5, 6), (1, 30, 1)]
+
+
+@pytest.mark.parametrize("rows", [ROWS, LONG_ROWS], ids=["short", "long"])
+def test_a_row_gets_the_same_bits_alone_and_among_others_at_any_thread_count(kernel, rows):
+    qk, v, k_cache, v_cache, tower0 = random_call(rows, seed=1, max_len=max(s + n for _, s, n in rows))
+    slots, starts, lengths = (tuple(r[i] for r in rows) for i in range(3))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
         together = kernel(qk, v, k_cache.clone(), v_cache.clone(), tower0, slots, starts, lengths, H)
         torch.set_num_threads(1)
         first = 0
-        for slot, start, length in ROWS:
+        for slot, start, length in rows:
             span = slice(first, first + length)
             one = kernel(qk[:, :, span], v[:, :, span], k_cache.clone(), v_cache.clone(), tower0, (slot,), (start,),
                          (length,), H)  # fmt: skip

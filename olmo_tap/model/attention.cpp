@@ -30,6 +30,8 @@
 
 namespace {
 
+constexpr int64_t kMinTaskWork = 1 << 16;  // keys x head dims per parallel task (~20 us of work)
+
 // n floats' dot product: 8 lanes of partial sums (the compiler vectorises them), combined in a fixed tree.
 inline float dot(const float* a, const float* b, int64_t n) {
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -64,8 +66,9 @@ at::Tensor attend_cached(const at::Tensor& qk, const at::Tensor& v, at::Tensor k
 
   const int64_t rows = static_cast<int64_t>(slots.size());
   std::vector<int64_t> first(rows), row_of(tokens);
-  int64_t offset = 0;
+  int64_t offset = 0, longest = 1;
   for (int64_t r = 0; r < rows; ++r) {
+    longest = std::max(longest, starts[r] + lengths[r]);
     TORCH_CHECK(slots[r] >= 0 && slots[r] < n_slots, "slot outside the cache");
     TORCH_CHECK(starts[r] >= 0 && lengths[r] >= 0 && starts[r] + lengths[r] <= max_len, "positions outside the cache");
     first[r] = offset;
@@ -102,7 +105,10 @@ at::Tensor attend_cached(const at::Tensor& qk, const at::Tensor& v, at::Tensor k
   at::Tensor out = at::empty({n, tokens, n_heads * hd}, qk.options().memory_format(at::MemoryFormat::Contiguous));
   float* out_p = out.data_ptr<float>();
   const int64_t group = n_heads / kv;
-  at::parallel_for(0, n * tokens * n_heads, 1, [&](int64_t begin, int64_t end) {
+  // Items per task: enough keys x dims that a task outweighs waking a thread (a lone decode step's 9 heads run
+  // on the calling thread; a batch's or a long context's split). Which thread computes an item never changes it.
+  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / (longest * hd));
+  at::parallel_for(0, n * tokens * n_heads, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> weights;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / (tokens * n_heads), tok = (item / n_heads) % tokens, h = item % n_heads;
