@@ -200,10 +200,8 @@ class GGUFFile:
             raise WeightsError(
                 f"GGUF file {self.source}: cannot dequantize {tensor.name} ({tensor.tensor_type.name}): {e}"
             ) from e
-        values = np.asarray(values, dtype=np.float32)
-        if np.may_share_memory(values, tensor.data):  # float32 tensors come back as views of the read-only map
-            values = values.copy()
-        weight = torch.from_numpy(values)
+        # a fresh read of the file: float32 tensors come back as that array itself, writable and the loader's own
+        weight = torch.from_numpy(np.asarray(values, dtype=np.float32))
         shape = tuple(int(n) for n in reversed(tensor.shape))  # ggml lists dimensions innermost first
         if tuple(weight.shape) != shape:
             raise WeightsError(f"GGUF file {self.source}: {tensor.name} decoded to {tuple(weight.shape)}, not {shape}")
