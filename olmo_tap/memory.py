@@ -6,12 +6,13 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+from collections.abc import Callable
 
 import torch
 
 
 @functools.cache
-def _malloc_trim() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+def _malloc_trim() -> Callable[[int], int] | None:
     name = ctypes.util.find_library("c")
     try:
         return ctypes.CDLL(name).malloc_trim if name else None

@@ -37,7 +37,7 @@ def route_as(route: str) -> Iterator[None]:
     """Within the block, take ``route`` (``native`` or ``torch``), as a transcript's replay must: ``native``
     still needs the kernel to build here (else the torch route, and the replay cannot be exact)."""
     if route not in TAKEN:
-        raise ValueError(f"attention route must be native or torch, got {route!r}")
+        raise ValueError(f"attention route must be {' or '.join(TAKEN)}, got {route!r}")
     token = _FORCED.set(route)
     try:
         yield

@@ -66,9 +66,10 @@ class NativeKernel:
         try:
             self._build_and_load_with(openmp=True)
         except Exception as e:  # a compiler without OpenMP (clang without libomp): the same kernel, one thread
+            lines = str(e).strip().splitlines()
             print(
-                f"olmo-tap: the native {self.what} did not build with OpenMP ({type(e).__name__}); building it "
-                "without, its loops on one thread",
+                f"olmo-tap: the native {self.what} did not build with OpenMP ({lines[-1] if lines else e!r}); "
+                "trying without it (its loops then run on one thread)",
                 file=sys.stderr,
             )
             self._build_and_load_with(openmp=False)
