@@ -32,13 +32,14 @@ from olmo_tap.quant.weights import QuantizedStack, QuantizedWeight
 
 QUANT_KERNEL_ENV = "OLMO_TAP_QUANT_KERNEL"
 QUANT_KERNELS = ("native", "fused", "dequantize")
-# Rows up to which the native kernel beats the chunked product over a whole pass, per scheme (measured in
-# results/quant/kernels.md): it unpacks each block of codes once per 4 rows but multiplies it into each row
-# separately, so its cost grows with the rows. With AVX-512 VNNI (two blocks per instruction) it won at every row
-# count measured, up to 64 (Intel Sapphire Rapids VM, 2 threads); on AVX2 alone, at up to 8 (int8) and 24 (int4)
-# rows (AMD EPYC VM, measured with the loop on one thread: conservative).
-NATIVE_MAX_ROWS_BY_PATH = {"avx512": {"int8": 64, "int4": 64}, "avx2": {"int8": 8, "int4": 24}}
-NATIVE_MAX_ROWS = NATIVE_MAX_ROWS_BY_PATH[native.VECTOR_PATH]
+# Rows up to which a product takes the native kernel rather than the chunked dequantize-and-multiply, per scheme.
+# The same on every CPU, so that a transcript's products take the same routes wherever it is replayed (the native
+# kernel's AVX2 and AVX-512 paths give the same bits; its int8-rounded activations do not give the float routes'
+# bits, and bounds by CPU made an AVX-512 machine's verification native where an AVX2 machine's replay was float).
+# Measured in results/quant/kernels.md on an Intel Sapphire Rapids VM (AVX-512 VNNI, 2 threads): native wins at
+# every row count up to 64. On AVX2 alone it lost above 8 (int8) and 24 (int4) rows in an earlier measurement with
+# its loop on one thread (AMD EPYC VM), not repeated on two.
+NATIVE_MAX_ROWS = {"int8": 64, "int4": 64}
 # Rows up to which the fused reduction beats the chunked product over a whole pass, per scheme (measured in
 # results/quant/kernels.md): the reduction widens every code once per row, so its cost grows with the rows, and
 # int4's unpacking costs more. 5 rows: a verification pass at gamma 4.

@@ -26,7 +26,7 @@ def _register_fakes() -> None:
         return x.new_empty(x.size(0), codes.size(0))
 
 
-# The kernel's widest path on this CPU (what -march=native turns on in native.cpp): its speed, so its routes.
+# The kernel's widest path on this CPU (what -march=native turns on in native.cpp).
 VECTOR_PATH = "avx512" if cpu_has("avx512f", "avx512bw", "avx512_vnni") else "avx2"
 
 _KERNEL = NativeKernel(Path(__file__).with_name("native.cpp"), "quant", "quantized kernel", _register_fakes)
