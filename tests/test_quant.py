@@ -485,22 +485,77 @@ def test_quantized_weight_validation() -> None:
 
 
 @pytest.mark.parametrize("kernel", ["native", "dequantize"])
-def test_quantized_transcript_audits_and_a_forged_token_is_caught(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A quantized answer's transcript records its scheme and passes the audit on the same quantized model (with
-    the fused kernels, and on a CPU path without them); one changed token does not pass."""
+def test_quantized_transcript_replays_exactly_on_its_route_and_a_forged_token_is_caught(
+    kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quantized answer's transcript records its scheme and its products' route; an auditor whose default is
+    another route replays it on the recorded one, exactly (no tolerance); one changed token does not pass. A
+    transcript from before the route was recorded is replayed within the cross-route tolerance."""
+    from olmo_tap.inference.poe import PoE
+    from olmo_tap.inference.transcript import transcript_dict
+    from olmo_tap.verify.forgery import restamp
+    from olmo_tap.verify.poe_audit import audit_poe
+
+    model = quantize_model(tiny_hydra(vocab=6, n_heads=3, scale=1.0, ffn=64), "int8")
+    tok = LetterTokenizer(6)
+    monkeypatch.setenv(qlinear.QUANT_KERNEL_ENV, kernel)
+    data = transcript_dict(PoE(model, tok, gamma=3, seed=2, max_new_tokens=10).generate_with_cache("cab"))
+    assert data["settings"]["quantization"] == "int8"
+    assert data["settings"]["quant_kernel"] == kernel
+    monkeypatch.setenv(qlinear.QUANT_KERNEL_ENV, "dequantize" if kernel == "native" else "native")
+    report = audit_poe(data, model, tokenizer=tok)
+    assert report.honest and report.exact and report.tolerance == 0, report.reason
+    forged = json.loads(json.dumps(data))
+    forged["token_ids"][4] = (forged["token_ids"][4] + 1) % 6
+    assert not audit_poe(restamp(forged, tok), model, tokenizer=tok).honest
+    older = json.loads(json.dumps(data))
+    del older["settings"]["quant_kernel"]
+    report = audit_poe(restamp(older, tok), model, tokenizer=tok)
+    assert report.honest and not report.exact, report.reason
+
+
+@pytest.mark.parametrize(
+    ("scheme", "route", "match"),
+    [("int8", "gpu", "quant_kernel"), (None, "native", "absent for float weights")],
+)
+def test_a_transcripts_quantized_route_is_checked(scheme: str | None, route: str, match: str) -> None:
+    from olmo_tap.inference.poe import PoE
+    from olmo_tap.inference.transcript import transcript_dict
+    from olmo_tap.verify.forgery import restamp
+    from olmo_tap.verify.poe_audit import audit_poe
+
+    model = tiny_hydra(vocab=6, n_heads=3, ffn=64)
+    model = quantize_model(model, scheme) if scheme else model
+    tok = LetterTokenizer(6)
+    data = transcript_dict(PoE(model, tok, gamma=3, seed=2, max_new_tokens=4).generate_with_cache("cab"))
+    data["settings"]["quant_kernel"] = route
+    with pytest.raises(ValueError, match=match):
+        audit_poe(restamp(data, tok), model, tokenizer=tok)
+
+
+def test_batched_quantized_answers_equal_each_alone_and_audit_exactly(one_thread, monkeypatch) -> None:
+    """On the native route a quantized row's bits do not depend on its batch, prompts of over 64 tokens included
+    (batch arithmetic keeps them on the native kernel): each batched answer is the answer alone, and its transcript
+    replays exactly. On the dequantize route the float kernels block by the row count: not claimed."""
+    from olmo_tap.engine.batch import batch_invariant
     from olmo_tap.inference.poe import PoE
     from olmo_tap.inference.transcript import transcript_dict
     from olmo_tap.verify.poe_audit import audit_poe
+    from tests.test_engine import alone, same_answer
 
-    monkeypatch.setenv(qlinear.QUANT_KERNEL_ENV, kernel)
-    model = quantize_model(tiny_hydra(vocab=6, n_heads=3, scale=1.0), "int8")
-    tok = LetterTokenizer(6)
-    data = transcript_dict(PoE(model, tok, gamma=3, seed=2, max_new_tokens=10).generate_with_cache("cab"))
-    assert data["settings"]["quantization"] == "int8"
-    assert audit_poe(data, model, tokenizer=tok).honest
-    forged = json.loads(json.dumps(data))
-    forged["token_ids"][4] = (forged["token_ids"][4] + 1) % 6
-    assert not audit_poe(forged, model, tokenizer=tok).honest
+    model = quantize_model(tiny_hydra(vocab=6, n_heads=3, scale=1.0, ffn=64), "int4")
+    tok = LetterTokenizer(6, eos_token_id=5)
+    assert batch_invariant(model)
+    decoder = PoE(model, tok, gamma=3, max_new_tokens=10, temperature=1.0)
+    prompts, seeds = ["abc", "e" * 70, "bad cab", "deaf"], [3, 4, 5, 6]
+    answers = decoder.generate_many(prompts, max_batch=3, seeds=seeds)
+    for prompt, seed, answer in zip(prompts, seeds, answers, strict=True):
+        assert answer.settings["batched"] and answer.settings["batch_invariant"] is True
+        same_answer(answer, alone(decoder, prompt, seed=seed))
+    report = audit_poe(transcript_dict(answers[1]), model, tokenizer=tok)
+    assert report.honest and report.exact, report.reason
+    monkeypatch.setenv(qlinear.QUANT_KERNEL_ENV, "dequantize")
+    assert not batch_invariant(model)
 
 
 def test_memory_table_counts_the_models_own_parameters() -> None:

@@ -35,10 +35,17 @@ class LetterTokenizer:
 
 
 def tiny_hydra(
-    vocab: int = 6, n_heads: int = 4, heads_depth: int = 1, seed: int = 0, scale: float = 0.6, lm_std: float = 0.5
+    vocab: int = 6,
+    n_heads: int = 4,
+    heads_depth: int = 1,
+    seed: int = 0,
+    scale: float = 0.6,
+    lm_std: float = 0.5,
+    ffn: int = 48,
 ):
-    """A random 2-layer Llama-family Hydra whose heads differ, with peaked but not degenerate outputs."""
-    config = TransformerConfig("llama", vocab, 32, 2, 4, 2, 8, 48, 10000.0, 1e-5, False, 128)
+    """A random 2-layer Llama-family Hydra whose heads differ, with peaked but not degenerate outputs (``ffn``: 64
+    gives every product a multiple of 32 inputs, as the native quantized kernel takes)."""
+    config = TransformerConfig("llama", vocab, 32, 2, 4, 2, 8, ffn, 10000.0, 1e-5, False, 128)
     torch.manual_seed(seed)
     model: HydraTransformer = HydraTransformerConfig.split(config, n_heads, heads_depth).build()
     with torch.no_grad():

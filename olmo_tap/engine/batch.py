@@ -30,6 +30,9 @@ import torch
 
 from olmo_tap.model.kv_cache import HydraCache, Rows
 from olmo_tap.model.layers import batch_arithmetic
+from olmo_tap.quant import native
+from olmo_tap.quant.linear import route_for as quant_route_for
+from olmo_tap.quant.model import quantized_stacks
 
 if TYPE_CHECKING:
     from olmo_tap.hydra import HydraTransformer
@@ -91,9 +94,14 @@ Op = Prefill | Step | Verify | Local
 
 
 def batch_invariant(model: HydraTransformer) -> bool:
-    """Whether every linear layer of ``model`` runs on oneDNN-prepacked weights (the batch-invariant path)."""
-    if model.device.type != "cpu" or model.quantization is not None:
-        return False  # quantized products switch kernels with the row count (olmo_tap.quant.linear)
+    """Whether a row's arithmetic does not depend on the rows decoded beside it: every float linear layer of
+    ``model`` runs on oneDNN-prepacked weights, or its quantized products take the native kernel (which batch
+    arithmetic gives every row count)."""
+    if model.device.type != "cpu":
+        return False
+    if model.quantization is not None:  # the other routes' float kernels block by the row count
+        takes_native = all(native.supports(w.in_features) for stack in quantized_stacks(model) for w in stack.parts)
+        return takes_native and quant_route_for(model) == "native"
     packs = [packed.get(getattr(block, name)) for block in model._blocks() for name, packed in block._packed.items()]
     packs.append(model._packed_lm_head.get(model.lm_head.unsqueeze(0)))
     return all(p is not None for p in packs)

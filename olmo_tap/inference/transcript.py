@@ -39,6 +39,7 @@ from typing import Any
 from olmo_tap.inference.poe import PoEOutput
 from olmo_tap.inference.settings import MODES
 from olmo_tap.model.native_attention import TAKEN
+from olmo_tap.quant.linear import QUANT_KERNELS
 
 FORMAT = "olmo-tap-transcript"
 VERSION = 2
@@ -188,6 +189,9 @@ def check_settings(settings: Any) -> dict[str, Any]:
             _check(isinstance(s[name], str), name, "a string", s[name])
     if s.get("quantization") is not None:  # the audit loads the model quantized so: only what --quantize takes
         _check(s["quantization"] in ("int8", "int4", "gguf"), "quantization", "int8, int4 or gguf", s["quantization"])
+    if s.get("quant_kernel") is not None:
+        _check(s.get("quantization") is not None, "quant_kernel", "absent for float weights", s["quant_kernel"])
+        _check(s["quant_kernel"] in QUANT_KERNELS, "quant_kernel", ", ".join(QUANT_KERNELS), s["quant_kernel"])
     if s.get("attention") is not None:
         _check(s["attention"] in TAKEN, "attention", " or ".join(TAKEN), s["attention"])
     for name in ("compile", "mcq", "ignore_eos", "batched", "batch_invariant"):

@@ -164,7 +164,8 @@ _BATCH_ARITHMETIC: ContextVar[bool] = ContextVar("batch_arithmetic", default=Fal
 
 @contextlib.contextmanager
 def batch_arithmetic(on: bool = True) -> Iterator[None]:
-    """Within the block, products whose lone row would round differently run it as two (see above)."""
+    """Within the block, products whose lone row would round differently run it as two (see above), and
+    quantized products take the native kernel at every row count (``olmo_tap.quant.linear.product``)."""
     token = _BATCH_ARITHMETIC.set(on)
     try:
         yield
@@ -192,9 +193,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, sel: slice, packed: PackedWeights |
     other devices, other dtypes and CPUs without oneDNN support for the dtype use plain (batched) matmuls.
     """
     if packed is not None and packed.quantized is not None:
+        batch = _BATCH_ARITHMETIC.get()
         if x.size(0) == 1:
-            return stack_product(x, packed.quantized[sel.start])
-        return torch.stack([stack_product(x[i], packed.quantized[sel.start + i]) for i in range(x.size(0))])
+            return stack_product(x, packed.quantized[sel.start], batch)
+        return torch.stack([stack_product(x[i], packed.quantized[sel.start + i], batch) for i in range(x.size(0))])
     packs = packed.get(w) if packed is not None and not torch.is_grad_enabled() else None
     if packs is not None:
         if x.size(1) == 1 and packed.pad_lone_row and _BATCH_ARITHMETIC.get():  # type: ignore[union-attr]

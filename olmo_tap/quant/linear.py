@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
@@ -48,10 +50,45 @@ FUSED_MAX_ROWS = {"int8": 24, "int4": 5}
 _compiled: dict[str, Callable[..., torch.Tensor]] = {}
 _compile_failed: str | None = None
 _native_warned = False
+_FORCED: ContextVar[str | None] = ContextVar("quant_kernel", default=None)
+
+
+@contextmanager
+def route_as(route: str) -> Iterator[None]:
+    """Within the block, products take ``route`` (one of ``QUANT_KERNELS``), as a transcript's replay must: the
+    native kernel rounds activations to int8, the other routes multiply them in float, so their logits differ."""
+    if route not in QUANT_KERNELS:
+        raise ValueError(f"quantized kernel route must be {', '.join(QUANT_KERNELS)}, got {route!r}")
+    token = _FORCED.set(route)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
 
 
 def quant_kernel() -> str:
-    return env_choice(QUANT_KERNEL_ENV, QUANT_KERNELS)
+    """The route asked for: a replay's forced one, else ``$OLMO_TAP_QUANT_KERNEL`` (default native)."""
+    # Dynamo cannot trace a ContextVar, and replays never compile their steps (their rounding is the compiler's)
+    forced = None if torch.compiler.is_compiling() else _FORCED.get()
+    return forced if forced is not None else env_choice(QUANT_KERNEL_ENV, QUANT_KERNELS)
+
+
+def quant_route() -> str:
+    """The route this process's quantized products of a few rows take, as a transcript records it: ``native``,
+    ``fused`` (the native kernel asked for but not built here, or fused forced, and Inductor compiles) or
+    ``dequantize``. Builds the native kernel, or compiles the fused reduction once, to know."""
+    if _native_ready():
+        return "native"
+    if quant_kernel() != "dequantize" and _compile_failed is None:
+        probe = QuantizedWeight("int8", torch.zeros(1, 32, dtype=torch.int8), torch.ones(1, 1), None, 32, "int8")
+        _fused(torch.zeros(2, 32), probe)  # a failure to compile is known from here on
+    return "fused" if quant_kernel() != "dequantize" and _compile_failed is None else "dequantize"
+
+
+def route_for(model: torch.nn.Module) -> str:
+    """The route ``model``'s quantized products of a few rows take here (``quant_route``; on other devices than
+    the CPU every product dequantizes). Recorded in a quantized answer's transcript."""
+    return quant_route() if model.device.type == "cpu" else "dequantize"  # type: ignore[attr-defined]
 
 
 def fused_int8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -174,13 +211,17 @@ def dequantized_product(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     return result.t()
 
 
-def product(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
-    """x (M, in) @ w.T -> (M, out) in x's dtype, by the route for this many rows (see the module doc)."""
+def product(x: torch.Tensor, w: QuantizedWeight, row_invariant: bool = False) -> torch.Tensor:
+    """x (M, in) @ w.T -> (M, out) in x's dtype, by the route for this many rows (see the module doc).
+
+    ``row_invariant`` (decoding in a batch): every row count takes the native kernel where it is the route, so
+    that a row's bits do not depend on the rows beside it (each output row is one thread's sum in a fixed order);
+    the chunked product's float kernels block by the row count. Costs up to 2x on prompts of over 64 tokens."""
     out = None
     rows = x.size(0)
     if x.device.type == "cpu":
         if _native_ready() and native.supports(w.in_features):
-            if rows <= NATIVE_MAX_ROWS[w.scheme]:
+            if rows <= NATIVE_MAX_ROWS[w.scheme] or row_invariant:
                 out = native.product(x, w.scheme, w.codes, w.scale, w.minimum)
         elif rows <= FUSED_MAX_ROWS[w.scheme]:
             out = _fused(x, w)
@@ -189,10 +230,10 @@ def product(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-def stack_product(x: torch.Tensor, stack: QuantizedStack) -> torch.Tensor:
-    """x (..., in) @ a fused projection -> (..., out)."""
+def stack_product(x: torch.Tensor, stack: QuantizedStack, row_invariant: bool = False) -> torch.Tensor:
+    """x (..., in) @ a fused projection -> (..., out) (``row_invariant``: see ``product``)."""
     flat = x.reshape(-1, x.size(-1))
-    outs = [product(flat, part) for part in stack.parts]
+    outs = [product(flat, part, row_invariant) for part in stack.parts]
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
     return out.reshape(*x.shape[:-1], out.size(-1))
 

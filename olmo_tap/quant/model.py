@@ -268,16 +268,21 @@ def load_gguf_quantized(
     return model.eval()
 
 
-def quantized_bytes(model: HydraTransformer) -> int:
-    """Bytes the quantized weights take, each shared copy counted once."""
-    seen: dict[int, Any] = {}
+def quantized_stacks(model: HydraTransformer) -> list[QuantizedStack]:
+    """The quantized projections of ``model``'s blocks and lm_head, each shared copy once."""
+    seen: dict[int, QuantizedStack] = {}
     for block in model._blocks():
         for packed in block._packed.values():
             for stack in packed.quantized or []:
                 seen[id(stack)] = stack
     for stack in model._packed_lm_head.quantized or []:
         seen[id(stack)] = stack
-    total = sum(s.nbytes for s in seen.values())
+    return list(seen.values())
+
+
+def quantized_bytes(model: HydraTransformer) -> int:
+    """Bytes the quantized weights take, each shared copy counted once."""
+    total = sum(s.nbytes for s in quantized_stacks(model))
     if model.quantized_embed is not None and not any(
         model.quantized_embed is p for s in model._packed_lm_head.quantized or [] for p in s.parts
     ):

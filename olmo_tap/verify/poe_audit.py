@@ -56,9 +56,10 @@ from olmo_tap.inference.sampling import Purpose, check_temperature, gumbel, logi
 from olmo_tap.inference.settings import RECORDED_SETTINGS
 from olmo_tap.inference.transcript import TOP_LEVEL_FIELDS, check_transcript, content_digest, read_transcript
 from olmo_tap.model import native_attention
+from olmo_tap.quant import linear as qlinear
 from olmo_tap.robustness.bank import AttackBank
 from olmo_tap.verify.certainty_audit import CertaintyAudit, audit_certainty
-from olmo_tap.verify.regenerate import Regeneration, regenerate
+from olmo_tap.verify.regenerate import Regeneration, generator_routes, regenerate
 from olmo_tap.verify.replay import LOGIT_BLOCK, check_token_ids, project_block, teacher_forced_hidden
 from olmo_tap.verify.robustness_audit import RobustnessAudit, audit_robustness
 from olmo_tap.verify.verdict import DEFAULT_AUDIT_THRESHOLD, DEFAULT_CONFIDENCE, Verdict, decide, verdict_label
@@ -242,19 +243,31 @@ def load_audit_model(
 
 
 def replays_exactly(settings: dict[str, Any], model: HydraTransformer) -> bool:
-    """True when the replay runs in the generator's own dtype and device class (and it did not compile its
-    steps, nor share passes with other answers on kernels that round a row by its batch): then olmo-tap's
-    arithmetic reproduces every decision and no drift needs tolerating."""
+    """True when the replay runs in the generator's own dtype, device class, weights and kernel routes (and it
+    did not compile its steps, nor share passes with other answers on kernels that round a row by its batch):
+    then olmo-tap's arithmetic reproduces every decision and no drift needs tolerating. Called within
+    ``generator_routes(settings)``."""
     dtype = str(model.dtype).removeprefix("torch.")
     device = str(settings.get("device") or "").split(":")[0]
     batch_dependent = bool(settings.get("batched")) and settings.get("batch_invariant") is False
     same = settings.get("dtype") == dtype and device == model.device.type
-    # quantized products change kernel with their row count, and a replay runs other row counts than decoding did
-    float_weights = settings.get("quantization") is None and model.quantization is None
-    # the two attention routes agree within rounding: exact only where this machine can take the generator's
-    route = settings.get("attention") or "torch"
-    same_route = route == "torch" or native_attention.route_for(model) == "native"
-    return same and float_weights and same_route and not settings.get("compile", False) and not batch_dependent
+    # the two attention routes agree within rounding: exact only where this machine takes the generator's
+    same_attention = native_attention.route_for(model) == (settings.get("attention") or "torch")
+    products = _same_quantized_products(settings, model)
+    return same and products and same_attention and not settings.get("compile", False) and not batch_dependent
+
+
+def _same_quantized_products(settings: dict[str, Any], model: HydraTransformer) -> bool:
+    """Whether the replay's weights and products are the generator's: both float, or the same quantization on
+    a route that takes it here. Not the fused route (its loops are Inductor's, generated for each CPU), nor a
+    transcript from before the route was recorded."""
+    scheme = settings.get("quantization")
+    if scheme != model.quantization_scheme:
+        return False
+    if scheme is None:
+        return True
+    route = settings.get("quant_kernel")
+    return route in ("native", "dequantize") and qlinear.route_for(model) == route
 
 
 @torch.no_grad()
@@ -318,84 +331,88 @@ def audit_poe(
     check_token_ids(emitted, vocab, "transcript response")
     if len(prompt) + len(emitted) + 1 > hydra.base_config.max_seq_len:
         raise ValueError("the transcript is longer than the model's context")
-    exact = replays_exactly(settings, hydra)
-    if tolerance is None:
-        tolerance = 0.0 if exact else DEFAULT_DECISION_TOLERANCE
-    if not tolerance >= 0:
-        raise ValueError(f"tolerance must be >= 0 nats, got {tolerance}")
-    temperature = check_temperature(settings["temperature"])
-    output = data.get("output") or {}
-    mismatches = _check_claim(data, settings, hydra, tokenizer, model_vocab)
-    claims = _claimed_path(output, emitted, mode, mismatches)
+    # the block replay and any regeneration take the generator's kernel routes
+    with generator_routes(settings):
+        exact = replays_exactly(settings, hydra)
+        if tolerance is None:
+            tolerance = 0.0 if exact else DEFAULT_DECISION_TOLERANCE
+        if not tolerance >= 0:
+            raise ValueError(f"tolerance must be >= 0 nats, got {tolerance}")
+        temperature = check_temperature(settings["temperature"])
+        output = data.get("output") or {}
+        mismatches = _check_claim(data, settings, hydra, tokenizer, model_vocab)
+        claims = _claimed_path(output, emitted, mode, mismatches)
 
-    hidden = teacher_forced_hidden(hydra, prompt, emitted, list(range(n_text)), include_next=True)
-    witness_states = hidden[:, 0]
+        hidden = teacher_forced_hidden(hydra, prompt, emitted, list(range(n_text)), include_next=True)
+        witness_states = hidden[:, 0]
 
-    def logits_for(start: int, stop: int) -> torch.Tensor:
-        return project_block(hydra, hidden, start, stop)[..., :vocab]
+        def logits_for(start: int, stop: int) -> torch.Tensor:
+            return project_block(hydra, hidden, start, stop)[..., :vocab]
 
-    replay = _Replay(logits_for, len(emitted) + 1, settings, temperature, len(prompt), check_stop)
-    positions, events = [], []
-    for j, (token, draft, resampled) in enumerate(claims):
-        check, event = replay.position(j, token, draft, resampled)
-        check.consistent = check.slack <= tolerance
-        positions.append(check)
-        events.append(event)
-    ending_ok, ending, finish_reason = _check_ending(output, emitted, settings, replay, tolerance)
-    cut = finish_reason == "time_limit"  # the service closed the decoder mid-stream: no final flush, no p(correct)
-    if signal_tolerance is None:
-        signal_tolerance = SAME_DTYPE_SIGNAL_TOLERANCE if tolerance == 0 else CROSS_DTYPE_SIGNAL_TOLERANCE
-    skip = V2_OUTPUT_FIELDS if data["version"] == 1 else ()
-    independent = not hydra.identical_heads(range(n_text))
-    p_correct: dict[str, float | None] = {}
+        replay = _Replay(logits_for, len(emitted) + 1, settings, temperature, len(prompt), check_stop)
+        positions, events = [], []
+        for j, (token, draft, resampled) in enumerate(claims):
+            check, event = replay.position(j, token, draft, resampled)
+            check.consistent = check.slack <= tolerance
+            positions.append(check)
+            events.append(event)
+        ending_ok, ending, finish_reason = _check_ending(output, emitted, settings, replay, tolerance)
+        cut = finish_reason == "time_limit"  # the service closed the decoder mid-stream: no final flush, no p(correct)
+        if signal_tolerance is None:
+            signal_tolerance = SAME_DTYPE_SIGNAL_TOLERANCE if tolerance == 0 else CROSS_DTYPE_SIGNAL_TOLERANCE
+        skip = V2_OUTPUT_FIELDS if data["version"] == 1 else ()
+        independent = not hydra.identical_heads(range(n_text))
+        p_correct: dict[str, float | None] = {}
 
-    def derived(events: list[Any]) -> tuple[PoEOutput, list[FieldMismatch]]:
-        """The output the claim gives when its positions decide ``events``; and how the transcript's differs."""
-        expected = new_output(tokenizer, prompt, *replay.roles(), settings)
-        expected.whole_jury = mode == "poe" and n_text == hydra.n_text_heads
-        expected.independent_heads = independent
-        fold = OutputFold(expected, tokenizer)
-        for event in events:
-            fold.add(event)
-        if not cut:
-            fold.close()
-        replay.count(expected, claims, finish_reason)
-        if settings.get("mcq") and not cut:
-            if "p" not in p_correct:  # scored once, from the block replay's witness state
-                p_correct["p"] = _p_correct(hydra, tokenizer, settings, expected, replay, witness_states, mismatches)
-            expected.uncertainty = p_correct["p"]
-        if not output:
-            return expected, []
-        return expected, _compare_output(output, expected, signal_tolerance, replay.vote_margins, tolerance, skip)
+        def derived(events: list[Any]) -> tuple[PoEOutput, list[FieldMismatch]]:
+            """The output the claim gives when its positions decide ``events``; and how the transcript's differs."""
+            expected = new_output(tokenizer, prompt, *replay.roles(), settings)
+            expected.whole_jury = mode == "poe" and n_text == hydra.n_text_heads
+            expected.independent_heads = independent
+            fold = OutputFold(expected, tokenizer)
+            for event in events:
+                fold.add(event)
+            if not cut:
+                fold.close()
+            replay.count(expected, claims, finish_reason)
+            if settings.get("mcq") and not cut:
+                if "p" not in p_correct:  # scored once, from the block replay's witness state
+                    p_correct["p"] = _p_correct(
+                        hydra, tokenizer, settings, expected, replay, witness_states, mismatches
+                    )
+                expected.uncertainty = p_correct["p"]
+            if not output:
+                return expected, []
+            return expected, _compare_output(output, expected, signal_tolerance, replay.vote_margins, tolerance, skip)
 
-    expected, output_mismatches = derived(events)
-    regenerated = None
-    # A field the record leaves out (a side answer keeps only its path) is as missing after a regeneration.
-    per_token = [
-        m
-        for m in output_mismatches
-        if not m.missing and m.field.split("[")[0].removeprefix("output.") in PER_TOKEN_FIELDS
-    ]
-    if (
-        exact
-        and tolerance == 0
-        and not mismatches
-        and (not ending_ok or per_token or any(not p.consistent for p in positions))
-    ):
-        # A rounding tie between the block replay and the generator's own shapes: only the generator's arithmetic
-        # settles it, so the decoder runs once more on the claim (honest iff it reproduces every decision).
-        regenerated = regenerate(hydra, tokenizer, settings, prompt, claims, finish_reason, check_stop)
-        if regenerated.reproduced:
-            for p in positions:
-                if not p.consistent:
-                    p.consistent, p.decision = True, f"{p.decision} (a rounding tie the generator's path decides)"
-            ending_ok = True
-            expected, output_mismatches = derived(regenerated.events)
-        elif regenerated.diverged_at is not None and regenerated.diverged_at < len(positions):
-            p = positions[regenerated.diverged_at]
-            p.consistent, p.decision = False, f"the generator's own path: {regenerated.detail}"
-        else:
-            ending_ok, ending = False, f"the generator's own path: {regenerated.detail}"
+        expected, output_mismatches = derived(events)
+        regenerated = None
+        # A field the record leaves out (a side answer keeps only its path) is as missing after a regeneration.
+        per_token = [
+            m
+            for m in output_mismatches
+            if not m.missing and m.field.split("[")[0].removeprefix("output.") in PER_TOKEN_FIELDS
+        ]
+        if (
+            exact
+            and tolerance == 0
+            and not mismatches
+            and (not ending_ok or per_token or any(not p.consistent for p in positions))
+        ):
+            # A rounding tie between the block replay and the generator's own shapes: only the generator's arithmetic
+            # settles it, so the decoder runs once more on the claim (honest iff it reproduces every decision).
+            regenerated = regenerate(hydra, tokenizer, settings, prompt, claims, finish_reason, check_stop)
+            if regenerated.reproduced:
+                for p in positions:
+                    if not p.consistent:
+                        p.consistent, p.decision = True, f"{p.decision} (a rounding tie the generator's path decides)"
+                ending_ok = True
+                expected, output_mismatches = derived(regenerated.events)
+            elif regenerated.diverged_at is not None and regenerated.diverged_at < len(positions):
+                p = positions[regenerated.diverged_at]
+                p.consistent, p.decision = False, f"the generator's own path: {regenerated.detail}"
+            else:
+                ending_ok, ending = False, f"the generator's own path: {regenerated.detail}"
     mismatches += output_mismatches
     text = tokenizer.decode(emitted, skip_special_tokens=True)
 

@@ -12,7 +12,8 @@ disagreement was a rounding tie, not a forgery.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from olmo_tap.inference.poe import PoE, TokenEvent
 from olmo_tap.inference.settings import DecodeSettings
 from olmo_tap.model import native_attention
 from olmo_tap.model.kernels import torch_threads
+from olmo_tap.quant import linear as qlinear
 
 
 @dataclass
@@ -32,6 +34,18 @@ class Regeneration:
 
     def to_dict(self) -> dict[str, Any]:
         return {"reproduced": self.reproduced, "diverged_at": self.diverged_at, "detail": self.detail}
+
+
+@contextmanager
+def generator_routes(settings: dict[str, Any]) -> Iterator[None]:
+    """Within the block, the kernels take the routes the transcript's generator took: its cached attention's (a
+    transcript from before the native route was decoded on torch's) and its quantized products' (where recorded;
+    their routes round activations differently, which no tolerance of the block replay should have to absorb)."""
+    with ExitStack() as stack:
+        stack.enter_context(native_attention.route_as(settings.get("attention") or "torch"))
+        if settings.get("quant_kernel") is not None:
+            stack.enter_context(qlinear.route_as(settings["quant_kernel"]))
+        yield
 
 
 def decoder_for(hydra: HydraTransformer, tokenizer: Any, settings: dict[str, Any]) -> PoE:
@@ -69,8 +83,7 @@ def regenerate(
     def result(reproduced: bool, detail: str) -> Regeneration:
         return Regeneration(reproduced, None if reproduced else len(events), detail, events)
 
-    # a transcript from before the native route was decoded on torch's
-    with torch_threads(settings.get("threads")), native_attention.route_as(settings.get("attention") or "torch"):
+    with torch_threads(settings.get("threads")), generator_routes(settings):
         stream = decoder.stream(
             prompt_ids=prompt_ids,
             temperature=settings["temperature"],
