@@ -123,8 +123,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.env_errors:
         raise ValueError("; ".join(args.env_errors))
     from olmo_tap.model import kernels, native_attention
+    from olmo_tap.quant.linear import quant_kernel
+    from olmo_tap.quant.linear import route_for as quant_route_for
 
-    kernels.kernel_path(), native_attention.requested()  # a bad OLMO_TAP_KERNELS / _ATTENTION: refused now
+    # a bad OLMO_TAP_KERNELS / _ATTENTION / _QUANT_KERNEL: refused now
+    kernels.kernel_path(), native_attention.requested(), quant_kernel()
     config = ServeConfig(
         host=args.host,
         port=args.port,
@@ -160,7 +163,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("olmo-tap serve: no attack bank for this model: robustness will be unavailable", file=sys.stderr)
     print(f"olmo-tap serve: loading {args.model} ...", file=sys.stderr)
     model, tokenizer = load_model_and_tokenizer(args)
-    native_attention.route_for(model)  # the native kernel's one-off build before the first request, not in it
+    # the native kernels' one-off builds (or the fused reduction's compile) before the first request, not in it
+    native_attention.route_for(model)
+    if model.quantization is not None:
+        quant_route_for(model)
     app = create_app(model, tokenizer, str(args.model), config, signing_key=signing_key, attack_bank=attack_bank)
     for warning in exposure_warnings(config):
         print(f"olmo-tap serve: warning: {warning}", file=sys.stderr)
