@@ -409,9 +409,24 @@ def _substitution_row(kind: str, where: str, results: list[dict[str, Any]]) -> d
     return row
 
 
+def rows_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The markdown table of honest and forged rows (``_row``, ``_substitution_row``)."""
+    fmt = lambda x: "-" if x is None else f"{x:.1%}"  # noqa: E731
+    lines = [
+        "| forgery | replay | n | false alarms / caught | caught by decisions | not near-tie: caught by decisions |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        main = fmt(r.get("false_alarm_rate", r.get("caught_rate")))
+        lines.append(
+            f"| {r['kind']} | {r['replay']} | {r['n']} | {main} | {fmt(r.get('caught_by_decisions_rate'))} "
+            f"| {fmt(r.get('caught_by_decisions_rate_not_near_tie'))} |"
+        )
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     c = results.get("calibration")
-    fmt = lambda x: "-" if x is None else f"{x:.1%}"  # noqa: E731
     lines = [
         f"{results['n_honest_per_dtype']} honest jury transcripts per dtype on {results['model']} (5 heads x 3 "
         "layers, untrained clones), greedy and T 0.8, veto off and 1e-3, 16/32/48 new tokens; CPU. "
@@ -419,15 +434,8 @@ def markdown(results: dict[str, Any]) -> str:
         "'by decisions' counts only the per-position rule and the ending, not the field checks. Substitutions "
         "are counted as caught by decisions only if both claims a forger could make at that position fail.",
         "",
-        "| forgery | replay | n | false alarms / caught | caught by decisions | not near-tie: caught by decisions |",
-        "|---|---|---:|---:|---:|---:|",
+        *rows_table(results["rows"]),
     ]
-    for r in results["rows"]:
-        main = fmt(r.get("false_alarm_rate", r.get("caught_rate")))
-        lines.append(
-            f"| {r['kind']} | {r['replay']} | {r['n']} | {main} | {fmt(r.get('caught_by_decisions_rate'))} "
-            f"| {fmt(r.get('caught_by_decisions_rate_not_near_tie'))} |"
-        )
     regen = results["regenerated_honest"]
     lines.append("")
     if any(r["replay"].endswith(("-> fp32", "-> bf16")) for r in results["rows"]):

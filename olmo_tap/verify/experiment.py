@@ -2,6 +2,7 @@
 
     python -m olmo_tap.verify.experiment [--part verify] [--prompts 20] [--tokens 64] [--out results/verification]
     python -m olmo_tap.verify.experiment --part audit [--n 200] [--out results/verification]
+    python -m olmo_tap.verify.experiment --part quantized [--n 24] [--out results/quant]
 
 ``--part verify``: for each case, ``--prompts`` single-head responses of ``--tokens`` tokens are generated
 (sampled, temperature 0.8, one seed per prompt) and checked with ``verify_outputs`` (olmo-tap's sampler)
@@ -110,16 +111,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="results/verification")
     parser.add_argument(
         "--part",
-        choices=["verify", "audit"],
+        choices=["verify", "audit", "quantized"],
         default="verify",
         help="verify: verify_outputs and the pooled audit (results.md); audit: honest transcripts vs forgeries "
-        "of every kind, per-position rule (audit.md, see olmo_tap.verify.audit_experiment)",
+        "of every kind, per-position rule (audit.md, see olmo_tap.verify.audit_experiment); quantized: GGUF "
+        "answers of each kernel route audited by an auditor on the other (audit_quantized.md, default --out "
+        "results/quant; see olmo_tap.verify.quant_audit_experiment)",
     )
     args, rest = parser.parse_known_args(argv)
     if args.part == "audit":
         from olmo_tap.verify import audit_experiment
 
         audit_experiment.main([*rest, "--model", args.model, "--out", args.out])
+        return
+    if args.part == "quantized":
+        from olmo_tap.verify import quant_audit_experiment
+
+        out = args.out if args.out != parser.get_default("out") else "results/quant"
+        quant_audit_experiment.main([*rest, "--model", args.model, "--out", out])
         return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
