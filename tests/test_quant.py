@@ -239,6 +239,15 @@ def test_every_kernel_route_equals_its_reference(kernel: str, monkeypatch: pytes
                 torch.testing.assert_close(got, float_product, rtol=1e-5, atol=1e-5, msg=where)
     out = torch.empty(97, 128)
     assert torch.equal(qlinear.dequantize_into(w, slice(0, 97), out), exact)  # the same bits as dequantize()
+    # what a transcript records: the route taken; a replay's forced route wins over the environment
+    assert qlinear.quant_route() == kernel
+    with qlinear.route_as("dequantize"):
+        assert qlinear.quant_route() == "dequantize"
+    if kernel == "fused":  # Inductor cannot compile here: the products dequantize, and the record says so
+        monkeypatch.setattr(qlinear, "_compile_failed", "no compiler")
+        assert qlinear.quant_route() == "dequantize"
+    with pytest.raises(ValueError, match="quantized kernel route must be native, fused, dequantize"):
+        qlinear.route_as("gpu").__enter__()
     monkeypatch.setenv(qlinear.QUANT_KERNEL_ENV, "bogus")
     with pytest.raises(ValueError, match="OLMO_TAP_QUANT_KERNEL must be one of native, fused, dequantize"):
         qlinear.product(x, w)
