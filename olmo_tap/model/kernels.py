@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
@@ -46,6 +47,33 @@ def env_choice(name: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+class Route:
+    """A kernel route chosen by ``$env`` among ``choices`` (the first by default), which a transcript's replay can
+    force within a block to one of ``taken`` (the routes decoding records). The forced route is a ``ContextVar``:
+    a replay on one thread does not move the routes of answers decoded on others."""
+
+    def __init__(self, what: str, env: str, choices: tuple[str, ...], taken: tuple[str, ...]) -> None:
+        self.what, self.env, self.choices, self.taken = what, env, choices, taken
+        self._forced: ContextVar[str | None] = ContextVar(env, default=None)
+
+    @contextmanager
+    def forced(self, route: str) -> Iterator[None]:
+        """Within the block, take ``route`` whatever ``$env`` says."""
+        if route not in self.taken:
+            raise ValueError(f"{self.what} must be {', '.join(self.taken)}, got {route!r}")
+        token = self._forced.set(route)
+        try:
+            yield
+        finally:
+            self._forced.reset(token)
+
+    def requested(self) -> str:
+        """The forced route, else ``$env``'s (a bad value refused by name)."""
+        # Dynamo cannot trace a ContextVar, and replays never compile their steps (their rounding is the compiler's)
+        forced = None if torch.compiler.is_compiling() else self._forced.get()
+        return forced if forced is not None else env_choice(self.env, self.choices)
 
 
 def kernel_path() -> str:

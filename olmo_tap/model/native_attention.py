@@ -14,14 +14,12 @@ records which one decoded it (``attention_route()``), and a replay is exact only
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+import contextlib
 from pathlib import Path
 
 import torch
 
-from olmo_tap.model.kernels import env_choice
+from olmo_tap.model.kernels import Route
 from olmo_tap.native import NativeKernel
 
 ATTENTION_ENV = "OLMO_TAP_ATTENTION"
@@ -29,27 +27,19 @@ ROUTES = ("auto", "native", "torch")
 TAKEN = ("native", "torch")  # the routes decoding can take, as a transcript records them
 
 _KERNEL = NativeKernel(Path(__file__).with_name("attention.cpp"), "attention", "attention kernel")
-_FORCED: ContextVar[str | None] = ContextVar("attention_route", default=None)
+_ROUTE = Route("attention route", ATTENTION_ENV, ROUTES, TAKEN)
 
 
-@contextmanager
-def route_as(route: str) -> Iterator[None]:
+def route_as(route: str) -> contextlib.AbstractContextManager[None]:
     """Within the block, take ``route`` (``native`` or ``torch``), as a transcript's replay must: ``native``
     still needs the kernel to build here (else the torch route, and the replay cannot be exact)."""
-    if route not in TAKEN:
-        raise ValueError(f"attention route must be {' or '.join(TAKEN)}, got {route!r}")
-    token = _FORCED.set(route)
-    try:
-        yield
-    finally:
-        _FORCED.reset(token)
+    return _ROUTE.forced(route)
 
 
 def requested() -> str:
     """``auto`` (the default: native where it builds), ``native`` (the same, named) or ``torch``: a replay's
     forced route, else ``$OLMO_TAP_ATTENTION``."""
-    forced = _FORCED.get()
-    return forced if forced is not None else env_choice(ATTENTION_ENV, ROUTES)
+    return _ROUTE.requested()
 
 
 def attention_route() -> str:

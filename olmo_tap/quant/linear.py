@@ -20,15 +20,14 @@ needs no compiler); a route that cannot be built falls back to the next, with on
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
 
 import torch
 
-from olmo_tap.model.kernels import env_choice
+from olmo_tap.model.kernels import Route
 from olmo_tap.quant import native
 from olmo_tap.quant.weights import QuantizedStack, QuantizedWeight
 
@@ -50,27 +49,18 @@ FUSED_MAX_ROWS = {"int8": 24, "int4": 5}
 _compiled: dict[str, Callable[..., torch.Tensor]] = {}
 _compile_failed: str | None = None
 _native_warned = False
-_FORCED: ContextVar[str | None] = ContextVar("quant_kernel", default=None)
+_ROUTE = Route("quantized kernel route", QUANT_KERNEL_ENV, QUANT_KERNELS, QUANT_KERNELS)
 
 
-@contextmanager
-def route_as(route: str) -> Iterator[None]:
+def route_as(route: str) -> contextlib.AbstractContextManager[None]:
     """Within the block, products take ``route`` (one of ``QUANT_KERNELS``), as a transcript's replay must: the
     native kernel rounds activations to int8, the other routes multiply them in float, so their logits differ."""
-    if route not in QUANT_KERNELS:
-        raise ValueError(f"quantized kernel route must be {', '.join(QUANT_KERNELS)}, got {route!r}")
-    token = _FORCED.set(route)
-    try:
-        yield
-    finally:
-        _FORCED.reset(token)
+    return _ROUTE.forced(route)
 
 
 def quant_kernel() -> str:
     """The route asked for: a replay's forced one, else ``$OLMO_TAP_QUANT_KERNEL`` (default native)."""
-    # Dynamo cannot trace a ContextVar, and replays never compile their steps (their rounding is the compiler's)
-    forced = None if torch.compiler.is_compiling() else _FORCED.get()
-    return forced if forced is not None else env_choice(QUANT_KERNEL_ENV, QUANT_KERNELS)
+    return _ROUTE.requested()
 
 
 def quant_route() -> str:
