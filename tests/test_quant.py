@@ -521,6 +521,7 @@ def test_quantized_transcript_replays_exactly_on_its_route_and_a_forged_token_is
     del older["settings"]["quant_kernel"]
     report = audit_poe(restamp(older, tok), model, tokenizer=tok)
     assert report.honest and not report.exact, report.reason
+    assert any("not an exact replay (the transcript does not record" in note for note in report.notes)
 
 
 @pytest.mark.parametrize(

@@ -242,32 +242,40 @@ def load_audit_model(
     return hydra, load_tokenizer(resolved, progress=False)
 
 
-def replays_exactly(settings: dict[str, Any], model: HydraTransformer) -> bool:
-    """True when the replay runs in the generator's own dtype, device class, weights and kernel routes (and it
+def why_not_exact(settings: dict[str, Any], model: HydraTransformer) -> str | None:
+    """None when the replay runs in the generator's own dtype, device class, weights and kernel routes (and it
     did not compile its steps, nor share passes with other answers on kernels that round a row by its batch):
-    then olmo-tap's arithmetic reproduces every decision and no drift needs tolerating. Called within
-    ``generator_routes(settings)``."""
+    then olmo-tap's arithmetic reproduces every decision and no drift needs tolerating. Else why not. Called
+    within ``generator_routes(settings)``."""
     dtype = str(model.dtype).removeprefix("torch.")
     device = str(settings.get("device") or "").split(":")[0]
-    batch_dependent = bool(settings.get("batched")) and settings.get("batch_invariant") is False
-    same = settings.get("dtype") == dtype and device == model.device.type
+    if settings.get("dtype") != dtype or device != model.device.type:
+        generated = f"{settings.get('dtype')} on {device or 'an unnamed device'}"
+        return f"generated in {generated}, replayed in {dtype} on {model.device.type}"
+    if settings.get("compile", False):
+        return "compiled steps (their rounding is the compiler's)"
+    if settings.get("batched") and settings.get("batch_invariant") is False:
+        return "decoded in a batch on kernels that round a row by its batch"
     # the two attention routes agree within rounding: exact only where this machine takes the generator's
-    same_attention = native_attention.route_for(model) == (settings.get("attention") or "torch")
-    products = _same_quantized_products(settings, model)
-    return same and products and same_attention and not settings.get("compile", False) and not batch_dependent
+    attention = settings.get("attention") or "torch"
+    if native_attention.route_for(model) != attention:
+        return f"the generator's {attention} attention route does not run here"
+    return _other_quantized_products(settings, model)
 
 
-def _same_quantized_products(settings: dict[str, Any], model: HydraTransformer) -> bool:
-    """Whether the replay's weights and products are the generator's: both float, or the same quantization on
-    a route that takes it here. Not the fused route (its loops are Inductor's, generated for each CPU), nor a
+def _other_quantized_products(settings: dict[str, Any], model: HydraTransformer) -> str | None:
+    """None where the replay's weights and products are the generator's: both float, or the same quantization
+    on a route that takes it here. Not the fused route (its loops are Inductor's, generated for each CPU), nor a
     transcript from before the route was recorded."""
     scheme = settings.get("quantization")
     if scheme != model.quantization_scheme:
-        return False
-    if scheme is None:
-        return True
+        return f"weights {scheme or 'float'} in the transcript, {model.quantization_scheme or 'float'} here"
     route = settings.get("quant_kernel")
-    return route in ("native", "dequantize") and qlinear.route_for(model) == route
+    if scheme is None or (route in ("native", "dequantize") and qlinear.route_for(model) == route):
+        return None
+    if route is None:
+        return "the transcript does not record its quantized products' route"
+    return f"the quantized products' {route} route is not replayed exactly here"
 
 
 @torch.no_grad()
@@ -333,7 +341,8 @@ def audit_poe(
         raise ValueError("the transcript is longer than the model's context")
     # the block replay and any regeneration take the generator's kernel routes
     with generator_routes(settings):
-        exact = replays_exactly(settings, hydra)
+        inexact = why_not_exact(settings, hydra)
+        exact = inexact is None
         if tolerance is None:
             tolerance = 0.0 if exact else DEFAULT_DECISION_TOLERANCE
         if not tolerance >= 0:
@@ -459,6 +468,9 @@ def audit_poe(
         if report.honest and not report.robustness.honest:
             report.honest, report.reason = False, f"its robustness: {report.robustness.reason}"
     report.notes = _notes(report, data, temperature)
+    if report.tolerance > 0:  # "honest" then means within the tolerance, not reproduced bit for bit: say why
+        why = inexact or "a tolerance was asked for"
+        report.notes.append(f"not an exact replay ({why}): decisions held to {report.tolerance:g} nats")
     return report
 
 
