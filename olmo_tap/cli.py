@@ -138,9 +138,9 @@ def format_bytes(n: float) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
-    from olmo_tap.model.kernels import describe
     from olmo_tap.model.kv_cache import HydraCache
     from olmo_tap.model.native_attention import status as attention_status
+    from olmo_tap.model.native_linear import status as linear_status
 
     model, tokenizer = load_model_and_tokenizer(args)
     config, base = model.config, model.base_config
@@ -180,7 +180,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             ),
         ),
         ("device", f"{model.device} ({torch.get_num_threads()} CPU threads)"),
-        ("linear kernels", describe(model.device) if model.quantization is None else fused_kernel_status()),
+        ("linear kernels", linear_status(model) if model.quantization is None else fused_kernel_status()),
         ("cached attention", attention_status(model)),
     ]
     width = max(len(k) for k, _ in rows)

@@ -426,8 +426,11 @@ def test_concurrency_levels_measure_streams_through_the_real_server(tmp_path):
 
     app = create_app(tiny_hydra(vocab=20, n_heads=3), LetterTokenizer(20), "tiny", ServeConfig(max_batch=2))
     with LiveServer(app) as server:
-        level = concurrency.http_level(server.url, 3, 5)  # 3 streams, 2 decoded together, one waits
-    assert level["streams"] == 3 and level["failed"] == 0 and level["tokens"] == 15
+        # 4 requests, 3 clients: 2 decoded together, the third waits for a slot, the fourth for a client
+        level = concurrency.http_level(server.url, 3, 4, 5)
+        alone = concurrency.http_level(server.url, 1, 4, 5)  # the same requests one at a time
+    assert level["streams"] == 3 and level["requests"] == 4 and level["failed"] == 0 and level["tokens"] == 20
+    assert concurrency.same_answers([level, alone]) and len(set(level["answers"])) > 1
     assert level["aggregate_tok_s"] > 0 and level["ttft_p50_s"] <= level["ttft_p95_s"]
     assert 0 < level["itl_p50_s"] <= level["itl_p95_s"]
     one = dict(level, streams=1, aggregate_tok_s=10.0, itl_p50_s=0.1)

@@ -13,18 +13,22 @@ from olmo_tap.engine.batch import BatchRunner, batch_invariant
 from olmo_tap.inference.poe import PoE
 from olmo_tap.inference.settings import DecodeSettings
 from olmo_tap.inference.transcript import transcript_dict
-from olmo_tap.model import kernels, layers
+from olmo_tap.model import kernels, layers, native_linear
 from olmo_tap.verify.poe_audit import audit_poe
 
 PROMPTS = ["abc", "fed", "bad cab", "a", "ccc", "deaf", "ace", "bead be"]
 
 
-@pytest.fixture
-def packed(monkeypatch):
-    """Every linear layer of a tiny model on oneDNN's prepacked path (the batch-invariant kernels on CPU)."""
+@pytest.fixture(params=["native", "onednn"])
+def packed(monkeypatch, request):
+    """Every linear layer of a tiny model on packed weights (the batch-invariant kernels on CPU): olmo-tap's native
+    fp32 kernel, then oneDNN's (whose lone rows batch arithmetic pads)."""
     monkeypatch.setattr(layers, "PACK_MIN_ELEMENTS", 0)
+    monkeypatch.setenv(native_linear.LINEAR_ENV, request.param)
     kernels.set_kernel_path(None)
-    yield
+    if request.param == "native" and not native_linear.takes_native():
+        pytest.skip(f"the native fp32 kernel does not build here: {native_linear.why_not_native()}")
+    yield request.param
     kernels.set_kernel_path(None)
 
 
@@ -77,7 +81,7 @@ def test_a_batched_transcript_passes_the_exact_audit(packed, one_thread):
     answers = decoder.generate_many(PROMPTS[:4], max_batch=4, seeds=[1, 2, 3, 4])
     for answer in answers:
         transcript = transcript_dict(answer)
-        assert transcript["settings"]["batch_invariant"] is True
+        assert transcript["settings"]["batch_invariant"] is True and transcript["settings"]["linear"] == packed
         report = audit_poe(transcript, model, tokenizer=tokenizer)
         assert report.honest and report.exact, report.reason
         forged = transcript_dict(answer)

@@ -20,7 +20,7 @@ import torch
 import olmo_tap.cli
 from olmo_tap import HydraTransformer, WeightsError, save_ensemble
 from olmo_tap.cli import main
-from olmo_tap.model import kernels, layers
+from olmo_tap.model import kernels, layers, native_linear
 from olmo_tap.train.instructions import generate_instructions
 from olmo_tap.train.trainer import TrainConfig, train_adapter
 from olmo_tap.verify.records import TokenSequence, read_token_sequences
@@ -39,9 +39,11 @@ DEEP_JSON = "[" * 100_000 + "]" * 100_000
 @pytest.fixture
 def kernel_state(monkeypatch):
     """A fresh kernel choice (no probe results, no override, no env var), restored afterwards; every weight
-    is large enough to pack, so tiny models take the oneDNN path where this CPU has it."""
+    is large enough to pack, so tiny models take the oneDNN path where this CPU has it (fp32 too: these tests are
+    about oneDNN's fallbacks, the native fp32 kernel's are in test_native_linear.py)."""
     monkeypatch.setattr(kernels, "_probed", {})
     monkeypatch.delenv(kernels.KERNELS_ENV, raising=False)
+    monkeypatch.setenv(native_linear.LINEAR_ENV, "onednn")
     monkeypatch.setattr(layers, "PACK_MIN_ELEMENTS", 0)
     kernels.set_kernel_path(None)
     yield
@@ -62,7 +64,7 @@ def tiny_loader(args) -> tuple[HydraTransformer, LetterTokenizer]:
 
 
 def packed(model: HydraTransformer) -> bool:
-    return model._packed_lm_head.packs is not None
+    return model._packed_lm_head.current is not None
 
 
 # ----- 1. every CPU: the kernel path ---------------------------------------------------------------------------

@@ -129,10 +129,10 @@ class WeightBytes:
 
 
 def resident_weight_bytes(model: HydraTransformer) -> int:
-    """Bytes of the model's parameters plus the oneDNN-prepacked copies of its linear weights (CPU); a quantized
+    """Bytes of the model's parameters plus the packed copies of its linear weights (CPU); a quantized
     model's codes, scales and minimums instead of its released float weights."""
     holders = [packed for block in [*model.trunk, *model.heads] for packed in block._packed.values()]
-    packs = [pack for packed in [*holders, model._packed_lm_head] for pack in packed.packs or []]
+    packs = [pack for packed in [*holders, model._packed_lm_head] for pack in packed.held()]
     tensors = [p for p in model.parameters() if p.device.type != "meta"] + packs
     total = sum(t.numel() * t.element_size() for t in tensors)
     if model.quantization is not None:

@@ -10,9 +10,11 @@ running prompts between steps rather than inside them keeps a decoding row's ste
 plus the prompts that arrived with it.
 
 Batch invariance: a row's result does not depend on the other rows. Attention runs per row over its own
-slot; norms and elementwise operations are per row; the linear layers on CPU run on oneDNN-prepacked weights,
-whose products give every row the same bits for any row count >= 2 (in batch arithmetic a lone row runs as
-two where it would round otherwise, see ``olmo_tap.model.layers``); and which towers run for a row depends
+slot; norms and elementwise operations are per row; the linear layers on CPU run on olmo-tap's native fp32
+kernel, whose every output is one chain of multiply-adds in a fixed order (``olmo_tap.model.native_linear``), or
+on oneDNN-prepacked weights, whose products give every row the same bits for any row count >= 2 (in batch
+arithmetic a lone row runs as two where it would round otherwise, see ``olmo_tap.model.layers``); and which
+towers run for a row depends
 only on its own op (a verification always runs every text head). ``batch_invariant`` says whether the
 model's weights all take that path; where they do not (other devices, weights too small to pack, CPUs without
 oneDNN support for the dtype), plain batched products may round a row differently with another row count, and
@@ -95,8 +97,8 @@ Op = Prefill | Step | Verify | Local
 
 def batch_invariant(model: HydraTransformer) -> bool:
     """Whether a row's arithmetic does not depend on the rows decoded beside it: every float linear layer of
-    ``model`` runs on oneDNN-prepacked weights, or its quantized products take the native kernel (which batch
-    arithmetic gives every row count)."""
+    ``model`` runs on packed weights (the native fp32 kernel, or oneDNN, whose lone rows batch arithmetic pads),
+    or its quantized products take the native kernel (which batch arithmetic gives every row count)."""
     if model.device.type != "cpu":
         return False
     if model.quantization is not None:  # the other routes' float kernels block by the row count

@@ -53,7 +53,7 @@ from olmo_tap.inference.prompts import encode_chat, normalise_messages, stop_tok
 from olmo_tap.inference.sampling import Purpose, check_temperature, head_for_seed, sample_from_logits
 from olmo_tap.inference.settings import DecodeSettings, Mode
 from olmo_tap.inference.text import TextStream
-from olmo_tap.model import native_attention
+from olmo_tap.model import native_attention, native_linear
 from olmo_tap.model.kv_cache import HydraCache
 from olmo_tap.quant.linear import route_for as quant_route_for
 from olmo_tap.weights.tokenizer import vocab_limit
@@ -576,10 +576,12 @@ class Sequence:
             mcq=is_mcq,
             question=conversation[-1]["content"] if is_mcq else None,
         )
-        if model.quantization_scheme is not None:  # absent for float weights: their transcripts stay as they were
+        if model.quantization_scheme is not None:
             record["quantization"] = model.quantization_scheme
             # the products' route: the native kernel rounds activations to int8, the others do not
             record["quant_kernel"] = quant_route_for(model)
+        else:  # the float products' route: each sums in its own order
+            record["linear"] = native_linear.route_for(model)
         self.output = new_output(decoder.tokenizer, prompt_ids, decider, verifiers, record)
         self.output.whole_jury = settings.mode == "poe" and n == model.n_text_heads
         self.output.independent_heads = decoder.independent_heads

@@ -98,6 +98,7 @@ RUN_FACTS: tuple[str, ...] = (
     "dtype",
     "quantization",  # the quantized weights' scheme (int8, int4, gguf), absent for float weights
     "quant_kernel",  # ... and their products' route (native, fused, dequantize): they differ in rounding
+    "linear",  # float weights' products' route on CPU (native, onednn, stock): they differ in rounding
     "device",
     "threads",  # products of a few rows sum in another order with another thread count
     "batched",  # decoded in a batch with other answers

@@ -39,6 +39,7 @@ from typing import Any
 from olmo_tap.inference.poe import PoEOutput
 from olmo_tap.inference.settings import MODES
 from olmo_tap.model.native_attention import TAKEN
+from olmo_tap.model.native_linear import RECORDED as LINEAR_ROUTES
 from olmo_tap.quant.linear import QUANT_KERNELS
 
 FORMAT = "olmo-tap-transcript"
@@ -192,6 +193,9 @@ def check_settings(settings: Any) -> dict[str, Any]:
     if s.get("quant_kernel") is not None:
         _check(s.get("quantization") is not None, "quant_kernel", "absent for float weights", s["quant_kernel"])
         _check(s["quant_kernel"] in QUANT_KERNELS, "quant_kernel", ", ".join(QUANT_KERNELS), s["quant_kernel"])
+    if s.get("linear") is not None:
+        _check(s.get("quantization") is None, "linear", "absent for quantized weights", s["linear"])
+        _check(s["linear"] in LINEAR_ROUTES, "linear", ", ".join(LINEAR_ROUTES), s["linear"])
     if s.get("attention") is not None:
         _check(s["attention"] in TAKEN, "attention", " or ".join(TAKEN), s["attention"])
     for name in ("compile", "mcq", "ignore_eos", "batched", "batch_invariant"):

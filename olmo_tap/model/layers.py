@@ -19,12 +19,13 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from olmo_tap.model import kernels, native_attention
+from olmo_tap.model import kernels, native_attention, native_linear
 from olmo_tap.model.config import TransformerConfig
 from olmo_tap.model.kv_cache import LayerCache, Rows
 from olmo_tap.quant.linear import stack_product
@@ -114,51 +115,93 @@ def onednn_packing_available(w: torch.Tensor) -> bool:
     return w.device.type == "cpu" and w[0].numel() >= PACK_MIN_ELEMENTS and kernels.onednn_refusal(w.dtype) is None
 
 
-class PackedWeights:
-    """oneDNN-prepacked copies of a weight stack (n, in, out), one per tower, for inference on CPU.
+@dataclass
+class Packs:
+    """A weight stack's packed copies, one per tower, for the products of one route (``native`` or ``onednn``)."""
 
-    Measured on a 2-core EPYC: prepacked weights run SmolLM2's matrix-vector products ~10% (fp32)
+    route: str
+    tensors: list[torch.Tensor]
+    out_features: int
+    # oneDNN only: whether a lone row must run as two to get the bits it gets among other rows (see ``linear``)
+    pad_lone_row: bool = False
+
+
+class PackedWeights:
+    """Packed copies of a weight stack (n, in, out), one per tower, for inference on CPU: fp32 weights for
+    olmo-tap's native kernel (``olmo_tap.model.native_linear``) where it builds, others (and fp32 with
+    ``OLMO_TAP_LINEAR=onednn``) for oneDNN where the CPU takes them.
+
+    Measured on a 2-core EPYC: oneDNN-prepacked weights run SmolLM2's matrix-vector products ~10% (fp32)
     and ~1.8x (bf16) faster than ``x @ w``, and 4-32-row products (verification, the lm_head of
-    several heads) 3-4x faster. The packs are rebuilt whenever the weight changes: every in-place
+    several heads) 3-4x faster; on a 2-core Xeon the native kernel reads fp32 weights ~1.3x faster than
+    oneDNN at 1 and 8 rows. The packs are rebuilt whenever the weight changes: every in-place
     update of a parameter bumps its version counter (the loaders and LoRA merge write through the
-    parameter under no_grad, never through ``.data``).
+    parameter under no_grad, never through ``.data``). A replay that forces the other route packs for it too.
     """
 
     def __init__(self) -> None:
         self.key: tuple | None = None
-        self.packs: list[torch.Tensor] | None = None
-        # Whether a lone row must run as two to get the bits it gets among other rows (see ``linear``).
-        self.pad_lone_row = False
+        self.current: Packs | None = None
+        self._weight_key: tuple | None = None
+        self._by_route: dict[str, Packs | None] = {}
         # A quantized model's weight, one fused projection per tower (``olmo_tap.quant``): used instead of the
         # float parameter, which the quantization released.
         self.quantized: list[QuantizedStack] | None = None
 
-    def get(self, w: torch.Tensor) -> list[torch.Tensor] | None:
-        """The packs of ``w``, or None when oneDNN should not take it; decided once per version of ``w``,
-        not on every call (this runs 121 times per decoded token)."""
-        key = (w._version, w.data_ptr(), w.dtype, tuple(w.shape), kernels.epoch())
+    def release(self) -> None:
+        """Drop the float weight's packed copies (its quantized form replaces them)."""
+        self.key, self.current, self._weight_key, self._by_route = None, None, None, {}
+
+    def held(self) -> list[torch.Tensor]:
+        """Every packed copy in memory (of each route a call has asked for)."""
+        return [t for packs in self._by_route.values() if packs is not None for t in packs.tensors]
+
+    def get(self, w: torch.Tensor) -> Packs | None:
+        """The packs of ``w`` for the route its products take now, or None for stock matmuls; decided once per
+        version of ``w`` and requested route, not on every call (this runs 121 times per decoded token)."""
+        weight_key = (w._version, w.data_ptr(), w.dtype, tuple(w.shape))
+        key = (*weight_key, kernels.epoch(), native_linear.requested_route())
         if key != self.key:
-            self.packs = None
-            if onednn_packing_available(w):
-                stack = w if w.ndim == 3 else w.unsqueeze(0)
-                try:
-                    with torch.no_grad():
-                        # oneDNN wants (out, in); the batch-size hint 4 serves 1 to 32 rows within ~10%
-                        self.packs = [kernels.reorder_weight(t.t().contiguous(), 4) for t in stack]
-                        self.pad_lone_row = _lone_row_differs(self.packs[0], w.size(-2), w.dtype)
-                except Exception as e:
-                    # the one-off probe passed but this weight did not: stock kernels, never a crash mid-decode
-                    kernels.note_failure(w.dtype, e)
-                    key = (*key[:-1], kernels.epoch())
+            if weight_key != self._weight_key:
+                self._weight_key, self._by_route = weight_key, {}
+            self.current = self._decide(w)
             self.key = key
-        return self.packs
+        return self.current
+
+    def _decide(self, w: torch.Tensor) -> Packs | None:
+        if w.device.type != "cpu" or w[0].numel() < PACK_MIN_ELEMENTS:
+            return None
+        if w.dtype == torch.float32 and native_linear.takes_native():
+            route = "native"
+        elif kernels.onednn_refusal(w.dtype) is None:
+            route = "onednn"
+        else:
+            return None
+        if route not in self._by_route:
+            self._by_route[route] = _pack(w, route)
+        return self._by_route[route]
+
+
+def _pack(w: torch.Tensor, route: str) -> Packs | None:
+    stack = w if w.ndim == 3 else w.unsqueeze(0)
+    with torch.no_grad():
+        if route == "native":
+            return Packs(route, [native_linear.pack(t.t()) for t in stack], w.size(-1))
+        try:
+            # oneDNN wants (out, in); the batch-size hint 4 serves 1 to 32 rows within ~10%
+            packs = [kernels.reorder_weight(t.t().contiguous(), 4) for t in stack]
+            return Packs(route, packs, w.size(-1), _lone_row_differs(packs[0], w.size(-2), w.dtype))
+        except Exception as e:
+            # the one-off probe passed but this weight did not: stock kernels, never a crash mid-decode
+            kernels.note_failure(w.dtype, e)
+            return None
 
 
 # oneDNN's products of 2 or more rows give every row the same bits whatever the row count (measured for
 # SmolLM2's shapes, fp32 and bf16, 2-64 rows), but for some shapes a lone row takes a kernel that sums in another
 # order (fp32 1536 -> 576 here). Decoding in a batch, such a lone row runs as two, so that a sequence's arithmetic
 # does not depend on how many others share its step. Only there: the second row costs ~5% of a single stream's
-# decode, which gains nothing from it.
+# decode, which gains nothing from it. The native kernel needs none of it: a row's bits never depend on the others.
 _BATCH_ARITHMETIC: ContextVar[bool] = ContextVar("batch_arithmetic", default=False)
 
 
@@ -199,11 +242,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, sel: slice, packed: PackedWeights |
         return torch.stack([stack_product(x[i], packed.quantized[sel.start + i], batch) for i in range(x.size(0))])
     packs = packed.get(w) if packed is not None and not torch.is_grad_enabled() else None
     if packs is not None:
-        if x.size(1) == 1 and packed.pad_lone_row and _BATCH_ARITHMETIC.get():  # type: ignore[union-attr]
+        if packs.route == "native":
+            towers = packs.tensors[sel.start : sel.start + x.size(0)]
+            if x.size(0) == 1:
+                return native_linear.product(x[0], towers[0], packs.out_features).unsqueeze(0)
+            return torch.stack([native_linear.product(x[i], t, packs.out_features) for i, t in enumerate(towers)])
+        if x.size(1) == 1 and packs.pad_lone_row and _BATCH_ARITHMETIC.get():
             return linear(x.expand(-1, 2, -1), w, sel, packed)[:, :1]
         if x.size(0) == 1:  # oneDNN keeps leading dimensions: no select / unsqueeze around the call
-            return _packed_product(x, packs[sel.start])
-        return torch.stack([_packed_product(x[i], packs[sel.start + i]) for i in range(x.size(0))])
+            return _packed_product(x, packs.tensors[sel.start])
+        return torch.stack([_packed_product(x[i], packs.tensors[sel.start + i]) for i in range(x.size(0))])
     w = w[sel]
     if w.size(0) == 1:
         return (x[0] @ w[0]).unsqueeze(0)

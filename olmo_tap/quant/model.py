@@ -137,9 +137,9 @@ def _fill_quantized(
     for block in model._blocks():
         for name, packed in block._packed.items():
             _release(block, name)
-            packed.packs, packed.key = None, None  # the float weight's oneDNN copy goes with it
+            packed.release()  # the float weight's packed copies go with it
     _release(model, "lm_head")
-    model._packed_lm_head.packs, model._packed_lm_head.key = None, None
+    model._packed_lm_head.release()
     _release(model.embed, "weight")
     model.quantization = scheme if gguf is None else f"gguf ({', '.join(sorted(sources))})"
     model.quantization_scheme = scheme

@@ -15,7 +15,8 @@
 // of 16: 16, 32, or the whole row); int4 codes two per byte, (out, in / 2), groups of 32 with byte j holding input j
 // (low nibble) and input j + 16 (high nibble), an fp32 scale and minimum per group.
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

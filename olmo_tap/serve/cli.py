@@ -122,12 +122,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.env_errors:
         raise ValueError("; ".join(args.env_errors))
-    from olmo_tap.model import kernels, native_attention
+    from olmo_tap.model import kernels, native_attention, native_linear
     from olmo_tap.quant.linear import quant_kernel
     from olmo_tap.quant.linear import route_for as quant_route_for
 
-    # a bad OLMO_TAP_KERNELS / _ATTENTION / _QUANT_KERNEL: refused now
-    kernels.kernel_path(), native_attention.requested(), quant_kernel()
+    # a bad OLMO_TAP_KERNELS / _ATTENTION / _LINEAR / _QUANT_KERNEL: refused now
+    kernels.kernel_path(), native_attention.requested(), native_linear.requested_route(), quant_kernel()
     config = ServeConfig(
         host=args.host,
         port=args.port,
@@ -167,6 +167,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     native_attention.route_for(model)
     if model.quantization is not None:
         quant_route_for(model)
+    else:
+        model.prepack()
     app = create_app(model, tokenizer, str(args.model), config, signing_key=signing_key, attack_bank=attack_bank)
     for warning in exposure_warnings(config):
         print(f"olmo-tap serve: warning: {warning}", file=sys.stderr)

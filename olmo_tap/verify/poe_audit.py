@@ -55,7 +55,7 @@ from olmo_tap.inference.prompts import stop_token_ids
 from olmo_tap.inference.sampling import Purpose, check_temperature, gumbel, logit_scores, prob_scores, uniform
 from olmo_tap.inference.settings import RECORDED_SETTINGS
 from olmo_tap.inference.transcript import TOP_LEVEL_FIELDS, check_transcript, content_digest, read_transcript
-from olmo_tap.model import native_attention
+from olmo_tap.model import native_attention, native_linear
 from olmo_tap.quant import linear as qlinear
 from olmo_tap.robustness.bank import AttackBank
 from olmo_tap.verify.certainty_audit import CertaintyAudit, audit_certainty
@@ -270,8 +270,11 @@ def _other_quantized_products(settings: dict[str, Any], model: HydraTransformer)
     scheme = settings.get("quantization")
     if scheme != model.quantization_scheme:
         return f"weights {scheme or 'float'} in the transcript, {model.quantization_scheme or 'float'} here"
+    if scheme is None:  # a transcript from before the route was recorded replays on the routes of its time
+        recorded, here = settings.get("linear"), native_linear.route_for(model)
+        return None if recorded in (None, here) else f"the generator's {recorded} products run {here} here"
     route = settings.get("quant_kernel")
-    if scheme is None or (route in ("native", "dequantize") and qlinear.route_for(model) == route):
+    if route in ("native", "dequantize") and qlinear.route_for(model) == route:
         return None
     if route is None:
         return "the transcript does not record its quantized products' route"

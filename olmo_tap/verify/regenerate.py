@@ -20,7 +20,7 @@ from typing import Any
 from olmo_tap.hydra import HydraTransformer
 from olmo_tap.inference.poe import PoE, TokenEvent
 from olmo_tap.inference.settings import DecodeSettings
-from olmo_tap.model import native_attention
+from olmo_tap.model import native_attention, native_linear
 from olmo_tap.model.kernels import torch_threads
 from olmo_tap.quant import linear as qlinear
 
@@ -39,10 +39,14 @@ class Regeneration:
 @contextmanager
 def generator_routes(settings: dict[str, Any]) -> Iterator[None]:
     """Within the block, the kernels take the routes the transcript's generator took: its cached attention's (a
-    transcript from before the native route was decoded on torch's) and its quantized products' (where recorded;
+    transcript from before the native route was decoded on torch's), its float products' (oneDNN before they
+    were recorded) and its quantized products' (where recorded;
     their routes round activations differently, which no tolerance of the block replay should have to absorb)."""
     with ExitStack() as stack:
         stack.enter_context(native_attention.route_as(settings.get("attention") or "torch"))
+        if settings.get("quantization") is None and settings.get("linear") in (*native_linear.TAKEN, None):
+            # a float transcript from before the native products was decoded on oneDNN's
+            stack.enter_context(native_linear.route_as(settings.get("linear") or "onednn"))
         if settings.get("quant_kernel") is not None:
             stack.enter_context(qlinear.route_as(settings["quant_kernel"]))
         yield
