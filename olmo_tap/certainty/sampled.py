@@ -32,7 +32,7 @@ METHOD = "kle"
 # Settings a sample may not change from its answer's: the same jury, prompt budget and vocabulary.
 SHARED_SETTINGS = (
     "mode", "gamma", "beta", "veto_threshold", "n_llm_heads", "max_new_tokens", "ignore_eos", "vocab_limit",
-    "stop_ids", "n_heads", "heads_depth", "dtype", "quantization", "quant_kernel",
+    "stop_ids", "n_heads", "heads_depth", "dtype", "quantization", "quant_kernel", "linear",
 )  # fmt: skip
 
 
