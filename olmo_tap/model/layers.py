@@ -110,11 +110,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 PACK_MIN_ELEMENTS = 1 << 16
 
 
-def onednn_packing_available(w: torch.Tensor) -> bool:
-    """Whether oneDNN should prepack ``w``: a large CPU weight of a dtype this CPU and build run on oneDNN."""
-    return w.device.type == "cpu" and w[0].numel() >= PACK_MIN_ELEMENTS and kernels.onednn_refusal(w.dtype) is None
-
-
 @dataclass
 class Packs:
     """A weight stack's packed copies, one per tower, for the products of one route (``native`` or ``onednn``)."""
