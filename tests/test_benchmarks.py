@@ -431,6 +431,7 @@ def test_concurrency_levels_measure_streams_through_the_real_server(tmp_path):
         alone = concurrency.http_level(server.url, 1, 4, 5)  # the same requests one at a time
     assert level["streams"] == 3 and level["requests"] == 4 and level["failed"] == 0 and level["tokens"] == 20
     assert concurrency.same_answers([level, alone]) and len(set(level["answers"])) > 1
+    assert not concurrency.same_answers([level, dict(alone, answers=alone["answers"][::-1])])
     assert level["aggregate_tok_s"] > 0 and level["ttft_p50_s"] <= level["ttft_p95_s"]
     assert 0 < level["itl_p50_s"] <= level["itl_p95_s"]
     one = dict(level, streams=1, aggregate_tok_s=10.0, itl_p50_s=0.1)
@@ -445,6 +446,8 @@ def test_concurrency_levels_measure_streams_through_the_real_server(tmp_path):
     }
     assert [t["met"] for t in concurrency.targets(results)] == [True, True]
     assert "| 8 | 45.0 |" in concurrency.markdown(results)
+    results["same_answers"] = {"http": True, "python": False}
+    assert "HTTP yes, Python API NO" in concurrency.markdown(results)
     json_path, graph_path = concurrency.write(results, tmp_path / "run")
     assert json_path.exists() and graph_path.stat().st_size > 0
 
