@@ -128,10 +128,11 @@ class PackedWeights:
 
     Measured on a 2-core EPYC: oneDNN-prepacked weights run SmolLM2's matrix-vector products ~10% (fp32)
     and ~1.8x (bf16) faster than ``x @ w``, and 4-32-row products (verification, the lm_head of
-    several heads) 3-4x faster; on a 2-core Xeon the native kernel reads fp32 weights ~1.3x faster than
-    oneDNN at 1 and 8 rows. The packs are rebuilt whenever the weight changes: every in-place
-    update of a parameter bumps its version counter (the loaders and LoRA merge write through the
-    parameter under no_grad, never through ``.data``). A replay that forces the other route packs for it too.
+    several heads) 3-4x faster; on a 2-core Xeon the native kernel takes 0.66-0.96x oneDNN's time for fp32
+    products of 1 to 8 rows with the weights from memory (``olmo_tap.benchmarks.fp32_products``). The packs
+    are rebuilt whenever the weight changes: every in-place update of a parameter bumps its version counter
+    (the loaders and LoRA merge write through the parameter under no_grad, never through ``.data``).
+    A replay that forces the other route packs for it too.
     """
 
     def __init__(self) -> None:

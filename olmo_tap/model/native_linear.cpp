@@ -2,9 +2,10 @@
 // y (M, out) = x (M, in) @ w.T, for the decode step, PoE's verification and the lm_head.
 //
 // Built at first use by olmo_tap/model/native_linear.py (olmo_tap.native) with -O3 -march=native. Why a kernel of
-// our own: oneDNN's fp32 products of a few rows run at 11-14 GB/s of weights on a 2-core Xeon whose memory gives
-// ~20 GB/s, and a lone row takes another kernel than two rows (other bits), so a batched decode paid a padded row
-// to stay batch-invariant; MKL's packed sgemm is faster but rounds a row differently by the row count.
+// our own: oneDNN's fp32 products of 8 rows read weights at 10-18 GB/s on a 2-core Xeon whose memory gives ~20-28
+// (results/engine/fp32_products.md), and a lone row takes another kernel than two rows (other bits), so a batched
+// decode paid a padded row to stay batch-invariant; MKL's packed sgemm is faster but rounds a row differently by
+// the row count.
 //
 // The arithmetic: output (r, j) is one fused multiply-add chain over the inputs in order,
 //   acc = 0; for k in 0..in-1: acc = fma(x[r, k], w[j, k], acc)
@@ -41,7 +42,7 @@ namespace {
 
 constexpr int64_t kCols = 32;     // outputs per packed block: two AVX-512 vectors, four AVX2 ones
 constexpr int64_t kPrefetch = 24;  // inputs ahead (3 KB of the block) to prefetch: the chains alone do not keep
-                                   // the memory busy at 8 rows (measured: 12-14 GB/s without, 17-20 with)
+                                   // the memory busy at 8 rows (ad hoc on the Xeon: 12-14 GB/s without, 17-20 with)
 
 at::Tensor pack_f32(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "pack_f32 takes an (out, in) fp32 weight");

@@ -4,8 +4,8 @@ Every output is one fused multiply-add chain over the inputs in order, so a row 
 else shares the call, however many threads run it and whichever vector width the CPU has (AVX-512, AVX2 or
 plain loops: tested against builds without them). That makes batched decoding batch-invariant without padding
 a lone row, and an fp32 replay exact on another CPU as far as the products go. Measured on the 2-core Xeon
-(cold weights, SmolLM2's shapes): 1 row ~20 GB/s of weights against oneDNN's ~15, 8 rows ~18 against ~12, the
-lm_head over 28 rows 9-12 ms against oneDNN's ~12.
+(``python -m olmo_tap.benchmarks.fp32_products``, weights from memory, SmolLM2's shapes): 0.66-0.96x oneDNN's
+time for 1 to 8 rows, 0.74-0.95x for 16; the lm_head over 32 rows 1.04x (slower).
 
 The route of an fp32 model's products on CPU (``route_for``), recorded in every float transcript as ``linear``:
 ``native`` where the kernel builds, else ``onednn`` (prepacked oneDNN weights, the only route before this one;
@@ -49,7 +49,7 @@ def requested_route() -> str:
 
 def takes_native() -> bool:
     """Whether fp32 weights big enough to pack take the native kernel here (building it on the first call)."""
-    return kernels.kernel_path() != "stock" and _ROUTE.requested() != "onednn" and _KERNEL.available() is None
+    return why_not_native() is None
 
 
 def why_not_native() -> str | None:

@@ -260,13 +260,14 @@ def why_not_exact(settings: dict[str, Any], model: HydraTransformer) -> str | No
     attention = settings.get("attention") or "torch"
     if native_attention.route_for(model) != attention:
         return f"the generator's {attention} attention route does not run here"
-    return _other_quantized_products(settings, model)
+    return _other_products(settings, model)
 
 
-def _other_quantized_products(settings: dict[str, Any], model: HydraTransformer) -> str | None:
-    """None where the replay's weights and products are the generator's: both float, or the same quantization
-    on a route that takes it here. Not the fused route (its loops are Inductor's, generated for each CPU), nor a
-    transcript from before the route was recorded."""
+def _other_products(settings: dict[str, Any], model: HydraTransformer) -> str | None:
+    """None where the replay's weights and products are the generator's: float on the same route (native,
+    oneDNN or stock), or the same quantization on a route that takes it here; else why not. Not the fused route
+    (its loops are Inductor's, generated for each CPU), nor a quantized transcript from before its route was
+    recorded."""
     scheme = settings.get("quantization")
     if scheme != model.quantization_scheme:
         return f"weights {scheme or 'float'} in the transcript, {model.quantization_scheme or 'float'} here"
