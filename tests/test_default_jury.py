@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,18 +42,18 @@ def test_each_head_is_the_base_plus_its_own_shipped_adapter(smollm, olmo_tap_cac
         assert torch.equal(a, b)
 
 
-def test_the_shipped_adapters_are_small_and_read_by_peft(smollm, olmo_tap_cache):
+def test_the_shipped_adapters_are_small_and_read_by_peft(smollm, transformers_gguf_reference):
     """peft applies head 0's adapter to transformers' own model of the same GGUF file: the same logits as the
     jury's head 0 (an outside reference for the layout and the merge)."""
+    import copy
+
     from peft import PeftModel
-    from test_default_model import GGUF_NAME, gguf_dir
-    from transformers import AutoModelForCausalLM
 
     files = sorted(jury_dir().glob("*/adapter_model.safetensors"))
     assert len(files) == N_TEXT_HEADS + 1
     assert sum(f.stat().st_size for f in files) < 8 * 2**20  # a few MB in all
     model, tokenizer = smollm
-    reference = AutoModelForCausalLM.from_pretrained(gguf_dir(), gguf_file=GGUF_NAME, dtype=torch.float32).eval()
+    reference = copy.deepcopy(transformers_gguf_reference)  # peft changes the model it wraps
     reference = PeftModel.from_pretrained(reference, str(jury_dir() / "head0")).eval()
     ids = torch.tensor([encode_chat(tokenizer, "What is the capital of Peru? Answer in a few words.")])
     with torch.no_grad():
@@ -77,14 +75,13 @@ def test_another_split_of_the_trained_preset_is_refused_by_name(olmo_tap_cache):
     assert HydraTransformer.from_pretrained(DEFAULT_MODEL, n_heads=6, heads_depth=3, progress=False).n_heads == 6
 
 
-def test_train_default_jury_rebuilds_a_shipped_adapter_bit_for_bit(olmo_tap_cache, tmp_path):
+def test_train_default_jury_rebuilds_a_shipped_adapter_bit_for_bit(reproducible_reruns):
     """One head's adapter, rebuilt by the same command (in its reproducible environment, a fresh process) from the
-    embedded base and the shipped data, equals the shipped file byte for byte."""
-    out = tmp_path / "jury"
-    command = [sys.executable, "-m", "olmo_tap.cli", "train", "default-jury", "--out", str(out), "--heads", "0"]
-    done = subprocess.run(
-        [*command, "--compare", "--no-progress"], capture_output=True, text=True, env={**os.environ}, timeout=1200
-    )
+    embedded base and the shipped data, equals the shipped file byte for byte. The command (``olmo-tap train
+    default-jury --heads 0 --compare``) runs in the background beside the shipped GCG bank's rerun (conftest)."""
+    rerun = reproducible_reruns["default-jury"]
+    done = rerun.wait(timeout=1200)
+    out = Path(rerun.command[rerun.command.index("--out") + 1])
     assert done.returncode == 0, done.stdout + done.stderr
     rebuilt = (out / "head0" / "adapter_model.safetensors").read_bytes()
     if rebuilt != (jury_dir() / "head0" / "adapter_model.safetensors").read_bytes():

@@ -21,12 +21,10 @@ def gguf_dir() -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def test_logits_equal_transformers_gguf_load(smollm_clones):
+def test_logits_equal_transformers_gguf_load(smollm_clones, transformers_gguf_reference):
     """The released model, split into clones: every head is the whole model of the GGUF file."""
-    from transformers import AutoModelForCausalLM
-
     model, tokenizer = smollm_clones
-    reference = AutoModelForCausalLM.from_pretrained(gguf_dir(), gguf_file=GGUF_NAME, dtype=torch.float32).eval()
+    reference = transformers_gguf_reference
     ids = torch.tensor([encode_chat(tokenizer, "Give me three tips for staying healthy while working from home.")])
     with torch.no_grad():
         expected = reference(ids).logits[0]

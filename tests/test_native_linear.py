@@ -12,6 +12,7 @@ from olmo_tap.inference.settings import DecodeSettings
 from olmo_tap.inference.transcript import check_transcript, content_digest, transcript_dict
 from olmo_tap.model import kernels, layers, native_linear
 from olmo_tap.verify.poe_audit import audit_poe
+from tests.native_builds import linear_variant
 
 
 @pytest.fixture(autouse=True)
@@ -60,21 +61,17 @@ def test_a_row_gets_the_same_bits_whatever_shares_its_call_and_however_many_thre
 def test_every_vector_path_gives_the_same_bits():
     """Machines differ (AVX-512 one day, AVX2 the next, another architecture): builds without AVX-512, and
     without any vector path, must give this build's bits."""
-    from olmo_tap.native import NativeKernel
-
-    variants = {"olmo_tap_f32_plain": ("-DOLMO_TAP_NO_AVX512", "-DOLMO_TAP_NO_AVX2")}
-    if native_linear.vector_path() == "avx512":
-        variants["olmo_tap_f32_avx2"] = ("-DOLMO_TAP_NO_AVX512",)
-    for name, flags in variants.items():
-        build = NativeKernel(native_linear._KERNEL.source, name, name, None, (*flags, f"-DOLMO_TAP_OPS={name}"))
+    paths = ["plain"] + (["avx2"] if native_linear.vector_path() == "avx512" else [])
+    for path in paths:
+        build = linear_variant(path)
         assert build.available() is None, build.available()
-        ops = getattr(torch.ops, name)
-        assert ops.mm_f32_path() == name.rsplit("_", 1)[1]
+        ops = getattr(torch.ops, f"olmo_tap_f32_{path}")
+        assert ops.mm_f32_path() == path
         for n_in, out in SHAPES:
             for rows in (1, 2, 3, 4, 8, 9, 19):
                 x, w = operands(n_in, out, rows, seed=rows)
                 theirs = ops.mm_f32(x, ops.pack_f32(w), out)
-                assert torch.equal(native_linear.product(x, native_linear.pack(w), out), theirs), (name, n_in, out)
+                assert torch.equal(native_linear.product(x, native_linear.pack(w), out), theirs), (path, n_in, out)
 
 
 def test_bad_operands_are_refused_by_name():

@@ -19,6 +19,7 @@ from olmo_tap.quant.model import quantize_model, quantized_bytes
 from olmo_tap.quant.weights import QuantizedStack, QuantizedWeight, quantize
 from olmo_tap.weights.errors import WeightsError
 from olmo_tap.weights.gguf import _BLOCK_NAMES
+from tests.native_builds import quant_variant
 from tests.test_weights_io import hf_state
 from tests.tiny import LetterTokenizer, tiny_hydra
 
@@ -255,12 +256,7 @@ def test_every_kernel_route_equals_its_reference(kernel: str, monkeypatch: pytes
 
 def _kernel_variant(name: str, *cflags: str) -> Any:
     """A build of native.cpp with ``cflags`` after -march=native, its ops under the namespace ``name``."""
-    from olmo_tap.native import NativeKernel
-    from olmo_tap.quant import native
-
-    variant = NativeKernel(
-        native._KERNEL.source, name, f"quantized kernel ({name})", None, (*cflags, f"-DOLMO_TAP_OPS={name}")
-    )
+    variant = quant_variant(name, *cflags)
     assert variant.available() is None, variant.available()
     return variant
 

@@ -4,9 +4,6 @@ differences, determinism, the bank file, resuming, and the shipped bank against 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -178,29 +175,17 @@ def test_malformed_banks_are_named(tmp_path, content, message):
         load_bank(tmp_path / "missing.json")
 
 
-def test_the_shipped_bank_is_what_the_command_makes(olmo_tap_cache):
+def test_the_shipped_bank_is_what_the_command_makes(reproducible_reruns):
     """The shipped bank's first entry: its questions and seed are the ones the code derives, and one GCG step
-    rerun from them (a fresh process, the bank's reproducible arithmetic) gives the suffix its trace records."""
-    from olmo_tap.train.default_jury import REPRODUCIBLE_ENV
-
+    rerun from them (a fresh process, the bank's reproducible arithmetic; started in the background beside the
+    default jury's rebuild, conftest) gives the suffix its trace records."""
     path = shipped_bank_path("smollm2-135m-instruct")
     assert path is not None, "the embedded default ships an attack bank"
     bank = load_bank(path)
     assert len(bank.entries) >= 3 and bank.settings["target"] == "jury"
     assert bank.entries == sorted(bank.entries, key=lambda e: e.rank_key())
     entry = min(bank.entries, key=lambda e: e.index)
-    code = (
-        "import json, sys; from olmo_tap import HydraTransformer, load_tokenizer;"
-        "from olmo_tap.robustness.bank import load_bank, model_fingerprint; from olmo_tap.robustness.build import "
-        "rerun_entry; m = HydraTransformer.from_pretrained('smollm2-135m-instruct', progress=False);"
-        "t = load_tokenizer('smollm2-135m-instruct'); b = load_bank(sys.argv[1]);"
-        "e = min(b.entries, key=lambda e: e.index);"
-        "print(json.dumps({'fingerprint': model_fingerprint(m), 'trace': rerun_entry(m, t, b, e, 1)}))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=900,
-        env={**os.environ, **REPRODUCIBLE_ENV},
-    )  # fmt: skip
+    done = reproducible_reruns["gcg-bank"].wait(timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["fingerprint"] == bank.fingerprint  # made for exactly these weights

