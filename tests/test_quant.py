@@ -506,7 +506,7 @@ def test_quantized_transcript_replays_exactly_on_its_route_and_a_forged_token_is
     monkeypatch.setenv(qlinear.QUANT_KERNEL_ENV, kernel)
     data = transcript_dict(PoE(model, tok, gamma=3, seed=2, max_new_tokens=10).generate_with_cache("cab"))
     assert data["settings"]["quantization"] == "int8"
-    assert data["settings"]["quant_kernel"] == kernel
+    assert data["settings"]["quant_kernel"] == qlinear.recorded_route(kernel)
     monkeypatch.setenv(qlinear.QUANT_KERNEL_ENV, "dequantize" if kernel == "native" else "native")
     report = audit_poe(data, model, tokenizer=tok)
     assert report.honest and report.exact and report.tolerance == 0, report.reason
@@ -518,6 +518,29 @@ def test_quantized_transcript_replays_exactly_on_its_route_and_a_forged_token_is
     report = audit_poe(restamp(older, tok), model, tokenizer=tok)
     assert report.honest and not report.exact, report.reason
     assert any("not an exact replay (the transcript does not record" in note for note in report.notes)
+
+
+def test_a_transcript_of_an_earlier_native_revision_replays_within_tolerance(monkeypatch) -> None:
+    """The native kernel's int4 arithmetic changed once (its minimum term summed in 16 partial sums, not one
+    chain): a transcript that records the earlier revision ("native") is not claimed exact on the current one;
+    it replays on the native route within the tolerance, and a forged token is still caught."""
+    from olmo_tap.inference.poe import PoE
+    from olmo_tap.inference.transcript import transcript_dict
+    from olmo_tap.verify.forgery import restamp
+    from olmo_tap.verify.poe_audit import audit_poe
+
+    model = quantize_model(tiny_hydra(vocab=6, n_heads=3, scale=1.0, ffn=64), "int4")
+    tok = LetterTokenizer(6)
+    monkeypatch.setenv(qlinear.QUANT_KERNEL_ENV, "native")
+    data = transcript_dict(PoE(model, tok, gamma=3, seed=2, max_new_tokens=10).generate_with_cache("cab"))
+    assert data["settings"]["quant_kernel"] == qlinear.NATIVE_REVISION == "native-2"
+    earlier = json.loads(json.dumps(data))
+    earlier["settings"]["quant_kernel"] = "native"
+    report = audit_poe(restamp(earlier, tok), model, tokenizer=tok)
+    assert report.honest and not report.exact, report.reason
+    assert any("earlier revision" in note for note in report.notes), report.notes
+    earlier["token_ids"][4] = (earlier["token_ids"][4] + 1) % 6
+    assert not audit_poe(restamp(earlier, tok), model, tokenizer=tok).honest
 
 
 @pytest.mark.parametrize(

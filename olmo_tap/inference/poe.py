@@ -55,6 +55,7 @@ from olmo_tap.inference.settings import DecodeSettings, Mode
 from olmo_tap.inference.text import TextStream
 from olmo_tap.model import native_attention, native_linear
 from olmo_tap.model.kv_cache import HydraCache
+from olmo_tap.quant.linear import recorded_route
 from olmo_tap.quant.linear import route_for as quant_route_for
 from olmo_tap.weights.tokenizer import vocab_limit
 
@@ -579,7 +580,7 @@ class Sequence:
         if model.quantization_scheme is not None:
             record["quantization"] = model.quantization_scheme
             # the products' route: the native kernel rounds activations to int8, the others do not
-            record["quant_kernel"] = quant_route_for(model)
+            record["quant_kernel"] = recorded_route(quant_route_for(model))
         else:  # the float products' route: each sums in its own order
             record["linear"] = native_linear.route_for(model)
         self.output = new_output(decoder.tokenizer, prompt_ids, decider, verifiers, record)

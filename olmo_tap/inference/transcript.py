@@ -40,7 +40,7 @@ from olmo_tap.inference.poe import PoEOutput
 from olmo_tap.inference.settings import MODES
 from olmo_tap.model.native_attention import TAKEN
 from olmo_tap.model.native_linear import RECORDED as LINEAR_ROUTES
-from olmo_tap.quant.linear import QUANT_KERNELS
+from olmo_tap.quant.linear import RECORDED_KERNELS
 
 FORMAT = "olmo-tap-transcript"
 VERSION = 2
@@ -192,7 +192,7 @@ def check_settings(settings: Any) -> dict[str, Any]:
         _check(s["quantization"] in ("int8", "int4", "gguf"), "quantization", "int8, int4 or gguf", s["quantization"])
     if s.get("quant_kernel") is not None:
         _check(s.get("quantization") is not None, "quant_kernel", "absent for float weights", s["quant_kernel"])
-        _check(s["quant_kernel"] in QUANT_KERNELS, "quant_kernel", ", ".join(QUANT_KERNELS), s["quant_kernel"])
+        _check(s["quant_kernel"] in RECORDED_KERNELS, "quant_kernel", ", ".join(RECORDED_KERNELS), s["quant_kernel"])
     if s.get("linear") is not None:
         _check(s.get("quantization") is None, "linear", "absent for quantized weights", s["linear"])
         _check(s["linear"] in LINEAR_ROUTES, "linear", ", ".join(LINEAR_ROUTES), s["linear"])

@@ -33,6 +33,11 @@ from olmo_tap.quant.weights import QuantizedStack, QuantizedWeight
 
 QUANT_KERNEL_ENV = "OLMO_TAP_QUANT_KERNEL"
 QUANT_KERNELS = ("native", "fused", "dequantize")
+# What a transcript records for the native route: the revision of its arithmetic, since a replay is exact only on
+# the same one. "native" (before 2026-12-02): an int4 weight's minimum term summed in one FMA chain per row;
+# "native-2": in 16 partial sums (native.cpp's int4_shifts), the same bits on every CPU path and 20-30% faster.
+NATIVE_REVISION = "native-2"
+RECORDED_KERNELS = ("native", NATIVE_REVISION, "fused", "dequantize")
 # Rows up to which a product takes the native kernel rather than the chunked dequantize-and-multiply, per scheme.
 # The same on every CPU, so that a transcript's products take the same routes wherever it is replayed (the native
 # kernel's AVX2 and AVX-512 paths give the same bits; its int8-rounded activations do not give the float routes'
@@ -79,6 +84,17 @@ def route_for(model: torch.nn.Module) -> str:
     """The route ``model``'s quantized products of a few rows take here (``quant_route``; on other devices than
     the CPU every product dequantizes). Recorded in a quantized answer's transcript."""
     return quant_route() if model.device.type == "cpu" else "dequantize"  # type: ignore[attr-defined]
+
+
+def recorded_route(route: str) -> str:
+    """What a transcript records for products on ``route``: the native route's current revision, else the route."""
+    return NATIVE_REVISION if route == "native" else route
+
+
+def replay_route(recorded: str) -> str:
+    """The route that replays a transcript recording ``recorded`` (an earlier native revision: the native route,
+    which the audit then knows is not the generator's arithmetic)."""
+    return "native" if recorded in ("native", NATIVE_REVISION) else recorded
 
 
 def fused_int8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

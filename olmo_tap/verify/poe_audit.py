@@ -275,10 +275,12 @@ def _other_products(settings: dict[str, Any], model: HydraTransformer) -> str | 
         recorded, here = settings.get("linear"), native_linear.route_for(model)
         return None if recorded in (None, here) else f"the generator's {recorded} products run {here} here"
     route = settings.get("quant_kernel")
-    if route in ("native", "dequantize") and qlinear.route_for(model) == route:
+    if route in (qlinear.NATIVE_REVISION, "dequantize") and qlinear.recorded_route(qlinear.route_for(model)) == route:
         return None
     if route is None:
         return "the transcript does not record its quantized products' route"
+    if route == "native":
+        return "the generator's native quantized products are an earlier revision's (other rounding of int4 weights)"
     return f"the quantized products' {route} route is not replayed exactly here"
 
 

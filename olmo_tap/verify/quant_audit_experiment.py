@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         with qlinear.route_as(route):
             transcripts = generate(model, tokenizer, texts, f"honest, {route} route")
         recorded = {t["settings"]["quant_kernel"] for t in transcripts}
-        if recorded != {route}:
+        if recorded != {qlinear.recorded_route(route)}:
             raise RuntimeError(f"transcripts decoded on the {route} route record {sorted(recorded)}")
         with qlinear.route_as(auditor):
             audits: list[PoEAudit] = [audit(t, model, tokenizer) for t in tqdm(transcripts, desc="audit honest")]

@@ -48,7 +48,7 @@ def generator_routes(settings: dict[str, Any]) -> Iterator[None]:
             # a float transcript from before the native products was decoded on oneDNN's
             stack.enter_context(native_linear.route_as(settings.get("linear") or "onednn"))
         if settings.get("quant_kernel") is not None:
-            stack.enter_context(qlinear.route_as(settings["quant_kernel"]))
+            stack.enter_context(qlinear.route_as(qlinear.replay_route(settings["quant_kernel"])))
         yield
 
 
