@@ -381,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--compile",
         action="store_true",
-        help="single mode: compile the decode step to native code (faster steps; a one-off compile of ~1 min)",
+        help="single and poe modes: compile the (draft) head's decode step to native code (faster steps; a one-off "
+        "compile of ~1 min)",
     )
     gen.add_argument(
         "--certainty",
@@ -440,8 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "generate" and not args.chat and not args.prompt:
         parser.error("generate needs a prompt (or --chat)")
-    if args.command == "generate" and args.compile and args.mode != "single":
-        parser.error("--compile needs --mode single (PoE and naive decoding run several heads per step)")
+    if args.command == "generate" and args.compile and args.mode == "naive":
+        parser.error("--compile needs --mode single or poe (naive decoding runs every head each step)")
     if args.command == "generate" and args.mcq and args.certainty not in (None, "mcq"):
         parser.error(f"--mcq asks for the uncertainty head, --certainty {args.certainty} for another")
     if args.command == "generate" and args.attack_bank and not args.robustness:

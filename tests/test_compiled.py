@@ -71,8 +71,33 @@ def test_compiled_tower_is_rebuilt_when_weights_change_and_guards_its_window():
     assert window_for(1, 4096) == 256 and window_for(257, 4096) == 512 and window_for(3000, 2048 + 1024) == 3072
 
 
-def test_compile_needs_single_mode():
+def test_compile_is_refused_for_naive_decoding_and_batches():
     model, tok = tiny_hydra(vocab=6, n_heads=3), LetterTokenizer(6)
-    for mode in ("poe", "naive"):
-        with pytest.raises(ValueError, match="compile applies to mode 'single'"):
-            PoE(model, tok, mode=mode, compile=True)
+    with pytest.raises(ValueError, match="compile applies to modes 'single' and 'poe'"):
+        PoE(model, tok, mode="naive", compile=True)
+    decoder = PoE(model, tok, mode="poe", compile=True, max_new_tokens=4)
+    with pytest.raises(ValueError, match="compile decodes one sequence at a time"):
+        decoder.generate_many(["abc", "bad"], max_batch=2)
+    assert len(decoder.generate_many(["abc", "bad"], max_batch=1)) == 2
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_compiled_poe_drafts_give_the_eager_answer(temperature):
+    """PoE with compiled draft steps (the draft tower's window; verification eager on the trunk states the
+    compiled steps return): the eager answer's tokens, drafts, rejections and signals."""
+    model, tok = tiny_hydra(vocab=6, n_heads=4, heads_depth=1, seed=5), LetterTokenizer(6)
+    runs = {
+        compiled: PoE(model, tok, max_new_tokens=30, gamma=3, draft_head=2, compile=compiled).generate_with_cache(
+            "abc", temperature=temperature, seed=4
+        )
+        for compiled in (False, True)
+    }
+    eager, compiled = runs[False], runs[True]
+    assert len(compiled.token_ids) == 30 and compiled.settings["compile"] is True
+    assert compiled.token_ids == eager.token_ids
+    assert (compiled.n_rounds, compiled.n_drafted, compiled.n_accepted) == (
+        eager.n_rounds, eager.n_drafted, eager.n_accepted,
+    )  # fmt: skip
+    if temperature > 0:
+        assert compiled.n_accepted < compiled.n_drafted  # rejections, so rollbacks over the window happened
+    assert compiled.token_entropies == pytest.approx(eager.token_entropies, abs=1e-4)

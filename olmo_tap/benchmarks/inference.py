@@ -183,7 +183,7 @@ def ours(
     compile: bool = False,
 ) -> Candidate:
     """A configuration decoded by ``PoE`` in ``mode`` (single, naive or poe); ``compile``: the compiled step
-    (single only)."""
+    (single: the head's; poe: the draft head's)."""
     temperature = config.temperature if sampling == "sampled" else 0.0
     settings = DecodeSettings(
         mode=mode,  # type: ignore[arg-type]
@@ -629,7 +629,7 @@ def _quantized_group(
     notes: list[str],
     progress: bool,
 ) -> list[dict]:
-    """``config.quantize``'s models, each as its baseline (eager and compiled) and PoE greedy at gamma 4, and
+    """``config.quantize``'s models, each as its baseline and PoE greedy at gamma 4 (eager and compiled), and
     llama.cpp on the model's GGUF file: one group, timed interleaved (the fair comparison)."""
     from olmo_tap.benchmarks import llama_cpp_reference
     from olmo_tap.weights.loading import gguf_source_path
@@ -659,7 +659,11 @@ def _quantized_group(
                 f"{prefix}baseline_compiled", "baseline", main_heads, model, tokenizer, config, "single", compile=True
             ),
             ours(f"{prefix}hydra_poe_g{gamma}_greedy", "hydra_poe", main_heads, model, tokenizer, config, "poe", gamma),
-        ]
+            ours(
+                f"{prefix}hydra_poe_g{gamma}_greedy_compiled", "hydra_poe", main_heads, model, tokenizer, config, "poe",
+                gamma, compile=True,
+            ),
+        ]  # fmt: skip
     why_not = llama_cpp_reference.available(gguf_path, config.threads) if config.llama_cpp else None
     if config.llama_cpp and gguf_path is not None and why_not is None:
         group.insert(0, llama_cpp_reference.llama_cpp_candidate(gguf_path, tokenizer, config, main_heads))

@@ -132,13 +132,14 @@ def evaluate_quantized(rows: list[dict[str, Any]]) -> list[dict]:
                     by_name.get(prefix + name), llama, SINGLE_OVER_LLAMA_CPP,
                 )
             )  # fmt: skip
-        poe = by_name.get(f"{prefix}hydra_poe_g{TARGET_GAMMA}_greedy")
-        found.append(
-            _decode_ratio(
-                f"{scheme} PoE gamma {TARGET_GAMMA} greedy >= {POE_OVER_LLAMA_CPP}x llama.cpp (decode tok/s)",
-                poe, llama, POE_OVER_LLAMA_CPP,
-            )
-        )  # fmt: skip
+        for compiled in ("", "_compiled"):
+            found.append(
+                _decode_ratio(
+                    f"{scheme} PoE gamma {TARGET_GAMMA} greedy{compiled.replace('_', ' ')} >= {POE_OVER_LLAMA_CPP}x "
+                    "llama.cpp (decode tok/s)",
+                    by_name.get(f"{prefix}hydra_poe_g{TARGET_GAMMA}_greedy{compiled}"), llama, POE_OVER_LLAMA_CPP,
+                )
+            )  # fmt: skip
         for name in ("baseline", f"hydra_poe_g{TARGET_GAMMA}_greedy"):
             ours, theirs = by_name.get(prefix + name), llama
             if ours is None or theirs is None:

@@ -453,6 +453,11 @@ class PoE:
         ``olmo_tap.engine.batch``); its transcript says it was batched."""
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if self.settings.compile and max_batch > 1 and len(prompts) > 1:
+            raise ValueError(
+                "compile decodes one sequence at a time (a compiled step's window holds one sequence's keys and "
+                "values): use max_batch=1, or decode without compile"
+            )
         seeds = [None] * len(prompts) if seeds is None else list(seeds)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
@@ -660,6 +665,7 @@ class Sequence:
         pending = prompt_ids[-1]
         emitted = 0
         round_index = -1
+        compiled = None  # with settings.compile: the draft tower's compiled step, after the first (eager) one
         while emitted < settings.max_new_tokens:
             g = min(settings.gamma, settings.max_new_tokens - emitted)
             round_index += 1
@@ -667,12 +673,22 @@ class Sequence:
             trunk_states, draft_logits, drafts = [], [], []
             token = pending
             for k in range(g):
-                step = yield Step(slot, token, decided - 1 + k, range(draft, draft + 1))
-                logits = step.logits[0, :vocab]
-                if k == 0 and decided == len(prompt_ids):
-                    self.witness["draft"] = step.hidden[0]
+                position = decided - 1 + k  # of the token the step reads
+                if compiled is not None:
+                    # Its window holds the trunk's and the draft head's keys and values, which only draft steps
+                    # read; after a rejection the next round writes over the stale positions, as in the cache.
+                    logits, trunk_state = yield Local(partial(compiled.draft_step, token, position))
+                    logits = logits[:vocab]
+                else:
+                    step = yield Step(slot, token, position, range(draft, draft + 1))
+                    logits, trunk_state = step.logits[0, :vocab], step.trunk_state
+                    if k == 0 and decided == len(prompt_ids):
+                        self.witness["draft"] = step.hidden[0]
+                        if settings.compile:  # after the first (eager) step, which also gave the witness state
+                            compiled = decoder.model.compiled_tower(draft, len(prompt_ids) + settings.max_new_tokens)
+                            compiled.load_cache(self.cache, slot, position + 1)
                 token = sample_from_logits(logits, temperature, seed, decided + k, Purpose.SAMPLE)
-                trunk_states.append(step.trunk_state)
+                trunk_states.append(trunk_state)
                 draft_logits.append(logits)
                 drafts.append(token)
                 if token in decoder.stop_ids:

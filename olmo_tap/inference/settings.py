@@ -35,7 +35,8 @@ class DecodeSettings:
     :param n_llm_heads: text heads taking part (None: every text head of the model).
     :param max_new_tokens: bound on the response length.
     :param ignore_eos: keep going past end-of-text (fixed-length runs for benchmarks).
-    :param compile: mode "single" only: the tower's step compiled to native code (same tokens, faster steps).
+    :param compile: modes "single" and "poe": one tower's decode step compiled to native code (single: the
+        head's; poe: the draft head's, while verification stays eager); faster steps, rounding of the compiler's.
     :param top_logprobs: None: none computed; 0 to 20: each token's log-probability and that many alternatives.
     """
 
@@ -69,8 +70,8 @@ class DecodeSettings:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ValueError(f"{name} must be None or an integer >= 0, got {value!r}")
-        if self.compile and self.mode != "single":
-            raise ValueError(f"compile applies to mode 'single' only (one head per step), not {self.mode!r}")
+        if self.compile and self.mode == "naive":
+            raise ValueError("compile applies to modes 'single' and 'poe' (one head per step), not 'naive'")
         top = self.top_logprobs
         if top is not None and (not isinstance(top, int) or not 0 <= top <= 20):
             raise ValueError(f"top_logprobs must be None or an integer in [0, 20], got {top!r}")

@@ -109,6 +109,7 @@ class _TowerStep(nn.Module):
         # dequantizing reductions traced into the step's graph (``olmo_tap.quant.linear.step_product``); the codes
         # are buffers, never folded to floats.
         self.quantized = model.quantization is not None
+        self.trunk_layers = len(model.trunk)
         self.layers = nn.ModuleList()
         for block, t in model.tower_blocks(head):
             layer = nn.Module()
@@ -136,8 +137,9 @@ class _TowerStep(nn.Module):
         self.register_buffer("sin", sin)
         self.register_buffer("slots", torch.arange(window, device=model.device))
 
-    def forward(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """token, position: (1,) int64 -> logits (1, vocab)."""
+    def forward(self, token: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """token, position: (1,) int64 -> logits (1, vocab) and the trunk's output (1, d_model): the state PoE's
+        verifiers take."""
         c = self.config
         if self.quantized:
             scheme, codes, scale, minimum = _quantized_parts(self, "embed")[0]
@@ -147,7 +149,10 @@ class _TowerStep(nn.Module):
             x = F.embedding(token, self.embed)
         cos, sin = self.cos[:, position], self.sin[:, position]  # (q_heads + kv_heads, 1, head_dim)
         hidden_mask = self.slots > position  # keys not yet written, or stale
-        for layer in self.layers:
+        trunk_state = x
+        for i, layer in enumerate(self.layers):
+            if i == self.trunk_layers:
+                trunk_state = x
             x = residual_layer(
                 x,
                 lambda h, layer=layer: self._attention(layer, h, position, cos, sin, hidden_mask),
@@ -156,7 +161,7 @@ class _TowerStep(nn.Module):
                 lambda h, layer=layer: rms_norm(h, layer.ffn_norm, c.norm_eps, self.olmo2),
                 post_norm=self.olmo2,
             )
-        return _linear(self, "lm_head", rms_norm(x, self.norm, c.norm_eps, self.olmo2))
+        return _linear(self, "lm_head", rms_norm(x, self.norm, c.norm_eps, self.olmo2)), trunk_state
 
     def _attention(
         self,
@@ -265,20 +270,25 @@ class CompiledTower:
             window_layer.k[:, :length].copy_(layer.k[slot, tower, :, :length])
             window_layer.v[:, :length].copy_(layer.v[slot, tower, :, :length])
 
-    @torch.no_grad()
     def step(self, token: int, position: int) -> torch.Tensor:
         """Logits (vocab,) for ``token`` at ``position``; its keys and values are written into the window."""
+        return self.draft_step(token, position)[0]
+
+    @torch.no_grad()
+    def draft_step(self, token: int, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``step``, with the trunk's output (d_model,) at ``position``: a PoE draft step's result."""
         if not 0 <= position < self.window:
             raise ValueError(f"position {position} is outside the compiled window of {self.window}")
         self._token.fill_(token)
         self._position.fill_(position)
         if self.compiled:
-            return self._run(self._token, self._position)[0]
+            logits, trunk_state = self._run(self._token, self._position)
+            return logits[0], trunk_state[0]
         settings = _compile_settings(self.model.device, frozen=not self.module.quantized)
         with _inductor_packing(self.model.dtype), torch._inductor.config.patch(settings):
-            logits = self._run(self._token, self._position)[0]  # compiles
+            logits, trunk_state = self._run(self._token, self._position)  # compiles
         self.compiled = True
-        return logits
+        return logits[0], trunk_state[0]
 
 
 def _compile_settings(device: torch.device, frozen: bool = True) -> dict[str, object]:
