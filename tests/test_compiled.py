@@ -101,3 +101,17 @@ def test_compiled_poe_drafts_give_the_eager_answer(temperature):
     if temperature > 0:
         assert compiled.n_accepted < compiled.n_drafted  # rejections, so rollbacks over the window happened
     assert compiled.token_entropies == pytest.approx(eager.token_entropies, abs=1e-4)
+
+
+def test_towers_past_dynamos_recompile_limit_still_compile(monkeypatch):
+    """Dynamo counts compiles per code object, not per tower: a process that builds more towers than its limit
+    (models, windows, PoE's draft heads) must still get them. Here the default limit is taken as already 1."""
+    from olmo_tap.model import compiled
+
+    model = tiny_hydra(vocab=6, n_heads=2, heads_depth=1, seed=7)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    first, second = compiled.CompiledTower(model, 0, 64), compiled.CompiledTower(model, 1, 128)
+    assert first.step(1, 0).shape == second.step(1, 0).shape  # the second compile of _TowerStep.forward
+    monkeypatch.setattr(compiled, "RECOMPILE_LIMIT", 1)
+    with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):  # what the limit did before
+        compiled.CompiledTower(model, 1, 32).step(1, 0)

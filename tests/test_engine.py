@@ -125,7 +125,7 @@ def test_decode_settings_are_validated_and_round_trip():
         ({"gamma": 0}, "gamma"),
         ({"temperature": -1}, "temperature"),
         ({"veto_threshold": 1.5}, "veto_threshold"),
-        ({"mode": "poe", "compile": True}, "compile"),
+        ({"mode": "naive", "compile": True}, "compile"),
         ({"top_logprobs": 21}, "top_logprobs"),
         ({"seed": -2}, "seed"),
     ):
