@@ -109,9 +109,12 @@ def test_towers_past_dynamos_recompile_limit_still_compile(monkeypatch):
     from olmo_tap.model import compiled
 
     model = tiny_hydra(vocab=6, n_heads=2, heads_depth=1, seed=7)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    first, second = compiled.CompiledTower(model, 0, 64), compiled.CompiledTower(model, 1, 128)
-    assert first.step(1, 0).shape == second.step(1, 0).shape  # the second compile of _TowerStep.forward
-    monkeypatch.setattr(compiled, "RECOMPILE_LIMIT", 1)
-    with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):  # what the limit did before
-        compiled.CompiledTower(model, 1, 32).step(1, 0)
+    limit = torch._dynamo.config.recompile_limit
+    # torch's own patch: pytest's monkeypatch would delete (hide) the config entry on undo
+    with torch._dynamo.config.patch(recompile_limit=1):
+        first, second = compiled.CompiledTower(model, 0, 64), compiled.CompiledTower(model, 1, 128)
+        assert first.step(1, 0).shape == second.step(1, 0).shape  # the second compile of _TowerStep.forward
+        monkeypatch.setattr(compiled, "RECOMPILE_LIMIT", 1)
+        with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):  # what the limit did before
+            compiled.CompiledTower(model, 1, 32).step(1, 0)
+    assert torch._dynamo.config.recompile_limit == limit
