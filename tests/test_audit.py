@@ -58,6 +58,8 @@ def greedy(jury):
     [
         dict(temperature=1.0),
         dict(temperature=0.7, beta=0.5, gamma=3),
+        dict(temperature=1.0, gamma=3, first_gamma=2),
+        dict(temperature=1.0, first_gamma=None),
         dict(temperature=0),
         dict(temperature=1.0, veto_threshold=0.005),
         dict(temperature=1.0, mode="single", draft_head=2),
@@ -586,6 +588,24 @@ def test_the_digest_survives_another_json_writer(jury, sampled):
     assert as_a_browser_writes["settings"]["beta"] == 1 and isinstance(as_a_browser_writes["settings"]["beta"], int)
     assert content_digest(as_a_browser_writes) == transcript["digest"]
     assert check(jury, as_a_browser_writes).honest
+
+
+def test_transcripts_from_before_first_gamma_count_gamma_in_every_round(jury):
+    """A transcript decoded before ``first_gamma`` existed has every round gamma long and no such setting: its
+    rounds are counted so, and it is honest; read as a first round of one draft, its counts would be wrong."""
+    before, now = answers(jury, first_gamma=None), answers(jury)
+    # an answer whose first round accepted drafts, so that the two readings count other rounds
+    transcript = next(b for b, n in zip(before, now, strict=True) if b["output"]["n_rounds"] != n["output"]["n_rounds"])
+    old = copy.deepcopy(transcript)
+    del old["settings"]["first_gamma"]
+    del old["output"]["settings"]["first_gamma"]
+    old["digest"] = content_digest(old)
+    report = check(jury, old)
+    assert report.honest, report.reason
+    misread = copy.deepcopy(old)
+    misread["settings"]["first_gamma"] = misread["output"]["settings"]["first_gamma"] = 1
+    misread["digest"] = content_digest(misread)
+    assert not check(jury, misread).honest
 
 
 def test_version_1_transcripts_are_still_read(jury, sampled):

@@ -8,7 +8,7 @@ import torch
 
 from olmo_tap import HydraTransformer
 from olmo_tap.inference.poe import PoE
-from olmo_tap.model.compiled import window_for
+from olmo_tap.model.compiled import CompiledTower, window_for
 from tests.tiny import LetterTokenizer, tiny_hydra
 
 
@@ -69,6 +69,21 @@ def test_compiled_tower_is_rebuilt_when_weights_change_and_guards_its_window():
     with pytest.raises(ValueError, match="between 1 and 128"):
         model.compiled_tower(0, 129)
     assert window_for(1, 4096) == 256 and window_for(257, 4096) == 512 and window_for(3000, 2048 + 1024) == 3072
+
+
+def test_towers_sharing_the_compiled_code_keep_their_own_weights():
+    """Compiled steps run with Dynamo's guards skipped (``CompiledTower.draft_step``): towers of other heads and
+    windows, built from the same code, called in turn, must each still run their own weights and window."""
+    model = tiny_hydra(vocab=6, n_heads=3, heads_depth=1, seed=11)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 1, 2, 3, 0, 4, 4, 2]])
+    with torch.no_grad():
+        expected = {head: model(ids, head_indices=[head])[0, 0] for head in range(3)}  # (positions, vocab)
+    towers = [(head, model.compiled_tower(head, ids.size(1))) for head in range(3)]
+    towers.append((1, CompiledTower(model, 1, 64)))  # head 1 again, another window
+    for position in range(ids.size(1)):
+        for head, tower in towers:
+            logits = tower.step(int(ids[0, position]), position)
+            torch.testing.assert_close(logits, expected[head][position], atol=1e-4, rtol=0, msg=f"{head} {position}")
 
 
 def test_compile_is_refused_for_naive_decoding_and_batches():

@@ -159,6 +159,23 @@ def test_greedy_equals_stepwise_argmax_of_p(tiny, gamma):
     assert out.n_rounds >= 20 // gamma
 
 
+def test_the_first_round_drafts_first_gamma_tokens_and_changes_no_token(tiny):
+    """The first round drafts ``first_gamma`` tokens (1 by default: the first token after one draft step), later
+    rounds gamma; like gamma, it changes the rounds, never the tokens."""
+    model, tok = tiny
+    for temperature in (0.0, 1.0):
+        runs = {}
+        for first in (None, 1, 2):
+            decoder = PoE(model, tok, gamma=4, first_gamma=first, max_new_tokens=30, seed=11)
+            events = list(decoder.stream("cab", temperature=temperature))
+            runs[first] = [e.token_id for e in events]
+            assert events[0].round == 0 and events[0].drafted == (first or 4)
+            assert all(e.drafted <= 4 for e in events) and any(e.drafted == 4 for e in events)
+        assert runs[None] == runs[1] == runs[2] and len(runs[1]) == 30
+    with pytest.raises(ValueError, match="first_gamma must be None or an integer >= 1"):
+        PoE(model, tok, first_gamma=0)
+
+
 def test_output_depends_on_seed_not_on_gamma(tiny):
     model, tok = tiny
     runs = {

@@ -439,6 +439,11 @@ def test_compiled_step_on_quantized_codes_matches_the_eager_model(tmp_path: Path
             want = expected[position]
             assert (logits - want).abs().max() <= 0.01 * want.abs().max(), f"at {position}"
             assert logits.argmax() == want.argmax(), f"at {position}"
+    # the tower was traced for the native route and skips Dynamo's guards: a route forced later (a replay) makes it
+    # stale, and a fresh tower is built for that route
+    with qlinear.route_as("fused"):
+        assert not tower.is_current()
+        assert model.compiled_tower(1, ids.size(1)) is not tower
 
 
 def test_quantized_decoding_modes_and_refusals(tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ from olmo_tap.inference.jury import jury_distribution, speculative_decision
 from olmo_tap.inference.metrics import entropy_nats, stability_radius, top2_margin, validity_radius
 from olmo_tap.inference.prompts import encode_chat, normalise_messages, stop_token_ids, uncertainty_prompt
 from olmo_tap.inference.sampling import Purpose, check_temperature, head_for_seed, sample_from_logits
-from olmo_tap.inference.settings import DecodeSettings, Mode
+from olmo_tap.inference.settings import DecodeSettings, Mode, round_gamma
 from olmo_tap.inference.text import TextStream
 from olmo_tap.model import native_attention, native_linear
 from olmo_tap.model.kv_cache import HydraCache
@@ -294,6 +294,7 @@ class PoE:
         beta: float = 1.0,
         max_new_tokens: int = 200,
         *,
+        first_gamma: int | None = 1,
         seed: int | None = None,
         veto_threshold: float | None = None,
         draft_head: int | None = None,
@@ -310,6 +311,7 @@ class PoE:
                 mode=mode,
                 temperature=temperature,
                 gamma=gamma,
+                first_gamma=first_gamma,
                 beta=beta,
                 seed=seed,
                 veto_threshold=veto_threshold,
@@ -667,8 +669,8 @@ class Sequence:
         round_index = -1
         compiled = None  # with settings.compile: the draft tower's compiled step, after the first (eager) one
         while emitted < settings.max_new_tokens:
-            g = min(settings.gamma, settings.max_new_tokens - emitted)
             round_index += 1
+            g = min(round_gamma(settings.gamma, settings.first_gamma, round_index), settings.max_new_tokens - emitted)
             # DRAFT: g steps of trunk + draft head, keeping the trunk states for the verifiers.
             trunk_states, draft_logits, drafts = [], [], []
             token = pending

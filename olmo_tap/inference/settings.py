@@ -25,6 +25,9 @@ class DecodeSettings:
     :param mode: "poe" (one head drafts, the others verify as a Product of Experts), "naive" (the text heads'
         logits averaged every step) or "single" (one head).
     :param gamma: draft tokens per round (a pure speed knob: the output does not depend on it).
+    :param first_gamma: draft tokens in the first round (default 1: the first token reaches the reader after one
+        draft step and one verification, not gamma of them, and before a ``compile``'s one-off compile; None:
+        gamma, as transcripts from before this setting were decoded). A speed knob too.
     :param beta: inverse temperature on the verifiers' summed log-probabilities.
     :param temperature: 0 is greedy.
     :param seed: seed of every random draw (None: a fresh one per answer, reported in the output).
@@ -42,6 +45,7 @@ class DecodeSettings:
 
     mode: Mode = "poe"
     gamma: int = 4
+    first_gamma: int | None = 1
     beta: float = 1.0
     temperature: float = 0.98
     seed: int | None = None
@@ -59,6 +63,9 @@ class DecodeSettings:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not isinstance(self.gamma, int) or isinstance(self.gamma, bool) or self.gamma < 1:
             raise ValueError(f"gamma must be an integer >= 1, got {self.gamma!r}")
+        first = self.first_gamma
+        if first is not None and (not isinstance(first, int) or isinstance(first, bool) or first < 1):
+            raise ValueError(f"first_gamma must be None or an integer >= 1, got {first!r}")
         if not isinstance(self.beta, int | float) or not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta!r}")
         object.__setattr__(self, "beta", float(self.beta))
@@ -88,6 +95,12 @@ class DecodeSettings:
         """Read the fields this class knows from ``data`` (a transcript's settings hold more: facts of the run)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def round_gamma(gamma: int, first_gamma: int | None, round_index: int) -> int:
+    """Draft tokens in round ``round_index`` (from 0) of PoE decoding: ``first_gamma`` in the first round (None:
+    gamma), gamma after. The decoder and the audit's count of rounds both read it."""
+    return first_gamma if round_index == 0 and first_gamma is not None else gamma
 
 
 # What a transcript's settings hold besides the DecodeSettings fields: facts of the run an audit needs.

@@ -340,20 +340,31 @@ inline void prefetch(const void* p, int64_t bytes) {
 #endif
 }
 
-// ``tile(o, r0, rows)`` for every output row o (split over the intra-op threads) and every tile of up to 4
-// activation rows from r0 (``rows`` an integral_constant, so each tile's accumulators stay in registers).
+// ``tile(o, r0, rows, y, y_stride)`` for every output row o (split over the intra-op threads) and every tile of
+// up to 4 activation rows from r0 (``rows`` an integral_constant, so each tile's accumulators stay in registers),
+// writing activation row r's result to y[r * y_stride]. The results go to a buffer of kGrain output rows first, then
+// to y (M, out) a row at a time: written straight into y, the M results of one output row lie out * 4 bytes apart,
+// for most layers a multiple of 4 KiB, so they all fall in one set of the L1 cache. Measured in one process,
+// alternating builds, 1 and 2 threads: the int4 products of 4-20 rows (PoE's verification) 5-9% faster, the
+// lm_head's and single rows' unchanged.
 template <typename Tile>
-void for_each_tile(int64_t out, int64_t m, Tile tile) {
+void for_each_tile(int64_t out, int64_t m, float* y, Tile tile) {
   at::parallel_for(0, out, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      int64_t r = 0;
-      for (; r + 4 <= m; r += 4) tile(o, r, std::integral_constant<int, 4>{});
-      switch (m - r) {
-        case 3: tile(o, r, std::integral_constant<int, 3>{}); break;
-        case 2: tile(o, r, std::integral_constant<int, 2>{}); break;
-        case 1: tile(o, r, std::integral_constant<int, 1>{}); break;
-        default: break;
+    std::vector<float> buffer(kGrain * m);
+    for (int64_t start = begin; start < end; start += kGrain) {
+      const int64_t n = std::min(kGrain, end - start);
+      for (int64_t o = start; o < start + n; ++o) {
+        float* yo = buffer.data() + (o - start);
+        int64_t r = 0;
+        for (; r + 4 <= m; r += 4) tile(o, r, std::integral_constant<int, 4>{}, yo, kGrain);
+        switch (m - r) {
+          case 3: tile(o, r, std::integral_constant<int, 3>{}, yo, kGrain); break;
+          case 2: tile(o, r, std::integral_constant<int, 2>{}, yo, kGrain); break;
+          case 1: tile(o, r, std::integral_constant<int, 1>{}, yo, kGrain); break;
+          default: break;
+        }
       }
+      for (int64_t r = 0; r < m; ++r) std::copy_n(buffer.data() + r * kGrain, n, y + r * out + start);
     }
   });
 }
@@ -374,12 +385,12 @@ at::Tensor mm_int8(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   const int8_t* cp = codes.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for_each_tile(out, m, [&](int64_t o, int64_t r0, auto rows) {
+  for_each_tile(out, m, yp, [&](int64_t o, int64_t r0, auto rows, float* yo, int64_t y_stride) {
     if (r0 == 0 && o + kPrefetchRows < out) {
       prefetch(cp + (o + kPrefetchRows) * n_in, n_in);
       prefetch(sp + (o + kPrefetchRows) * groups, groups * 4);
     }
-    tile_int8<decltype(rows)::value>(a, r0, cp + o * n_in, sp + o * groups, kernel_group, yp + o, out);
+    tile_int8<decltype(rows)::value>(a, r0, cp + o * n_in, sp + o * groups, kernel_group, yo, y_stride);
   });
   return y;
 }
@@ -397,13 +408,13 @@ at::Tensor mm_int4(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   const float* sp = scale.data_ptr<float>();
   const float* mp = minimum.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for_each_tile(out, m, [&](int64_t o, int64_t r0, auto rows) {
+  for_each_tile(out, m, yp, [&](int64_t o, int64_t r0, auto rows, float* yo, int64_t y_stride) {
     if (r0 == 0 && o + kPrefetchRows < out) {
       prefetch(cp + (o + kPrefetchRows) * (n_in / 2), n_in / 2);
       prefetch(sp + (o + kPrefetchRows) * groups, groups * 4);
       prefetch(mp + (o + kPrefetchRows) * groups, groups * 4);
     }
-    tile_int4<decltype(rows)::value>(a, r0, cp + o * (n_in / 2), sp + o * groups, mp + o * groups, yp + o, out);
+    tile_int4<decltype(rows)::value>(a, r0, cp + o * (n_in / 2), sp + o * groups, mp + o * groups, yo, y_stride);
   });
   return y;
 }

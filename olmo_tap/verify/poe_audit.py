@@ -53,7 +53,7 @@ from olmo_tap.inference.metrics import validity_radius
 from olmo_tap.inference.poe import OutputFold, PoE, PoEOutput, new_output, position_signals
 from olmo_tap.inference.prompts import stop_token_ids
 from olmo_tap.inference.sampling import Purpose, check_temperature, gumbel, logit_scores, prob_scores, uniform
-from olmo_tap.inference.settings import RECORDED_SETTINGS
+from olmo_tap.inference.settings import RECORDED_SETTINGS, round_gamma
 from olmo_tap.inference.transcript import TOP_LEVEL_FIELDS, check_transcript, content_digest, read_transcript
 from olmo_tap.model import native_attention, native_linear
 from olmo_tap.quant import linear as qlinear
@@ -758,11 +758,12 @@ class _Replay:
         gamma = self.settings.get("gamma") or 1
         max_new = self.settings.get("max_new_tokens") or len(claims) + 1
         decided = [resampled for _, _, resampled in claims] + ([False] if abstained else [])
+        first_gamma = self.settings.get("first_gamma")  # absent from transcripts before it: gamma
         k = g = 0
         for emitted, resampled in enumerate(decided):
             if k == 0:
                 output.n_rounds += 1
-                g = min(gamma, max_new - emitted)
+                g = min(round_gamma(gamma, first_gamma, output.n_rounds - 1), max_new - emitted)
             k = 0 if resampled or k + 1 >= g else k + 1
         output.n_drafted = len(decided)
         output.n_accepted = sum(not r for _, _, r in claims)

@@ -58,6 +58,7 @@ def decoder_for(hydra: HydraTransformer, tokenizer: Any, settings: dict[str, Any
     mode = settings["mode"]
     decode = DecodeSettings.from_dict(settings).replace(
         gamma=settings.get("gamma") or 4,
+        first_gamma=settings.get("first_gamma"),  # absent from transcripts before it: every round gamma
         max_new_tokens=settings.get("max_new_tokens") or hydra.base_config.max_seq_len,
         draft_head=settings["draft_head"] if mode == "poe" else None,
         head=settings["draft_head"] if mode == "single" else None,
