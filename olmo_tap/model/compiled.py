@@ -299,7 +299,11 @@ class CompiledTower:
                 # of a 10 ms quantized step. They are skipped while what they protect is known to hold: the inputs
                 # are this tower's own two tensors, its module and weights do not change without ``is_current``
                 # failing, and the one global the trace reads (the quantized route) is checked here; towers sharing
-                # the compiled code are told apart by the guards that differ between them, which still run.
+                # the compiled code are told apart by the guards that differ between them, which still run. The
+                # stance is process-wide for the ~10 ms of the call: a torch.compile'd function another thread
+                # enters meanwhile skips its guards too. olmo-tap compiles only in the decoding thread (the
+                # service never compiles); a program that compiles its own functions on other threads should
+                # not decode with compile=True at the same time.
                 unchanged = self.quant_kernel == _requested_route(self.module.quantized)
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=unchanged):
                     logits, trunk_state = self._run(self._token, self._position)
