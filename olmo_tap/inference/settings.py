@@ -61,21 +61,20 @@ class DecodeSettings:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not isinstance(self.gamma, int) or isinstance(self.gamma, bool) or self.gamma < 1:
+        if not _is_int_at_least(self.gamma, 1):
             raise ValueError(f"gamma must be an integer >= 1, got {self.gamma!r}")
-        first = self.first_gamma
-        if first is not None and (not isinstance(first, int) or isinstance(first, bool) or first < 1):
-            raise ValueError(f"first_gamma must be None or an integer >= 1, got {first!r}")
+        if self.first_gamma is not None and not _is_int_at_least(self.first_gamma, 1):
+            raise ValueError(f"first_gamma must be None or an integer >= 1, got {self.first_gamma!r}")
         if not isinstance(self.beta, int | float) or not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta!r}")
         object.__setattr__(self, "beta", float(self.beta))
         object.__setattr__(self, "temperature", check_temperature(self.temperature))
         object.__setattr__(self, "veto_threshold", check_veto_threshold(self.veto_threshold))
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not _is_int_at_least(self.max_new_tokens, 1):
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         for name in ("seed", "draft_head", "head", "n_llm_heads"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            if value is not None and not _is_int_at_least(value, 0):
                 raise ValueError(f"{name} must be None or an integer >= 0, got {value!r}")
         if self.compile and self.mode == "naive":
             raise ValueError("compile applies to modes 'single' and 'poe' (one head per step), not 'naive'")
@@ -95,6 +94,10 @@ class DecodeSettings:
         """Read the fields this class knows from ``data`` (a transcript's settings hold more: facts of the run)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _is_int_at_least(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def round_gamma(gamma: int, first_gamma: int | None, round_index: int) -> int:

@@ -112,7 +112,7 @@ class _TowerStep(nn.Module):
 
         # A quantized model's step reads the codes: its products are the native kernel's ops or the fused
         # dequantizing reductions traced into the step's graph (``olmo_tap.quant.linear.step_product``); the codes
-        # are buffers, never folded to floats.
+        # stay codes (graph constants where every product is the native op, see ``_freezable``), never floats.
         self.quantized = model.quantization is not None
         self.trunk_layers = len(model.trunk)
         self.layers = nn.ModuleList()
@@ -266,8 +266,12 @@ class CompiledTower:
         return (
             self.weight_versions == _weight_versions(self.model)
             and self.kernel_epoch == kernels.epoch()
-            and self.quant_kernel == _requested_route(self.module.quantized)
+            and self._same_route()
         )
+
+    def _same_route(self) -> bool:
+        """Whether the quantized products' route is still the one the graph was traced with."""
+        return self.quant_kernel == _requested_route(self.module.quantized)
 
     @torch.no_grad()
     def load_cache(self, cache: HydraCache, slot: int, length: int) -> None:
@@ -304,8 +308,7 @@ class CompiledTower:
                 # enters meanwhile skips its guards too. olmo-tap compiles only in the decoding thread (the
                 # service never compiles); a program that compiles its own functions on other threads should
                 # not decode with compile=True at the same time.
-                unchanged = self.quant_kernel == _requested_route(self.module.quantized)
-                with torch.compiler.set_stance(skip_guard_eval_unsafe=unchanged):
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=self._same_route()):
                     logits, trunk_state = self._run(self._token, self._position)
                 return logits[0], trunk_state[0]
             settings = _compile_settings(self.model.device, frozen=_freezable(self.model, self.module.quantized))
