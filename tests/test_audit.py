@@ -556,12 +556,15 @@ def test_bad_transcripts_are_refused_with_the_field_named(jury, sampled):
         ("draft_head", 7),
         ("mode", "jury"),
         ("gamma", True),
+        ("first_gamma", 0),
+        ("first_gamma", "x"),
     ):
         refused(dict(transcript, settings=dict(transcript["settings"], **{name: value})), f"'{name}'")
     refused(dict(transcript, digest=None), "digest")
     for name, value in (("resampled_idxs", [[1]]), ("token_entropies", ["x"]), ("output_parts", [1])):
         refused(dict(transcript, output=dict(transcript["output"], **{name: value})), f"output.{name}")
-    for name in ("n_heads", "n_llm_heads", "heads_depth", "gamma"):  # sizes an audit would allocate: bounded first
+    # sizes an audit would allocate: bounded first
+    for name in ("n_heads", "n_llm_heads", "heads_depth", "gamma", "first_gamma"):
         refused(dict(transcript, settings=dict(transcript["settings"], **{name: 10**9})), f"'{name}'")
     refused(dict(transcript, settings=dict(transcript["settings"], stop_ids=5)), "stop_ids")
     refused(dict(transcript, output=[]), "output")

@@ -53,7 +53,7 @@ TOP_LEVEL_FIELDS = (*DIGESTED_FIELDS, *OPTIONAL_DIGESTED_FIELDS, "digest", "outp
 MAX_CERTAINTY_SAMPLES = 16  # each is replayed by an audit: bound the work a transcript can ask for
 MAX_ROBUSTNESS_ATTACKS = 16  # likewise each attacked answer
 # Upper bounds of settings that size what an audit allocates (the original system ran 10 heads x 3 layers).
-LIMITS = {"n_heads": 64, "heads_depth": 256, "gamma": 64, "threads": 4096}
+LIMITS = {"n_heads": 64, "heads_depth": 256, "gamma": 64, "first_gamma": 64, "threads": 4096}
 # The types of the output's lists, so a malformed one is refused as bad input rather than met deep in the audit.
 OUTPUT_LISTS = {
     "output_parts": str, "original_tokens": str, "resampled_idxs": int, "token_ids": int, "prompt_ids": int,
@@ -176,7 +176,7 @@ def check_settings(settings: Any) -> dict[str, Any]:
     else:
         ok = _is_int(head) and 0 <= head < s["n_llm_heads"]
         _check(ok, "draft_head", f"a head index in [0, {s['n_llm_heads']})", head)
-    for name in ("gamma", "max_new_tokens", "vocab_limit", "n_heads", "heads_depth", "threads"):
+    for name in ("gamma", "first_gamma", "max_new_tokens", "vocab_limit", "n_heads", "heads_depth", "threads"):
         if s.get(name) is not None:
             low, high = (0 if name == "heads_depth" else 1), LIMITS.get(name)
             ok = _is_int(s[name]) and s[name] >= low and (high is None or s[name] <= high)
