@@ -7,7 +7,8 @@ rows asking for the same heads share their head pass, every ``Verify`` shares on
 all of it shares one lm_head product. The ``Prefill`` ops of a call run first, all prompts in one pass (their
 products read each weight once for all of them), before the call's steps: a prompt is already many rows, and
 running prompts between steps rather than inside them keeps a decoding row's step time bounded by the step
-plus the prompts that arrived with it.
+plus the prompts that arrived with it. Which ops of a batch go into a call is ``due``'s choice: a verification
+waits a few calls for the others' drafts, so that the batch's rounds end together.
 
 Batch invariance: a row's result does not depend on the other rows. Attention runs per row over its own
 slot; norms and elementwise operations are per row; the linear layers on CPU run on olmo-tap's native fp32
@@ -57,6 +58,7 @@ class Step:
     token: int
     position: int
     heads: range
+    draft: bool = False  # a PoE draft: its sequence verifies within a few calls (see ``due``)
 
 
 @dataclass
@@ -76,6 +78,7 @@ class Verify:
     trunk_states: torch.Tensor
     start: int
     heads: list[int]
+    waited: int = 0  # calls it has waited for the batch's drafts (``due``)
 
 
 @dataclass
@@ -93,6 +96,29 @@ class Local:
 
 
 Op = Prefill | Step | Verify | Local
+
+
+def due(ops: list[Op]) -> list[bool]:
+    """Which ops of a batch run in the next call: all but the verifications that wait for the others' drafts.
+
+    Every call with a step pays a whole trunk pass, whose products read every trunk weight whether one row or
+    eight share it, and every call with a verification a pass of all text heads. Sequences fall out of step (a
+    round cut short by a drafted end of text, a sequence that joins mid-round): a batch of 8 whose rounds ended
+    at different calls paid 5 trunk passes and 3 verification passes a round instead of 4 and 1 (measured on the
+    embedded default). So while the other ops of the batch are all draft steps, a verification waits, at most as
+    many calls as its round drafted tokens; the batch's rounds then end together. A step that is not a draft
+    (single-head or naive decoding) pays the trunk pass every call anyway: nothing waits beside it. What a
+    sequence computes does not change, only when: waiting never changes a token.
+    """
+    steps = [op for op in ops if isinstance(op, Step)]
+    drafting = bool(steps) and all(op.draft for op in steps)
+    run = []
+    for op in ops:
+        wait = drafting and isinstance(op, Verify) and op.waited < op.trunk_states.size(0)
+        if wait:
+            op.waited += 1  # type: ignore[union-attr]
+        run.append(not wait)
+    return run
 
 
 def batch_invariant(model: HydraTransformer) -> bool:

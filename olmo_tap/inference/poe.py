@@ -45,6 +45,7 @@ from olmo_tap.engine.batch import (
     Step,
     Verify,
     batch_invariant,
+    due,
 )
 from olmo_tap.hydra import HydraTransformer
 from olmo_tap.inference.jury import jury_distribution, speculative_decision
@@ -497,9 +498,13 @@ class PoE:
                 )  # fmt: skip
                 settle(i, sequence, *sequence.advance())
             batch, active = active, []
-            results = runner.run([op for _, _, op in batch])  # type: ignore[misc]
-            for (i, sequence, _), result in zip(batch, results, strict=True):
-                settle(i, sequence, *sequence.advance(result))
+            now = due([op for _, _, op in batch])  # type: ignore[misc]
+            results = iter(runner.run([op for (_, _, op), go in zip(batch, now, strict=True) if go]))  # type: ignore[misc]
+            for (i, sequence, op), go in zip(batch, now, strict=True):
+                if go:
+                    settle(i, sequence, *sequence.advance(next(results)))
+                else:
+                    active.append((i, sequence, op))
         return outputs  # type: ignore[return-value]
 
     @torch.no_grad()
@@ -682,7 +687,7 @@ class Sequence:
                     logits, trunk_state = yield Local(partial(compiled.draft_step, token, position))
                     logits = logits[:vocab]
                 else:
-                    step = yield Step(slot, token, position, range(draft, draft + 1))
+                    step = yield Step(slot, token, position, range(draft, draft + 1), draft=True)
                     logits, trunk_state = step.logits[0, :vocab], step.trunk_state
                     if k == 0 and decided == len(prompt_ids):
                         self.witness["draft"] = step.hidden[0]

@@ -5,7 +5,8 @@ One thread does every piece of work that touches the model (decoding would block
 thread keeps the kernels' thread pool to itself). Answers are decoded together: a decode job (``DecodeWork``)
 takes a slot of the batch's cache when one is free and joins the batch at the next step; every step advances
 each answer in the batch by one op (a draft step, a verification, a plain step) in batched passes
-(``olmo_tap.engine.batch``); an answer leaves when it is done, its client went away or its time ran out, and
+(``olmo_tap.engine.batch``), except a verification that waits a few steps for the others' drafts so that the
+batch's rounds end together (``due``); an answer leaves when it is done, its client went away or its time ran out, and
 its slot goes to the next job in line. Other work (verification, audits) runs on the same thread between
 steps, and at each of its blocks (``job.check_stop``) the batch takes one step: answers being decoded never
 wait longer than one block of that work. Requests wait in a bounded queue: when it is full, ``submit``
@@ -35,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from olmo_tap.engine.batch import BatchRunner, Op
+from olmo_tap.engine.batch import BatchRunner, Op, due
 
 log = logging.getLogger("olmo_tap.serve")
 
@@ -349,7 +350,9 @@ class Engine:
             if reason := job.stop_reason():
                 job.stopped = reason
                 self._end(job)
-        batch = [job for job in self._active if job.op is not None]
+        waiting = [job for job in self._active if job.op is not None]
+        now = due([job.op for job in waiting])  # type: ignore[misc]
+        batch = [job for job, go in zip(waiting, now, strict=True) if go]
         if not batch:
             return
         try:
