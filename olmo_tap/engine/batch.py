@@ -78,7 +78,8 @@ class Verify:
     trunk_states: torch.Tensor
     start: int
     heads: list[int]
-    waited: int = 0  # calls it has waited for the batch's drafts (``due``)
+    patience: int = 0  # how many calls it may wait for the batch's drafts (``due``)
+    waited: int = 0  # how many it has waited
 
 
 @dataclass
@@ -105,16 +106,18 @@ def due(ops: list[Op]) -> list[bool]:
     eight share it, and every call with a verification a pass of all text heads. Sequences fall out of step (a
     round cut short by a drafted end of text, a sequence that joins mid-round): a batch of 8 whose rounds ended
     at different calls paid 5 trunk passes and 3 verification passes a round instead of 4 and 1 (measured on the
-    embedded default). So while the other ops of the batch are all draft steps, a verification waits, at most as
-    many calls as its round drafted tokens; the batch's rounds then end together. A step that is not a draft
-    (single-head or naive decoding) pays the trunk pass every call anyway: nothing waits beside it. What a
-    sequence computes does not change, only when: waiting never changes a token.
+    embedded default). So a verification waits while the other ops of the batch are all draft steps, and runs
+    with the next verifications: the batch's rounds then end together and begin together. Every round ends in a
+    verification, so the wait is at most the longest round's drafts (plus one call per sequence that joins
+    meanwhile); ``patience`` (the decoder gives twice its gamma) bounds it where the batch's gammas differ. A
+    step that is not a draft (single-head or naive decoding) pays the trunk pass every call anyway: nothing waits
+    beside it. What a sequence computes does not change, only when: waiting never changes a token.
     """
     steps = [op for op in ops if isinstance(op, Step)]
     drafting = bool(steps) and all(op.draft for op in steps)
     run = []
     for op in ops:
-        wait = drafting and isinstance(op, Verify) and op.waited < op.trunk_states.size(0)
+        wait = drafting and isinstance(op, Verify) and op.waited < op.patience
         if wait:
             op.waited += 1  # type: ignore[union-attr]
         run.append(not wait)

@@ -702,7 +702,7 @@ class Sequence:
                     break  # positions after a drafted end of text are never needed
             g = len(drafts)
             # VERIFY: one batched pass of the verifiers over the g saved trunk states.
-            verified = yield Verify(slot, torch.stack(trunk_states), decided - 1, verifiers)
+            verified = yield Verify(slot, torch.stack(trunk_states), decided - 1, verifiers, 2 * settings.gamma)
             verifier_logits = verified.logits[:, :, :vocab]
             target, allowed = jury_distribution(verifier_logits, temperature, settings.beta, settings.veto_threshold)
             q = torch.softmax(torch.stack(draft_logits).float() / temperature, dim=-1) if temperature > 0 else None
