@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,6 +28,7 @@ from olmo_tap.model.layers import (
     Block,
     PackedWeights,
     RMSNorm,
+    RowTowers,
     linear,
     rope_for_positions,
     rope_tables,
@@ -352,6 +354,40 @@ class HydraTransformer(nn.Module):
         for i, block in enumerate(self.heads):
             x = block.forward(x, sel, rows, rope, None if cache is None else cache.heads[i])
         return x
+
+    def heads_rows_each(
+        self, hidden: torch.Tensor, towers: Sequence[int], rows: Rows, cache: HydraCache
+    ) -> torch.Tensor:
+        """Each row of ``hidden`` (tokens, d_model), laid out as ``rows``, through its own text head ``towers[i]``,
+        rows sharing a head next to each other: pre-norm hidden states (tokens, d_model). One pass for all the
+        heads (``RowTowers``); each row gets the bits a pass of its head alone gives it."""
+        if len(towers) != len(rows.slots):
+            raise ValueError(f"{len(towers)} heads for {len(rows.slots)} rows")
+        firsts = [i for i in range(len(towers)) if i == 0 or towers[i] != towers[i - 1]]
+        if len({towers[i] for i in firsts}) != len(firsts):
+            raise ValueError(f"rows sharing a head must be next to each other, got heads {list(towers)}")
+        if len(firsts) == 1:
+            return self.heads_rows(hidden, range(towers[0], towers[0] + 1), rows, cache)[0]
+        self._check_rows(rows, hidden.size(0), cache)
+        bounds = [*firsts, len(towers)]
+        token_bounds = [sum(rows.lengths[:i]) for i in bounds]
+        groups = [Rows(rows.slots[a:b], rows.starts[a:b], rows.lengths[a:b]) for a, b in pairwise(bounds)]
+        for i, group in zip(firsts, groups, strict=True):
+            cache.claim_heads(group, range(towers[i], towers[i] + 1))
+        token_towers = torch.tensor(
+            [towers[i] for i in range(len(towers)) for _ in range(rows.lengths[i])], device=hidden.device
+        )
+        sel = RowTowers(
+            tuple(towers[i] for i in firsts),
+            tuple(slice(a, b) for a, b in pairwise(token_bounds)),
+            tuple(groups),
+            token_towers,
+        )
+        rope = self._rope(rows, True)
+        x = hidden.unsqueeze(0)
+        for i, block in enumerate(self.heads):
+            x = block.forward(x, sel, rows, rope, cache.heads[i])
+        return x[0]
 
     def forward_heads(
         self,

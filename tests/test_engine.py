@@ -9,11 +9,13 @@ import pytest
 import torch
 from tiny import LetterTokenizer, tiny_hydra
 
+from olmo_tap import HydraTransformerConfig, TransformerConfig
 from olmo_tap.engine.batch import BatchRunner, Prefill, Step, Verify, batch_invariant, due
 from olmo_tap.inference.poe import PoE
 from olmo_tap.inference.settings import DecodeSettings
 from olmo_tap.inference.transcript import transcript_dict
 from olmo_tap.model import kernels, layers, native_linear
+from olmo_tap.model.kv_cache import Rows
 from olmo_tap.verify.poe_audit import audit_poe
 
 PROMPTS = ["abc", "fed", "bad cab", "a", "ccc", "deaf", "ace", "bead be"]
@@ -136,6 +138,41 @@ def test_unpacked_kernels_are_reported_as_batch_dependent(one_thread, monkeypatc
     decoder = PoE(model, tokenizer, max_new_tokens=4, seed=1)
     answer = decoder.generate_many(["abc", "de"], max_batch=2)[0]
     assert answer.settings["batched"] and answer.settings["batch_invariant"] is False
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llama", "olmo2"])
+def test_one_pass_of_rows_each_through_its_own_head_gives_each_row_its_heads_bits(packed, one_thread, family):
+    """A batch's draft steps: rows with heads 0, 0, 2, 3, 3 in one pass, each row the bits of a pass of its head
+    alone, and the same keys and values in the cache (OLMo-2: with its per-head q and k norms)."""
+    config = TransformerConfig(family, 6, 32, 2, 4, 2, 8, 48, 10000.0, 1e-5, False, 128)
+    torch.manual_seed(3)
+    model = HydraTransformerConfig.split(config, 4, 1).build().eval()
+    for block in [*model.trunk, *model.heads]:
+        block.reset_parameters(std=0.1)
+    for norm in model.heads.modules():  # every head's norms its own (a fresh model's are all ones)
+        if isinstance(norm, layers.RMSNorm):
+            norm.weight.copy_(torch.rand(norm.weight.shape, generator=torch.Generator().manual_seed(7)) + 0.5)
+    towers = [0, 0, 2, 3, 3]
+    together, apart = model.new_cache(5, 16), model.new_cache(5, 16)
+    prompt = Rows.uniform(5, 0, 4)
+    ids = torch.randint(0, 6, (20,), generator=torch.Generator().manual_seed(2))
+    for cache in (together, apart):
+        model.heads_rows(model.trunk_rows(ids, prompt, cache), range(0, 4), prompt, cache)
+    step = Rows.of(range(5), [4] * 5, [1] * 5)
+    states = torch.randn(5, model.base_config.d_model, generator=torch.Generator().manual_seed(3))
+    one_pass = model.heads_rows_each(states, towers, step, together)
+    for head, members in ((0, [0, 1]), (2, [2]), (3, [3, 4])):
+        rows = Rows.of(members, [4] * len(members), [1] * len(members))
+        alone = model.heads_rows(states[members], range(head, head + 1), rows, apart)[0]
+        assert torch.equal(one_pass[members], alone)
+        assert together.lengths(members[0])["heads"][head] == 5
+        for a, b in zip(together.heads, apart.heads, strict=True):  # the keys and values it wrote at position 4
+            for slot in members:
+                assert torch.equal(a.k[slot, head, :, 4], b.k[slot, head, :, 4])
+                assert torch.equal(a.v[slot, head, :, 4], b.v[slot, head, :, 4])
+    with pytest.raises(ValueError, match="next to each other"):
+        model.heads_rows_each(states, [0, 2, 0, 3, 3], step, together)
 
 
 def test_a_slot_is_released_and_reused(packed, one_thread):

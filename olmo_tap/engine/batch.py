@@ -204,18 +204,29 @@ class BatchRunner:
             model.heads_rows(trunk[[t for i in members for t in spans[i]]], heads, sub, self.cache)
 
     def _steps(self, ops: list[Step], hidden_parts: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-        """One trunk pass for every step; one head pass per head set. Per op: (trunk state, head states,
-        offset of its rows in the projection)."""
+        """One trunk pass for every step, then the heads: where each row runs one head (draft steps, single-head
+        decoding) one pass of all of them with each row through its own (``heads_rows_each``), else one pass
+        per head set. Per op: (trunk state, head states, offset of its rows in the projection)."""
         if not ops:
             return []
         model = self.model
-        rows = Rows.of([op.slot for op in ops], [op.position for op in ops], [1] * len(ops))
-        trunk = model.trunk_rows(torch.tensor([op.token for op in ops]), rows, self.cache)
+        one_head = all(len(op.heads) == 1 for op in ops)
+        # rows sharing a head next to each other (the trunk's rows do not depend on their order)
+        order = sorted(range(len(ops)), key=lambda i: ops[i].heads.start) if one_head else list(range(len(ops)))
+        ordered = [ops[i] for i in order]
+        rows = Rows.of([op.slot for op in ordered], [op.position for op in ordered], [1] * len(ordered))
+        trunk = model.trunk_rows(torch.tensor([op.token for op in ordered]), rows, self.cache)
+        out: list[tuple[torch.Tensor, torch.Tensor, int] | None] = [None] * len(ops)
+        offset = sum(p.size(0) for p in hidden_parts)
+        if one_head:
+            hidden = model.heads_rows_each(trunk, [op.heads.start for op in ordered], rows, self.cache)
+            hidden_parts.append(hidden)
+            for k, i in enumerate(order):
+                out[i] = (trunk[k], hidden[k : k + 1], offset + k)
+            return out  # type: ignore[return-value]
         groups: dict[range, list[int]] = defaultdict(list)
         for i, op in enumerate(ops):
             groups[op.heads].append(i)
-        out: list[tuple[torch.Tensor, torch.Tensor, int] | None] = [None] * len(ops)
-        offset = sum(p.size(0) for p in hidden_parts)
         for heads, members in groups.items():
             sub = Rows.of([ops[i].slot for i in members], [ops[i].position for i in members], [1] * len(members))
             states = trunk if len(members) == len(ops) else trunk[members]
