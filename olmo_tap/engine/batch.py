@@ -3,8 +3,9 @@
 A decoder (``olmo_tap.inference.poe``) is a generator per sequence: it yields an op, receives its result,
 and yields the next. ``BatchRunner.run`` takes one op from each of any number of sequences and does them
 together: every ``Step`` of the batch shares one trunk pass (one token per row, each at its own position),
-rows asking for the same heads share their head pass, every ``Verify`` shares one pass of all text heads, and
-all of it shares one lm_head product. The ``Prefill`` ops of a call run first, all prompts in one pass (their
+rows that each run one head (drafts, single-head decoding) share one head pass with each row through its own
+(``RowTowers``), rows asking for the same heads share theirs, every ``Verify`` shares one pass of all text
+heads, and all of it shares one lm_head product. The ``Prefill`` ops of a call run first, all prompts in one pass (their
 products read each weight once for all of them), before the call's steps: a prompt is already many rows, and
 running prompts between steps rather than inside them keeps a decoding row's step time bounded by the step
 plus the prompts that arrived with it. Which ops of a batch go into a call is ``due``'s choice: a verification
