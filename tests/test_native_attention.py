@@ -3,6 +3,10 @@ bits independent of the rest of the call, its route forced, recorded in transcri
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -179,3 +183,16 @@ def test_a_kernel_that_cannot_be_built_leaves_the_torch_route(monkeypatch, tmp_p
     model, tokenizer = jury()
     answer = PoE(model, tokenizer, max_new_tokens=6, seed=2).generate_with_cache("abc")
     assert answer.settings["attention"] == "torch" and len(answer.token_ids) > 0
+
+
+def test_a_build_killed_half_way_does_not_leave_the_next_process_waiting():
+    # torch marks a build in progress with a lock file that a killed build never removes; a later load used to wait
+    # on it forever, silently. The kernel's own lock (released by the OS with its holder) makes such a file a leftover.
+    why = native_attention._KERNEL.available()
+    assert why is None, why
+    build_dir = Path(native_attention._KERNEL.library).parent
+    (build_dir / "lock").touch()
+    loads = "from olmo_tap.model import native_attention as a; print(a.why_not_native())"
+    done = subprocess.run([sys.executable, "-c", loads], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr[-2000:]
+    assert not (build_dir / "lock").exists()

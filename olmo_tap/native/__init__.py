@@ -3,20 +3,23 @@
 Each kernel is one source file next to the module that uses it, compiled with torch's C++ extension loader
 (ninja and the system C++ compiler) with ``-O3 -march=native -fopenmp`` (ATen's ``parallel_for`` is inline
 OpenMP: built without it, a kernel's loop runs on one thread whatever ``torch.set_num_threads`` says), and
-cached under torch's extension directory by a name that hashes the source, its flags, torch's version and this
-CPU's instruction-set flags (a build made on an AVX-512 machine is never loaded on an AVX2 one). A kernel
+cached under torch's extension directory by a name that hashes the source (its text and its path: two checkouts
+never rebuild each other's kernels), its flags, torch's version and this CPU's instruction-set flags (a build made on
+an AVX-512 machine is never loaded on an AVX2 one). Concurrent processes build one at a time under a lock the
+kernel releases when its holder dies, so a build killed half-way never leaves the next process waiting forever. A kernel
 registers dispatcher ops (``torch.ops.olmo_tap.*``). Where it cannot be built (no compiler, no ninja, a build
 error), ``NativeKernel.available()`` says why and its callers take their torch route.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -37,6 +40,27 @@ def _cpu_flags() -> str:
 def cpu_has(*flags: str) -> bool:
     """Whether this CPU lists every one of ``flags`` (as /proc/cpuinfo names them; False where it cannot tell)."""
     return set(flags) <= set(_cpu_flags().split())
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, what: str) -> Iterator[None]:
+    """Holds an advisory lock on ``path`` (flock: the OS drops it when the holder dies, however it dies); says so when
+    it has to wait for another process. Where flock does not exist (Windows) it holds nothing."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"olmo-tap: waiting for another process that is building {what}", file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class NativeKernel:
@@ -87,20 +111,26 @@ class NativeKernel:
         # -fopenmp: ATen's parallel_for is inline OpenMP; without it a kernel's loop runs on one thread
         openmp_flags = ["-fopenmp"] if openmp else []
         cflags = ["-O3", "-march=native", *openmp_flags, *self.extra_cflags]
-        built_from = self.source.read_text() + _cpu_flags() + torch.__version__ + " ".join(cflags)
+        built_from = (
+            str(self.source.resolve()) + self.source.read_text() + _cpu_flags() + torch.__version__ + " ".join(cflags)
+        )
         tag = hashlib.sha256(built_from.encode()).hexdigest()[:12]
         name = f"olmo_tap_{self.name}_{tag}"
-        built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
-        if not built.exists():  # the one slow moment: say what it is
-            print(f"olmo-tap: building the native {self.what} for this CPU (once, about a minute)", file=sys.stderr)
-        self.library = cpp_extension.load(
-            name=name,
-            sources=[str(self.source)],
-            extra_cflags=cflags,
-            extra_ldflags=openmp_flags,
-            is_python_module=False,
-            verbose=False,
-        )
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+        with _exclusive(build_dir / "olmo_tap.lock", f"the native {self.what}"):
+            # torch's own lock file outlives a build that was killed, and then every later load waits on it forever;
+            # under our lock no other process is building here, so one still present is such a leftover
+            (build_dir / "lock").unlink(missing_ok=True)
+            if not (build_dir / f"{name}.so").exists():  # the one slow moment: say what it is
+                print(f"olmo-tap: building the native {self.what} for this CPU (once, about a minute)", file=sys.stderr)
+            self.library = cpp_extension.load(
+                name=name,
+                sources=[str(self.source)],
+                extra_cflags=cflags,
+                extra_ldflags=openmp_flags,
+                is_python_module=False,
+                verbose=False,
+            )
         if self.register is not None:
             self.register()
 
