@@ -398,3 +398,18 @@ def test_plain_modes_share_the_sampling_code(tiny, mode):
             logits = model(torch.tensor([ids]), head_indices=heads)[:, 0, -1].mean(dim=0)
         ids.append(int(torch.argmax(logits)))
     assert out.token_ids == ids[len(out.prompt_ids) :]
+
+
+def test_argmax_last_is_torchs_argmax_ties_nans_and_infinities_included():
+    from olmo_tap.inference.sampling import argmax_last
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        x = torch.randint(-3, 4, (2, 3, int(torch.randint(1, 40, (1,), generator=g))), generator=g).float()
+        u = torch.rand(x.shape, generator=g)
+        x[u < 0.05] = float("nan")
+        x[(u > 0.05) & (u < 0.1)] = float("inf")
+        x[(u > 0.1) & (u < 0.15)] = -float("inf")
+        x[(u > 0.15) & (u < 0.25)] = -0.0  # equal to 0.0: the first of them wins
+        for t in (x, x[0], x[0, 1], x.transpose(0, 1), x.to(torch.bfloat16)):
+            assert torch.equal(argmax_last(t), torch.argmax(t, dim=-1)), t

@@ -71,9 +71,9 @@ class StepResult:
 
 @dataclass
 class Verify:
-    """Every text head on saved trunk states (g, d_model) of positions [start, start + g) of ``slot``; returns
-    a ``VerifyResult`` for ``heads`` (in that order). All text heads run so that the work done for a row does
-    not depend on which head drafted it, nor on the other rows; their caches all hold the positions after."""
+    """The text heads ``heads`` on saved trunk states (g, d_model) of positions [start, start + g) of ``slot``;
+    returns a ``VerifyResult`` for them (in that order). Only those heads run, each as a pass of it alone would
+    (the drafter wrote its own keys and values for these positions in its draft steps)."""
 
     slot: int
     trunk_states: torch.Tensor
@@ -150,7 +150,6 @@ class BatchRunner:
     def __init__(self, model: HydraTransformer, cache: HydraCache, batched: bool | None = None) -> None:
         self.model = model
         self.cache = cache
-        self.text_heads = range(cache.n_text_heads)
         self.batched = cache.slots > 1 if batched is None else batched
 
     @torch.no_grad()
@@ -240,19 +239,30 @@ class BatchRunner:
         return out  # type: ignore[return-value]
 
     def _verify(self, ops: list[Verify], hidden_parts: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
-        """One pass of every text head over all verifications; only the asked-for heads' states go on to the
-        lm_head (the largest product of a step). Per op: (those heads' states (n, g, d), offset)."""
+        """One pass of the heads over all verifications, each verification through its own verifiers only (its
+        drafter's keys and values for these positions are in the cache since its draft steps): the rows of each
+        head one after the other, as ``heads_rows_each`` runs them, with the bits a pass of that head alone gives
+        them. Per op: (its heads' pre-norm states (n, g, d), offset of its rows in the projection)."""
         if not ops:
             return []
-        rows = Rows.of([op.slot for op in ops], [op.start for op in ops], [op.trunk_states.size(0) for op in ops])
-        states = torch.cat([op.trunk_states for op in ops]) if len(ops) > 1 else ops[0].trunk_states
-        hidden = self.model.heads_rows(states, self.text_heads, rows, self.cache)  # (n, tokens, d)
-        out, offset, first = [], sum(p.size(0) for p in hidden_parts), 0
-        for op in ops:
+        slots, starts, lengths, states, towers = [], [], [], [], []
+        where: dict[tuple[int, int], int] = {}  # (head, op) -> the first of its rows in the pass
+        for head in sorted({h for op in ops for h in op.heads}):
+            for k, op in enumerate(ops):
+                if head in op.heads:
+                    where[head, k] = sum(lengths)
+                    slots.append(op.slot)
+                    starts.append(op.start)
+                    lengths.append(op.trunk_states.size(0))
+                    states.append(op.trunk_states)
+                    towers.append(head)
+        flat = torch.cat(states) if len(states) > 1 else states[0]
+        hidden = self.model.heads_rows_each(flat, towers, Rows.of(slots, starts, lengths), self.cache)
+        out, offset = [], sum(p.size(0) for p in hidden_parts)
+        for k, op in enumerate(ops):
             g = op.trunk_states.size(0)
-            part = hidden[op.heads, first : first + g]
-            hidden_parts.append(part.reshape(-1, part.size(-1)))
+            part = torch.stack([hidden[where[h, k] : where[h, k] + g] for h in op.heads])  # (n, g, d)
+            hidden_parts.append(part.view(-1, part.size(-1)))
             out.append((part, offset))
             offset += part.size(0) * g
-            first += g
         return out

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from olmo_tap.inference.sampling import Purpose, sample_from_probs, uniform
+from olmo_tap.inference.sampling import Purpose, argmax_last, sample_from_probs, uniform
 
 # Below this residual mass the corrected distribution max(0, P - q) is numerically empty
 # (the draft distribution already equals P); we then sample from P itself.
@@ -94,7 +94,7 @@ def speculative_decision(
     Greedy (temperature 0): accept iff the draft is argmax P, else emit argmax P.
     """
     if temperature == 0:
-        best = int(torch.argmax(target))
+        best = int(argmax_last(target))
         return Decision(best, best == draft_token)
     assert draft_probs is not None
     p, q = float(target[draft_token]), float(draft_probs[draft_token])

@@ -51,7 +51,7 @@ from olmo_tap.hydra import HydraTransformer
 from olmo_tap.inference.jury import jury_distribution, speculative_decision
 from olmo_tap.inference.metrics import entropy_nats, stability_radius, top2_margin, validity_radius
 from olmo_tap.inference.prompts import encode_chat, normalise_messages, stop_token_ids, uncertainty_prompt
-from olmo_tap.inference.sampling import Purpose, check_temperature, head_for_seed, sample_from_logits
+from olmo_tap.inference.sampling import Purpose, argmax_last, check_temperature, head_for_seed, sample_from_logits
 from olmo_tap.inference.settings import DecodeSettings, Mode, round_gamma
 from olmo_tap.inference.text import TextStream
 from olmo_tap.model import native_attention, native_linear
@@ -819,7 +819,7 @@ def position_signals(
 ) -> PositionSignals:
     """head_logits (n_heads, positions, vocab), target (positions, vocab): the distribution each token is decided
     from. ``top_logprobs`` (None: none) makes events carry log-probabilities under ``target``."""
-    votes = head_logits.argmax(dim=-1).t().tolist()
+    votes = argmax_last(head_logits).t().tolist()
     signals = PositionSignals(entropy_nats(target).tolist(), top2_margin(target).tolist(), votes)
     if top_logprobs is not None:
         signals.target = target

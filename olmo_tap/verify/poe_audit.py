@@ -52,7 +52,15 @@ from olmo_tap.inference.jury import RESIDUAL_EPS, jury_distribution, jury_log_ta
 from olmo_tap.inference.metrics import validity_radius
 from olmo_tap.inference.poe import OutputFold, PoE, PoEOutput, new_output, position_signals
 from olmo_tap.inference.prompts import stop_token_ids
-from olmo_tap.inference.sampling import Purpose, check_temperature, gumbel, logit_scores, prob_scores, uniform
+from olmo_tap.inference.sampling import (
+    Purpose,
+    argmax_last,
+    check_temperature,
+    gumbel,
+    logit_scores,
+    prob_scores,
+    uniform,
+)
 from olmo_tap.inference.settings import RECORDED_SETTINGS, round_gamma
 from olmo_tap.inference.transcript import TOP_LEVEL_FIELDS, check_transcript, content_digest, read_transcript
 from olmo_tap.model import native_attention, native_linear
@@ -669,7 +677,7 @@ class _Replay:
                 event.suppression_score = float(self.target[i, draft]) if 0 <= draft < self.target.size(1) else 0.0
         else:
             scores = logit_scores(self.combined[i], self.temperature, self.seed, position, Purpose.SAMPLE)
-            check.expected_token_id = int(torch.argmax(scores))
+            check.expected_token_id = int(argmax_last(scores))
             check.slack = math.inf if resampled else _gap(scores, token)  # a plain decoder never resamples
             check.margin, check.decision = _top2_gap(scores), "sample" if self.temperature > 0 else "argmax"
         return check, event
@@ -697,7 +705,7 @@ class _Replay:
         """The jury's decisions at index j of the current block (position ``check.position``)."""
         T, seed, position = self.temperature, self.seed, check.position
         draft_scores = logit_scores(self.draft_logits[j], T, seed, position, Purpose.SAMPLE)
-        check.draft_token_id = int(torch.argmax(draft_scores))
+        check.draft_token_id = int(argmax_last(draft_scores))
         check.jury_prob = float(self.target[j, token]) if bool(self.allowed[j]) else 0.0
         if not 0 <= draft < draft_scores.size(0) or (resampled and draft == token and T == 0):
             check.slack, check.decision = math.inf, "draft"  # no decoder makes this claim
