@@ -175,6 +175,38 @@ def test_one_pass_of_rows_each_through_its_own_head_gives_each_row_its_heads_bit
         model.heads_rows_each(states, [0, 2, 0, 3, 3], step, together)
 
 
+@torch.no_grad()
+def test_a_verification_runs_its_own_verifiers_with_the_bits_of_every_head_run_together(packed, one_thread):
+    """Three answers verified in one call, each by the heads other than its drafter (and one of 3 positions, one of
+    2): each gets the states and logits a pass of every text head over all of them gives, its verifiers' caches
+    hold the positions, and its drafter's cache is left as its draft steps left it."""
+    model = HydraTransformerConfig.split(TransformerConfig("olmo2", 6, 32, 2, 4, 2, 8, 48, 1e4, 1e-5, False, 64), 4, 1)
+    torch.manual_seed(5)
+    model = model.build().eval()
+    for block in [*model.trunk, *model.heads]:
+        block.reset_parameters(std=0.1)
+    runner_cache, reference = model.new_cache(3, 16), model.new_cache(3, 16)
+    prompt = Rows.uniform(3, 0, 4)
+    ids = torch.randint(0, 6, (12,), generator=torch.Generator().manual_seed(1))
+    for cache in (runner_cache, reference):
+        model.heads_rows(model.trunk_rows(ids, prompt, cache), range(0, 4), prompt, cache)
+    g = [3, 2, 3]
+    d = model.base_config.d_model
+    states = [torch.randn(n, d, generator=torch.Generator().manual_seed(9 + i)) for i, n in enumerate(g)]
+    verifiers = [[1, 2, 3], [0, 2, 3], [3, 0, 1]]  # drafters 0, 1 and 2 (an op's heads in any order)
+    results = BatchRunner(model, runner_cache).run([Verify(i, states[i], 4, verifiers[i]) for i in range(3)])
+    rows = Rows.of(range(3), [4] * 3, g)
+    every = model.heads_rows(torch.cat(states), range(0, 4), rows, reference)  # (4 heads, tokens, d)
+    first = 0
+    for i, result in enumerate(results):
+        expected = every[verifiers[i], first : first + g[i]]
+        assert torch.equal(result.hidden, expected)
+        assert torch.equal(result.logits, model.project(expected))
+        first += g[i]
+        lengths = runner_cache.lengths(i)["heads"]
+        assert [lengths[h] for h in verifiers[i]] == [4 + g[i]] * 3 and lengths[i] == 4  # drafter i: untouched
+
+
 def test_a_slot_is_released_and_reused(packed, one_thread):
     model, tokenizer = jury()
     cache = model.new_cache(2, 32)
