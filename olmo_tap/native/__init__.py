@@ -5,8 +5,8 @@ Each kernel is one source file next to the module that uses it, compiled with to
 OpenMP: built without it, a kernel's loop runs on one thread whatever ``torch.set_num_threads`` says), and
 cached under torch's extension directory by a name that hashes the source (its text and its path: two checkouts
 never rebuild each other's kernels), its flags, torch's version and this CPU's instruction-set flags (a build made on
-an AVX-512 machine is never loaded on an AVX2 one). Concurrent processes build one at a time under a lock the
-kernel releases when its holder dies, so a build killed half-way never leaves the next process waiting forever. A kernel
+an AVX-512 machine is never loaded on an AVX2 one). Concurrent processes build one at a time under a lock the OS
+releases when its holder dies, so a build killed half-way never leaves the next process waiting forever. A kernel
 registers dispatcher ops (``torch.ops.olmo_tap.*``). Where it cannot be built (no compiler, no ninja, a build
 error), ``NativeKernel.available()`` says why and its callers take their torch route.
 """
