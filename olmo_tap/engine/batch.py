@@ -4,9 +4,10 @@ A decoder (``olmo_tap.inference.poe``) is a generator per sequence: it yields an
 and yields the next. ``BatchRunner.run`` takes one op from each of any number of sequences and does them
 together: every ``Step`` of the batch shares one trunk pass (one token per row, each at its own position),
 rows that each run one head (drafts, single-head decoding) share one head pass with each row through its own
-(``RowTowers``), rows asking for the same heads share theirs, every ``Verify`` shares one pass of all text
-heads, and all of it shares one lm_head product. The ``Prefill`` ops of a call run first, all prompts in one pass (their
-products read each weight once for all of them), before the call's steps: a prompt is already many rows, and
+(``RowTowers``), rows asking for the same heads share theirs, every ``Verify`` shares one pass with each
+verification through its own verifiers, and all of it shares one lm_head product. The ``Prefill`` ops of a
+call run first, all prompts in one pass (their products read each weight once for all of them), before the
+call's steps: a prompt is already many rows, and
 running prompts between steps rather than inside them keeps a decoding row's step time bounded by the step
 plus the prompts that arrived with it. Which ops of a batch go into a call is ``due``'s choice: a verification
 waits a few calls for the others' drafts, so that the batch's rounds end together.
@@ -247,10 +248,12 @@ class BatchRunner:
             return []
         slots, starts, lengths, states, towers = [], [], [], [], []
         where: dict[tuple[int, int], int] = {}  # (head, op) -> the first of its rows in the pass
+        tokens = 0
         for head in sorted({h for op in ops for h in op.heads}):
             for k, op in enumerate(ops):
                 if head in op.heads:
-                    where[head, k] = sum(lengths)
+                    where[head, k] = tokens
+                    tokens += op.trunk_states.size(0)
                     slots.append(op.slot)
                     starts.append(op.start)
                     lengths.append(op.trunk_states.size(0))
