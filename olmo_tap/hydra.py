@@ -275,16 +275,26 @@ class HydraTransformer(nn.Module):
 
     def identical_heads(self, heads: Iterable[int] | None = None) -> bool:
         """True when two of ``heads`` (default: all) have bit-identical weights: clones judge nothing apart."""
-        heads = list(range(self.n_heads)) if heads is None else list(heads)
+        heads = sorted(range(self.n_heads) if heads is None else heads)
+        same = self._identical_pairs()
+        return any((a, b) in same for i, a in enumerate(heads) for b in heads[i + 1 :])
+
+    def _identical_pairs(self) -> frozenset[tuple[int, int]]:
+        """Every pair (a < b) of heads with bit-identical weights, compared once per weight version: the service
+        builds a decoder per request, and its event loop must not compare weights (nor run torch's parallel
+        loops, see ``olmo_tap.serve.cli.on_passing_thread``) while the worker decodes."""
         stacks = [p for block in self.heads for p in block.parameters()]
-        # The service builds a decoder per request: compare clones' weights once per weight version, not each time.
-        key = (tuple(heads), tuple((p.data_ptr(), p._version) for p in stacks), self.quantization)
-        cached = getattr(self, "_identical_heads_cache", None)
+        key = (tuple((p.data_ptr(), p._version) for p in stacks), self.quantization)
+        cached = getattr(self, "_identical_pairs_cache", None)
         if cached is None or cached[0] != key:
-            pairs = [(a, b) for i, a in enumerate(heads) for b in heads[i + 1 :]]
-            tensors = {h: self.tower_tensors(h) for h in heads}
-            same = any(all(torch.equal(x, y) for x, y in zip(tensors[a], tensors[b], strict=True)) for a, b in pairs)
-            self._identical_heads_cache = cached = (key, same)
+            tensors = [self.tower_tensors(h) for h in range(self.n_heads)]
+            pairs = frozenset(
+                (a, b)
+                for a in range(self.n_heads)
+                for b in range(a + 1, self.n_heads)
+                if all(torch.equal(x, y) for x, y in zip(tensors[a], tensors[b], strict=True))
+            )
+            self._identical_pairs_cache = cached = (key, pairs)
         return cached[1]
 
     def num_params(self) -> int:

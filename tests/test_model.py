@@ -195,3 +195,19 @@ def test_the_originals_stateful_calls_still_work_through_compat(tiny_checkpoint)
     torch.testing.assert_close(torch.stack(steps, dim=1)[:2], ref[12:16].expand(2, -1, -1), atol=TOL, rtol=0)
     torch.testing.assert_close(again[:, 0], ref[13:20].expand(2, -1, -1), atol=TOL, rtol=0)
     torch.testing.assert_close(last[0, 0], ref[19:], atol=TOL, rtol=0)
+
+
+def test_identical_heads_answers_any_subset_and_follows_weight_edits():
+    """Which heads are clones is compared once per weight version and answered for any set of heads."""
+    from tests.tiny import tiny_hydra
+
+    model = tiny_hydra(n_heads=4)
+    assert not model.identical_heads()
+    with torch.no_grad():
+        for copy, original in zip(model.tower_tensors(2), model.tower_tensors(0), strict=True):
+            copy.copy_(original)
+    assert model.identical_heads() and model.identical_heads([0, 2]) and model.identical_heads([3, 2, 0])
+    assert not model.identical_heads([0, 1, 3]) and not model.identical_heads([1, 2])
+    with torch.no_grad():
+        model.tower_tensors(2)[0].add_(1.0)  # an in-place edit of the clone: a new weight version
+    assert not model.identical_heads([0, 2])

@@ -526,3 +526,24 @@ def test_fifty_concurrent_clients_get_an_answer_or_a_clean_refusal(tiny, slow_to
         assert (after["running"], after["waiting"], after["completed"]) == (0, 0, max_batch + queue_size)
         final = httpx.post(server.url + "/v1/chat/completions", json={"messages": PROMPT, "max_tokens": 2})
         assert final.status_code == 200
+
+
+def test_the_server_loads_its_model_on_a_thread_that_ends():
+    """``olmo-tap serve`` loads and prepacks off the main thread, on a thread that is gone before decoding
+    starts (so the worker's OpenMP pool is the only one); its result comes back, its errors are raised here."""
+    from olmo_tap.serve.cli import on_passing_thread
+
+    seen: list[threading.Thread] = []
+
+    def load() -> int:
+        seen.append(threading.current_thread())
+        return 7
+
+    assert on_passing_thread(load) == 7
+    assert seen[0] is not threading.main_thread() and not seen[0].is_alive()
+
+    def fail() -> None:
+        raise ValueError("no such model: 'nope'")
+
+    with pytest.raises(ValueError, match="no such model"):
+        on_passing_thread(fail)

@@ -17,8 +17,8 @@ slot; norms and elementwise operations are per row; the linear layers on CPU run
 kernel, whose every output is one chain of multiply-adds in a fixed order (``olmo_tap.model.native_linear``), or
 on oneDNN-prepacked weights, whose products give every row the same bits for any row count >= 2 (in batch
 arithmetic a lone row runs as two where it would round otherwise, see ``olmo_tap.model.layers``); and which
-towers run for a row depends
-only on its own op (a verification always runs every text head). ``batch_invariant`` says whether the
+towers run for a row depends only on its own op (a verification runs its own verifiers, whatever the others
+verify with). ``batch_invariant`` says whether the
 model's weights all take that path; where they do not (other devices, weights too small to pack, CPUs without
 oneDNN support for the dtype), plain batched products may round a row differently with another row count, and
 a transcript says so.

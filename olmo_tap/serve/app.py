@@ -92,6 +92,7 @@ class Service:
         # pages are committed only as far as answers reach, see olmo_tap.model.kv_cache).
         runner = BatchRunner(model, model.new_cache(config.max_batch, model.base_config.max_seq_len))
         self.engine = Engine(config.queue_size, runner)
+        model.identical_heads()  # compared now, once: each request's decoder asks, on the event loop
         self.created = int(time.time())
         # Requests are measured on the event loop's side with a copy of the tokenizer, so the worker's
         # tokenizer is never used from two threads at once.
