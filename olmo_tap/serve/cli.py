@@ -7,9 +7,9 @@ container or a service manager can configure the server without a command line.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import os
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -200,8 +200,21 @@ def on_passing_thread(work: Callable[[], T]) -> T:
     answer and 70.8 -> 49.0 ms for a batch of 8. A thread that ends takes its pool with it, leaving the
     worker's the only one (``HydraTransformer.identical_heads`` is answered at start-up for the same reason).
     """
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="olmo-tap-load") as pool:
-        return pool.submit(work).result()
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = work()
+        except BaseException as e:  # raised on the caller's thread below
+            outcome["error"] = e
+
+    # A daemon: Ctrl-C during a long load interrupts the join and the process exits without waiting for it.
+    thread = threading.Thread(target=run, name="olmo-tap-load", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def exposure_warnings(config: ServeConfig) -> list[str]:
