@@ -199,17 +199,13 @@ def _weights_of_every_layout() -> list[QuantizedWeight]:
 
 def q8_activations_product(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     """The native kernel's arithmetic, written independently in torch: x rounded per block of 32 to int8 codes
-    (scale max |x| / 127, as llama.cpp's Q8 blocks), times the weight's codes and scales; int4's minimum times the
-    block's exact float sum."""
+    (scale max |x| / 127, as llama.cpp's Q8 blocks), times the dequantized weight (int4's minimum included, as
+    llama.cpp's Q8_1 sum of the rounded block)."""
     blocks = x.view(x.size(0), -1, 32)
     d = blocks.abs().amax(-1, keepdim=True) / 127
     inverse = torch.where(d > 0, 1 / d, torch.zeros_like(d))
     xq = (torch.round(blocks * inverse) * d).view_as(x)
-    weight = w.dequantize()
-    if w.minimum is None:
-        return F.linear(xq, weight)
-    minimum = w.minimum.repeat_interleave(32, dim=1)
-    return F.linear(xq, weight - minimum) + F.linear(x, minimum)
+    return F.linear(xq, w.dequantize())
 
 
 @pytest.mark.parametrize("kernel", ["native", "fused", "dequantize"])
@@ -526,8 +522,9 @@ def test_quantized_transcript_replays_exactly_on_its_route_and_a_forged_token_is
 
 
 def test_a_transcript_of_an_earlier_native_revision_replays_within_tolerance(monkeypatch) -> None:
-    """The native kernel's int4 arithmetic changed once (its minimum term summed in 16 partial sums, not one
-    chain): a transcript that records the earlier revision ("native") is not claimed exact on the current one;
+    """The native kernel's int4 arithmetic changed twice (its minimum term summed in 16 partial sums, not one
+    chain; then times the rounded activations' sum): a transcript that records an earlier revision ("native",
+    "native-2") is not claimed exact on the current one;
     it replays on the native route within the tolerance, and a forged token is still caught."""
     from olmo_tap.inference.poe import PoE
     from olmo_tap.inference.transcript import transcript_dict
@@ -538,12 +535,13 @@ def test_a_transcript_of_an_earlier_native_revision_replays_within_tolerance(mon
     tok = LetterTokenizer(6)
     monkeypatch.setenv(qlinear.QUANT_KERNEL_ENV, "native")
     data = transcript_dict(PoE(model, tok, gamma=3, seed=2, max_new_tokens=10).generate_with_cache("cab"))
-    assert data["settings"]["quant_kernel"] == qlinear.NATIVE_REVISION == "native-2"
-    earlier = json.loads(json.dumps(data))
-    earlier["settings"]["quant_kernel"] = "native"
-    report = audit_poe(restamp(earlier, tok), model, tokenizer=tok)
-    assert report.honest and not report.exact, report.reason
-    assert any("earlier revision" in note for note in report.notes), report.notes
+    assert data["settings"]["quant_kernel"] == qlinear.NATIVE_REVISION == "native-3"
+    for revision in qlinear.EARLIER_NATIVE_REVISIONS:
+        earlier = json.loads(json.dumps(data))
+        earlier["settings"]["quant_kernel"] = revision
+        report = audit_poe(restamp(earlier, tok), model, tokenizer=tok)
+        assert report.honest and not report.exact, report.reason
+        assert any(f"earlier revision's ({revision}" in note for note in report.notes), report.notes
     earlier["token_ids"][4] = (earlier["token_ids"][4] + 1) % 6
     assert not audit_poe(restamp(earlier, tok), model, tokenizer=tok).honest
 

@@ -35,9 +35,12 @@ QUANT_KERNEL_ENV = "OLMO_TAP_QUANT_KERNEL"
 QUANT_KERNELS = ("native", "fused", "dequantize")
 # What a transcript records for the native route: the revision of its arithmetic, since a replay is exact only on
 # the same one. "native" (before 2026-12-02): an int4 weight's minimum term summed in one FMA chain per row;
-# "native-2": in 16 partial sums (native.cpp's int4_shifts), the same bits on every CPU path and 20-30% faster.
-NATIVE_REVISION = "native-2"
-RECORDED_KERNELS = ("native", NATIVE_REVISION, "fused", "dequantize")
+# "native-2": in 16 partial sums (native.cpp's int4_shifts), the same bits on every CPU path and 20-30% faster;
+# "native-3" (2026-12-02): the minimum times the rounded activations' block sum (llama.cpp's Q8_1 s), not the
+# exact one: the product is then the dequantized weight times the rounded activations, ~2.5x closer to the float one.
+NATIVE_REVISION = "native-3"
+EARLIER_NATIVE_REVISIONS = ("native", "native-2")
+RECORDED_KERNELS = (*EARLIER_NATIVE_REVISIONS, NATIVE_REVISION, "fused", "dequantize")
 # Rows up to which a product takes the native kernel rather than the chunked dequantize-and-multiply, per scheme.
 # The same on every CPU, so that a transcript's products take the same routes wherever it is replayed (the native
 # kernel's AVX2 and AVX-512 paths give the same bits; its int8-rounded activations do not give the float routes'
@@ -94,7 +97,7 @@ def recorded_route(route: str) -> str:
 def replay_route(recorded: str) -> str:
     """The route that replays a transcript recording ``recorded`` (an earlier native revision: the native route,
     which the audit then knows is not the generator's arithmetic)."""
-    return "native" if recorded in ("native", NATIVE_REVISION) else recorded
+    return "native" if recorded in (*EARLIER_NATIVE_REVISIONS, NATIVE_REVISION) else recorded
 
 
 def fused_int8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -287,8 +287,8 @@ def _other_products(settings: dict[str, Any], model: HydraTransformer) -> str | 
         return None
     if route is None:
         return "the transcript does not record its quantized products' route"
-    if route == "native":
-        return "the generator's native quantized products are an earlier revision's (other rounding of int4 weights)"
+    if route in qlinear.EARLIER_NATIVE_REVISIONS:
+        return f"the generator's native quantized products are an earlier revision's ({route}: other int4 arithmetic)"
     return f"the quantized products' {route} route is not replayed exactly here"
 
 

@@ -1,0 +1,141 @@
+"""``python -m olmo_tap.benchmarks.llama_cpp_logits``: olmo-tap's quantized logits against llama.cpp's on the
+same GGUF file, an outside engine's arithmetic on the same weights.
+
+For each prompt (the chat template's ids, fed to both engines as ids), the logits at every prompt position of
+the embedded default's base model (the clones preset: head 0 is the file's own last layers), loaded with
+``--quantize gguf`` on each quantized route (``native``: activations rounded to int8 per block of 32, as
+llama.cpp does; ``dequantize``: float products of the file's dequantized weights), against llama.cpp's
+(llama-cpp-python, ``logits_all``). Reported per route: mean and largest |difference| at the last position and
+over all positions, and how often the two engines' greedy tokens agree. Needs ``pip install llama-cpp-python``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PRESET = "smollm2-135m-instruct-clones"
+PROMPTS = (
+    "What is the capital of France?",
+    "Write a haiku about snow.",
+    "Explain photosynthesis in one sentence.",
+    "List three prime numbers.",
+    "Who wrote Hamlet?",
+    "How many legs does a spider have?",
+    "Translate 'good morning' into French.",
+    "What is 12 times 7?",
+)
+ROUTES = ("native", "dequantize")
+
+
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    messages = [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def llama_cpp_logits(path: Path, ids: list[int], threads: int) -> np.ndarray:
+    """(positions, vocab) logits llama.cpp computes for ``ids`` in one ``eval``."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), n_ctx=max(64, len(ids) + 8), n_threads=threads, logits_all=True, verbose=False)
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def compare(ours: np.ndarray, theirs: np.ndarray) -> dict[str, float]:
+    diff = np.abs(ours - theirs)
+    return {
+        "last_mean_abs": float(diff[-1].mean()),
+        "last_max_abs": float(diff[-1].max()),
+        "all_mean_abs": float(diff.mean()),
+        "largest_logit": float(np.abs(theirs[-1]).max()),
+        "greedy_agree_last": bool(ours[-1].argmax() == theirs[-1].argmax()),
+        "greedy_agree_all": float((ours.argmax(-1) == theirs.argmax(-1)).mean()),
+    }
+
+
+def run(threads: int) -> dict[str, Any]:
+    from olmo_tap.benchmarks.harness import machine_info, software_versions
+    from olmo_tap.benchmarks.llama_cpp_reference import available
+    from olmo_tap.weights.loading import load_hydra
+    from olmo_tap.weights.presets import PRESETS, embedded_gguf_path
+    from olmo_tap.weights.tokenizer import load_tokenizer
+
+    torch.set_num_threads(threads)
+    path = embedded_gguf_path(PRESETS[PRESET])
+    if why := available(path, threads):
+        raise SystemExit(f"llama.cpp cannot run here: {why}")
+    tokenizer = load_tokenizer(PRESET, progress=False)
+    ids = {p: prompt_ids(tokenizer, p) for p in PROMPTS}
+    theirs = {p: llama_cpp_logits(path, ids[p], threads) for p in PROMPTS}
+    rows = []
+    for route in ROUTES:
+        os.environ["OLMO_TAP_QUANT_KERNEL"] = route
+        model = load_hydra(PRESET, progress=False, quantize="gguf")
+        for p in PROMPTS:
+            with torch.no_grad():
+                logits = model.forward(torch.tensor([ids[p]]), head_indices=[0])[0, 0].float().numpy()
+            rows.append({"route": route, "prompt": p, **compare(logits[:, : theirs[p].shape[1]], theirs[p])})
+        del model
+    import llama_cpp
+
+    return {
+        "file": path.name,
+        "machine": machine_info(torch.device("cpu")),
+        "software": {**software_versions(), "llama_cpp_python": llama_cpp.__version__},
+        "threads": threads,
+        "rows": rows,
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        f"olmo-tap's `--quantize gguf` logits against llama.cpp's on `{results['file']}` ({PRESET}, head 0: the "
+        f"file's own model), {results['machine'].get('cpu', '?')}, {results['threads']} threads, llama-cpp-python "
+        f"{results['software']['llama_cpp_python']}. Logits at every prompt position; the same ids in both engines.",
+        "",
+        "| route | prompt | last position mean / max abs diff | largest logit | all positions mean | "
+        "greedy token agrees (last; all positions) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in results["rows"]:
+        lines.append(
+            f"| {r['route']} | {r['prompt']} | {r['last_mean_abs']:.3f} / {r['last_max_abs']:.3f} | "
+            f"{r['largest_logit']:.1f} | {r['all_mean_abs']:.3f} | {'yes' if r['greedy_agree_last'] else 'no'}; "
+            f"{r['greedy_agree_all']:.0%} |"
+        )
+    lines.append("")
+    for route in ROUTES:
+        rows = [r for r in results["rows"] if r["route"] == route]
+        lines.append(
+            f"- {route}: mean abs diff over all positions {np.mean([r['all_mean_abs'] for r in rows]):.3f}; "
+            f"greedy token at the last position agrees on {sum(r['greedy_agree_last'] for r in rows)} of "
+            f"{len(rows)} prompts, at all positions {np.mean([r['greedy_agree_all'] for r in rows]):.0%}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="results/quant/llama_cpp_logits", help="writes OUT.md and OUT.json")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args(argv)
+    results = run(args.threads)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    text = markdown(results)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
