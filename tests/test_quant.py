@@ -607,7 +607,7 @@ def test_memory_table_counts_the_models_own_parameters() -> None:
     assert table["kv_bytes_per_position"]["fp32"] == 2 * c.n_kv_heads * c.head_dim * 4 * (13 + 5 * 3)
 
 
-def test_native_gguf_logits_agree_with_llama_cpp_on_the_same_file(monkeypatch) -> None:
+def test_native_gguf_logits_agree_with_llama_cpp_on_the_same_file() -> None:
     """An outside engine on the same file (only where llama-cpp-python is installed, which CI does not do): the
     embedded default's base model through the native quantized route gives llama.cpp's greedy token at every
     prompt's last position and logits within 0.6 of llama.cpp's on average (largest logits 25-35; both round the
@@ -620,12 +620,10 @@ def test_native_gguf_logits_agree_with_llama_cpp_on_the_same_file(monkeypatch) -
 
     path = embedded_gguf_path(PRESETS[ref.PRESET])
     tokenizer = load_tokenizer(ref.PRESET, progress=False)
-    monkeypatch.setenv(qlinear.QUANT_KERNEL_ENV, "native")
     model = load_hydra(ref.PRESET, progress=False, quantize="gguf")
     for prompt in ref.PROMPTS[:4]:
         ids = ref.prompt_ids(tokenizer, prompt)
         theirs = ref.llama_cpp_logits(path, ids, torch.get_num_threads())
-        with torch.no_grad():
-            ours = model.forward(torch.tensor([ids]), head_indices=[0])[0, 0].float().numpy()[:, : theirs.shape[1]]
-        figures = ref.compare(ours, theirs)
+        with qlinear.route_as("native"):
+            figures = ref.compare(ref.olmo_tap_logits(model, ids, theirs.shape[1]), theirs)
         assert figures["greedy_agree_last"] and figures["all_mean_abs"] < 0.6, (prompt, figures)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +48,12 @@ def llama_cpp_logits(path: Path, ids: list[int], threads: int) -> np.ndarray:
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
 
+def olmo_tap_logits(model: Any, ids: list[int], vocab: int) -> np.ndarray:
+    """(positions, vocab) logits of ``model``'s head 0 for ``ids`` in one pass, on the route in force."""
+    with torch.no_grad():
+        return model.forward(torch.tensor([ids]), head_indices=[0])[0, 0, :, :vocab].float().numpy()
+
+
 def compare(ours: np.ndarray, theirs: np.ndarray) -> dict[str, float]:
     diff = np.abs(ours - theirs)
     return {
@@ -64,6 +69,7 @@ def compare(ours: np.ndarray, theirs: np.ndarray) -> dict[str, float]:
 def run(threads: int) -> dict[str, Any]:
     from olmo_tap.benchmarks.harness import machine_info, software_versions
     from olmo_tap.benchmarks.llama_cpp_reference import available
+    from olmo_tap.quant.linear import route_as
     from olmo_tap.weights.loading import load_hydra
     from olmo_tap.weights.presets import PRESETS, embedded_gguf_path
     from olmo_tap.weights.tokenizer import load_tokenizer
@@ -75,15 +81,13 @@ def run(threads: int) -> dict[str, Any]:
     tokenizer = load_tokenizer(PRESET, progress=False)
     ids = {p: prompt_ids(tokenizer, p) for p in PROMPTS}
     theirs = {p: llama_cpp_logits(path, ids[p], threads) for p in PROMPTS}
+    model = load_hydra(PRESET, progress=False, quantize="gguf")
     rows = []
     for route in ROUTES:
-        os.environ["OLMO_TAP_QUANT_KERNEL"] = route
-        model = load_hydra(PRESET, progress=False, quantize="gguf")
-        for p in PROMPTS:
-            with torch.no_grad():
-                logits = model.forward(torch.tensor([ids[p]]), head_indices=[0])[0, 0].float().numpy()
-            rows.append({"route": route, "prompt": p, **compare(logits[:, : theirs[p].shape[1]], theirs[p])})
-        del model
+        with route_as(route):
+            for p in PROMPTS:
+                ours = olmo_tap_logits(model, ids[p], theirs[p].shape[1])
+                rows.append({"route": route, "prompt": p, **compare(ours, theirs[p])})
     import llama_cpp
 
     return {
@@ -96,10 +100,12 @@ def run(threads: int) -> dict[str, Any]:
 
 
 def markdown(results: dict[str, Any]) -> str:
+    machine = results["machine"]
     lines = [
         f"olmo-tap's `--quantize gguf` logits against llama.cpp's on `{results['file']}` ({PRESET}, head 0: the "
-        f"file's own model), {results['machine'].get('cpu', '?')}, {results['threads']} threads, llama-cpp-python "
-        f"{results['software']['llama_cpp_python']}. Logits at every prompt position; the same ids in both engines.",
+        f"file's own model), {machine.get('cpu', '?')} ({', '.join(machine.get('cpu_flags', []))}), "
+        f"{results['threads']} threads, llama-cpp-python {results['software']['llama_cpp_python']}. Logits at every "
+        "prompt position; the same ids in both engines.",
         "",
         "| route | prompt | last position mean / max abs diff | largest logit | all positions mean | "
         "greedy token agrees (last; all positions) |",
