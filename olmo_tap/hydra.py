@@ -125,7 +125,12 @@ class HydraTransformer(nn.Module):
         c = config.base_config
         self.base_config = c
         self.n_heads = config.n_heads
-        self.embed = nn.Embedding(c.vocab_size, c.d_model)
+        # nn.Embedding's own init (normal, std 1), skipped on the meta device: normal_ there is a Python meta kernel
+        # whose first call imports torch._dynamo and sympy (~70 MB resident for the whole process).
+        embed_weight = torch.empty(c.vocab_size, c.d_model)
+        if embed_weight.device.type != "meta":
+            nn.init.normal_(embed_weight)
+        self.embed = nn.Embedding(c.vocab_size, c.d_model, _weight=embed_weight)
         self.trunk = nn.ModuleList(Block(c, 1) for _ in range(config.trunk_layers))
         self.heads = nn.ModuleList(Block(c, config.n_heads) for _ in range(config.head_layers))
         self.norm = RMSNorm((c.d_model,), c.norm_eps, c.family == "olmo2")

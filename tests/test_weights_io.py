@@ -473,6 +473,25 @@ def test_default_tokenizer_has_chat_template(default_cache: Path) -> None:
     assert tokenizer.decode(tokenizer(question)["input_ids"]) == question
 
 
+def test_default_tokenizer_is_autotokenizers(default_cache: Path) -> None:
+    """The conversion's tokenizer is loaded without AutoTokenizer's config detour, and is the very tokenizer
+    AutoTokenizer gives: same class, vocabulary, special tokens, chat template and encodings."""
+    from transformers import AutoTokenizer
+
+    ours, auto = load_tokenizer(DEFAULT_MODEL), AutoTokenizer.from_pretrained(str(default_cache))
+    assert type(ours) is type(auto)
+    assert ours.get_vocab() == auto.get_vocab() and ours.all_special_tokens == auto.all_special_tokens
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (auto.bos_token_id, auto.eos_token_id,
+                                                                         auto.pad_token_id)  # fmt: skip
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2? ünï 😀 <|im_end|>"}]
+    assert ours.apply_chat_template(chat, add_generation_prompt=True) == auto.apply_chat_template(
+        chat, add_generation_prompt=True
+    )
+    text = "  Leading spaces, tabs\t and ünïcode ✓ then <|im_start|> a special token"
+    assert ours(text)["input_ids"] == auto(text)["input_ids"]
+    assert ours.decode(ours(text)["input_ids"]) == auto.decode(auto(text)["input_ids"])
+
+
 def test_interrupted_conversion_leaves_no_cache(
     tmp_path: Path, smollm2_gguf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

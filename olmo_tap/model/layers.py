@@ -89,8 +89,12 @@ def rope_tables(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and signed-sin tables (max_seq_len, head_dim) for rotate-half RoPE, in fp32.
 
-    The sin table's first half is negated so that rotate_half(x) * sin == roll(x, half) * signed_sin.
+    The sin table's first half is negated so that rotate_half(x) * sin == roll(x, half) * signed_sin. On the meta
+    device (a model built before its weights are loaded) the tables are empty placeholders: arithmetic there runs
+    Python meta kernels whose first use imports torch._dynamo and sympy (~70 MB resident for the process's life).
     """
+    if torch.empty(0, device=device).device.type == "meta":
+        return tuple(torch.empty(config.max_seq_len, config.head_dim, device=device) for _ in range(2))  # type: ignore[return-value]
     inv_freq = 1.0 / (
         config.rope_theta
         ** (torch.arange(0, config.head_dim, 2, dtype=torch.int64, device=device).float() / config.head_dim)

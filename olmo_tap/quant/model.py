@@ -25,7 +25,7 @@ from olmo_tap.hydra import HydraTransformer, HydraTransformerConfig
 from olmo_tap.memory import release_freed_memory
 from olmo_tap.model.layers import RMSNorm
 from olmo_tap.quant.gguf import quantized_from_gguf
-from olmo_tap.quant.weights import QuantizedStack, QuantizedWeight, quantize
+from olmo_tap.quant.weights import ROWS_PER_CHUNK, QuantizedStack, QuantizedWeight, concat_rows, quantize
 from olmo_tap.weights.errors import WeightsError
 from olmo_tap.weights.gguf import GGUFFile, unpermute_rope_rows
 from olmo_tap.weights.layout import _block_and_towers, hf_linear_name, linear_weight, load_norms
@@ -249,11 +249,13 @@ def load_gguf_quantized(
             continue  # tied embeddings: the file has no output.weight
         if scheme == "gguf":
             tables[name] = _pad_rows(gguf.weight(name), c.vocab_size)
-        else:
-            rows = gguf.file.float(name)
-            if rows.size(0) < c.vocab_size:  # the model's padding rows quantize as the fp32 load's zeros do
-                rows = torch.cat((rows, rows.new_zeros(c.vocab_size - rows.size(0), rows.size(1))))
-            tables[name] = quantize(rows, scheme)
+        else:  # rows quantize independently: a chunk at a time, so the table's float copy never exists whole
+            n = gguf.file.tensors[name].data_shape[0]
+            starts = range(0, n, ROWS_PER_CHUNK)
+            quantized = [quantize(gguf.file.float(name, range(i, min(i + ROWS_PER_CHUNK, n))), scheme) for i in starts]
+            if n < c.vocab_size:  # the model's padding rows quantize as the fp32 load's zeros do
+                quantized.append(quantize(torch.zeros(c.vocab_size - n, c.d_model), scheme))
+            tables[name] = concat_rows(quantized)
     embed = tables["model.embed_tokens.weight"]
     _fill_quantized(
         model,

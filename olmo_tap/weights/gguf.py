@@ -138,10 +138,18 @@ class GGUFTensor:
 
     @property
     def data(self) -> np.ndarray:
-        # Read, not mapped: pages of a mapped file count in the process's memory for as long as the map lives,
-        # and a loader that keeps each tensor quantized needs its bytes only while it converts them.
-        count = int(np.prod(self.data_shape))
-        return np.fromfile(self.path, dtype=self.dtype, count=count, offset=self.offset).reshape(self.data_shape)
+        return self.rows_data(0, self.data_shape[0])
+
+    def rows_data(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of ``data`` (rows are the outermost dimension; a quantized row is whole blocks).
+
+        Read, not mapped: pages of a mapped file count in the process's memory for as long as the map lives, and
+        a loader that keeps each tensor quantized needs its bytes only while it converts them."""
+        row_items = int(np.prod(self.data_shape[1:]))
+        offset = self.offset + start * row_items * self.dtype.itemsize
+        count = (stop - start) * row_items
+        data = np.fromfile(self.path, dtype=self.dtype, count=count, offset=offset)
+        return data.reshape(stop - start, *self.data_shape[1:])
 
 
 class GGUFFile:
@@ -186,16 +194,20 @@ class GGUFFile:
     def type_name(self, hf_name: str) -> str:
         return self.tensors[hf_name].tensor_type.name
 
-    def float(self, hf_name: str) -> torch.Tensor:
-        """Tensor ``hf_name`` dequantized to float32 by the ``gguf`` package, q/k rows in HF's rotary order."""
+    def float(self, hf_name: str, rows: range | None = None) -> torch.Tensor:
+        """Tensor ``hf_name`` dequantized to float32 by the ``gguf`` package, q/k rows in HF's rotary order; only
+        output rows ``rows`` if given (of a table, in chunks, so its float copy never exists whole)."""
         from gguf.quants import dequantize
 
         try:
             tensor = self.tensors[hf_name]
         except KeyError:
             raise WeightsError(f"GGUF file {self.source} has no tensor for {hf_name}") from None
+        if rows is not None and (rows.step != 1 or hf_name.endswith(("q_proj.weight", "k_proj.weight"))):
+            raise ValueError("rows of a GGUF tensor read as one ascending run, and not of q/k (their rows move)")
+        start, stop = (0, tensor.data_shape[0]) if rows is None else (rows.start, rows.stop)
         try:
-            values = dequantize(tensor.data, tensor.tensor_type)
+            values = dequantize(tensor.rows_data(start, stop), tensor.tensor_type)
         except Exception as e:
             raise WeightsError(
                 f"GGUF file {self.source}: cannot dequantize {tensor.name} ({tensor.tensor_type.name}): {e}"
@@ -203,6 +215,7 @@ class GGUFFile:
         # a fresh read of the file: float32 tensors come back as that array itself, writable and the loader's own
         weight = torch.from_numpy(np.asarray(values, dtype=np.float32))
         shape = tuple(int(n) for n in reversed(tensor.shape))  # ggml lists dimensions innermost first
+        shape = (stop - start, *shape[1:])
         if tuple(weight.shape) != shape:
             raise WeightsError(f"GGUF file {self.source}: {tensor.name} decoded to {tuple(weight.shape)}, not {shape}")
         if hf_name.endswith("q_proj.weight"):

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from olmo_tap.hydra import HydraTransformer, HydraTransformerConfig
+from olmo_tap.memory import separate_large_allocations
 from olmo_tap.weights.errors import WeightsError
 from olmo_tap.weights.layout import load_base_state
 from olmo_tap.weights.presets import get_preset
@@ -152,19 +153,21 @@ def _load_quantized(
         )
     if gguf_path is None:  # a float checkpoint: load it, then quantize it
         model = load_hydra(resolved, n_heads, heads_depth, torch.float32, device, progress)
-        quantize_model(model, quantize)
+        with separate_large_allocations():
+            quantize_model(model, quantize)
     else:  # straight from the file's blocks, never the whole model in float
         plan = None
         if resolved.kind == "preset" and get_preset(resolved.name).adapters:
             plan = trained_jury_plan(resolved.name, n_heads, heads_depth)
             n_heads, heads_depth = plan.n_heads, plan.heads_depth
-        model = load_gguf_quantized(
-            gguf_path,
-            DEFAULT_N_HEADS if n_heads is None else n_heads,
-            DEFAULT_HEADS_DEPTH if heads_depth is None else heads_depth,
-            quantize,
-            plan.merges if plan is not None else (),
-        )
+        with separate_large_allocations():
+            model = load_gguf_quantized(
+                gguf_path,
+                DEFAULT_N_HEADS if n_heads is None else n_heads,
+                DEFAULT_HEADS_DEPTH if heads_depth is None else heads_depth,
+                quantize,
+                plan.merges if plan is not None else (),
+            )
         model.uncertainty_head = plan.uncertainty_head if plan is not None else None
     return model.to(resolve_dtype(dtype, device)).eval()
 

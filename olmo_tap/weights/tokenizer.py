@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from olmo_tap.weights.errors import WeightsError
+from olmo_tap.weights.presets import SOURCE_MARKER
 from olmo_tap.weights.sources import TOKENIZER_FILES, ResolvedSource, find_tokenizer_dir, resolve
 
 if TYPE_CHECKING:
@@ -31,15 +33,28 @@ def load_tokenizer(source: str | Path | ResolvedSource, progress: bool = True) -
             "(nor a tokenizer/ subdirectory with them)"
         )
     try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        tokenizer = _from_directory(tokenizer_dir)
     except Exception as e:  # transformers raises many kinds of errors for broken tokenizer files
         raise WeightsError(f"cannot load the tokenizer in {tokenizer_dir}: {type(e).__name__}: {e}") from e
     if not getattr(tokenizer, "chat_template", None):
         # Base (non-instruct) models have none; chatting needs one, plain completion does not.
         logger.warning("the tokenizer in %s has no chat template", tokenizer_dir)
     return tokenizer
+
+
+def _from_directory(directory: Path) -> PreTrainedTokenizerBase:
+    """AutoTokenizer's tokenizer for ``directory``; for olmo-tap's own conversion of a GGUF file, whose tokenizer
+    files it saved itself as transformers' generic backend, that class directly. AutoTokenizer would first build the
+    model's config class to second-guess the declared class, and that import alone (transformers' model machinery,
+    torch.distributed.tensor, sympy) keeps ~50 MB resident for the life of the process."""
+    from transformers import AutoTokenizer, TokenizersBackend
+
+    own = all((directory / name).is_file() for name in (SOURCE_MARKER, "tokenizer.json", "tokenizer_config.json"))
+    if own:
+        declared = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
+        if declared == TokenizersBackend.__name__:
+            return TokenizersBackend.from_pretrained(str(directory))
+    return AutoTokenizer.from_pretrained(str(directory))
 
 
 def vocab_limit(tokenizer: Any, vocab_size: int) -> int:
