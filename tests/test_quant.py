@@ -607,6 +607,29 @@ def test_memory_table_counts_the_models_own_parameters() -> None:
     assert table["kv_bytes_per_position"]["fp32"] == 2 * c.n_kv_heads * c.head_dim * 4 * (13 + 5 * 3)
 
 
+def test_the_quantized_default_keeps_within_three_times_its_file() -> None:
+    """The issue's memory budget, in a fresh process (RSS peaks never come down): loading the embedded default
+    with --quantize gguf, its tokenizer and a PoE answer add at most three times the GGUF file plus the KV cache
+    to what importing torch takes (measured 246 MB against ~300 MB; it was 358 MB while a meta-device build
+    imported dynamo and sympy, the loader fragmented the heap and the tokenizer built the model's config class)."""
+    import subprocess
+    import sys
+
+    from olmo_tap.weights.presets import PRESETS, embedded_gguf_path
+
+    code = (
+        "import json; from olmo_tap.benchmarks.quant_memory import child; "
+        "print(json.dumps(child('smollm2-135m-instruct', 'gguf')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    assert row["tokens"] > 0 and row["quantization"].startswith("gguf")
+    added_mb = row["peak_rss_mb"]["decode"] - row["peak_rss_mb"]["import torch"]
+    budget_mb = (3 * embedded_gguf_path(PRESETS["smollm2-135m-instruct"]).stat().st_size + row["kv_bytes"]) / 2**20
+    assert added_mb <= budget_mb, f"{added_mb:.0f} MB above torch, budget {budget_mb:.0f} MB"
+
+
 def test_native_gguf_logits_agree_with_llama_cpp_on_the_same_file() -> None:
     """An outside engine on the same file (only where llama-cpp-python is installed, which CI does not do): the
     embedded default's base model through the native quantized route gives llama.cpp's greedy token at every
