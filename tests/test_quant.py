@@ -381,11 +381,17 @@ def _quantized_parts(model: HydraTransformer) -> list[torch.Tensor]:
     return [t for p in parts for t in (p.codes, p.scale, p.minimum) if t is not None]
 
 
-@pytest.mark.parametrize("scheme", ["gguf", "int4"])
-def test_loading_straight_from_gguf_equals_float_load_then_quantize(tmp_path: Path, scheme: str) -> None:
-    """The loader that never holds the model in float (one layer decoded at a time, LoRA merged per linear) builds
+@pytest.mark.parametrize("scheme", ["gguf", "int4", "int8"])
+def test_loading_straight_from_gguf_equals_float_load_then_quantize(
+    tmp_path: Path, scheme: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loader that never holds the model in float (one layer decoded at a time, LoRA merged per linear, the
+    vocabulary table requantized a chunk of rows at a time: here 7, which does not divide its 64 rows) builds
     the same quantized model, bit for bit, as the fp32 load + merge_lora + quantize_model it replaces."""
+    from olmo_tap.quant import model as quant_model
     from olmo_tap.quant.model import load_gguf_quantized
+
+    monkeypatch.setattr(quant_model, "ROWS_PER_CHUNK", 7)
     from olmo_tap.weights.lora import LoraAdapter, merge_lora
 
     path = tmp_path / "tiny.gguf"
