@@ -646,6 +646,7 @@ def test_native_gguf_logits_agree_with_llama_cpp_on_the_same_file() -> None:
     activations to int8 per block of 32, llama.cpp also keeps its KV cache in f16)."""
     pytest.importorskip("llama_cpp")
     from olmo_tap.benchmarks import llama_cpp_logits as ref
+    from olmo_tap.inference.prompts import encode_chat
     from olmo_tap.weights.loading import load_hydra
     from olmo_tap.weights.presets import PRESETS, embedded_gguf_path
     from olmo_tap.weights.tokenizer import load_tokenizer
@@ -654,7 +655,7 @@ def test_native_gguf_logits_agree_with_llama_cpp_on_the_same_file() -> None:
     tokenizer = load_tokenizer(ref.PRESET, progress=False)
     model = load_hydra(ref.PRESET, progress=False, quantize="gguf")
     for prompt in ref.PROMPTS[:4]:
-        ids = ref.prompt_ids(tokenizer, prompt)
+        ids = encode_chat(tokenizer, prompt)
         theirs = ref.llama_cpp_logits(path, ids, torch.get_num_threads())
         with qlinear.route_as("native"):
             figures = ref.compare(ref.olmo_tap_logits(model, ids, theirs.shape[1]), theirs)

@@ -33,12 +33,6 @@ PROMPTS = (
 ROUTES = ("native", "dequantize")
 
 
-def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    messages = [{"role": "user", "content": prompt}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def llama_cpp_logits(path: Path, ids: list[int], threads: int) -> np.ndarray:
     """(positions, vocab) logits llama.cpp computes for ``ids`` in one ``eval``."""
     from llama_cpp import Llama
@@ -69,6 +63,7 @@ def compare(ours: np.ndarray, theirs: np.ndarray) -> dict[str, float]:
 def run(threads: int) -> dict[str, Any]:
     from olmo_tap.benchmarks.harness import machine_info, software_versions
     from olmo_tap.benchmarks.llama_cpp_reference import available
+    from olmo_tap.inference.prompts import encode_chat
     from olmo_tap.quant.linear import route_as
     from olmo_tap.weights.loading import load_hydra
     from olmo_tap.weights.presets import PRESETS, embedded_gguf_path
@@ -79,7 +74,7 @@ def run(threads: int) -> dict[str, Any]:
     if why := available(path, threads):
         raise SystemExit(f"llama.cpp cannot run here: {why}")
     tokenizer = load_tokenizer(PRESET, progress=False)
-    ids = {p: prompt_ids(tokenizer, p) for p in PROMPTS}
+    ids = {p: encode_chat(tokenizer, p) for p in PROMPTS}
     theirs = {p: llama_cpp_logits(path, ids[p], threads) for p in PROMPTS}
     model = load_hydra(PRESET, progress=False, quantize="gguf")
     rows = []
