@@ -56,19 +56,10 @@ void check_inputs(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
 // weight times the rounded activations, whose rounding errors meet the weights w = scale * code + minimum, centred
 // near zero; with the exact sum they met scale * code alone (0..15 steps, all of one sign), which made a Q4_1
 // product's error ~2.5x the rounding's own and the embedded default's logits ~3x further from the float model's.
-//
-// The AVX-512 path also keeps, per row and pair of blocks, the two scales spread over 16 lanes as it multiplies them
-// (``scale_pairs``), and the codes plus 128 as unsigned bytes (``offset_codes``, for int8 weights: see tile_int8);
-// made once per product, they save each tile row 3 and 1 of its ~9 instructions per pair of blocks (no change in
-// speed measured from these alone: the tiles of 8 rows gave the gain). Same values, same operations: the same bits.
 struct Activations {
   std::vector<int8_t> codes;
   std::vector<float> scale, sum;
   int64_t m, n_in, blocks;
-#if defined(OLMO_TAP_AVX512)
-  std::vector<float> scale_pairs;  // row t, pair p: 16 floats, lanes 0-7 = scale of block 2p, 8-15 of block 2p + 1
-  std::vector<uint8_t> offset_codes;  // codes + 128, in [1, 255]
-#endif
 
   explicit Activations(const at::Tensor& x) : m(x.size(0)), n_in(x.size(1)), blocks(x.size(1) / kBlock) {
     codes.resize(m * n_in);
@@ -90,22 +81,7 @@ struct Activations {
       scale[b] = d;
       sum[b] = d * static_cast<float>(total);
     }
-#if defined(OLMO_TAP_AVX512)
-    const int64_t pairs = blocks / 2;
-    scale_pairs.resize(m * pairs * 16);
-    for (int64_t t = 0; t < m; ++t)
-      for (int64_t p = 0; p < pairs; ++p)
-        for (int64_t lane = 0; lane < 16; ++lane)
-          scale_pairs[(t * pairs + p) * 16 + lane] = scale[t * blocks + 2 * p + lane / 8];
-    offset_codes.resize(m * n_in);
-    for (int64_t i = 0; i < m * n_in; ++i) offset_codes[i] = static_cast<uint8_t>(codes[i] + 128);
-#endif
   }
-
-#if defined(OLMO_TAP_AVX512)
-  // Row t's scales of blocks b and b + 1 (b even) as ``pair(scale[b], scale[b + 1])`` would make them.
-  const float* pair_of(int64_t t, int64_t b) const { return scale_pairs.data() + (t * (blocks / 2) + b / 2) * 16; }
-#endif
 };
 
 constexpr int64_t kWholeRow = 0;  // the group of a weight with one scale per row (per channel)
@@ -182,23 +158,20 @@ void tile_int8(const Activations& a, int64_t r0, const int8_t* row, const float*
   const int8_t* qx = a.codes.data() + r0 * n_in;
   const float* dx = a.scale.data() + r0 * blocks;
 #if defined(OLMO_TAP_AVX512)
-  // dpbusd multiplies unsigned by signed bytes: the activations go in as codes + 128, and each lane starts from
-  // -128 x the sum of its four weight codes, so it ends at exactly the sum of codes x weights (|sum| < 2^17).
-  const uint8_t* ux = a.offset_codes.data() + r0 * n_in;
-  const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 acc[R];
   for (int t = 0; t < R; ++t) acc[t] = _mm512_setzero_ps();
   int64_t b = 0;
   for (; b + 2 <= blocks; b += 2) {
     const __m512i w = _mm512_loadu_si512(row + b * kBlock);
-    const __m512i zero = _mm512_setzero_si512();
-    const __m512i start = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, w));
+    const __m512i w_abs = _mm512_abs_epi8(w);
+    const __mmask64 negative = _mm512_movepi8_mask(w);
     const __m512 w_scale = int8_scales2(s, b, group);
     for (int t = 0; t < R; ++t) {
-      const __m512i x = _mm512_loadu_si512(ux + t * n_in + b * kBlock);
-      const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, x, w));
-      const __m512 scale = _mm512_mul_ps(w_scale, _mm512_loadu_ps(a.pair_of(r0 + t, b)));  // as the AVX2 path's
-      acc[t] = _mm512_fmadd_ps(scale, dot, acc[t]);
+      const __m512i x = _mm512_loadu_si512(qx + t * n_in + b * kBlock);
+      const __m512i x_signed = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
+      const float* d = dx + t * blocks + b;
+      const __m512 scale = _mm512_mul_ps(w_scale, pair(d[0], d[1]));  // each lane's product as the AVX2 path's
+      acc[t] = _mm512_fmadd_ps(scale, dot2_u8_s8(w_abs, x_signed), acc[t]);
     }
   }
   if (b < blocks) {  // an odd count: the last block is an even one, the low lanes
@@ -316,7 +289,8 @@ void tile_int4(const Activations& a, int64_t r0, const uint8_t* row, const float
     const __m512 w_scale = pair(s[b], s[b + 1]);
     for (int t = 0; t < R; ++t) {
       const __m512i x = _mm512_loadu_si512(qx + t * n_in + b * kBlock);
-      const __m512 scale = _mm512_mul_ps(w_scale, _mm512_loadu_ps(a.pair_of(r0 + t, b)));
+      const float* d = dx + t * blocks + b;
+      const __m512 scale = _mm512_mul_ps(w_scale, pair(d[0], d[1]));
       acc[t] = _mm512_fmadd_ps(scale, dot2_u8_s8(w, x), acc[t]);
     }
   }
