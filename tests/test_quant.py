@@ -616,7 +616,7 @@ def test_memory_table_counts_the_models_own_parameters() -> None:
 def test_the_quantized_default_keeps_within_three_times_its_file() -> None:
     """The issue's memory budget, in a fresh process (RSS peaks never come down): loading the embedded default
     with --quantize gguf, its tokenizer and a PoE answer add at most three times the GGUF file plus the KV cache
-    to what importing torch takes (measured 246 MB against ~300 MB; it was 358 MB while a meta-device build
+    to what importing torch takes (measured 243 MiB against ~286 MiB; it was 358 MiB while a meta-device build
     imported dynamo and sympy, the loader fragmented the heap and the tokenizer built the model's config class)."""
     import subprocess
     import sys
