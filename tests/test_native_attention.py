@@ -76,6 +76,29 @@ def test_the_kernel_matches_torch_attention_and_writes_the_cache(kernel):
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)  # new entries copied, nothing else touched
 
 
+def test_a_compiled_steps_window_attends_as_a_decoding_row(kernel):
+    """``attend_window`` (a compiled decode step's attention, its position a tensor) gives a one-token row of
+    ``attend`` bit for bit, over the window's keys up to the position (later slots hold stale keys that must not
+    count), writes the key and value there, and refuses bad input by name."""
+    g = torch.Generator().manual_seed(3)
+    window, position = 40, 17
+    qk, v = torch.randn(H + KV, 1, HD, generator=g), torch.randn(KV, 1, HD, generator=g)
+    k_window, v_window = torch.randn(KV, window, HD, generator=g), torch.randn(KV, window, HD, generator=g)
+    k_cache, v_cache = k_window.clone()[None, None], v_window.clone()[None, None]
+    want = kernel(qk[None], v[None], k_cache, v_cache, 0, (0,), (position,), (1,), H)
+    got = native_attention.attend_window(qk, v, k_window, v_window, torch.tensor([position]), H)
+    assert torch.equal(got, want.reshape(1, H * HD))
+    assert torch.equal(k_window, k_cache[0, 0]) and torch.equal(v_window, v_cache[0, 0])
+    torch_out, _, _ = reference(qk[None], v[None], k_window[None, None], v_window[None, None], 0, [(0, position, 1)])
+    assert torch.allclose(got, torch_out.reshape(1, -1), atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="positions outside the cache"):
+        native_attention.attend_window(qk, v, k_window, v_window, torch.tensor([window]), H)
+    with pytest.raises(RuntimeError, match="position must be one int64"):
+        native_attention.attend_window(qk, v, k_window, v_window, torch.tensor([1.0]), H)
+    with pytest.raises(RuntimeError, match="disagree in shape"):
+        native_attention.attend_window(qk, v, k_window, v_window, torch.tensor([1]), H + KV)
+
+
 # A row deep in its context: each (tower, token, head) then outweighs waking a thread, and the call splits across
 # threads (short calls run on the calling thread).
 LONG_ROWS = [(0, 0, 3), (2, 4200, 1), (3, 5, 6), (1, 30, 1)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -257,34 +258,76 @@ def _kernel_variant(name: str, *cflags: str) -> Any:
     return variant
 
 
-@pytest.mark.skipif(
-    qlinear.native.VECTOR_PATH != "avx512", reason="the CPU has no AVX-512 VNNI: the build has no such path"
-)
-def test_the_avx512_path_gives_the_avx2_paths_bits() -> None:
-    """Machines differ (AVX-512 one day, AVX2 the next): the AVX-512 VNNI path must give the AVX2 path's bits, so
-    a transcript decoded on one replays exactly on the other. Compared with a build that leaves the path out, over
-    every storage layout, odd and even block counts, 1-16 rows (every tile shape) and codes at the extremes."""
+@pytest.mark.skipif(qlinear.native.VECTOR_PATH != "avx2", reason="no AVX2 here: the build has only its plain loops")
+def test_the_avx2_path_gives_the_plain_loops_bits() -> None:
+    """Machines differ (AVX-512 one day, AVX2 the next, none on some): the AVX2 path (which an AVX-512 CPU runs too)
+    must give the plain loops' bits, so a transcript decoded on one replays exactly on another. Compared with a
+    build that leaves the path out, over every storage layout, odd and even block counts, 1-16 rows (every run of
+    rows), output rows that fill no tile, and codes at the extremes."""
     from olmo_tap.quant import native
 
     assert native.available() is None
-    _kernel_variant("olmo_tap_avx2_only", "-DOLMO_TAP_NO_AVX512")
-    avx2 = torch.ops.olmo_tap_avx2_only
+    _kernel_variant("olmo_tap_quant_plain", "-DOLMO_TAP_NO_AVX2")
+    plain = torch.ops.olmo_tap_quant_plain
     g = torch.Generator().manual_seed(0)
-    for n_in in (32, 96, 576, 1536):
+    for n_in in (32, 96, 576):
         for out in (1, 7, 130):
-            for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16):
+            for rows in (1, 2, 3, 4, 5, 7, 9, 16):
                 x = torch.randn(rows, n_in, generator=g) * torch.rand(rows, n_in, generator=g).pow(4) * 10
                 for group in sorted({16, 32, n_in}):
                     codes = torch.randint(-128, 128, (out, n_in), dtype=torch.int8, generator=g)
                     scale = torch.rand(out, n_in // group, generator=g)
-                    assert torch.equal(torch.ops.olmo_tap.mm_int8(x, codes, scale), avx2.mm_int8(x, codes, scale)), (
-                        f"int8 {out}x{n_in} group {group}, {rows} rows"
-                    )
+                    if group == 32:  # Q8_0's fp16 scales: tiled in fp16
+                        scale = scale.half().float()
+                    t = QuantizedWeight("int8", codes, scale, None, group, "").as_tiled()
+                    assert torch.equal(
+                        torch.ops.olmo_tap.mm_int8(x, t.codes, t.scale, out), plain.mm_int8(x, t.codes, t.scale, out)
+                    ), f"int8 {out}x{n_in} group {group}, {rows} rows"
                 codes = torch.randint(0, 256, (out, n_in // 2), dtype=torch.uint8, generator=g)
                 scale, minimum = torch.rand(out, n_in // 32, generator=g), torch.randn(out, n_in // 32, generator=g)
-                assert torch.equal(
-                    torch.ops.olmo_tap.mm_int4(x, codes, scale, minimum), avx2.mm_int4(x, codes, scale, minimum)
-                ), f"int4 {out}x{n_in}, {rows} rows"
+                for storage in (torch.float32, torch.float16):  # scales exact in fp16 are tiled in fp16
+                    exact = (scale.to(storage).float(), minimum.to(storage).float())
+                    t = QuantizedWeight("int4", codes, *exact, 32, "").as_tiled()
+                    assert t.scale.dtype == storage
+                    assert torch.equal(
+                        torch.ops.olmo_tap.mm_int4(x, t.codes, t.scale, t.minimum, out),
+                        plain.mm_int4(x, t.codes, t.scale, t.minimum, out),
+                    ), f"int4 {out}x{n_in}, {rows} rows, scales in {storage}"
+
+
+def test_the_tiled_layout_holds_the_same_weight() -> None:
+    """The native kernel's tiled layout is the same weight: dequantized, read by rows (an embedding lookup, the
+    chunked product's chunks) and products on every route give what the weight by rows gives, also for output rows
+    that fill no tile; tiling is in place, so towers sharing a copy share the tiled one; scales that fp16 holds
+    exactly are stored in fp16 and give the same products."""
+    for w in _weights_of_every_layout():
+        t = w.as_tiled()
+        assert t.tiled and not w.tiled and t.shape == w.shape and t.codes.shape[2:] == (8, 4)
+        assert torch.equal(t.dequantize(), w.dequantize())
+        rows = torch.tensor([96, 0, 8, 7, 41, 41])
+        assert torch.equal(t.dequantize(rows=rows), w.dequantize(rows=rows))
+        assert torch.equal(qlinear.dequantize_into(t, slice(9, 90), torch.empty(81, 128)), w.dequantize()[9:90])
+        assert torch.equal(t.untiled().codes, w.codes) and torch.equal(t.to("cpu").scale, w.scale)
+        x = torch.randn(70, 128)
+        for route in qlinear.QUANT_KERNELS:
+            with qlinear.route_as(route):
+                for n in (1, 5, 70):
+                    assert torch.equal(qlinear.product(x[:n], t), qlinear.product(x[:n], w)), (w.source, route, n)
+        shared = dataclasses.replace(w)
+        holders = [shared, shared]
+        holders[0].tile_()
+        assert holders[1].tiled and torch.equal(holders[1].dequantize(), w.dequantize())
+        # scales (and minima) that fp16 holds exactly, as GGUF's blocks store them, are tiled in fp16: same products
+        minimum = None if w.minimum is None else w.minimum.half().float()
+        halves = QuantizedWeight(w.scheme, w.codes, w.scale.half().float(), minimum, w.group, w.source)
+        t16 = halves.as_tiled()
+        assert t16.scale.dtype == torch.float16 and t.scale.dtype == torch.float32  # quantize()'s are not exact
+        t32 = dataclasses.replace(
+            t16, scale=t16.scale.float(), minimum=None if minimum is None else t16.minimum.float()
+        )
+        assert torch.equal(t16.dequantize(), halves.dequantize()) and t16.dequantize(rows=rows).dtype == torch.float32
+        for n in (1, 5, 16):
+            assert torch.equal(qlinear.product(x[:n], t16), qlinear.product(x[:n], t32)), (w.source, n)
 
 
 def test_the_portable_build_equals_its_reference(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -308,10 +351,11 @@ def test_the_portable_build_equals_its_reference(monkeypatch: pytest.MonkeyPatch
     for w in _weights_of_every_layout():
         for rows in (1, 3, 5):
             x = torch.randn(rows, 128)
+            t = w.as_tiled()
             if w.scheme == "int8":
-                got = portable.mm_int8(x, w.codes, w.scale)
+                got = portable.mm_int8(x, t.codes, t.scale, t.out_features)
             else:
-                got = portable.mm_int4(x, w.codes, w.scale, w.minimum)
+                got = portable.mm_int4(x, t.codes, t.scale, t.minimum, t.out_features)
             torch.testing.assert_close(got, q8_activations_product(x, w), rtol=1e-5, atol=1e-5, msg=w.source)
 
 
@@ -331,10 +375,15 @@ def test_native_kernel_refuses_bad_input_by_name() -> None:
 
     assert native.available() is None
     w = quantize(torch.randn(8, 64), "int8")
-    with pytest.raises(RuntimeError, match="codes have 64 inputs, x has 32"):
-        torch.ops.olmo_tap.mm_int8(torch.randn(1, 32), w.codes, w.scale)
+    t = w.as_tiled()
+    with pytest.raises(RuntimeError, match="codes have 64 bytes per row, x needs 32"):
+        torch.ops.olmo_tap.mm_int8(torch.randn(1, 32), t.codes, t.scale, 8)
     with pytest.raises(RuntimeError, match="x must be"):
-        torch.ops.olmo_tap.mm_int8(torch.randn(1, 64).double(), w.codes, w.scale)
+        torch.ops.olmo_tap.mm_int8(torch.randn(1, 64).double(), t.codes, t.scale, 8)
+    with pytest.raises(RuntimeError, match="codes must be tiled"):  # a weight by rows is refused, not misread
+        torch.ops.olmo_tap.mm_int8(torch.randn(1, 64), w.codes, w.scale, 8)
+    with pytest.raises(RuntimeError, match="codes hold 1 tiles of 8 rows, not 9 output rows"):
+        torch.ops.olmo_tap.mm_int8(torch.randn(1, 64), t.codes, t.scale, 9)
 
 
 # ----- whole models -------------------------------------------------------------------------------------------------
@@ -528,9 +577,9 @@ def test_quantized_transcript_replays_exactly_on_its_route_and_a_forged_token_is
 
 
 def test_a_transcript_of_an_earlier_native_revision_replays_within_tolerance(monkeypatch) -> None:
-    """The native kernel's int4 arithmetic changed twice (its minimum term summed in 16 partial sums, not one
-    chain; then times the rounded activations' sum): a transcript that records an earlier revision ("native",
-    "native-2") is not claimed exact on the current one;
+    """The native kernel's arithmetic changed three times (int4's minimum term summed in 16 partial sums, not one
+    chain; then times the rounded activations' sum; then the tiled layout's one FMA per block): a transcript that
+    records an earlier revision ("native", "native-2", "native-3") is not claimed exact on the current one;
     it replays on the native route within the tolerance, and a forged token is still caught."""
     from olmo_tap.inference.poe import PoE
     from olmo_tap.inference.transcript import transcript_dict
@@ -541,7 +590,7 @@ def test_a_transcript_of_an_earlier_native_revision_replays_within_tolerance(mon
     tok = LetterTokenizer(6)
     monkeypatch.setenv(qlinear.QUANT_KERNEL_ENV, "native")
     data = transcript_dict(PoE(model, tok, gamma=3, seed=2, max_new_tokens=10).generate_with_cache("cab"))
-    assert data["settings"]["quant_kernel"] == qlinear.NATIVE_REVISION == "native-3"
+    assert data["settings"]["quant_kernel"] == qlinear.NATIVE_REVISION == "native-4"
     for revision in qlinear.EARLIER_NATIVE_REVISIONS:
         earlier = json.loads(json.dumps(data))
         earlier["settings"]["quant_kernel"] = revision

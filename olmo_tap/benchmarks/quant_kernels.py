@@ -69,7 +69,10 @@ def _routes(out: int, n_in: int) -> tuple[dict[str, Callable[[torch.Tensor], tor
     for scheme, qw in (("int8", q8), ("int4", q4)):
         args = (qw.codes, qw.scale) if scheme == "int8" else (qw.codes, qw.scale, qw.minimum)
         if native.available() is None:
-            routes[f"native-{scheme}"] = lambda x, qw=qw: native.product(x, qw.scheme, qw.codes, qw.scale, qw.minimum)
+            tiled = qw.as_tiled()
+            routes[f"native-{scheme}"] = lambda x, t=tiled: native.product(
+                x, t.scheme, t.codes, t.scale, t.minimum, t.out_features
+            )
         routes[f"fused-{scheme}"] = lambda x, scheme=scheme, args=args: qlinear._kernel(scheme)(x, *args)
         routes[f"chunked-{scheme}"] = lambda x, qw=qw: qlinear.dequantized_product(x, qw)
     # torchao quantizes with its own scales: its error is against the float weight, its quantization included

@@ -44,6 +44,18 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// One call's tensors, checked: qk and v by data pointer and strides over (towers, heads, tokens), the head
+// dimension contiguous; the caches contiguous (slots, cache towers, kv_heads, max_len, head_dim).
+struct Call {
+  const float *qk_p, *v_p;
+  int64_t q0, q1, q2, v0, v1, v2;
+  float *kc, *vc;
+  int64_t n, tokens, hd, n_slots, cache_towers, kv, max_len, tower0, n_heads;
+};
+
+at::Tensor attend_rows(const Call& c, at::IntArrayRef slots, at::IntArrayRef starts, at::IntArrayRef lengths,
+                       const at::TensorOptions& options);
+
 at::Tensor attend_cached(const at::Tensor& qk, const at::Tensor& v, at::Tensor k_cache, at::Tensor v_cache,
                          int64_t tower0, at::IntArrayRef slots, at::IntArrayRef starts, at::IntArrayRef lengths,
                          int64_t n_heads) {
@@ -62,6 +74,16 @@ at::Tensor attend_cached(const at::Tensor& qk, const at::Tensor& v, at::Tensor k
               "qk, v and the cache disagree in shape");
   TORCH_CHECK(v.size(3) == hd && k_cache.size(4) == hd, "head_dim differs between qk, v and the cache");
   TORCH_CHECK(tower0 >= 0 && tower0 + n <= cache_towers, "towers outside the cache");
+  const Call call{qk.data_ptr<float>(), v.data_ptr<float>(), qk.stride(0), qk.stride(1), qk.stride(2),
+                  v.stride(0), v.stride(1), v.stride(2), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                  n, tokens, hd, n_slots, cache_towers, kv, max_len, tower0, n_heads};
+  return attend_rows(call, slots, starts, lengths, qk.options());
+}
+
+at::Tensor attend_rows(const Call& c, at::IntArrayRef slots, at::IntArrayRef starts, at::IntArrayRef lengths,
+                       const at::TensorOptions& options) {
+  const int64_t n = c.n, tokens = c.tokens, hd = c.hd, n_slots = c.n_slots, cache_towers = c.cache_towers;
+  const int64_t kv = c.kv, max_len = c.max_len, tower0 = c.tower0, n_heads = c.n_heads;
   TORCH_CHECK(slots.size() == starts.size() && slots.size() == lengths.size(), "rows: slots, starts, lengths");
 
   const int64_t rows = static_cast<int64_t>(slots.size());
@@ -80,12 +102,11 @@ at::Tensor attend_cached(const at::Tensor& qk, const at::Tensor& v, at::Tensor k
   }
   TORCH_CHECK(offset == tokens, "rows hold fewer tokens than qk");
 
-  const float* qk_p = qk.data_ptr<float>();
-  const float* v_p = v.data_ptr<float>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
-  const int64_t q0 = qk.stride(0), q1 = qk.stride(1), q2 = qk.stride(2);
-  const int64_t v0 = v.stride(0), v1 = v.stride(1), v2 = v.stride(2);
+  const float* qk_p = c.qk_p;
+  const float* v_p = c.v_p;
+  float* kc = c.kc;
+  float* vc = c.vc;
+  const int64_t q0 = c.q0, q1 = c.q1, q2 = c.q2, v0 = c.v0, v1 = c.v1, v2 = c.v2;
   auto cache_at = [&](int64_t slot, int64_t t, int64_t g, int64_t pos) {
     return (((slot * cache_towers + tower0 + t) * kv + g) * max_len + pos) * hd;
   };
@@ -102,7 +123,7 @@ at::Tensor attend_cached(const at::Tensor& qk, const at::Tensor& v, at::Tensor k
     }
   }
 
-  at::Tensor out = at::empty({n, tokens, n_heads * hd}, qk.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = at::empty({n, tokens, n_heads * hd}, options.memory_format(at::MemoryFormat::Contiguous));
   float* out_p = out.data_ptr<float>();
   const int64_t group = n_heads / kv;
   // Items per task: enough keys x dims that a task outweighs waking a thread (a lone decode step's 9 heads run
@@ -139,12 +160,45 @@ at::Tensor attend_cached(const at::Tensor& qk, const at::Tensor& v, at::Tensor k
   return out;
 }
 
+// A compiled decode step's attention (olmo_tap/model/compiled.py): its tower's keys and values live in a window
+// (kv_heads, window, head_dim), a cache of one slot and one tower, and its position is a tensor, the compiled
+// graph's input, read here at run time. The same arithmetic as a decoding row of attend_cached, over the window's
+// keys 0 .. position only: Inductor's loops over the whole window (masked) took ~100 us a layer on an AVX2 CPU.
+at::Tensor attend_window(const at::Tensor& qk, const at::Tensor& v, at::Tensor k_window, at::Tensor v_window,
+                         const at::Tensor& position, int64_t n_heads) {
+  TORCH_CHECK(qk.dim() == 3 && v.dim() == 3 && qk.size(1) == 1 && v.size(1) == 1,
+              "qk and v must be (heads, 1, head_dim)");
+  TORCH_CHECK(k_window.dim() == 3 && v_window.sizes() == k_window.sizes() && k_window.is_contiguous() &&
+                  v_window.is_contiguous(), "the windows must be equal contiguous (kv_heads, window, head_dim)");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&qk, &v, &k_window, &v_window}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), "fp32 CPU tensors only");
+    TORCH_CHECK(t->stride(2) == 1, "the head dimension must be contiguous");
+  }
+  TORCH_CHECK(position.numel() == 1 && position.scalar_type() == at::kLong && position.device().is_cpu(),
+              "position must be one int64 on the CPU");
+  const int64_t kv = k_window.size(0), hd = k_window.size(2);
+  TORCH_CHECK(n_heads > 0 && n_heads % kv == 0 && qk.size(0) == n_heads + kv && v.size(0) == kv &&
+                  qk.size(2) == hd && v.size(2) == hd, "qk, v and the windows disagree in shape");
+  const int64_t p = *position.data_ptr<int64_t>();
+  const int64_t slot[] = {0}, start[] = {p}, length[] = {1};
+  // the windows as a cache of one slot and one tower; qk and v as one tower's
+  const Call call{qk.data_ptr<float>(), v.data_ptr<float>(), 0, qk.stride(0), qk.stride(1), 0, v.stride(0),
+                  v.stride(1), k_window.data_ptr<float>(), v_window.data_ptr<float>(), 1, 1, hd, 1, 1, kv,
+                  k_window.size(1), 0, n_heads};
+  return attend_rows(call, slot, start, length, qk.options()).view({1, n_heads * hd});
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(olmo_tap, m) {
   m.def(
       "attend_cached(Tensor qk, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, int tower0, int[] slots, "
       "int[] starts, int[] lengths, int n_heads) -> Tensor");
+  m.def("attend_window(Tensor qk, Tensor v, Tensor(a!) k_window, Tensor(b!) v_window, Tensor position, int n_heads) "
+        "-> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(olmo_tap, CPU, m) { m.impl("attend_cached", &attend_cached); }
+TORCH_LIBRARY_IMPL(olmo_tap, CPU, m) {
+  m.impl("attend_cached", &attend_cached);
+  m.impl("attend_window", &attend_window);
+}

@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from olmo_tap.model import kernels
+from olmo_tap.model import kernels, native_attention
 from olmo_tap.model.layers import apply_rope, residual_layer, rms_norm, rope_for_positions
 from olmo_tap.quant import native
 from olmo_tap.quant.linear import quant_kernel, quant_route, step_product
-from olmo_tap.quant.weights import QuantizedStack, dequantize_codes
+from olmo_tap.quant.weights import QuantizedStack, dequantize_codes, weight_rows
 
 if TYPE_CHECKING:
     from olmo_tap.hydra import HydraTransformer
@@ -141,14 +141,18 @@ class _TowerStep(nn.Module):
         self.register_buffer("cos", cos)  # (q_heads + kv_heads, window, head_dim), q rows pre-scaled
         self.register_buffer("sin", sin)
         self.register_buffer("slots", torch.arange(window, device=model.device))
+        # The native attention op where eager decoding takes it (fp32 on CPU): Inductor's loops over the whole
+        # window, masked, took ~100 us a layer on an AVX2 CPU, ~30% of a quantized step.
+        self.native_attention = native_attention.route_for(model) == "native"
 
     def forward(self, token: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """token, position: (1,) int64 -> logits (1, vocab) and the trunk's output (1, d_model): the state PoE's
         verifiers take."""
         c = self.config
         if self.quantized:
-            scheme, codes, scale, minimum = _quantized_parts(self, "embed")[0]
-            x = dequantize_codes(scheme, codes[token], scale[token], None if minimum is None else minimum[token])
+            scheme, codes, scale, minimum, _ = _quantized_parts(self, "embed")[0]
+            rows = [None if t is None else weight_rows(t, token) for t in (codes, scale, minimum)]
+            x = dequantize_codes(scheme, *rows)
             x = x.to(self.norm.dtype)
         else:
             x = F.embedding(token, self.embed)
@@ -187,6 +191,9 @@ class _TowerStep(nn.Module):
         heads = qkv.view(c.n_heads + 2 * c.n_kv_heads, 1, c.head_dim)
         qk = apply_rope(heads[: c.n_heads + c.n_kv_heads], cos, sin)
         q, k, v = qk[: c.n_heads], qk[c.n_heads :], heads[c.n_heads + c.n_kv_heads :]
+        if self.native_attention:  # eager decoding's attention, over the keys up to the position only
+            out = native_attention.attend_window(qk, v, layer.k, layer.v, position, c.n_heads)
+            return _linear(layer, "wo", out.to(x.dtype))
         layer.k.index_copy_(1, position, k.to(layer.k.dtype))
         layer.v.index_copy_(1, position, v.to(layer.v.dtype))
         # Attention as broadcast products and sums: Inductor fuses them into native loops (bmm calls would not be)
@@ -199,25 +206,29 @@ class _TowerStep(nn.Module):
 
 
 def _register_quantized(module: nn.Module, name: str, stack: QuantizedStack) -> None:
-    """Buffers ``{name}.{i}.codes|scale|minimum`` for each part of ``stack``, and the parts' schemes."""
+    """Buffers ``{name}.{i}.codes|scale|minimum`` for each part of ``stack``, and the parts' schemes and rows."""
     schemes = []
     for i, part in enumerate(stack.parts):
         module.register_buffer(f"{name}_{i}_codes", part.codes)
         module.register_buffer(f"{name}_{i}_scale", part.scale)
         module.register_buffer(f"{name}_{i}_minimum", part.minimum)
-        schemes.append(part.scheme)
+        schemes.append((part.scheme, part.out_features))
     setattr(module, f"{name}_schemes", tuple(schemes))
 
 
-def _quantized_parts(module: nn.Module, name: str) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+QuantizedPart = tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None, int]  # scheme, tensors, output rows
+
+
+def _quantized_parts(module: nn.Module, name: str) -> list[QuantizedPart]:
     return [
         (
             scheme,
             getattr(module, f"{name}_{i}_codes"),
             getattr(module, f"{name}_{i}_scale"),
             getattr(module, f"{name}_{i}_minimum"),
+            out,
         )
-        for i, scheme in enumerate(getattr(module, f"{name}_schemes"))
+        for i, (scheme, out) in enumerate(getattr(module, f"{name}_schemes"))
     ]
 
 
@@ -226,8 +237,8 @@ def _linear(module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     if not hasattr(module, f"{name}_schemes"):
         return F.linear(x, getattr(module, name))
     outs = [
-        step_product(x, scheme, codes, scale, minimum).to(x.dtype)
-        for scheme, codes, scale, minimum in _quantized_parts(module, name)
+        step_product(x, scheme, codes, scale, minimum, out).to(x.dtype)
+        for scheme, codes, scale, minimum, out in _quantized_parts(module, name)
     ]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 

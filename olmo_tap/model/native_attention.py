@@ -26,7 +26,16 @@ ATTENTION_ENV = "OLMO_TAP_ATTENTION"
 ROUTES = ("auto", "native", "torch")
 TAKEN = ("native", "torch")  # the routes decoding can take, as a transcript records them
 
-_KERNEL = NativeKernel(Path(__file__).with_name("attention.cpp"), "attention", "attention kernel")
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("olmo_tap::attend_window")
+    def _(
+        qk: torch.Tensor, v: torch.Tensor, k: torch.Tensor, v_window: torch.Tensor, position: torch.Tensor, n: int
+    ) -> torch.Tensor:
+        return qk.new_empty(1, n * qk.size(-1))
+
+
+_KERNEL = NativeKernel(Path(__file__).with_name("attention.cpp"), "attention", "attention kernel", _register_fakes)
 _ROUTE = Route("attention route", ATTENTION_ENV, ROUTES, TAKEN)
 
 
@@ -83,6 +92,21 @@ def takes(qk: torch.Tensor, cache_k: torch.Tensor) -> bool:
         and not (torch.is_grad_enabled() and qk.requires_grad)
         and attention_route() == "native"
     )
+
+
+def attend_window(
+    qk: torch.Tensor,
+    v: torch.Tensor,
+    k_window: torch.Tensor,
+    v_window: torch.Tensor,
+    position: torch.Tensor,
+    n_heads: int,
+) -> torch.Tensor:
+    """A compiled decode step's attention: write the token's key and value at ``position`` (a (1,) int64 tensor)
+    of the windows (kv_heads, window, head_dim) and attend over the window's keys 0 .. position: qk (heads +
+    kv_heads, 1, head_dim) rotated (queries scaled), v (kv_heads, 1, head_dim) -> (1, heads * head_dim). The
+    arithmetic of a decoding row of ``attend``."""
+    return torch.ops.olmo_tap.attend_window(qk.contiguous(), v.contiguous(), k_window, v_window, position, n_heads)
 
 
 def attend(

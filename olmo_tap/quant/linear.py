@@ -5,8 +5,9 @@ Three routes, chosen by measurement on the 2-core development machine (results/q
 
 - **native** (the default): olmo-tap's own kernel (``native.cpp``, built on first use for this CPU) for up to
   ``NATIVE_MAX_ROWS`` rows (a decode step, a head's verification rows): like llama.cpp, it rounds the activations
-  to int8 per block of 32 and multiplies them with the codes as integers (AVX2), each block of codes unpacked
-  once per 4 rows and never written out as floats;
+  to int8 per block of 32 and multiplies them with the codes as integers (AVX2), reading the weights in a tiled
+  layout (8 output rows side by side, one per register lane; ``QuantizedWeight.tile_``) and never writing them
+  out as floats;
 - **fused**: the same reduction written in torch ops and compiled by TorchInductor (the route before the native
   kernel, 2-10x slower than it; kept as the fallback where the native build fails);
 - **dequantize**: many rows (a prompt, a wide verification pass) dequantize the weight chunk by chunk into a
@@ -29,7 +30,7 @@ import torch
 
 from olmo_tap.model.kernels import Route
 from olmo_tap.quant import native
-from olmo_tap.quant.weights import QuantizedStack, QuantizedWeight
+from olmo_tap.quant.weights import QuantizedStack, QuantizedWeight, weight_rows
 
 QUANT_KERNEL_ENV = "OLMO_TAP_QUANT_KERNEL"
 QUANT_KERNELS = ("native", "fused", "dequantize")
@@ -37,9 +38,10 @@ QUANT_KERNELS = ("native", "fused", "dequantize")
 # the same one. "native" (before 2026-12-02): an int4 weight's minimum term summed in one FMA chain per row;
 # "native-2": in 16 partial sums (native.cpp's int4_shifts), the same bits on every CPU path and 20-30% faster;
 # "native-3" (2026-12-02): the minimum times the rounded activations' block sum (llama.cpp's Q8_1 s), not the
-# exact one: the product is then the dequantized weight times the rounded activations, ~2.5x closer to the float one.
-NATIVE_REVISION = "native-3"
-EARLIER_NATIVE_REVISIONS = ("native", "native-2")
+# exact one: the product is then the dequantized weight times the rounded activations, ~2.5x closer to the float one;
+# "native-4" (2026-12-02): the tiled layout, each block's exact integer dot scaled and added in one FMA (native.cpp).
+NATIVE_REVISION = "native-4"
+EARLIER_NATIVE_REVISIONS = ("native", "native-2", "native-3")
 RECORDED_KERNELS = (*EARLIER_NATIVE_REVISIONS, NATIVE_REVISION, "fused", "dequantize")
 # Rows up to which a product takes the native kernel rather than the chunked dequantize-and-multiply, per scheme.
 # The same on every CPU, so that a transcript's products take the same routes wherever it is replayed (the native
@@ -75,7 +77,7 @@ def quant_route() -> str:
     """The route this process's quantized products of a few rows take, as a transcript records it: ``native``,
     ``fused`` (the native kernel asked for but not built here, or fused forced, and Inductor compiles) or
     ``dequantize``. Builds the native kernel, or compiles the fused reduction once, to know."""
-    if _native_ready():
+    if native_ready():
         return "native"
     if quant_kernel() != "dequantize" and _compile_failed is None:
         probe = QuantizedWeight("int8", torch.zeros(1, 32, dtype=torch.int8), torch.ones(1, 1), None, 32, "int8")
@@ -123,18 +125,29 @@ def fused_int4(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimu
 
 
 def step_product(
-    x: torch.Tensor, scheme: str, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None
+    x: torch.Tensor, scheme: str, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None, out: int
 ) -> torch.Tensor:
-    """What the compiled decode step traces for one quantized product: the native op where it is the route, else
-    the fused formulation (which Inductor then compiles into the step's own loops)."""
-    if _native_ready() and native.supports(x.size(-1)):
-        return native.product(x, scheme, codes, scale, minimum)
+    """What the compiled decode step traces for one quantized product of ``out`` output rows (codes in either
+    layout): the native op where it is the route, else the fused formulation (which Inductor then compiles into the
+    step's own loops)."""
+    if native_ready() and native.supports(x.size(-1)):
+        return native.product(x, scheme, codes, scale, minimum, out)
+    if codes.dim() > 2:  # tiled, and the native route forced off: the fused formulation reads rows
+        rows = torch.arange(out)
+        codes, scale = weight_rows(codes, rows), weight_rows(scale, rows)
+        minimum = None if minimum is None else weight_rows(minimum, rows)
     if scheme == "int8":
         return fused_int8(x, codes, scale)
     return fused_int4(x, codes, scale, minimum)  # type: ignore[arg-type]
 
 
-def _native_ready() -> bool:
+def native_product(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    """x (M, in) @ w.T by the native kernel (which must be built), on a tiled copy of ``w`` if it is by rows."""
+    t = w.as_tiled()
+    return native.product(x, t.scheme, t.codes, t.scale, t.minimum, t.out_features)
+
+
+def native_ready() -> bool:
     """Whether the native kernel is the route and is built (building it on first use; one warning if it cannot)."""
     global _native_warned
     if quant_kernel() != "native":
@@ -162,6 +175,7 @@ def _fused(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor | None:
     global _compile_failed
     if _compile_failed is not None or quant_kernel() == "dequantize":
         return None
+    w = w.untiled()
     args = (w.codes, w.scale) if w.scheme == "int8" else (w.codes, w.scale, w.minimum)
     try:
         return _kernel(w.scheme)(x, *args)
@@ -192,14 +206,15 @@ def _chunk_buffer(elements: int) -> torch.Tensor:
 def dequantize_into(w: QuantizedWeight, rows: slice, out: torch.Tensor) -> torch.Tensor:
     """Rows ``rows`` of ``w`` as fp32 values, written into ``out`` (rows x in, contiguous); returns it. Each value
     is q * scale (+ minimum), rounded once: the same bits as ``QuantizedWeight.dequantize``."""
-    n, groups = out.size(0), w.scale.size(1)
+    part = w.select_rows(rows)  # a view by rows, or a tiled weight's rows read back
+    n, groups = out.size(0), part.scale.size(1)
     grouped = out.view(n, groups, -1)
-    scale = w.scale[rows].unsqueeze(-1)
-    if w.scheme == "int8":
-        return torch.mul(w.codes[rows].view(n, groups, -1), scale, out=grouped).view(n, -1)
-    packed = w.codes[rows].view(n, groups, -1)
+    scale = part.scale.unsqueeze(-1)
+    if part.scheme == "int8":
+        return torch.mul(part.codes.view(n, groups, -1), scale, out=grouped).view(n, -1)
+    packed = part.codes.view(n, groups, -1)
     half = packed.size(-1)
-    minimum = w.minimum[rows].unsqueeze(-1)  # type: ignore[index]
+    minimum = part.minimum.unsqueeze(-1)  # type: ignore[union-attr]
     for nibbles, target in ((packed & 15, grouped[..., :half]), (packed >> 4, grouped[..., half:])):
         torch.mul(nibbles, scale, out=target)
         target.add_(minimum)
@@ -229,9 +244,9 @@ def product(x: torch.Tensor, w: QuantizedWeight, row_invariant: bool = False) ->
     out = None
     rows = x.size(0)
     if x.device.type == "cpu":
-        if _native_ready() and native.supports(w.in_features):
+        if native_ready() and native.supports(w.in_features):
             if rows <= NATIVE_MAX_ROWS[w.scheme] or row_invariant:
-                out = native.product(x, w.scheme, w.codes, w.scale, w.minimum)
+                out = native_product(x, w)
         elif rows <= FUSED_MAX_ROWS[w.scheme]:
             out = _fused(x, w)
     if out is None:

@@ -25,6 +25,7 @@ from olmo_tap.hydra import HydraTransformer, HydraTransformerConfig
 from olmo_tap.memory import release_freed_memory
 from olmo_tap.model.layers import RMSNorm
 from olmo_tap.quant.gguf import quantized_from_gguf
+from olmo_tap.quant.linear import native_ready
 from olmo_tap.quant.weights import ROWS_PER_CHUNK, QuantizedStack, QuantizedWeight, concat_rows, quantize
 from olmo_tap.weights.errors import WeightsError
 from olmo_tap.weights.gguf import GGUFFile, unpermute_rope_rows
@@ -141,6 +142,10 @@ def _fill_quantized(
     _release(model, "lm_head")
     model._packed_lm_head.release()
     _release(model.embed, "weight")
+    if native_ready():  # the native kernel reads the tiled layout (the other routes read rows back from it)
+        for weight in [model.quantized_embed, *(part for stack in quantized_stacks(model) for part in stack.parts)]:
+            weight.tile_()  # in place: towers sharing a copy keep sharing it
+        release_freed_memory()
     model.quantization = scheme if gguf is None else f"gguf ({', '.join(sorted(sources))})"
     model.quantization_scheme = scheme
 

@@ -10,12 +10,21 @@
   reordered at load, its 6-bit sub-block scales multiplied out).
 
 Scales are kept in fp32 so that every format's (scale, minimum) pair is exact (Q4_K's d * sc needs 17 bits).
+
+Either scheme is held in one of two layouts: by rows as above, or **tiled** for the native kernel
+(``QuantizedWeight.tile_``; olmo_tap/quant/native.cpp): output rows in tiles of 8 (the last padded with zero rows),
+codes (tiles, bytes per row / 4, 8, 4) with each run of 4 code bytes of the tile's 8 rows side by side, scale and
+minimum (tiles, groups, 8), in fp16 where every one of them is exact in it (GGUF's Q4_0, Q4_1 and Q8_0 blocks
+store fp16 scales: 17% fewer bytes per int4 weight to stream). The same values; a quantized model's weights are
+tiled once at load where the native kernel is the route, and anything that reads rows (an embedding lookup, the
+dequantizing routes) reads them back in fp32.
 Rows are independent, so fused projections (q/k/v, gate/up) are built by concatenating rows of the same scheme;
 a fused weight whose parts differ in scheme keeps its parts (``QuantizedStack``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,6 +32,27 @@ import torch
 
 SCHEMES = ("int8", "int4")
 INT4_GROUP = 32
+TILE_ROWS = 8  # output rows per tile of the tiled layout (one AVX2 register's float lanes)
+TILE_BYTES = 4  # bytes of a row side by side with the other rows' in the tiled layout
+
+
+def tile_rows(t: torch.Tensor, width: int) -> torch.Tensor:
+    """(out, n) by rows -> (tiles, n // width, 8, width): output rows padded with zeros to a multiple of 8, then
+    each run of ``width`` elements of a tile's 8 rows side by side."""
+    out, n = t.shape
+    if out % TILE_ROWS:
+        t = torch.cat((t, t.new_zeros(-out % TILE_ROWS, n)))
+    return t.reshape(-1, TILE_ROWS, n // width, width).transpose(1, 2).contiguous()
+
+
+def weight_rows(t: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
+    """Rows ``rows`` of a weight's codes, scale or minimum, by rows, from either layout (tiled: (tiles, runs, 8,
+    width) or (tiles, runs, 8); ``rows`` then an index tensor). Plain tensor code, so a compiled step traces it."""
+    if t.dim() == 2:
+        return t[rows]
+    assert isinstance(rows, torch.Tensor), "rows of a tiled weight are read by index"
+    picked = t[rows // TILE_ROWS, :, rows % TILE_ROWS].reshape(rows.numel(), -1)
+    return picked.float() if picked.is_floating_point() else picked  # scales stored in fp16 are read in fp32
 
 
 @dataclass
@@ -36,6 +66,7 @@ class QuantizedWeight:
     minimum: torch.Tensor | None  # fp32 (out, in // group) for int4, None for int8
     group: int
     source: str
+    tiled_rows: int | None = None  # in the tiled layout: the real output rows (else None: by rows)
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -46,12 +77,17 @@ class QuantizedWeight:
             raise ValueError(f"{self.in_features} inputs do not split into groups of {self.group}")
 
     @property
+    def tiled(self) -> bool:
+        return self.tiled_rows is not None
+
+    @property
     def out_features(self) -> int:
-        return self.codes.size(0)
+        return self.codes.size(0) if self.tiled_rows is None else self.tiled_rows
 
     @property
     def in_features(self) -> int:
-        return self.codes.size(1) * (2 if self.scheme == "int4" else 1)
+        row_bytes = self.codes.size(1) * (TILE_BYTES if self.tiled else 1)
+        return row_bytes * (2 if self.scheme == "int4" else 1)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -68,19 +104,47 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The weight (out, in) in ``dtype`` (the value computed in fp32, then cast); only ``rows`` if given
         (an embedding lookup reads a few rows of a quantized table)."""
-        part = self if rows is None else self.select_rows(rows)
+        part = self.untiled() if rows is None else self.select_rows(rows)
         return dequantize_codes(part.scheme, part.codes, part.scale, part.minimum).to(dtype)
 
     def select_rows(self, rows: torch.Tensor | slice) -> QuantizedWeight:
-        """The weight of output rows ``rows`` (an index tensor or a slice), same scheme."""
-        minimum = None if self.minimum is None else self.minimum[rows]
-        return QuantizedWeight(self.scheme, self.codes[rows], self.scale[rows], minimum, self.group, self.source)
+        """The weight of output rows ``rows`` (an index tensor or a slice), same scheme, by rows."""
+        if self.tiled and isinstance(rows, slice):
+            rows = torch.arange(self.out_features)[rows]
+        codes, scale = weight_rows(self.codes, rows), weight_rows(self.scale, rows)
+        minimum = None if self.minimum is None else weight_rows(self.minimum, rows)
+        return QuantizedWeight(self.scheme, codes, scale, minimum, self.group, self.source)
+
+    def untiled(self) -> QuantizedWeight:
+        """The weight by rows (itself if it is)."""
+        return self.select_rows(slice(None)) if self.tiled else self
+
+    def tile_(self) -> None:
+        """Put the weight in the tiled layout, in place (every holder of this object sees it tiled)."""
+        if self.tiled:
+            return
+        out = self.out_features
+        # fp16 where every scale and minimum is exact in it (GGUF's own blocks): fewer bytes per token, same values
+        floats = self.tensors()[1:]
+        storage = torch.float16 if all(torch.equal(t.half().float(), t) for t in floats) else torch.float32
+        self.codes = tile_rows(self.codes, TILE_BYTES)
+        self.scale = tile_rows(self.scale.to(storage), 1).squeeze(-1)
+        self.minimum = None if self.minimum is None else tile_rows(self.minimum.to(storage), 1).squeeze(-1)
+        self.tiled_rows = out
+
+    def as_tiled(self) -> QuantizedWeight:
+        """The weight in the tiled layout (itself if it is)."""
+        if self.tiled:
+            return self
+        tiled = dataclasses.replace(self)
+        tiled.tile_()
+        return tiled
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
-        minimum = None if self.minimum is None else self.minimum.to(device)
-        return QuantizedWeight(
-            self.scheme, self.codes.to(device), self.scale.to(device), minimum, self.group, self.source
-        )
+        """The weight on ``device``, by rows (only the CPU's native kernel reads the tiled layout)."""
+        w = self.untiled()
+        minimum = None if w.minimum is None else w.minimum.to(device)
+        return QuantizedWeight(w.scheme, w.codes.to(device), w.scale.to(device), minimum, w.group, w.source)
 
 
 def dequantize_codes(
@@ -101,7 +165,8 @@ def dequantize_codes(
 
 
 def concat_rows(parts: Sequence[QuantizedWeight]) -> QuantizedWeight:
-    """Stack weights of one scheme and group along their output rows (a fused projection)."""
+    """Stack weights of one scheme and group along their output rows (a fused projection), by rows."""
+    parts = [p.untiled() for p in parts]
     first = parts[0]
     if any(p.scheme != first.scheme or p.group != first.group or p.in_features != first.in_features for p in parts):
         raise ValueError("only weights of one scheme, group and input size concatenate")
