@@ -47,9 +47,8 @@ RECORDED_KERNELS = (*EARLIER_NATIVE_REVISIONS, NATIVE_REVISION, "fused", "dequan
 # The same on every CPU, so that a transcript's products take the same routes wherever it is replayed (the native
 # kernel's AVX2 and AVX-512 paths give the same bits; its int8-rounded activations do not give the float routes'
 # bits, and bounds by CPU made an AVX-512 machine's verification native where an AVX2 machine's replay was float).
-# Measured in results/quant/kernels.md on an Intel Sapphire Rapids VM (AVX-512 VNNI, 2 threads): native wins at
-# every row count up to 64. On AVX2 alone it lost above 8 (int8) and 24 (int4) rows in an earlier measurement with
-# its loop on one thread (AMD EPYC VM), not repeated on two.
+# Measured in results/quant/kernels.md (2026-12-02, the tiled kernel on an AMD EPYC VM with AVX2 only, 2 threads):
+# native wins at every row count up to 64, against the chunked product and fp32's own.
 NATIVE_MAX_ROWS = {"int8": 64, "int4": 64}
 # Rows up to which the fused reduction beats the chunked product over a whole pass, per scheme (measured in
 # results/quant/kernels.md): the reduction widens every code once per row, so its cost grows with the rows, and
