@@ -198,7 +198,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"{row['model']} " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in row["file_bytes"].items())
             for row in report["computed"]
         )
-        + ": olmo-tap keeps each block's scale (and minimum) in fp32 beside byte-aligned codes, "
-        "so its copy is larger than the file's.",
+        + ": olmo-tap keeps a K-quant block's scale (and minimum) in fp32 (Q4_K's need 17 bits) beside byte-aligned "
+        "codes, so its copy is larger than the file's (Q4_0, Q4_1 and Q8_0 blocks keep their fp16 scales where "
+        "the native kernel runs).",
     ]
     return "\n".join(lines) + "\n"
