@@ -141,8 +141,10 @@ class _TowerStep(nn.Module):
         self.register_buffer("cos", cos)  # (q_heads + kv_heads, window, head_dim), q rows pre-scaled
         self.register_buffer("sin", sin)
         self.register_buffer("slots", torch.arange(window, device=model.device))
-        # The native attention op where eager decoding takes it (fp32 on CPU): Inductor's loops over the whole
-        # window, masked, took ~100 us a layer on an AVX2 CPU, ~30% of a quantized step.
+        # The native attention op where eager decoding takes it (fp32 on CPU; chosen when the step is built):
+        # Inductor's loops over the whole window, masked, took ~100 us a layer on an AVX2 CPU, ~30% of a quantized
+        # step. Compiled steps are never replayed exactly (their rounding is the compiler's), so the route they
+        # took is not recorded.
         self.native_attention = native_attention.route_for(model) == "native"
 
     def forward(self, token: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,8 +45,8 @@ EARLIER_NATIVE_REVISIONS = ("native", "native-2", "native-3")
 RECORDED_KERNELS = (*EARLIER_NATIVE_REVISIONS, NATIVE_REVISION, "fused", "dequantize")
 # Rows up to which a product takes the native kernel rather than the chunked dequantize-and-multiply, per scheme.
 # The same on every CPU, so that a transcript's products take the same routes wherever it is replayed (the native
-# kernel's AVX2 and AVX-512 paths give the same bits; its int8-rounded activations do not give the float routes'
-# bits, and bounds by CPU made an AVX-512 machine's verification native where an AVX2 machine's replay was float).
+# kernel's AVX2 path and plain loops give the same bits; its int8-rounded activations do not give the float routes'
+# bits, and bounds by CPU once made an AVX-512 machine's verification native where an AVX2 machine's replay was float).
 # Measured in results/quant/kernels.md (2026-12-02, the tiled kernel on an AMD EPYC VM with AVX2 only, 2 threads):
 # native wins at every row count up to 64, against the chunked product and fp32's own.
 NATIVE_MAX_ROWS = {"int8": 64, "int4": 64}
