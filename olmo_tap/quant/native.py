@@ -27,8 +27,9 @@ def _register_fakes() -> None:
         return x.new_empty(x.size(0), out)
 
 
-# The kernel's vector path on this CPU (what -march=native turns on in native.cpp): AVX2, else plain loops.
-VECTOR_PATH = "avx2" if cpu_has("avx2", "fma") else "plain"
+# The kernel's vector path on this CPU (what -march=native turns on in native.cpp): AVX2 with FMA and F16C (fp16
+# scales), else plain loops.
+VECTOR_PATH = "avx2" if cpu_has("avx2", "fma", "f16c") else "plain"
 
 _KERNEL = NativeKernel(Path(__file__).with_name("native.cpp"), "quant", "quantized kernel", _register_fakes)
 
