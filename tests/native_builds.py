@@ -24,21 +24,15 @@ def linear_variant(path: str) -> NativeKernel:
     return NativeKernel(native_linear._KERNEL.source, name, name, None, (*flags, f"-DOLMO_TAP_OPS={name}"))
 
 
-@functools.cache
-def quant_variant(name: str, *cflags: str) -> NativeKernel:
-    """The quantized kernel's source with ``cflags`` after -march=native, its ops under ``torch.ops.<name>``."""
-    return NativeKernel(
-        quant_native._KERNEL.source, name, f"quantized kernel ({name})", None, (*cflags, f"-DOLMO_TAP_OPS={name}")
-    )
-
-
 def build_all() -> None:
     """Build (or load, where torch's extension cache has them) the kernels and the variants this CPU tests, two
     at a time; a build that fails is left to the test that needs it to report."""
     builds = [native_attention._KERNEL, native_linear._KERNEL, quant_native._KERNEL, linear_variant("plain")]
     if cpu_has("avx512f"):  # the test compares an AVX-512 build with one without
         builds.append(linear_variant("avx2"))
-    if quant_native.VECTOR_PATH == "avx2":  # the test compares the AVX2 path with the plain loops
-        builds.append(quant_variant("olmo_tap_quant_plain", "-DOLMO_TAP_NO_AVX2"))
+    if quant_native.VECTOR_PATH != "plain":  # the test compares the vector paths with the plain loops
+        builds.append(quant_native.variant("olmo_tap_quant_plain", *quant_native.PATH_FLAGS["plain"]))
+    if quant_native.VECTOR_PATH == "vnni":  # ... and with the AVX2 path without VNNI
+        builds.append(quant_native.variant("olmo_tap_quant_avx2", *quant_native.PATH_FLAGS["avx2"]))
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(NativeKernel.available, builds))

@@ -20,7 +20,6 @@ from olmo_tap.quant.model import quantize_model, quantized_bytes
 from olmo_tap.quant.weights import QuantizedStack, QuantizedWeight, quantize
 from olmo_tap.weights.errors import WeightsError
 from olmo_tap.weights.gguf import _BLOCK_NAMES
-from tests.native_builds import quant_variant
 from tests.test_weights_io import hf_state
 from tests.tiny import LetterTokenizer, tiny_hydra
 
@@ -253,26 +252,33 @@ def test_every_kernel_route_equals_its_reference(kernel: str, monkeypatch: pytes
 
 def _kernel_variant(name: str, *cflags: str) -> Any:
     """A build of native.cpp with ``cflags`` after -march=native, its ops under the namespace ``name``."""
-    variant = quant_variant(name, *cflags)
+    variant = qlinear.native.variant(name, *cflags)
     assert variant.available() is None, variant.available()
     return variant
 
 
-@pytest.mark.skipif(qlinear.native.VECTOR_PATH != "avx2", reason="no AVX2 here: the build has only its plain loops")
-def test_the_avx2_path_gives_the_plain_loops_bits() -> None:
-    """Machines differ (AVX-512 one day, AVX2 the next, none on some): the AVX2 path (which an AVX-512 CPU runs too)
-    must give the plain loops' bits, so a transcript decoded on one replays exactly on another. Compared with a
-    build that leaves the path out, over every storage layout, odd and even block counts, 1-16 rows (every run of
+@pytest.mark.skipif(qlinear.native.VECTOR_PATH == "plain", reason="no AVX2 here: the build has only its plain loops")
+def test_the_vector_paths_give_the_plain_loops_bits() -> None:
+    """Machines differ (AVX-512 with VNNI one day, AVX2 the next, none on some): the vector paths (AVX2, which an
+    AVX-512 CPU runs too, and its VNNI form) must give the plain loops' bits, so a transcript decoded on one
+    replays exactly on another. This CPU's build compared with builds that leave paths out (plain loops; on a VNNI
+    CPU also AVX2 without VNNI), over every storage layout, odd and even block counts, 1-16 rows (every run of
     rows), output rows that fill no tile, and codes at the extremes."""
     from olmo_tap.quant import native
 
     assert native.available() is None
-    _kernel_variant("olmo_tap_quant_plain", "-DOLMO_TAP_NO_AVX2")
-    plain = torch.ops.olmo_tap_quant_plain
+    assert native.vector_path() == native.VECTOR_PATH  # the build took the path this CPU's flags promise
+    _kernel_variant("olmo_tap_quant_plain", *native.PATH_FLAGS["plain"])
+    others = [torch.ops.olmo_tap_quant_plain]
+    if native.VECTOR_PATH == "vnni":
+        _kernel_variant("olmo_tap_quant_avx2", *native.PATH_FLAGS["avx2"])
+        assert torch.ops.olmo_tap_quant_avx2.mm_quant_path() == "avx2"
+        others.append(torch.ops.olmo_tap_quant_avx2)
+    assert torch.ops.olmo_tap_quant_plain.mm_quant_path() == "plain"
     g = torch.Generator().manual_seed(0)
     for n_in in (32, 96, 576):
         for out in (1, 7, 130):
-            for rows in (1, 2, 3, 4, 5, 7, 9, 16):
+            for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 16):
                 x = torch.randn(rows, n_in, generator=g) * torch.rand(rows, n_in, generator=g).pow(4) * 10
                 for group in sorted({16, 32, n_in}):
                     codes = torch.randint(-128, 128, (out, n_in), dtype=torch.int8, generator=g)
@@ -280,19 +286,22 @@ def test_the_avx2_path_gives_the_plain_loops_bits() -> None:
                     if group == 32:  # Q8_0's fp16 scales: tiled in fp16
                         scale = scale.half().float()
                     t = QuantizedWeight("int8", codes, scale, None, group, "").as_tiled()
-                    assert torch.equal(
-                        torch.ops.olmo_tap.mm_int8(x, t.codes, t.scale, out), plain.mm_int8(x, t.codes, t.scale, out)
-                    ), f"int8 {out}x{n_in} group {group}, {rows} rows"
+                    y = torch.ops.olmo_tap.mm_int8(x, t.codes, t.scale, out)
+                    for other in others:
+                        assert torch.equal(y, other.mm_int8(x, t.codes, t.scale, out)), (
+                            f"int8 {out}x{n_in} group {group}, {rows} rows: {other}"
+                        )
                 codes = torch.randint(0, 256, (out, n_in // 2), dtype=torch.uint8, generator=g)
                 scale, minimum = torch.rand(out, n_in // 32, generator=g), torch.randn(out, n_in // 32, generator=g)
                 for storage in (torch.float32, torch.float16):  # scales exact in fp16 are tiled in fp16
                     exact = (scale.to(storage).float(), minimum.to(storage).float())
                     t = QuantizedWeight("int4", codes, *exact, 32, "").as_tiled()
                     assert t.scale.dtype == storage
-                    assert torch.equal(
-                        torch.ops.olmo_tap.mm_int4(x, t.codes, t.scale, t.minimum, out),
-                        plain.mm_int4(x, t.codes, t.scale, t.minimum, out),
-                    ), f"int4 {out}x{n_in}, {rows} rows, scales in {storage}"
+                    y = torch.ops.olmo_tap.mm_int4(x, t.codes, t.scale, t.minimum, out)
+                    for other in others:
+                        assert torch.equal(y, other.mm_int4(x, t.codes, t.scale, t.minimum, out)), (
+                            f"int4 {out}x{n_in}, {rows} rows, scales in {storage}: {other}"
+                        )
 
 
 def test_the_tiled_layout_holds_the_same_weight() -> None:
@@ -690,17 +699,22 @@ def test_the_quantized_default_keeps_within_three_times_its_file() -> None:
 
 def test_native_gguf_logits_agree_with_llama_cpp_on_the_same_file() -> None:
     """An outside engine on the same file (only where llama-cpp-python is installed, which CI does not do): the
-    embedded default's base model through the native quantized route gives llama.cpp's greedy token at every
-    prompt's last position and logits within 0.6 of llama.cpp's on average (largest logits 25-35; both round the
-    activations to int8 per block of 32, llama.cpp also keeps its KV cache in f16)."""
+    embedded default's base model through the native quantized route gives logits within 0.6 of llama.cpp's on
+    average (largest logits 25-35; both round the activations to int8 per block of 32, llama.cpp also keeps its KV
+    cache in f16) and llama.cpp's greedy token at every position where llama.cpp's top token leads by more than
+    ``DECIDED_MARGIN`` (0.5), at 90% of all positions. Closer calls are settled by rounding: "What is the capital
+    of France?" (llama.cpp's lead 0.09 at the last position) goes either way between kernel revisions."""
     pytest.importorskip("llama_cpp")
     from olmo_tap.benchmarks import llama_cpp_logits as ref
+    from olmo_tap.benchmarks.llama_cpp_reference import available
     from olmo_tap.inference.prompts import encode_chat
     from olmo_tap.weights.loading import load_hydra
     from olmo_tap.weights.presets import PRESETS, embedded_gguf_path
     from olmo_tap.weights.tokenizer import load_tokenizer
 
     path = embedded_gguf_path(PRESETS[ref.PRESET])
+    if why := available(path, torch.get_num_threads()):
+        pytest.skip(why)  # a llama.cpp build this CPU refuses would kill the whole test run, not fail one test
     tokenizer = load_tokenizer(ref.PRESET, progress=False)
     model = load_hydra(ref.PRESET, progress=False, quantize="gguf")
     for prompt in ref.PROMPTS[:4]:
@@ -708,4 +722,5 @@ def test_native_gguf_logits_agree_with_llama_cpp_on_the_same_file() -> None:
         theirs = ref.llama_cpp_logits(path, ids, torch.get_num_threads())
         with qlinear.route_as("native"):
             figures = ref.compare(ref.olmo_tap_logits(model, ids, theirs.shape[1]), theirs)
-        assert figures["greedy_agree_last"] and figures["all_mean_abs"] < 0.6, (prompt, figures)
+        assert figures["all_mean_abs"] < 0.6 and figures["greedy_agree_all"] >= 0.9, (prompt, figures)
+        assert figures["decided_positions"] > 0 and figures["greedy_agree_decided"] == 1.0, (prompt, figures)

@@ -31,6 +31,10 @@ PROMPTS = (
     "What is 12 times 7?",
 )
 ROUTES = ("native", "dequantize")
+# llama.cpp's lead of its top token over its runner-up above which the engines' greedy tokens must agree: twice
+# the mean |difference| of their logits. Below it the order is decided by rounding (the 8-bit activations turn
+# float rounding into code flips that can move a logit by ~1), and any two builds may disagree.
+DECIDED_MARGIN = 0.5
 
 
 def llama_cpp_logits(path: Path, ids: list[int], threads: int) -> np.ndarray:
@@ -50,13 +54,18 @@ def olmo_tap_logits(model: Any, ids: list[int], vocab: int) -> np.ndarray:
 
 def compare(ours: np.ndarray, theirs: np.ndarray) -> dict[str, float]:
     diff = np.abs(ours - theirs)
+    top2 = np.sort(theirs, axis=-1)[:, -2:]
+    decided = top2[:, 1] - top2[:, 0] > DECIDED_MARGIN
+    agree = ours.argmax(-1) == theirs.argmax(-1)
     return {
         "last_mean_abs": float(diff[-1].mean()),
         "last_max_abs": float(diff[-1].max()),
         "all_mean_abs": float(diff.mean()),
         "largest_logit": float(np.abs(theirs[-1]).max()),
         "greedy_agree_last": bool(ours[-1].argmax() == theirs[-1].argmax()),
-        "greedy_agree_all": float((ours.argmax(-1) == theirs.argmax(-1)).mean()),
+        "greedy_agree_all": float(agree.mean()),
+        "decided_positions": int(decided.sum()),
+        "greedy_agree_decided": float(agree[decided].mean()) if decided.any() else 1.0,
     }
 
 
@@ -103,22 +112,25 @@ def markdown(results: dict[str, Any]) -> str:
         "prompt position; the same ids in both engines.",
         "",
         "| route | prompt | last position mean / max abs diff | largest logit | all positions mean | "
-        "greedy token agrees (last; all positions) |",
+        f"greedy token agrees (last; all positions; where llama.cpp leads by > {DECIDED_MARGIN}) |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for r in results["rows"]:
         lines.append(
             f"| {r['route']} | {r['prompt']} | {r['last_mean_abs']:.3f} / {r['last_max_abs']:.3f} | "
             f"{r['largest_logit']:.1f} | {r['all_mean_abs']:.3f} | {'yes' if r['greedy_agree_last'] else 'no'}; "
-            f"{r['greedy_agree_all']:.0%} |"
+            f"{r['greedy_agree_all']:.0%}; {r['greedy_agree_decided']:.0%} of {r['decided_positions']} |"
         )
     lines.append("")
     for route in ROUTES:
         rows = [r for r in results["rows"] if r["route"] == route]
+        decided = sum(r["decided_positions"] for r in rows)
+        agreed = sum(r["greedy_agree_decided"] * r["decided_positions"] for r in rows)
         lines.append(
             f"- {route}: mean abs diff over all positions {np.mean([r['all_mean_abs'] for r in rows]):.3f}; "
             f"greedy token at the last position agrees on {sum(r['greedy_agree_last'] for r in rows)} of "
-            f"{len(rows)} prompts, at all positions {np.mean([r['greedy_agree_all'] for r in rows]):.0%}"
+            f"{len(rows)} prompts, at all positions {np.mean([r['greedy_agree_all'] for r in rows]):.0%}, where "
+            f"llama.cpp leads by > {DECIDED_MARGIN} at {agreed:.0f} of {decided}"
         )
     return "\n".join(lines) + "\n"
 

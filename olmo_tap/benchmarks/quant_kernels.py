@@ -9,7 +9,8 @@ route available in this process, timed in alternating rounds (``run_interleaved`
   ``_weight_int4pack_mm_for_cpu``);
 - ``torchao-int8``: torchao's ``Int8WeightOnlyConfig`` on an ``nn.Linear`` (only where torchao imports);
 - ``native-int8`` / ``native-int4``: olmo-tap's own kernel (``olmo_tap/quant/native.cpp``: int8-rounded activations,
-  integer products with the codes);
+  integer products with the codes); on a CPU with VNNI also ``native-avx2-int8`` / ``native-avx2-int4``, a build of
+  it without VNNI's ``dpbusd`` (the same bits: what the VNNI path gains);
 - ``fused-int8`` / ``fused-int4``: the dequantizing reduction compiled by Inductor (``olmo_tap.quant.linear``);
 - ``chunked-int8`` / ``chunked-int4``: dequantize chunk by chunk into a cache-sized buffer, multiply each chunk.
 
@@ -70,14 +71,26 @@ def _routes(out: int, n_in: int) -> tuple[dict[str, Callable[[torch.Tensor], tor
         args = (qw.codes, qw.scale) if scheme == "int8" else (qw.codes, qw.scale, qw.minimum)
         if native.available() is None:
             tiled = qw.as_tiled()
-            routes[f"native-{scheme}"] = lambda x, t=tiled: native.product(
-                x, t.scheme, t.codes, t.scale, t.minimum, t.out_features
-            )
+            for label, ops in _native_builds().items():
+                routes[f"{label}-{scheme}"] = lambda x, t=tiled, ops=ops: native.product(
+                    x, t.scheme, t.codes, t.scale, t.minimum, t.out_features, ops
+                )
         routes[f"fused-{scheme}"] = lambda x, scheme=scheme, args=args: qlinear._kernel(scheme)(x, *args)
         routes[f"chunked-{scheme}"] = lambda x, qw=qw: qlinear.dequantized_product(x, qw)
     # torchao quantizes with its own scales: its error is against the float weight, its quantization included
     expected = {r: (w if r.startswith(("fp32", "bf16", "torchao")) else d4 if "int4" in r else d8) for r in routes}
     return routes, expected
+
+
+def _native_builds() -> dict[str, str]:
+    """Route label -> ops namespace of each build of the native kernel to time: this CPU's, and on a VNNI CPU the
+    same source without VNNI (where that build fails, only this CPU's)."""
+    builds = {"native": "olmo_tap"}
+    if native.VECTOR_PATH == "vnni":
+        avx2 = native.variant("olmo_tap_quant_avx2", *native.PATH_FLAGS["avx2"])
+        if avx2.available() is None:
+            builds["native-avx2"] = "olmo_tap_quant_avx2"
+    return builds
 
 
 def _codes_int4(qw: Any) -> torch.Tensor:

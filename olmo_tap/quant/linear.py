@@ -270,7 +270,8 @@ def fused_kernel_status() -> str:
         why_not = native.available()
         if why_not is None:
             rows = ", ".join(f"{scheme} <= {n} rows" for scheme, n in NATIVE_MAX_ROWS.items())
-            return f"native kernel (built for this CPU; {rows}), chunked dequantize-and-multiply above"
+            path = native.vector_path()
+            return f"native kernel ({path} path, built for this CPU; {rows}), chunked dequantize-and-multiply above"
         fallback = f"the native kernel could not be built ({why_not}); "
     else:
         fallback = f"forced: {QUANT_KERNEL_ENV}=fused; "
