@@ -70,9 +70,9 @@ def _routes(out: int, n_in: int) -> tuple[dict[str, Callable[[torch.Tensor], tor
     for scheme, qw in (("int8", q8), ("int4", q4)):
         args = (qw.codes, qw.scale) if scheme == "int8" else (qw.codes, qw.scale, qw.minimum)
         if native.available() is None:
-            tiled = qw.as_tiled()
             for label, ops in _native_builds().items():
-                routes[f"{label}-{scheme}"] = lambda x, t=tiled, ops=ops: native.product(
+                # each build its own copy: the routes alternate, and one copy would reach the second build warm
+                routes[f"{label}-{scheme}"] = lambda x, t=qw.as_tiled(), ops=ops: native.product(
                     x, t.scheme, t.codes, t.scale, t.minimum, t.out_features, ops
                 )
         routes[f"fused-{scheme}"] = lambda x, scheme=scheme, args=args: qlinear._kernel(scheme)(x, *args)
