@@ -72,7 +72,8 @@ def _routes(out: int, n_in: int) -> tuple[dict[str, Callable[[torch.Tensor], tor
         if native.available() is None:
             for label, ops in _native_builds().items():
                 # each build its own copy: the routes alternate, and one copy would reach the second build warm
-                routes[f"{label}-{scheme}"] = lambda x, t=qw.as_tiled(), ops=ops: native.product(
+                tiled = qw.as_tiled()
+                routes[f"{label}-{scheme}"] = lambda x, t=tiled, ops=ops: native.product(
                     x, t.scheme, t.codes, t.scale, t.minimum, t.out_features, ops
                 )
         routes[f"fused-{scheme}"] = lambda x, scheme=scheme, args=args: qlinear._kernel(scheme)(x, *args)
