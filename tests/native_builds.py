@@ -31,8 +31,8 @@ def build_all() -> None:
     if cpu_has("avx512f"):  # the test compares an AVX-512 build with one without
         builds.append(linear_variant("avx2"))
     if quant_native.VECTOR_PATH != "plain":  # the test compares the vector paths with the plain loops
-        builds.append(quant_native.variant("olmo_tap_quant_plain", *quant_native.PATH_FLAGS["plain"]))
+        builds.append(quant_native.path_variant("plain"))
     if quant_native.VECTOR_PATH == "vnni":  # ... and with the AVX2 path without VNNI
-        builds.append(quant_native.variant("olmo_tap_quant_avx2", *quant_native.PATH_FLAGS["avx2"]))
+        builds.append(quant_native.path_variant("avx2"))
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(NativeKernel.available, builds))

@@ -87,10 +87,8 @@ def _native_builds() -> dict[str, str]:
     """Route label -> ops namespace of each build of the native kernel to time: this CPU's, and on a VNNI CPU the
     same source without VNNI (where that build fails, only this CPU's)."""
     builds = {"native": "olmo_tap"}
-    if native.VECTOR_PATH == "vnni":
-        avx2 = native.variant("olmo_tap_quant_avx2", *native.PATH_FLAGS["avx2"])
-        if avx2.available() is None:
-            builds["native-avx2"] = "olmo_tap_quant_avx2"
+    if native.VECTOR_PATH == "vnni" and native.path_variant("avx2").available() is None:
+        builds["native-avx2"] = "olmo_tap_quant_avx2"
     return builds
 
 

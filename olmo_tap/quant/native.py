@@ -51,6 +51,12 @@ def variant(name: str, *cflags: str) -> NativeKernel:
     return NativeKernel(_KERNEL.source, name, f"quantized kernel ({name})", None, (*cflags, f"-DOLMO_TAP_OPS={name}"))
 
 
+def path_variant(path: str) -> NativeKernel:
+    """native.cpp without the paths above ``path`` (``avx2``: no VNNI; ``plain``: no vectors), its ops under
+    ``torch.ops.olmo_tap_quant_<path>``."""
+    return variant(f"olmo_tap_quant_{path}", *PATH_FLAGS[path])
+
+
 def available() -> str | None:
     """None once the native kernel is built and loaded (building it on the first call), else why it is not."""
     return _KERNEL.available()
