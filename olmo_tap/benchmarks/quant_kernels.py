@@ -87,8 +87,9 @@ def _native_builds() -> dict[str, str]:
     """Route label -> ops namespace of each build of the native kernel to time: this CPU's, and on a VNNI CPU the
     same source without VNNI (where that build fails, only this CPU's)."""
     builds = {"native": "olmo_tap"}
-    if native.VECTOR_PATH == "vnni" and native.path_variant("avx2").available() is None:
-        builds["native-avx2"] = "olmo_tap_quant_avx2"
+    avx2 = native.path_variant("avx2") if native.VECTOR_PATH == "vnni" else None
+    if avx2 is not None and avx2.available() is None:
+        builds["native-avx2"] = avx2.name
     return builds
 
 
