@@ -139,6 +139,20 @@ def test_gguf_blocks_map_exactly(tmp_path: Path, type_name: str) -> None:
     assert qw.nbytes <= 6 * 512 * bits / 8 + qw.scale.numel() * 8  # codes at their width, fp32 scale (+ min)
 
 
+def test_the_embedded_files_blocks_map_exactly(smollm2_gguf: Path) -> None:
+    """The embedded file's own blocks (its Q8_0 vocabulary table, a Q4_1 layer) read as the codes whose values the
+    gguf package decodes, bit for bit."""
+    from gguf.quants import dequantize
+
+    from olmo_tap.weights.gguf_header import read_gguf_header
+
+    tensors = {t.name: t for t in read_gguf_header(smollm2_gguf).tensors}
+    for name in ("token_embd.weight", "blk.7.ffn_down.weight", "blk.29.attn_q.weight"):
+        tensor = tensors[name]
+        want = torch.from_numpy(np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
+        assert torch.equal(quantized_from_gguf(tensor, str(smollm2_gguf)).dequantize(), want), name
+
+
 def test_unsupported_gguf_type_is_named(tmp_path: Path) -> None:
     import gguf
 

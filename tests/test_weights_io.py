@@ -408,6 +408,123 @@ def test_bad_gguf_files(tmp_path: Path) -> None:
         read_gguf(tmp_path / "gpt2.gguf")
 
 
+def assert_header_matches_reader(path: Path) -> None:
+    """``read_gguf_header`` gives what the gguf package's own ``GGUFReader`` gives: every metadata value (a string
+    array by its length), and every tensor's name, type, shape, data offset and data."""
+    import gguf
+
+    from olmo_tap.weights.gguf_header import SkippedStrings, read_gguf_header
+
+    header, reader = read_gguf_header(path), gguf.GGUFReader(path)
+    fields = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert header.metadata.keys() == fields.keys()
+    for key, field in fields.items():
+        ours, theirs = header.metadata[key], field.contents()
+        if isinstance(ours, SkippedStrings):
+            assert ours.count == len(theirs), key
+        else:
+            assert ours == theirs and type(ours) is type(theirs), key
+    assert [t.name for t in header.tensors] == [t.name for t in reader.tensors]
+    for ours, theirs in zip(header.tensors, reader.tensors, strict=True):
+        assert ours.tensor_type == theirs.tensor_type and ours.shape == tuple(int(n) for n in theirs.shape)
+        assert ours.offset == theirs.data_offset and ours.n_bytes == theirs.n_bytes
+        assert ours.dtype == theirs.data.dtype and ours.data_shape == theirs.data.shape
+        assert np.array_equal(ours.data, np.asarray(theirs.data))
+
+
+def write_assorted_gguf(path: Path, alignment: int = 64) -> None:
+    """A GGUF with one metadata value of every type, arrays of numbers and strings, and float and block tensors."""
+    import gguf
+
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_custom_alignment(alignment)
+    writer.add_uint8("t.u8", 200)
+    writer.add_int8("t.i8", -100)
+    writer.add_uint16("t.u16", 60000)
+    writer.add_int16("t.i16", -30000)
+    writer.add_uint32("t.u32", 4_000_000_000)
+    writer.add_int32("t.i32", -2_000_000_000)
+    writer.add_float32("t.f32", 0.1)
+    writer.add_uint64("t.u64", 2**63 + 5)
+    writer.add_int64("t.i64", -(2**62))
+    writer.add_float64("t.f64", 1 / 3)
+    writer.add_bool("t.bool", True)
+    writer.add_string("t.str", "Zürich ✓")
+    writer.add_array("t.ints", [1, -2, 3])
+    writer.add_array("t.floats", [0.5, -1.25])
+    writer.add_array("t.strings", ["a", "", "ünï", "x" * 300])
+    writer.add_array("t.empty", [])
+    writer.add_tensor("f32", rng.standard_normal((3, 8)).astype(np.float32))
+    writer.add_tensor("f16", rng.standard_normal((2, 5)).astype(np.float16))
+    for type_name, cols in (("Q4_0", 64), ("Q8_0", 32), ("Q4_K", 256), ("Q6_K", 512)):
+        per_block, nbytes = {"Q4_0": (32, 18), "Q8_0": (32, 34), "Q4_K": (256, 144), "Q6_K": (256, 210)}[type_name]
+        blocks = rng.integers(0, 256, size=(3, cols // per_block * nbytes), dtype=np.uint8)
+        writer.add_tensor(type_name.lower(), blocks, raw_dtype=gguf.GGMLQuantizationType[type_name])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("alignment", [32, 64])
+def test_gguf_header_matches_the_gguf_package(tmp_path: Path, alignment: int) -> None:
+    write_assorted_gguf(tmp_path / "assorted.gguf", alignment)
+    assert_header_matches_reader(tmp_path / "assorted.gguf")
+    write_tiny_gguf(tmp_path / "tiny.gguf", tiny_model("llama"))
+    assert_header_matches_reader(tmp_path / "tiny.gguf")
+
+
+def test_gguf_header_of_the_embedded_file(smollm2_gguf: Path) -> None:
+    from olmo_tap.weights.gguf_header import SkippedStrings, read_gguf_header
+
+    assert_header_matches_reader(smollm2_gguf)
+    vocabulary = read_gguf_header(smollm2_gguf).metadata["tokenizer.ggml.tokens"]
+    assert vocabulary == SkippedStrings(49152)
+
+
+def test_malformed_gguf_headers_are_named(tmp_path: Path) -> None:
+    """Every way a header can be broken (cut anywhere in it, a flipped byte, another byte order or version) is a
+    WeightsError naming the file, never a struct, numpy or Unicode error from inside the reader."""
+    import gguf
+
+    from olmo_tap.weights.gguf_header import read_gguf_header
+
+    write_assorted_gguf(tmp_path / "good.gguf")
+    data = (tmp_path / "good.gguf").read_bytes()
+    tensors = read_gguf_header(tmp_path / "good.gguf").tensors
+    header_end, data_end = tensors[0].offset, tensors[-1].offset + tensors[-1].n_bytes
+    bad = tmp_path / "bad.gguf"
+
+    def named_error(content: bytes, match: str = "") -> None:
+        bad.write_bytes(content)
+        with pytest.raises(WeightsError, match=r"cannot read GGUF file .*bad\.gguf: " + match):
+            read_gguf_header(bad)
+
+    for cut in range(0, header_end - 1, 7):
+        named_error(data[:cut])
+    named_error(data[: data_end - 1], "truncated: tensor q6_k ends past the end of the file")
+    named_error(b"GGML" + data[4:], "not a GGUF file")
+    named_error(data[:4] + (1).to_bytes(4, "little") + data[8:], r"version 1 \(olmo-tap reads 2 and 3\)")
+    named_error(data[:8] + (2**40).to_bytes(8, "little") + data[16:], "tensor count .* is not plausible")
+    writer = gguf.GGUFWriter(str(tmp_path / "big.gguf"), "llama", endianess=gguf.GGUFEndian.BIG)
+    writer.add_tensor("w", np.zeros((2, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    named_error((tmp_path / "big.gguf").read_bytes(), "big-endian, unsupported")
+    rng = np.random.default_rng(0)
+    for _ in range(300):  # a flipped byte anywhere in the header: parsed as something, or a named error
+        flipped = bytearray(data)
+        flipped[int(rng.integers(0, header_end))] ^= int(rng.integers(1, 256))
+        bad.write_bytes(bytes(flipped))
+        try:
+            read_gguf_header(bad)
+        except WeightsError as e:
+            assert "cannot read GGUF file" in str(e)
+
+
 # ----- the embedded SmolLM2 GGUF (session fixtures: transformers' load and our conversion take seconds) -----------
 
 

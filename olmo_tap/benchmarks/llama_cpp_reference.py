@@ -57,9 +57,9 @@ def available(path: str | Path | None = None, threads: int | None = None) -> str
 def gguf_weight_bytes(path: str | Path) -> int:
     """Bytes of weights llama.cpp reads per decoded token: every tensor but the embedding table, of which it reads
     one row (the table counts in full where it doubles as the tied output matrix)."""
-    from gguf import GGUFReader
+    from olmo_tap.weights.gguf_header import read_gguf_header
 
-    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(path).tensors}
+    tensors = {t.name: t.n_bytes for t in read_gguf_header(path).tensors}
     embedding = tensors.pop("token_embd.weight", 0)
     return sum(tensors.values()) + (0 if "output.weight" in tensors else embedding)
 

@@ -132,7 +132,7 @@ def _fill_quantized(
                 sources.update(q.source for q in quantized)
                 stacks.append(QuantizedStack.of(quantized))
             block._packed[fused].quantized = stacks
-        release_freed_memory()  # each layer's temporaries (decoded blocks, merged heads), before the next's
+        release_freed_memory(collect=False)  # this layer's temporaries (decoded blocks, merged heads), freed already
     model._packed_lm_head.quantized = [QuantizedStack([head])]
     model.quantized_embed = embed
     for block in model._blocks():
@@ -145,7 +145,7 @@ def _fill_quantized(
     if native_ready():  # the native kernel reads the tiled layout (the other routes read rows back from it)
         for weight in [model.quantized_embed, *(part for stack in quantized_stacks(model) for part in stack.parts)]:
             weight.tile_()  # in place: towers sharing a copy keep sharing it
-        release_freed_memory()
+        release_freed_memory(collect=False)
     model.quantization = scheme if gguf is None else f"gguf ({', '.join(sorted(sources))})"
     model.quantization_scheme = scheme
 

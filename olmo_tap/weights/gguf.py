@@ -7,16 +7,15 @@ package (the same code transformers' GGUF loader uses), so the result equals tra
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from olmo_tap.memory import release_freed_memory
 from olmo_tap.model.config import ConfigError, TransformerConfig
 from olmo_tap.weights.errors import WeightsError
+from olmo_tap.weights.gguf_header import GGUFHeader, GGUFTensor, read_gguf_header
 from olmo_tap.weights.hf import validate_hf_state
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -65,28 +64,24 @@ def unpermute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.reshape(n_heads, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def _metadata(reader: Any, key: str, source: Path, default: Any = ...) -> Any:
+def _metadata(header: GGUFHeader, key: str, source: Path, default: Any = ...) -> Any:
     """One metadata value; ``default`` when absent (a missing key without a default is an error)."""
-    field = reader.fields.get(key)
-    if field is None:
+    if key not in header.metadata:
         if default is ...:
             raise WeightsError(f"GGUF file {source} lacks metadata key {key!r}")
         return default
-    try:
-        return field.contents()
-    except Exception as e:  # the gguf package raises assorted errors on malformed fields
-        raise WeightsError(f"GGUF file {source}: cannot read metadata key {key!r}: {e}") from e
+    return header.metadata[key]
 
 
-def _config_from_gguf(reader: Any, source: Path) -> TransformerConfig:
-    arch = _metadata(reader, "general.architecture", source)
+def _config_from_gguf(header: GGUFHeader, source: Path) -> TransformerConfig:
+    arch = _metadata(header, "general.architecture", source)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ConfigError(
             f"{source}: unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
 
     def meta(key: str, default: Any = ...) -> Any:
-        return _metadata(reader, f"{arch}.{key}", source, default)
+        return _metadata(header, f"{arch}.{key}", source, default)
 
     scaling = meta("rope.scaling.type", None)
     if scaling not in (None, "none"):
@@ -100,7 +95,7 @@ def _config_from_gguf(reader: Any, source: Path) -> TransformerConfig:
         if value != head_dim:  # partial rotary or a different value width: not in our layer implementation
             raise ConfigError(f"{source}: {arch}.{key} = {value} differs from head_dim {head_dim}; unsupported")
 
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = {t.name: t for t in header.tensors}
     if "token_embd.weight" not in tensors:
         raise WeightsError(f"GGUF file {source} has no token_embd.weight tensor")
     try:
@@ -117,39 +112,11 @@ def _config_from_gguf(reader: Any, source: Path) -> TransformerConfig:
             norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
             tie_embeddings="output.weight" not in tensors,
             max_seq_len=meta("context_length", 2048),
-            bos_token_id=_metadata(reader, "tokenizer.ggml.bos_token_id", source, None),
-            eos_token_id=_metadata(reader, "tokenizer.ggml.eos_token_id", source, None),
+            bos_token_id=_metadata(header, "tokenizer.ggml.bos_token_id", source, None),
+            eos_token_id=_metadata(header, "tokenizer.ggml.eos_token_id", source, None),
         )
     except (ConfigError, TypeError, ValueError) as e:
         raise ConfigError(f"{source}: {e}") from e
-
-
-@dataclass(frozen=True)
-class GGUFTensor:
-    """Where one tensor of a GGUF file lies; ``data`` reads it (the reader's array: blocks as rows of bytes)."""
-
-    path: Path
-    name: str
-    tensor_type: Any  # gguf.GGMLQuantizationType
-    shape: tuple[int, ...]  # ggml's order, innermost first
-    offset: int
-    dtype: np.dtype
-    data_shape: tuple[int, ...]
-
-    @property
-    def data(self) -> np.ndarray:
-        return self.rows_data(0, self.data_shape[0])
-
-    def rows_data(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` of ``data`` (rows are the outermost dimension; a quantized row is whole blocks).
-
-        Read, not mapped: pages of a mapped file count in the process's memory for as long as the map lives, and
-        a loader that keeps each tensor quantized needs its bytes only while it converts them."""
-        row_items = int(np.prod(self.data_shape[1:]))
-        offset = self.offset + start * row_items * self.dtype.itemsize
-        count = (stop - start) * row_items
-        data = np.fromfile(self.path, dtype=self.dtype, count=count, offset=offset)
-        return data.reshape(stop - start, *self.data_shape[1:])
 
 
 class GGUFFile:
@@ -162,34 +129,15 @@ class GGUFFile:
             raise WeightsError(f"GGUF file {source} does not exist")
         if not source.is_file():
             raise WeightsError(f"{source} is not a file (expected a .gguf file)")
-        try:
-            from gguf import GGUFReader
-        except ImportError as e:
-            raise WeightsError(f"reading {source} needs the 'gguf' package: pip install gguf") from e
-        try:
-            reader = GGUFReader(source)
-        except Exception as e:  # bad magic, truncated data and bad offsets all surface differently
-            raise WeightsError(
-                f"cannot read GGUF file {source}: {type(e).__name__}: {e} (not GGUF, or truncated?)"
-            ) from e
+        header = read_gguf_header(source)
         self.source = source
-        self.config = _config_from_gguf(reader, source)
-        unknown = [t.name for t in reader.tensors if gguf_to_hf_name(t.name) is None]
+        self.config = _config_from_gguf(header, source)
+        unknown = [t.name for t in header.tensors if gguf_to_hf_name(t.name) is None]
         if "rope_freqs.weight" in unknown:  # Llama-3.1-style frequency scaling
             raise ConfigError(f"{source}: rope frequency scaling (rope_freqs.weight) is unsupported")
         if unknown:
             raise WeightsError(f"GGUF file {source} has tensors olmo-tap does not know: {', '.join(unknown[:5])}")
-        # HF name -> where the tensor lies. The reader itself is let go here: it holds a Python object per tokenizer
-        # entry (~160 MB for a 49k vocabulary) and a map of the whole file, neither needed past the header.
-        self.tensors: dict[str, GGUFTensor] = {
-            gguf_to_hf_name(t.name): GGUFTensor(  # type: ignore[misc]
-                source, t.name, t.tensor_type, tuple(int(n) for n in t.shape), int(t.data_offset), t.data.dtype,
-                t.data.shape,
-            )
-            for t in reader.tensors
-        }  # fmt: skip
-        del reader
-        release_freed_memory()
+        self.tensors: dict[str, GGUFTensor] = {gguf_to_hf_name(t.name): t for t in header.tensors}  # type: ignore[misc]
 
     def type_name(self, hf_name: str) -> str:
         return self.tensors[hf_name].tensor_type.name
