@@ -9,9 +9,10 @@
 | Q6_K | 256: 6-bit codes, 16 int8 scales, d | int8 (codes - 32), group 16 | d * sc_j |
 
 The per-group scale and minimum are read from the block headers and the codes straight from the block bits, in
-ggml's layouts (``_codes``). Every product code * scale (+ minimum) is exact or rounds once as ggml's does: an
-fp16 scale has 11 significant bits and a code at most 6, so the quantized weight holds exactly the values
-transformers and the ``gguf`` package decode, at the file's own precision. The tests hold each type to the
+ggml's layouts (``_codes``). An fp16 scale (11 significant bits), times a K-quant's 6-bit sub-scale, times a code
+of at most 6 bits fits fp32's 24 bits, so every product is exact and adding the minimum rounds once, as in ggml:
+the quantized weight holds exactly the values transformers and the ``gguf`` package decode, at the file's own
+precision. The tests hold each type to the
 package's own dequantization bit for bit (random blocks, and the embedded file). Until 2026-12-03 the codes were
 recovered from that dequantization at every load and checked there: the same values, 3.5 s of a 16 s load.
 """
