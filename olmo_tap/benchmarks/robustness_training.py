@@ -51,7 +51,7 @@ TRAINED_SUFFIXES_MEASURED = 2  # the jury is also attacked with the first 2 trai
 
 def stacked_jury(adapters: str | Path | None) -> HydraTransformer:
     """The default jury from its parts with ``load_ensemble``: per text head its security adapter, then (with
-    ``adapters``) its robustness adapter; the uncertainty head as the preset builds it (``load_trained_preset``)."""
+    ``adapters``) its robustness adapter; the uncertainty head as loading the preset builds it."""
     shipped = dj.jury_dir()
     heads = [
         [shipped / f"head{h}"] + ([Path(adapters) / f"head{h}"] if adapters is not None else [])

@@ -87,20 +87,36 @@ def load_hydra(
     """
     if quantize is not None:
         return _load_quantized(source, n_heads, heads_depth, dtype, device, progress, quantize)
-    from olmo_tap.weights.sources import read_base_checkpoint, resolve
-
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+    return _load_float(source, n_heads, heads_depth, resolve_dtype(dtype, device), device, progress).prepack()
+
+
+def _load_float(
+    source: Any, n_heads: int | None, heads_depth: int | None, dtype: torch.dtype, device: torch.device, progress: bool
+) -> HydraTransformer:
+    """``load_hydra``'s float model, its weights not yet packed: a caller that merges adapters or quantizes next
+    would otherwise pack the float weights for nothing (1.4 s of the default's load; for a checkpoint quantized at
+    load, a second copy of every weight in memory)."""
+    from olmo_tap.weights.sources import resolve
+
     resolved = resolve(source)
     if resolved.kind == "ensemble_dir":
         from olmo_tap.weights.ensemble import load_saved_ensemble
 
         model = load_saved_ensemble(resolved.path, device=device, dtype=dtype)
         _check_matches_saved(model, n_heads, heads_depth)
-        return model.eval().prepack()
-
+        return model.eval()
     if resolved.kind == "preset" and get_preset(resolved.name).adapters:
-        return load_trained_preset(resolved.name, n_heads, heads_depth, dtype, device, progress)
+        return _trained_preset(resolved.name, n_heads, heads_depth, dtype, device, progress)
+    return _split_base(resolved, n_heads, heads_depth, dtype, device, progress)
+
+
+def _split_base(
+    source: Any, n_heads: int | None, heads_depth: int | None, dtype: torch.dtype, device: torch.device, progress: bool
+) -> HydraTransformer:
+    """A single-tower checkpoint split into a Hydra (weights not yet packed)."""
+    from olmo_tap.weights.sources import read_base_checkpoint
+
     base_config, state, _ = read_base_checkpoint(source, progress=progress)
     config = HydraTransformerConfig.split(
         base_config,
@@ -111,7 +127,7 @@ def load_hydra(
     model = config.build(init_device="meta").to_empty(device=device).to(dtype)
     model.reset_rope()
     load_base_state(model, state)
-    return model.eval().prepack()
+    return model.eval()
 
 
 def gguf_source_path(resolved: Any) -> Path | None:
@@ -152,7 +168,7 @@ def _load_quantized(
             "use --quantize int8 or int4"
         )
     if gguf_path is None:  # a float checkpoint: load it, then quantize it
-        model = load_hydra(resolved, n_heads, heads_depth, torch.float32, device, progress)
+        model = _load_float(resolved, n_heads, heads_depth, torch.float32, device, progress)
         with separate_large_allocations():
             quantize_model(model, quantize)
     else:  # straight from the file's blocks, never the whole model in float
@@ -227,7 +243,7 @@ def trained_jury_plan(name: str, n_heads: int | None, heads_depth: int | None) -
     return JuryPlan(preset.base, n_text + 1, depth, merges, n_text)
 
 
-def load_trained_preset(
+def _trained_preset(
     name: str,
     n_heads: int | None,
     heads_depth: int | None,
@@ -235,13 +251,15 @@ def load_trained_preset(
     device: torch.device,
     progress: bool = True,
 ) -> HydraTransformer:
-    """A trained preset (see ``trained_jury_plan``): the base split, each head's adapters merged in fp32, then cast."""
+    """A trained preset (see ``trained_jury_plan``): the base split, each head's adapters merged in fp32, then cast
+    (weights not yet packed)."""
     from olmo_tap.weights.lora import merge_lora
+    from olmo_tap.weights.sources import resolve
 
     plan = trained_jury_plan(name, n_heads, heads_depth)
-    model = load_hydra(plan.base, plan.n_heads, plan.heads_depth, torch.float32, device, progress)
+    model = _split_base(resolve(plan.base), plan.n_heads, plan.heads_depth, torch.float32, device, progress)
     for head, adapters in enumerate(plan.merges):
         for adapter in adapters:
             merge_lora(model, head, adapter)
     model.uncertainty_head = plan.uncertainty_head
-    return model.to(dtype).eval().prepack()
+    return model.to(dtype).eval()
