@@ -525,6 +525,45 @@ def test_malformed_gguf_headers_are_named(tmp_path: Path) -> None:
             assert "cannot read GGUF file" in str(e)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("llama.embedding_length", "576", r"llama\.embedding_length must be an integer, got '576'"),
+        ("llama.attention.head_count", ["a", "b"], r"llama\.attention\.head_count must be an integer, got Skipped"),
+        ("llama.block_count", 2.5, r"llama\.block_count must be an integer, got 2\.5"),
+        ("llama.attention.head_count_kv", [1, 2], "per-layer head counts are unsupported"),
+        ("tokenizer.ggml.bos_token_id", "x", r"tokenizer\.ggml\.bos_token_id must be an integer"),
+        ("llama.rope.freq_base", "x", "could not convert string to float"),
+    ],
+)
+def test_gguf_metadata_of_the_wrong_type_is_named(tmp_path: Path, key: str, value: object, match: str) -> None:
+    """A hostile file's metadata of the wrong type is a ConfigError naming the file and the key, not a TypeError
+    from the config's arithmetic."""
+    import gguf
+
+    from olmo_tap.weights.gguf import GGUFFile
+
+    fields = {"llama.embedding_length": 8, "llama.attention.head_count": 2, "llama.block_count": 1,
+              "llama.feed_forward_length": 16, key: value}  # fmt: skip
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    for name, v in fields.items():
+        if isinstance(v, str):
+            writer.add_string(name, v)
+        elif isinstance(v, list):
+            writer.add_array(name, v)
+        elif isinstance(v, float):
+            writer.add_float32(name, v)
+        else:
+            writer.add_uint32(name, v)
+    writer.add_tensor("token_embd.weight", np.zeros((10, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ConfigError, match=r".*m\.gguf: " + match):
+        GGUFFile(tmp_path / "m.gguf")
+
+
 # ----- the embedded SmolLM2 GGUF (session fixtures: transformers' load and our conversion take seconds) -----------
 
 

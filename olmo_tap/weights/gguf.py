@@ -83,37 +83,48 @@ def _config_from_gguf(header: GGUFHeader, source: Path) -> TransformerConfig:
     def meta(key: str, default: Any = ...) -> Any:
         return _metadata(header, f"{arch}.{key}", source, default)
 
+    def integer(key: str, default: Any = ...) -> Any:
+        """An integer field (None when absent with default None); any other type is the file's error, named."""
+        value = _metadata(header, key, source, default)
+        if isinstance(value, list) and "head_count" in key:
+            raise ConfigError(f"{source}: per-layer head counts are unsupported")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        return value
+
     scaling = meta("rope.scaling.type", None)
     if scaling not in (None, "none"):
         raise ConfigError(f"{source}: unsupported rope scaling type {scaling!r}; only unscaled RoPE")
-    d_model, n_heads = meta("embedding_length"), meta("attention.head_count")
-    if isinstance(n_heads, list):
-        raise ConfigError(f"{source}: per-layer head counts are unsupported")
-    head_dim = meta("attention.key_length", None) or (d_model // n_heads if n_heads else 0)
+    d_model, n_heads = integer(f"{arch}.embedding_length"), integer(f"{arch}.attention.head_count")
+    head_dim = integer(f"{arch}.attention.key_length", None) or (d_model // n_heads if n_heads else 0)
     for key in ("attention.value_length", "rope.dimension_count"):
-        value = meta(key, head_dim)
+        value = integer(f"{arch}.{key}", head_dim)
         if value != head_dim:  # partial rotary or a different value width: not in our layer implementation
             raise ConfigError(f"{source}: {arch}.{key} = {value} differs from head_dim {head_dim}; unsupported")
 
     tensors = {t.name: t for t in header.tensors}
     if "token_embd.weight" not in tensors:
         raise WeightsError(f"GGUF file {source} has no token_embd.weight tensor")
+    n_layers, ffn_hidden = integer(f"{arch}.block_count"), integer(f"{arch}.feed_forward_length")
+    n_kv_heads = integer(f"{arch}.attention.head_count_kv", n_heads)
+    max_seq_len = integer(f"{arch}.context_length", 2048)
+    bos, eos = integer("tokenizer.ggml.bos_token_id", None), integer("tokenizer.ggml.eos_token_id", None)
     try:
         return TransformerConfig(
             family="llama",
             vocab_size=int(tensors["token_embd.weight"].shape[-1]),  # ggml shapes are (cols, rows)
             d_model=d_model,
-            n_layers=meta("block_count"),
+            n_layers=n_layers,
             n_heads=n_heads,
-            n_kv_heads=meta("attention.head_count_kv", n_heads),
+            n_kv_heads=n_kv_heads,
             head_dim=head_dim,
-            ffn_hidden=meta("feed_forward_length"),
+            ffn_hidden=ffn_hidden,
             rope_theta=float(meta("rope.freq_base", 10000.0)),
             norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
             tie_embeddings="output.weight" not in tensors,
-            max_seq_len=meta("context_length", 2048),
-            bos_token_id=_metadata(header, "tokenizer.ggml.bos_token_id", source, None),
-            eos_token_id=_metadata(header, "tokenizer.ggml.eos_token_id", source, None),
+            max_seq_len=max_seq_len,
+            bos_token_id=bos,
+            eos_token_id=eos,
         )
     except (ConfigError, TypeError, ValueError) as e:
         raise ConfigError(f"{source}: {e}") from e
