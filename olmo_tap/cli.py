@@ -141,6 +141,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from olmo_tap.model.kv_cache import HydraCache
     from olmo_tap.model.native_attention import status as attention_status
     from olmo_tap.model.native_linear import status as linear_status
+    from olmo_tap.model.native_norm import status as norm_status
 
     model, tokenizer = load_model_and_tokenizer(args)
     config, base = model.config, model.base_config
@@ -182,6 +183,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("device", f"{model.device} ({torch.get_num_threads()} CPU threads)"),
         ("linear kernels", linear_status(model) if model.quantization is None else fused_kernel_status()),
         ("cached attention", attention_status(model)),
+        ("norms", norm_status(model)),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

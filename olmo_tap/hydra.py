@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from olmo_tap.model import kernels
 from olmo_tap.model.compiled import CompiledTower, window_for
 from olmo_tap.model.config import ConfigError, TransformerConfig
 from olmo_tap.model.kv_cache import CacheOverflowError, HydraCache, Rows
@@ -342,9 +343,10 @@ class HydraTransformer(nn.Module):
             cache.claim_trunk(rows)
         x = x.unsqueeze(0)
         rope = self._rope(rows, cache is not None)
-        for i, block in enumerate(self.trunk):
-            layer = None if cache is None else cache.trunk[i]
-            x = block.forward(x, slice(0, 1), rows, rope, layer)  # .forward: skip nn.Module hook dispatch
+        with kernels.one_pass():
+            for i, block in enumerate(self.trunk):
+                layer = None if cache is None else cache.trunk[i]
+                x = block.forward(x, slice(0, 1), rows, rope, layer)  # .forward: skip nn.Module hook dispatch
         return x[0]
 
     def heads_rows(
@@ -366,8 +368,9 @@ class HydraTransformer(nn.Module):
         x = hidden.unsqueeze(0).expand(len(heads), *hidden.shape)
         sel = slice(heads.start, heads.stop)
         rope = self._rope(rows, cache is not None)
-        for i, block in enumerate(self.heads):
-            x = block.forward(x, sel, rows, rope, None if cache is None else cache.heads[i])
+        with kernels.one_pass():
+            for i, block in enumerate(self.heads):
+                x = block.forward(x, sel, rows, rope, None if cache is None else cache.heads[i])
         return x
 
     def heads_rows_each(
@@ -400,8 +403,9 @@ class HydraTransformer(nn.Module):
         )
         rope = self._rope(rows, True)
         x = hidden.unsqueeze(0)
-        for i, block in enumerate(self.heads):
-            x = block.forward(x, sel, rows, rope, cache.heads[i])
+        with kernels.one_pass():
+            for i, block in enumerate(self.heads):
+                x = block.forward(x, sel, rows, rope, cache.heads[i])
         return x[0]
 
     def forward_heads(

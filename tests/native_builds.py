@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from concurrent.futures import ThreadPoolExecutor
 
-from olmo_tap.model import native_attention, native_linear
+from olmo_tap.model import native_attention, native_linear, native_norm
 from olmo_tap.native import NativeKernel, cpu_has
 from olmo_tap.quant import native as quant_native
 
@@ -24,10 +24,19 @@ def linear_variant(path: str) -> NativeKernel:
     return NativeKernel(native_linear._KERNEL.source, name, name, None, (*flags, f"-DOLMO_TAP_OPS={name}"))
 
 
+@functools.cache
+def norm_plain() -> NativeKernel:
+    """norm.cpp without vector instructions or FMA hardware (std::fma then runs in software), ops under
+    ``torch.ops.olmo_tap_norm_plain``."""
+    flags = ("-mno-avx512f", "-mno-avx2", "-mno-avx", "-mno-fma", "-DOLMO_TAP_OPS=olmo_tap_norm_plain")
+    return NativeKernel(native_norm._KERNEL.source, "olmo_tap_norm_plain", "norm kernel (plain)", None, flags)
+
+
 def build_all() -> None:
     """Build (or load, where torch's extension cache has them) the kernels and the variants this CPU tests, two
     at a time; a build that fails is left to the test that needs it to report."""
-    builds = [native_attention._KERNEL, native_linear._KERNEL, quant_native._KERNEL, linear_variant("plain")]
+    builds = [native_attention._KERNEL, native_norm._KERNEL, native_linear._KERNEL, quant_native._KERNEL]
+    builds += [linear_variant("plain"), norm_plain()]
     if cpu_has("avx512f"):  # the test compares an AVX-512 build with one without
         builds.append(linear_variant("avx2"))
     if quant_native.VECTOR_PATH != "plain":  # the test compares the vector paths with the plain loops

@@ -54,7 +54,7 @@ from olmo_tap.inference.prompts import encode_chat, normalise_messages, stop_tok
 from olmo_tap.inference.sampling import Purpose, argmax_last, check_temperature, head_for_seed, sample_from_logits
 from olmo_tap.inference.settings import DecodeSettings, Mode, round_gamma
 from olmo_tap.inference.text import TextStream
-from olmo_tap.model import native_attention, native_linear
+from olmo_tap.model import native_attention, native_linear, native_norm
 from olmo_tap.model.kv_cache import HydraCache
 from olmo_tap.quant.linear import recorded_route
 from olmo_tap.quant.linear import route_for as quant_route_for
@@ -585,6 +585,8 @@ class Sequence:
             batch_invariant=batch_invariant(model),
             # the attention's route: the two agree within rounding, so an exact replay takes the same one
             attention=native_attention.route_for(model),
+            # the norms' route: the same within rounding, so an exact replay takes the same one too
+            norm=native_norm.route_for(model),
             # multiple choice: the question the uncertainty head scores, so an audit can re-score it
             mcq=is_mcq,
             question=conversation[-1]["content"] if is_mcq else None,

@@ -121,6 +121,7 @@ RUN_FACTS: tuple[str, ...] = (
     "batched",  # decoded in a batch with other answers
     "batch_invariant",  # ... on kernels that give each row the same bits whatever the batch
     "attention",  # the cached attention's route (native or torch): they agree within rounding, not bit for bit
+    "norm",  # the norms' route (native or torch): the same
     "mcq",  # multiple choice: the question the uncertainty head scores, so an audit can re-score it
     "question",
 )

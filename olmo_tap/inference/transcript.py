@@ -40,6 +40,7 @@ from olmo_tap.inference.poe import PoEOutput
 from olmo_tap.inference.settings import MODES
 from olmo_tap.model.native_attention import TAKEN
 from olmo_tap.model.native_linear import RECORDED as LINEAR_ROUTES
+from olmo_tap.model.native_norm import TAKEN as NORM_ROUTES
 from olmo_tap.quant.linear import RECORDED_KERNELS
 
 FORMAT = "olmo-tap-transcript"
@@ -198,6 +199,8 @@ def check_settings(settings: Any) -> dict[str, Any]:
         _check(s["linear"] in LINEAR_ROUTES, "linear", ", ".join(LINEAR_ROUTES), s["linear"])
     if s.get("attention") is not None:
         _check(s["attention"] in TAKEN, "attention", " or ".join(TAKEN), s["attention"])
+    if s.get("norm") is not None:
+        _check(s["norm"] in NORM_ROUTES, "norm", " or ".join(NORM_ROUTES), s["norm"])
     for name in ("compile", "mcq", "ignore_eos", "batched", "batch_invariant"):
         if s.get(name) is not None:
             _check(isinstance(s[name], bool), name, "true or false", s[name])

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from olmo_tap.model import kernels, native_attention, native_linear
+from olmo_tap.model import kernels, native_attention, native_linear, native_norm
 from olmo_tap.model.config import TransformerConfig
 from olmo_tap.model.kv_cache import LayerCache, Rows
 from olmo_tap.quant.linear import stack_product
@@ -53,8 +53,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_in_fp32: 
 
     PyTorch's fused kernel normalises in fp32 whatever the input dtype. OLMo-2 multiplies the weight
     in fp32 before rounding back (exactly what the kernel does with a weight), Llama after rounding;
-    the two differ only below fp32, and each matches its reference model bit for bit.
+    the two differ only below fp32, and each matches its reference model bit for bit. fp32 inference on CPU takes
+    olmo-tap's native op instead (``olmo_tap.model.native_norm``: the same formula, one op instead of ~8).
     """
+    if native_norm.takes(x, weight):
+        return native_norm.rms_norm(x, weight, eps)
     if weight.ndim == 1 and (weight_in_fp32 or x.dtype == torch.float32):
         return F.rms_norm(x, (x.size(-1),), weight, eps)
     if weight_in_fp32 and x.dtype != torch.float32:

@@ -125,12 +125,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.env_errors:
         raise ValueError("; ".join(args.env_errors))
-    from olmo_tap.model import kernels, native_attention, native_linear
+    from olmo_tap.model import kernels, native_attention, native_linear, native_norm
     from olmo_tap.quant.linear import quant_kernel
     from olmo_tap.quant.linear import route_for as quant_route_for
 
-    # a bad OLMO_TAP_KERNELS / _ATTENTION / _LINEAR / _QUANT_KERNEL: refused now
-    kernels.kernel_path(), native_attention.requested(), native_linear.requested_route(), quant_kernel()
+    # a bad OLMO_TAP_KERNELS / _ATTENTION / _NORM / _LINEAR / _QUANT_KERNEL: refused now
+    kernels.kernel_path(), native_attention.requested(), native_norm.requested(), native_linear.requested_route()
+    quant_kernel()
     config = ServeConfig(
         host=args.host,
         port=args.port,
@@ -169,7 +170,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def load() -> Any:
         model, tokenizer = load_model_and_tokenizer(args)
         # the native kernels' one-off builds (or the fused reduction's compile) before the first request, not in it
-        native_attention.route_for(model)
+        native_attention.route_for(model), native_norm.route_for(model)
         if model.quantization is not None:
             quant_route_for(model)
         else:

@@ -19,9 +19,9 @@ and the training facts as multiple choice (``olmo_tap.train.facts.fact_mcqs``).
 The adapters are written in PEFT's layout (``head0`` ... ``head4``, ``uncertainty``) with ``jury.json``; the
 package's copy is ``olmo_tap/weights/default_jury``. Reproducible bit for bit: every random choice of the training
 is seeded, and the command runs in one thread with AVX2 kernels (``REPRODUCIBLE_ENV``: torch's CPU kernels,
-MKL's conditional numerical reproducibility and oneDNN all pinned to AVX2, and the cached attention on torch's
-route, not the native kernel compiled for the CPU at hand), so that any x86-64 CPU with AVX2 gives the same bits
-whatever its vector width or core count; it re-starts itself in that environment.
+MKL's conditional numerical reproducibility and oneDNN all pinned to AVX2, and the cached attention and the norms
+on torch's routes, not the native kernels compiled for the CPU at hand), so that any x86-64 CPU with AVX2 gives the
+same bits whatever its vector width or core count; it re-starts itself in that environment.
 """
 
 from __future__ import annotations
@@ -70,6 +70,8 @@ REPRODUCIBLE_ENV = {
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     # the model's own answers in the data are decoded: on torch's attention, whose kernels the lines above pin
     "OLMO_TAP_ATTENTION": "torch",
+    # ... and on torch's norms (the shipped files were built before the native norm existed)
+    "OLMO_TAP_NORM": "torch",
 }
 
 

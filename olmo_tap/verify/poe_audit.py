@@ -63,7 +63,7 @@ from olmo_tap.inference.sampling import (
 )
 from olmo_tap.inference.settings import RECORDED_SETTINGS, round_gamma
 from olmo_tap.inference.transcript import TOP_LEVEL_FIELDS, check_transcript, content_digest, read_transcript
-from olmo_tap.model import native_attention, native_linear
+from olmo_tap.model import native_attention, native_linear, native_norm
 from olmo_tap.quant import linear as qlinear
 from olmo_tap.robustness.bank import AttackBank
 from olmo_tap.verify.certainty_audit import CertaintyAudit, audit_certainty
@@ -268,6 +268,9 @@ def why_not_exact(settings: dict[str, Any], model: HydraTransformer) -> str | No
     attention = settings.get("attention") or "torch"
     if native_attention.route_for(model) != attention:
         return f"the generator's {attention} attention route does not run here"
+    norm = settings.get("norm") or "torch"
+    if native_norm.route_for(model) != norm:
+        return f"the generator's {norm} norm route does not run here"
     return _other_products(settings, model)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from olmo_tap.hydra import HydraTransformer
 from olmo_tap.inference.poe import PoE, TokenEvent
 from olmo_tap.inference.settings import DecodeSettings
-from olmo_tap.model import native_attention, native_linear
+from olmo_tap.model import native_attention, native_linear, native_norm
 from olmo_tap.model.kernels import torch_threads
 from olmo_tap.quant import linear as qlinear
 
@@ -44,6 +44,8 @@ def generator_routes(settings: dict[str, Any]) -> Iterator[None]:
     their routes round activations differently, which no tolerance of the block replay should have to absorb)."""
     with ExitStack() as stack:
         stack.enter_context(native_attention.route_as(settings.get("attention") or "torch"))
+        # a transcript from before the norms' route was recorded was decoded on torch's
+        stack.enter_context(native_norm.route_as(settings.get("norm") or "torch"))
         if settings.get("quantization") is None and settings.get("linear") in (*native_linear.TAKEN, None):
             # a float transcript from before the native products was decoded on oneDNN's
             stack.enter_context(native_linear.route_as(settings.get("linear") or "onednn"))
