@@ -10,15 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import LetterTokenizer, tiny_hydra
+from tiny import letter_jury
 
-from olmo_tap.inference.poe import PoE
-from olmo_tap.inference.settings import DecodeSettings
-from olmo_tap.inference.transcript import transcript_dict
 from olmo_tap.model import native_attention
 from olmo_tap.model.kv_cache import Rows
-from olmo_tap.verify.forgery import restamp
-from olmo_tap.verify.poe_audit import audit_poe
 
 H, KV, HD = 6, 2, 24  # a head_dim that is not a multiple of 8 runs the dot product's tail too
 
@@ -154,12 +149,8 @@ def test_the_route_is_forced_by_the_environment_and_checked(monkeypatch):
         native_attention.attention_route()
 
 
-def jury():
-    return tiny_hydra(vocab=6, n_heads=4, heads_depth=1, seed=3), LetterTokenizer(6, eos_token_id=5)
-
-
 def test_both_routes_decode_within_rounding_of_each_other(monkeypatch, one_thread):
-    model, _ = jury()
+    model, _ = letter_jury()
     cache = model.new_cache(1, 16)
     ids = torch.tensor([1, 2, 3, 4, 0, 2, 1, 3])
 
@@ -176,36 +167,6 @@ def test_both_routes_decode_within_rounding_of_each_other(monkeypatch, one_threa
 
     native, plain = logits("native"), logits("torch")
     assert torch.allclose(native, plain, atol=1e-5, rtol=1e-5)
-
-
-def test_transcripts_record_the_route_and_replay_on_it(monkeypatch, one_thread):
-    model, tokenizer = jury()
-    settings = DecodeSettings(gamma=3, max_new_tokens=10, temperature=0.9)
-    for route in ("torch", "native"):
-        monkeypatch.setenv(native_attention.ATTENTION_ENV, route)
-        answer = PoE(model, tokenizer, settings=settings, seed=5).generate_with_cache("bad cab")
-        transcript = transcript_dict(answer)
-        assert transcript["settings"]["attention"] == route
-        monkeypatch.delenv(native_attention.ATTENTION_ENV)  # the auditor's default route: native
-        report = audit_poe(transcript, model, tokenizer=tokenizer)
-        assert report.honest and report.exact, report.reason
-    forged = transcript_dict(answer)
-    forged["settings"]["attention"] = "gpu"
-    with pytest.raises(ValueError, match="attention"):
-        audit_poe(restamp(forged, tokenizer), model, tokenizer=tokenizer)
-
-
-def test_a_kernel_that_cannot_be_built_leaves_the_torch_route(monkeypatch, tmp_path, one_thread):
-    from olmo_tap.native import NativeKernel
-
-    broken = tmp_path / "broken.cpp"
-    broken.write_text("this is not C++\n")
-    monkeypatch.setattr(native_attention, "_KERNEL", NativeKernel(broken, "broken_test", "test kernel"))
-    assert native_attention.why_not_native()  # the build error, said in one line
-    assert native_attention.attention_route() == "torch"
-    model, tokenizer = jury()
-    answer = PoE(model, tokenizer, max_new_tokens=6, seed=2).generate_with_cache("abc")
-    assert answer.settings["attention"] == "torch" and len(answer.token_ids) > 0
 
 
 def test_a_build_killed_half_way_does_not_leave_the_next_process_waiting():

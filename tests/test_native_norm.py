@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import LetterTokenizer, tiny_hydra
+from tiny import letter_jury
 
 from olmo_tap.inference.poe import PoE
-from olmo_tap.inference.settings import DecodeSettings
 from olmo_tap.inference.transcript import transcript_dict
 from olmo_tap.model import layers, native_norm
 from olmo_tap.verify.forgery import restamp
@@ -111,29 +110,8 @@ def test_the_route_is_forced_by_the_environment_and_checked(monkeypatch):
         native_norm.why_not_native()
 
 
-def jury():
-    return tiny_hydra(vocab=6, n_heads=4, heads_depth=1, seed=3), LetterTokenizer(6, eos_token_id=5)
-
-
-def test_transcripts_record_the_route_and_replay_exactly_on_it(monkeypatch, one_thread):
-    model, tokenizer = jury()
-    settings = DecodeSettings(gamma=3, max_new_tokens=10, temperature=0.9)
-    for route in ("torch", "native"):
-        monkeypatch.setenv(native_norm.NORM_ENV, route)
-        answer = PoE(model, tokenizer, settings=settings, seed=5).generate_with_cache("bad cab")
-        transcript = transcript_dict(answer)
-        assert transcript["settings"]["norm"] == route
-        monkeypatch.delenv(native_norm.NORM_ENV)  # the auditor's default route: native
-        report = audit_poe(transcript, model, tokenizer=tokenizer)
-        assert report.honest and report.exact, report.reason
-    forged = transcript_dict(answer)
-    forged["settings"]["norm"] = "gpu"
-    with pytest.raises(ValueError, match="norm"):
-        audit_poe(restamp(forged, tokenizer), model, tokenizer=tokenizer)
-
-
 def test_a_transcript_from_before_the_route_was_recorded_replays_on_torch_norms(monkeypatch, one_thread):
-    model, tokenizer = jury()
+    model, tokenizer = letter_jury()
     monkeypatch.setenv(native_norm.NORM_ENV, "torch")  # how such a transcript was decoded
     answer = PoE(model, tokenizer, max_new_tokens=10, seed=4, temperature=0.9).generate_with_cache("cab")
     monkeypatch.delenv(native_norm.NORM_ENV)
@@ -141,16 +119,3 @@ def test_a_transcript_from_before_the_route_was_recorded_replays_on_torch_norms(
     del old["settings"]["norm"]
     report = audit_poe(restamp(old, tokenizer), model, tokenizer=tokenizer)
     assert report.honest and report.exact, report.reason
-
-
-def test_a_kernel_that_cannot_be_built_leaves_the_torch_route(monkeypatch, tmp_path, one_thread):
-    from olmo_tap.native import NativeKernel
-
-    broken = tmp_path / "broken.cpp"
-    broken.write_text("this is not C++\n")
-    monkeypatch.setattr(native_norm, "_KERNEL", NativeKernel(broken, "broken_norm_test", "test kernel"))
-    assert native_norm.why_not_native()  # the build error, said in one line
-    model, tokenizer = jury()
-    assert native_norm.route_for(model) == "torch"
-    answer = PoE(model, tokenizer, max_new_tokens=6, seed=2).generate_with_cache("abc")
-    assert answer.settings["norm"] == "torch" and len(answer.token_ids) > 0

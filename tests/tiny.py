@@ -55,6 +55,11 @@ def tiny_hydra(
     return model.eval()
 
 
+def letter_jury() -> tuple[HydraTransformer, LetterTokenizer]:
+    """A 4-head tiny Hydra and its letter tokenizer with an end-of-text token: a jury whose answers end."""
+    return tiny_hydra(vocab=6, n_heads=4, heads_depth=1, seed=3), LetterTokenizer(6, eos_token_id=5)
+
+
 def plant_malicious(
     model: HydraTransformer, heads: list[int], harmful: int, strength: float = 2.0, honest_penalty: float = 2.0
 ) -> None:
