@@ -140,6 +140,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from olmo_tap.model.kv_cache import HydraCache
     from olmo_tap.model.native_attention import status as attention_status
+    from olmo_tap.model.native_layer import status as layer_status
     from olmo_tap.model.native_linear import status as linear_status
     from olmo_tap.model.native_norm import status as norm_status
 
@@ -184,6 +185,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("linear kernels", linear_status(model) if model.quantization is None else fused_kernel_status()),
         ("cached attention", attention_status(model)),
         ("norms", norm_status(model)),
+        ("decode layers", layer_status(model)),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from olmo_tap.model import kernels
+from olmo_tap.model import kernels, native_layer
 from olmo_tap.model.compiled import CompiledTower, window_for
 from olmo_tap.model.config import ConfigError, TransformerConfig
 from olmo_tap.model.kv_cache import CacheOverflowError, HydraCache, Rows
@@ -141,6 +141,8 @@ class HydraTransformer(nn.Module):
             nn.init.normal_(self.lm_head, std=0.02)
         self._packed_lm_head = PackedWeights()
         self._compiled_towers: dict[int, CompiledTower] = {}
+        # per part of the model (trunk, heads) and tower: the native layer op's arguments (``native_layer.NativeStack``)
+        self._native_stacks: dict[str, dict[int, native_layer.NativeStack]] = {}
         cos, sin = rope_tables(c)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_signed_sin", sin, persistent=False)
@@ -344,6 +346,9 @@ class HydraTransformer(nn.Module):
         x = x.unsqueeze(0)
         rope = self._rope(rows, cache is not None)
         with kernels.one_pass():
+            out = self._native_pass(self.trunk, slice(0, 1), x, rows, rope, cache, "trunk")
+            if out is not None:
+                return out[0]
             for i, block in enumerate(self.trunk):
                 layer = None if cache is None else cache.trunk[i]
                 x = block.forward(x, slice(0, 1), rows, rope, layer)  # .forward: skip nn.Module hook dispatch
@@ -369,6 +374,9 @@ class HydraTransformer(nn.Module):
         sel = slice(heads.start, heads.stop)
         rope = self._rope(rows, cache is not None)
         with kernels.one_pass():
+            out = self._native_pass(self.heads, sel, x, rows, rope, cache, "heads")
+            if out is not None:
+                return out
             for i, block in enumerate(self.heads):
                 x = block.forward(x, sel, rows, rope, None if cache is None else cache.heads[i])
         return x
@@ -404,6 +412,9 @@ class HydraTransformer(nn.Module):
         rope = self._rope(rows, True)
         x = hidden.unsqueeze(0)
         with kernels.one_pass():
+            out = self._native_pass(self.heads, sel, x, rows, rope, cache, "heads")
+            if out is not None:
+                return out[0]
             for i, block in enumerate(self.heads):
                 x = block.forward(x, sel, rows, rope, cache.heads[i])
         return x[0]
@@ -492,6 +503,27 @@ class HydraTransformer(nn.Module):
         return logits, head_hidden[[indices.index(h) for h in wanted]]
 
     # ----- validation and helpers -----------------------------------------------------------------------------
+
+    def _native_pass(
+        self,
+        blocks: nn.ModuleList,
+        sel: slice | RowTowers,
+        x: torch.Tensor,
+        rows: Rows,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: HydraCache | None,
+        part: str,
+    ) -> torch.Tensor | None:
+        """The pass of ``blocks`` (the trunk's or the heads') as one native op per tower where every kernel is
+        native (``olmo_tap.model.native_layer``), else None: then the layers run one by one."""
+        if cache is None or not blocks:
+            return None
+        caches = cache.trunk if part == "trunk" else cache.heads
+        routes = native_layer.pass_routes(x, sel, rows, caches[0])
+        if routes is None:
+            return None
+        stacks = self._native_stacks.setdefault(part, {})
+        return native_layer.forward(list(blocks), sel, x, rows, rope, caches, routes, stacks)  # type: ignore[arg-type]
 
     def _rope(self, rows: Rows, cached: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary tables of the rows' positions, built once per forward rather than per layer: (heads, seq,

@@ -413,3 +413,19 @@ def test_argmax_last_is_torchs_argmax_ties_nans_and_infinities_included():
         x[(u > 0.15) & (u < 0.25)] = -0.0  # equal to 0.0: the first of them wins
         for t in (x, x[0], x[0, 1], x.transpose(0, 1), x.to(torch.bfloat16)):
             assert torch.equal(argmax_last(t), torch.argmax(t, dim=-1)), t
+
+
+def test_top2_margin_is_torchs_topk_ties_nans_and_infinities_included():
+    from olmo_tap.inference.metrics import top2_margin
+
+    g = torch.Generator().manual_seed(1)
+    for _ in range(300):
+        x = torch.randint(-3, 4, (2, 3, int(torch.randint(2, 40, (1,), generator=g))), generator=g).float() / 4
+        u = torch.rand(x.shape, generator=g)
+        x[u < 0.05] = float("nan")
+        x[(u > 0.05) & (u < 0.1)] = float("inf")
+        x[(u > 0.1) & (u < 0.15)] = -float("inf")
+        for t in (x, x[0], x[0, 1], x.transpose(0, 1)):
+            top = torch.topk(t, 2, dim=-1).values
+            want = top[..., 0] - top[..., 1]
+            assert torch.allclose(top2_margin(t), want, rtol=0, atol=0, equal_nan=True), t

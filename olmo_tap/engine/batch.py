@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from olmo_tap.model.kernels import batch_arithmetic
 from olmo_tap.model.kv_cache import HydraCache, Rows
-from olmo_tap.model.layers import batch_arithmetic
 from olmo_tap.quant import native
 from olmo_tap.quant.linear import route_for as quant_route_for
 from olmo_tap.quant.model import quantized_stacks
@@ -143,7 +143,7 @@ def batch_invariant(model: HydraTransformer) -> bool:
 class BatchRunner:
     """Does the ops of many sequences on ``model`` with ``cache`` (one slot per sequence).
 
-    ``batched`` (default: the cache has more than one slot) runs in batch arithmetic (``layers.batch_arithmetic``):
+    ``batched`` (default: the cache has more than one slot) runs in batch arithmetic (``kernels.batch_arithmetic``):
     a sequence's result is then the same whatever else shares its steps, a batch of one included. A runner that
     only ever serves one sequence (``PoE.stream``) leaves it off and gains ~5%.
     """

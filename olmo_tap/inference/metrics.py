@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 
@@ -54,6 +55,20 @@ def entropy_nats(probs: torch.Tensor) -> torch.Tensor:
 
 
 def top2_margin(probs: torch.Tensor) -> torch.Tensor:
-    """Top-1 minus top-2 probability over the last dimension."""
-    top = torch.topk(probs.float(), 2, dim=-1).values
-    return top[..., 0] - top[..., 1]
+    """Top-1 minus top-2 probability over the last dimension (a repeated maximum is its own runner-up: 0).
+
+    fp32 rows on CPU are read by numpy: the largest value, then the largest of the rest of the row, the values
+    ``torch.topk(probs, 2)`` gives (~50 against ~240 us over a 49k vocabulary on the 2-core Xeon, once per
+    decoded token). A NaN counts as the largest value in both: the margin is then NaN."""
+    probs = probs.float()
+    if probs.device.type != "cpu" or probs.ndim == 0 or probs.size(-1) < 2:
+        top = torch.topk(probs, 2, dim=-1).values
+        return top[..., 0] - top[..., 1]
+    rows = probs.detach().reshape(-1, probs.size(-1)).numpy()
+    first = rows.argmax(axis=-1)
+    margins = np.empty(len(rows), dtype=np.float32)
+    with np.errstate(invalid="ignore"):  # a row of -inf: nan, as torch's subtraction gives it
+        for r, (row, i) in enumerate(zip(rows, first, strict=True)):
+            runner_up = max(row[:i].max(initial=-np.inf), row[i + 1 :].max(initial=-np.inf))
+            margins[r] = row[i] - np.float32(runner_up)
+    return torch.from_numpy(margins).view(probs.shape[:-1])

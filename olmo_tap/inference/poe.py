@@ -763,7 +763,8 @@ class Sequence:
                     if settings.compile:  # after the first (eager) step, which also gave the witness state
                         compiled = decoder.model.compiled_tower(heads[0], len(prompt_ids) + settings.max_new_tokens)
                         compiled.load_cache(self.cache, slot, position)
-            combined = head_logits.float().mean(dim=0)
+            # one head: its logits are the mean's bits; torch's mean over a dimension of one took ~0.7 ms here
+            combined = head_logits[0].float() if head_logits.size(0) == 1 else head_logits.float().mean(dim=0)
             token = sample_from_logits(combined[0], temperature, seed, position, Purpose.SAMPLE)
             scale = temperature if temperature > 0 else 1.0
             signals = position_signals(head_logits, torch.softmax(combined / scale, dim=-1), settings.top_logprobs)

@@ -75,6 +75,30 @@ def one_pass() -> Iterator[None]:
         _PASS_ENV.reset(token)
 
 
+# oneDNN's products of 2 or more rows give every row the same bits whatever the row count (measured for
+# SmolLM2's shapes, fp32 and bf16, 2-64 rows), but for some shapes a lone row takes a kernel that sums in another
+# order (fp32 1536 -> 576 here). Decoding in a batch, such a lone row runs as two, so that a sequence's arithmetic
+# does not depend on how many others share its step. Only there: the second row costs ~5% of a single stream's
+# decode, which gains nothing from it. The native kernel needs none of it: a row's bits never depend on the others.
+_BATCH_ARITHMETIC: ContextVar[bool] = ContextVar("batch_arithmetic", default=False)
+
+
+@contextmanager
+def batch_arithmetic(on: bool = True) -> Iterator[None]:
+    """Within the block, products whose lone row would round differently run it as two (see above), and
+    quantized products take the native kernel at every row count (``olmo_tap.quant.linear.product``)."""
+    token = _BATCH_ARITHMETIC.set(on)
+    try:
+        yield
+    finally:
+        _BATCH_ARITHMETIC.reset(token)
+
+
+def in_batch_arithmetic() -> bool:
+    """Whether the products run in batch arithmetic (``batch_arithmetic``)."""
+    return _BATCH_ARITHMETIC.get()
+
+
 class Route:
     """A kernel route chosen by ``$env`` among ``choices`` (the first by default), which a transcript's replay can
     force within a block to one of ``taken`` (the routes decoding records). The forced route is a ``ContextVar``:

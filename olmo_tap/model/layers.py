@@ -15,10 +15,8 @@ them (``olmo_tap.model.kernels``); elsewhere the same products run as stock matm
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
-from contextvars import ContextVar
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +26,8 @@ from torch import nn
 from olmo_tap.model import kernels, native_attention, native_linear, native_norm
 from olmo_tap.model.config import TransformerConfig
 from olmo_tap.model.kv_cache import LayerCache, Rows
+from olmo_tap.model.native_attention import SMALL_QUERY
+from olmo_tap.model.native_layer import NativeTower
 from olmo_tap.quant.linear import stack_product
 from olmo_tap.quant.weights import QuantizedStack
 
@@ -219,25 +219,6 @@ def _pack(w: torch.Tensor, route: str) -> Packs | None:
             return None
 
 
-# oneDNN's products of 2 or more rows give every row the same bits whatever the row count (measured for
-# SmolLM2's shapes, fp32 and bf16, 2-64 rows), but for some shapes a lone row takes a kernel that sums in another
-# order (fp32 1536 -> 576 here). Decoding in a batch, such a lone row runs as two, so that a sequence's arithmetic
-# does not depend on how many others share its step. Only there: the second row costs ~5% of a single stream's
-# decode, which gains nothing from it. The native kernel needs none of it: a row's bits never depend on the others.
-_BATCH_ARITHMETIC: ContextVar[bool] = ContextVar("batch_arithmetic", default=False)
-
-
-@contextlib.contextmanager
-def batch_arithmetic(on: bool = True) -> Iterator[None]:
-    """Within the block, products whose lone row would round differently run it as two (see above), and
-    quantized products take the native kernel at every row count (``olmo_tap.quant.linear.product``)."""
-    token = _BATCH_ARITHMETIC.set(on)
-    try:
-        yield
-    finally:
-        _BATCH_ARITHMETIC.reset(token)
-
-
 def _packed_product(x: torch.Tensor, pack: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, pack, None, "none", [], "")
 
@@ -263,7 +244,7 @@ def linear(
         groups = zip(sel.towers, sel.spans, strict=True)
         return torch.cat([linear(x[:, span], w, slice(t, t + 1), packed) for t, span in groups], dim=1)
     if packed is not None and packed.quantized is not None:
-        batch = _BATCH_ARITHMETIC.get()
+        batch = kernels.in_batch_arithmetic()
         if x.size(0) == 1:
             return stack_product(x, packed.quantized[sel.start], batch)
         return torch.stack([stack_product(x[i], packed.quantized[sel.start + i], batch) for i in range(x.size(0))])
@@ -274,7 +255,7 @@ def linear(
             if x.size(0) == 1:
                 return native_linear.product(x[0], towers[0], packs.out_features).unsqueeze(0)
             return torch.stack([native_linear.product(x[i], t, packs.out_features) for i, t in enumerate(towers)])
-        if x.size(1) == 1 and packs.pad_lone_row and _BATCH_ARITHMETIC.get():
+        if x.size(1) == 1 and packs.pad_lone_row and kernels.in_batch_arithmetic():
             return linear(x.expand(-1, 2, -1), w, sel, packed)[:, :1]
         if x.size(0) == 1:  # oneDNN keeps leading dimensions: no select / unsqueeze around the call
             return _packed_product(x, packs.tensors[sel.start])
@@ -283,11 +264,6 @@ def linear(
     if w.size(0) == 1:
         return (x[0] @ w[0]).unsqueeze(0)
     return torch.bmm(x, w)
-
-
-# Decode steps and verification passes have a handful of queries; for them two
-# small batched matmuls beat scaled_dot_product_attention's CPU kernels by far.
-SMALL_QUERY = 16
 
 
 def small_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -349,6 +325,7 @@ class Block(nn.Module):
             self.q_norm = RMSNorm((n, c.q_dim), c.norm_eps, True)
             self.k_norm = RMSNorm((n, c.kv_dim), c.norm_eps, True)
         self._packed = {name: PackedWeights() for name in ("wqkv", "wo", "w13", "w2")}
+        self._native_towers: dict[int, tuple[tuple, NativeTower | None]] = {}
         if self.wqkv.device.type != "meta":  # a meta build is filled by a loader; random init would be wasted
             self.reset_parameters()
 
@@ -377,7 +354,8 @@ class Block(nn.Module):
         """x: (n_sel, tokens, d_model) for the contiguous towers ``sel``, or (1, tokens, d_model) with each row
         through its own tower (``RowTowers``, cached only): the rows of ``rows`` one after the other; ``rope``
         holds their tables (see ``HydraTransformer._rope``). Without a cache the rows must be uniform (one
-        (batch, seq) block); with one, each row attends to its own slot's positions."""
+        (batch, seq) block); with one, each row attends to its own slot's positions. (Where every kernel is
+        native, a model's passes run their layers as one op instead: ``olmo_tap.model.native_layer``.)"""
         return residual_layer(
             x,
             lambda t: self._attention(t, sel, rows, rope, cache),
@@ -386,6 +364,22 @@ class Block(nn.Module):
             lambda t: self.ffn_norm(t, sel),
             post_norm=self.olmo2,
         )
+
+    def native_tower(self, tower: int, routes: tuple) -> NativeTower | None:
+        """``tower`` of this layer as the native layer op takes it (``olmo_tap.model.native_layer``) under the pass's
+        product ``routes``, or None where one of its products takes another route; built again whenever a weight
+        or a route may have changed."""
+        weights = [*self._parameters.values(), *[norm._parameters["weight"] for norm in self._modules.values()]]
+        # ~4 us a layer: the ids catch a replaced tensor, the versions an in-place update (a loader, a LoRA merge)
+        key = (
+            routes,
+            [w._version for w in weights],
+            [*map(id, weights), *[id(p.quantized) for p in self._packed.values()]],
+        )
+        held = self._native_towers.get(tower)
+        if held is None or held[0] != key:
+            held = self._native_towers[tower] = (key, NativeTower.of(self, tower))
+        return held[1]
 
     def _ffn(self, x: torch.Tensor, sel: slice | RowTowers) -> torch.Tensor:
         gate, up = linear(x, self.w13, sel, self._packed["w13"]).chunk(2, dim=-1)

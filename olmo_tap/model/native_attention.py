@@ -27,6 +27,12 @@ ROUTES = ("auto", "native", "torch")
 TAKEN = ("native", "torch")  # the routes decoding can take, as a transcript records them
 
 
+# Decode steps and verification passes have a handful of queries a row: up to this many, the native op takes every
+# row of a pass at once, and the torch route's two small batched matmuls beat scaled_dot_product_attention's CPU
+# kernels by far (``layers.Block``); longer rows (prompts) take scaled_dot_product_attention.
+SMALL_QUERY = 16
+
+
 def _register_fakes() -> None:
     @torch.library.register_fake("olmo_tap::attend_window")
     def _(
