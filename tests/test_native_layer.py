@@ -106,3 +106,19 @@ def test_info_says_whether_decode_passes_take_the_op(monkeypatch):
     assert native_layer.status(model).startswith("one native op")
     monkeypatch.setenv("OLMO_TAP_ATTENTION", "torch")
     assert native_layer.status(model) == "per operator (attention on torch's route)"
+
+
+def test_a_strided_input_gets_the_same_bits(monkeypatch, one_thread):
+    model = model_for("llama", "int8")
+    outs = []
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(native_layer, "pass_routes", lambda *a: None)
+        cache = model.new_cache(1, 64)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            model.heads_rows(model.trunk_rows(torch.randint(0, 40, (5,)), Rows.of([0], [0], [5]), cache), range(0, 1),
+                             Rows.of([0], [0], [5]), cache)  # fmt: skip
+            strided = torch.randn(2, 512)[:, ::2]  # rows of 256 a stride of 2 apart
+            outs.append(model.heads_rows(strided, range(0, 1), Rows.of([0], [5], [2]), cache))
+    assert torch.equal(outs[0], outs[1])

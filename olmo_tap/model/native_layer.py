@@ -184,7 +184,8 @@ def forward(
         stack = stacks.get(tower)
         if stack is None or stack.towers != towers:
             stack = stacks[tower] = NativeStack.of(towers)  # type: ignore[arg-type]
-        outs.append(stack.forward(x[0, span], group, (rope[0][:, span], rope[1][:, span]), caches))
+        rows_in = x[0, span].contiguous()  # itself, unless a caller handed in a strided view
+        outs.append(stack.forward(rows_in, group, (rope[0][:, span], rope[1][:, span]), caches))
     return (outs[0] if len(outs) == 1 else torch.cat(outs)).unsqueeze(0)
 
 
@@ -204,4 +205,4 @@ def status(model: torch.nn.Module) -> str:
     )
     if why is not None:
         return f"per operator ({why})"
-    return "one native op a layer (decode steps, drafts and verification; prompts per operator)"
+    return "one native op a pass of a tower (decode steps, drafts, verification; prompts layer by layer)"
