@@ -122,3 +122,17 @@ def test_a_strided_input_gets_the_same_bits(monkeypatch, one_thread):
             strided = torch.randn(2, 512)[:, ::2]  # rows of 256 a stride of 2 apart
             outs.append(model.heads_rows(strided, range(0, 1), Rows.of([0], [5], [2]), cache))
     assert torch.equal(outs[0], outs[1])
+
+
+def test_an_op_that_cannot_be_built_leaves_the_layers_one_by_one(monkeypatch, tmp_path, one_thread):
+    from olmo_tap.native import NativeKernel
+
+    model = model_for("olmo2", "int4")
+    built = decode(model, batch=True)
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(native_layer, "_KERNEL", NativeKernel(broken, "broken_layer_test", "test kernel"))
+    model = model_for("olmo2", "int4")  # no tower built before the kernel broke
+    assert native_layer.status(model).startswith("per operator (")
+    unbuilt = decode(model, batch=True)
+    assert all(torch.equal(a, b) for a, b in zip(built, unbuilt, strict=True))

@@ -28,7 +28,6 @@ from olmo_tap.model import kernels, native_attention, native_linear, native_norm
 from olmo_tap.model.kv_cache import LayerCache, Rows
 from olmo_tap.native import NativeKernel
 from olmo_tap.quant import linear as quant_linear
-from olmo_tap.quant import native as quant_native
 
 if TYPE_CHECKING:
     from olmo_tap.model.layers import Block, RowTowers
@@ -65,7 +64,7 @@ def _quantized_parts(stack: object) -> list[tuple[int, int, list[torch.Tensor]]]
     """A quantized projection's parts (kind, out rows, tensors) for the native kernel, as ``stack_product`` runs
     it; None off that route."""
     parts = stack.parts  # type: ignore[attr-defined]
-    if not quant_linear.native_ready() or not quant_native.supports(parts[0].in_features):
+    if not quant_linear.native_takes(parts[0].in_features):
         return None
     if not all(p.tiled for p in parts):
         return None  # tiled at load where the native kernel is the route; a tower never holds a tiled copy of its own

@@ -129,7 +129,7 @@ def step_product(
     """What the compiled decode step traces for one quantized product of ``out`` output rows (codes in either
     layout): the native op where it is the route, else the fused formulation (which Inductor then compiles into the
     step's own loops)."""
-    if native_ready() and native.supports(x.size(-1)):
+    if native_takes(x.size(-1)):
         return native.product(x, scheme, codes, scale, minimum, out)
     if codes.dim() > 2:  # tiled, and the native route forced off: the fused formulation reads rows
         rows = torch.arange(out)
@@ -144,6 +144,12 @@ def native_product(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     """x (M, in) @ w.T by the native kernel (which must be built), on a tiled copy of ``w`` if it is by rows."""
     t = w.as_tiled()
     return native.product(x, t.scheme, t.codes, t.scale, t.minimum, t.tiled_rows)  # type: ignore[arg-type]
+
+
+def native_takes(in_features: int) -> bool:
+    """Whether products of a weight with ``in_features`` inputs take the native kernel here (it is the route, it
+    builds, and it takes the width)."""
+    return native_ready() and native.supports(in_features)
 
 
 def native_ready() -> bool:
@@ -250,7 +256,7 @@ def stack_product(x: torch.Tensor, stack: QuantizedStack, row_invariant: bool = 
     the checks once cost more than the kernel call itself (~27 us against ~24 for a 576 x 576 int4 product)."""
     flat = x.reshape(-1, x.size(-1))
     rows = flat.size(0)
-    if x.is_cpu and native_ready() and native.supports(flat.size(1)):
+    if x.is_cpu and native_takes(flat.size(1)):
         x32 = flat.float().contiguous()  # itself when it is already
         outs = [
             native_product(x32, part)
