@@ -370,6 +370,52 @@ def test_non_finite_numbers_in_verify_and_audit_requests_are_refused(tiny):
         assert client.post("/v1/audit", json={"transcript": transcript}).json()["honest"] is True
 
 
+PART = "messages[0].content[0].text"
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (b'"messages": [{"role": "user", "content": "a\\ud800b"}]', "messages[0].content"),
+        (b'"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]', PART),
+        (b'"messages": [{"role": "user", "content": "abc", "name": "\\uDBFF"}]', "messages[0].name"),
+        (b'"messages": [{"role": "user", "content": "abc"}], "model": "\\ud800"', "model"),
+        (b'"messages": [{"role": "user", "content": "abc"}], "\\ud800": 1', "\\ud800"),  # a key: pydantic fails on it
+        (b'"messages": [{"role": "user", "content": "\xed\xa0\x80"}]', "messages[0].content"),  # its raw bytes
+    ],
+)
+def test_text_that_is_not_unicode_is_refused_by_name(tiny, raw, param):
+    """Half of a UTF-16 surrogate pair, which JSON's escapes (and Python's parser) let through, reaches no
+    tokenizer, hash or UTF-8 answer: a 400 naming where it is, on every route, and the service keeps answering."""
+    headers = {"content-type": "application/json"}
+    with make_client(tiny) as client:
+        for path in (CHAT, "/api/analyse"):
+            body = b'{"max_tokens": 2, ' + raw + b"}" if path == CHAT else b"{" + raw + b"}"
+            if path != CHAT and b"model" in raw:
+                continue  # /api/analyse has no model field
+            error = assert_error(client.post(path, content=body, headers=headers), 400)
+            assert error["param"] == param and "lone surrogate" in error["message"]
+        pair = b'{"max_tokens": 2, "messages": [{"role": "user", "content": "ab \\ud83d\\ude00 \\\\ud800"}]}'
+        assert client.post(CHAT, content=pair, headers=headers).status_code == 200  # a pair, and an escaped backslash
+        transcript = chat(client, max_tokens=2).json()["trust"]["transcript"]
+        raw_audit = json.dumps({"transcript": {**transcript, "model": "\ud800"}}).encode()
+        error = assert_error(client.post("/v1/audit", content=raw_audit, headers=headers), 400)
+        assert error["param"] == "transcript.model"
+        assert chat(client).status_code == 200
+
+
+def test_a_prompt_that_is_not_utf8_is_a_clear_error():
+    from olmo_tap.inference.prompts import normalise_messages, not_unicode
+
+    assert not_unicode("café 😀") is None
+    assert not_unicode(b"caf\xe9".decode("utf-8", "surrogateescape")) == "byte 0xE9 at character 3 is not UTF-8"
+    assert not_unicode("a\ud800") == "a lone surrogate (U+D800) at character 1"
+    with pytest.raises(ValueError, match="the prompt cannot be tokenized: byte 0xFF"):
+        normalise_messages(b"\xff".decode("utf-8", "surrogateescape"))
+    with pytest.raises(ValueError, match=r"messages\[1\]'s content cannot be tokenized: a lone surrogate"):
+        normalise_messages(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "\udc00"}])
+
+
 def test_non_finite_signals_go_out_as_valid_json_on_both_paths(tiny, monkeypatch):
     import olmo_tap.inference.poe as poe
 

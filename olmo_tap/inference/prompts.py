@@ -7,6 +7,20 @@ from typing import Any
 ROLES = ("system", "user", "assistant")
 
 
+def not_unicode(text: str) -> str | None:
+    """Why ``text`` cannot be tokenized, or None where it is Unicode text: a byte that was not UTF-8 (Python keeps
+    one of a command line or a file as a surrogate escape, U+DC80-U+DCFF) or a lone surrogate (half of a UTF-16
+    pair, which JSON's escapes can carry)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        if 0xDC80 <= code <= 0xDCFF:
+            return f"byte 0x{code - 0xDC00:02X} at character {e.start} is not UTF-8"
+        return f"a lone surrogate (U+{code:04X}) at character {e.start}"
+    return None
+
+
 def normalise_messages(
     prompt_text: str | None = None, messages: list[dict[str, Any]] | None = None
 ) -> list[dict[str, str]]:
@@ -19,11 +33,17 @@ def normalise_messages(
                 or not isinstance(message.get("content"), str)
             ):
                 raise ValueError(f"messages[{i}] must be {{'role': one of {ROLES}, 'content': str}}, got {message!r}")
+            why = not_unicode(message["content"])
+            if why is not None:
+                raise ValueError(f"messages[{i}]'s content cannot be tokenized: {why}")
         if not any(m["content"].strip() for m in messages):
             raise ValueError("messages are all empty")
         return [{"role": m["role"], "content": m["content"]} for m in messages]
     if prompt_text is None or not str(prompt_text).strip():
         raise ValueError("the prompt is empty: give prompt text or a non-empty list of messages")
+    why = not_unicode(str(prompt_text))
+    if why is not None:
+        raise ValueError(f"the prompt cannot be tokenized: {why}")
     return [{"role": "user", "content": str(prompt_text)}]
 
 

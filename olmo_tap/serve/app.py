@@ -47,7 +47,14 @@ from olmo_tap.serve.config import ServeConfig, public_model_id
 from olmo_tap.serve.engine import DeadlinePassed, Engine, EngineStopped, Job, JobFailed, QueueFull
 from olmo_tap.serve.errors import APIError, error_payload, install_error_handlers, quote_input
 from olmo_tap.serve.generation import Generated, GenerationPlan, GenerationWork
-from olmo_tap.serve.middleware import BodySizeLimit, HostCheck, JSONBodiesOnly, RequestContext, trusted_hosts
+from olmo_tap.serve.middleware import (
+    BodySizeLimit,
+    HostCheck,
+    JSONBodiesOnly,
+    RequestContext,
+    UnicodeBodiesRoute,
+    trusted_hosts,
+)
 from olmo_tap.serve.responses import JSONResponse, chunk_body, completion_body, sse, usage
 from olmo_tap.serve.schemas import AuditRequest, ChatCompletionRequest, VerifyRequest
 from olmo_tap.serve.signals import AnswerSignals
@@ -391,6 +398,7 @@ def create_app(
         docs_url="/docs" if config.docs else None,
         redoc_url="/redoc" if config.docs else None,
     )
+    app.router.route_class = UnicodeBodiesRoute  # every route below: a body's text must be Unicode
     install_error_handlers(app)
     # Each add_middleware wraps what came before: requests pass RequestContext, HostCheck, CORS, JSONBodiesOnly
     # and BodySizeLimit in that order.

@@ -14,15 +14,19 @@ import re
 import time
 import unicodedata
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
 
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from olmo_tap.serve.config import WILDCARD_BINDS
-from olmo_tap.serve.errors import error_payload, quote_input
+from olmo_tap.serve.errors import APIError, error_payload, quote_input, shorten
+from olmo_tap.serve.schemas import first_bad_path, non_text
 
 log = logging.getLogger("olmo_tap.serve")
 
@@ -223,3 +227,40 @@ class JSONBodiesOnly:
                 )
                 return
         await self.app(scope, receive, send)
+
+
+# Half of a UTF-16 surrogate pair (U+D800-U+DFFF): as a JSON escape (\ud800), or as its three bytes, which are not
+# UTF-8, but which Python's JSON parser reads from bytes all the same ("surrogatepass").
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}|\xed[\xa0-\xbf][\x80-\xbf]")
+
+
+class UnicodeBodiesRoute(APIRoute):
+    """A route whose JSON body is refused with a 400 naming the place where it holds text that is not Unicode.
+
+    Python's JSON parser keeps a lone surrogate escape ("\\ud800") as a lone surrogate, which no tokenizer, hash or
+    UTF-8 answer takes, and which pydantic itself cannot read as a dictionary key: checked here, before the body
+    reaches either. Only a body with a surrogate in it is parsed a second time."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def checked(request: Request) -> Response:
+            if request.method in JSON_BODY_METHODS:
+                raw = await request.body()  # kept by the request: the handler reads it again without a copy
+                if _SURROGATE.search(raw):
+                    try:
+                        value = json.loads(raw)
+                    except ValueError:
+                        value = None  # malformed: FastAPI's own parse says where
+                    where = first_bad_path(value, non_text)
+                    if where is not None:
+                        where = shorten(where.encode("utf-8", "backslashreplace").decode())  # a key's surrogate too
+                        raise APIError(
+                            400,
+                            f"{where}: not valid Unicode text: a lone surrogate (JSON's \\u escapes of U+D800-U+DFFF "
+                            "must come in pairs)",
+                            param=where,
+                        )
+            return await handler(request)
+
+        return checked

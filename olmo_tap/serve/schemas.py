@@ -11,9 +11,12 @@ which Python's JSON parser reads), naming the field, rather than dropping or com
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from olmo_tap.inference.prompts import not_unicode
 
 MAX_SEED = 2**63 - 1
 MAX_VERIFY_SEQUENCES = 64  # per /v1/verify request: one long request must not hold the worker for long
@@ -28,16 +31,29 @@ class RequestModel(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-def non_finite_path(value: Any, path: str = "") -> str | None:
-    """Where in a free-form JSON value (a transcript) a NaN or infinity sits, e.g. "output.token_entropies[3]"."""
-    if isinstance(value, float) and not math.isfinite(value):
+def first_bad_path(value: Any, bad: Callable[[Any], bool], path: str = "") -> str | None:
+    """Where in a free-form JSON value (a transcript) the first item ``bad`` flags sits (a key or a value), e.g.
+    "output.token_entropies[3]"."""
+    if bad(value):
         return path or "(the value)"
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
-        found = non_finite_path(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key)
+        where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key!s}" if path else str(key)
+        if isinstance(key, str) and bad(key):
+            return where
+        found = first_bad_path(item, bad, where)
         if found is not None:
             return found
     return None
+
+
+def _non_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def non_text(value: Any) -> bool:
+    """Whether ``value`` is a string no tokenizer, hash or UTF-8 answer takes (``prompts.not_unicode``)."""
+    return isinstance(value, str) and not_unicode(value) is not None
 
 
 class TextPart(RequestModel):
@@ -215,7 +231,7 @@ class AuditRequest(VerdictOptions):
     @field_validator("transcript")
     @classmethod
     def _finite(cls, transcript: dict[str, Any]) -> dict[str, Any]:
-        found = non_finite_path(transcript)
+        found = first_bad_path(transcript, _non_finite)
         if found is not None:
             raise ValueError(f"{found} is not a finite number (NaN and Infinity are not JSON)")
         return transcript
