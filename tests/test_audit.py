@@ -426,6 +426,22 @@ def test_changed_derived_fields_are_named(jury, sampled, name, index, value):
     assert any(m.field == where for m in report.field_mismatches), [str(m) for m in report.field_mismatches]
 
 
+def test_a_float_signal_moved_within_the_tolerance_is_reported_not_called_a_match(jury, sampled):
+    """Float signals are held to a tolerance (the generator's cached steps and the replay's one pass round
+    differently): a claim inside it stays honest, but the reason says how far it is from the replay's values."""
+    transcript = sampled[1]
+    report = check(jury, transcript)
+    assert report.honest and report.signal_drift <= report.signal_tolerance
+    entropy = transcript["output"]["token_entropies"][2]
+    nudged = forgery.change_output(transcript, "token_entropies", 2, entropy + 0.5 * report.signal_tolerance)
+    nudged_report = check(jury, nudged)
+    assert nudged_report.honest and nudged_report.signal_drift >= 0.4 * report.signal_tolerance
+    assert f"float signals within {nudged_report.signal_drift:.2g} of the replay's" in nudged_report.reason
+    assert nudged_report.to_dict()["signal_drift"] == nudged_report.signal_drift
+    beyond = forgery.change_output(transcript, "token_entropies", 2, entropy + 2 * report.signal_tolerance)
+    assert not check(jury, beyond).honest
+
+
 def test_resampled_signals_are_checked(jury, sampled):
     transcript = next(t for t in sampled if t["output"]["resampled_idxs"])
     for name, value in (("suppression_scores", 0.5), ("validity_radii", 7), ("original_tokens", "zz")):

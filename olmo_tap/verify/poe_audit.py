@@ -156,6 +156,9 @@ class PoEAudit:
     regeneration: Regeneration | None = None
     certainty: CertaintyAudit | None = None  # the KLE certainty's samples and value, when the transcript has one
     robustness: RobustnessAudit | None = None  # the robustness probe's attacked answers, when it has them
+    # the largest difference between a float signal the transcript claims and the replay's, within the tolerance
+    signal_drift: float = 0.0
+    signal_tolerance: float = 0.0
 
     @property
     def exact(self) -> bool:
@@ -206,6 +209,8 @@ class PoEAudit:
                 {"field": m.field, "claimed": m.claimed, "expected": m.expected} for m in self.field_mismatches
             ],
             "near_ties": self.near_ties,
+            "signal_drift": self.signal_drift,
+            "signal_tolerance": self.signal_tolerance,
             "regeneration": None if self.regeneration is None else self.regeneration.to_dict(),
             "certainty": None if self.certainty is None else self.certainty.to_dict(),
             "robustness": None if self.robustness is None else self.robustness.to_dict(),
@@ -408,10 +413,10 @@ def audit_poe(
                     )
                 expected.uncertainty = p_correct["p"]
             if not output:
-                return expected, []
-            return expected, _compare_output(output, expected, signal_tolerance, replay.vote_margins, tolerance, skip)
+                return expected, [], 0.0
+            return expected, *_compare_output(output, expected, signal_tolerance, replay.vote_margins, tolerance, skip)
 
-        expected, output_mismatches = derived(events)
+        expected, output_mismatches, drift = derived(events)
         regenerated = None
         # A field the record leaves out (a side answer keeps only its path) is as missing after a regeneration.
         per_token = [
@@ -433,7 +438,7 @@ def audit_poe(
                     if not p.consistent:
                         p.consistent, p.decision = True, f"{p.decision} (a rounding tie the generator's path decides)"
                 ending_ok = True
-                expected, output_mismatches = derived(regenerated.events)
+                expected, output_mismatches, drift = derived(regenerated.events)
             elif regenerated.diverged_at is not None and regenerated.diverged_at < len(positions):
                 p = positions[regenerated.diverged_at]
                 p.consistent, p.decision = False, f"the generator's own path: {regenerated.detail}"
@@ -467,6 +472,8 @@ def audit_poe(
         signature=signature,
         replayed_output=expected,
         regeneration=regenerated,
+        signal_drift=drift,
+        signal_tolerance=signal_tolerance,
     )
     report.honest, report.reason = _judge(report, finish_reason, public_key is not None)
 
@@ -848,9 +855,20 @@ def _compare_output(
     vote_margins: list[float],
     tolerance: float,
     skip: tuple[str, ...] = (),
-) -> list[FieldMismatch]:
-    """Every derived field of the transcript's ``output`` against the replay's, by name and position."""
+) -> tuple[list[FieldMismatch], float]:
+    """Every derived field of the transcript's ``output`` against the replay's, by name and position; and the
+    largest difference of a float signal held close (0 where every one is the replay's bits)."""
     mismatches = []
+    drift = 0.0
+
+    def close(claimed: Any, replayed: Any) -> bool:
+        nonlocal drift
+        if not _close(claimed, replayed, signal_tolerance):
+            return False
+        if isinstance(replayed, float) and claimed != replayed and math.isfinite(claimed) and math.isfinite(replayed):
+            drift = max(drift, abs(claimed - replayed))
+        return True
+
     wanted = {k: v for k, v in expected.to_dict().items() if k not in UNAUDITED_OUTPUT_FIELDS + skip}
     for name in claimed:
         if name not in wanted and name not in UNAUDITED_OUTPUT_FIELDS:
@@ -869,12 +887,12 @@ def _compare_output(
         got = claimed[name]
         if isinstance(value, list) and isinstance(got, list) and len(got) == len(value):
             for i, (g, v) in enumerate(zip(got, value, strict=True)):
-                if not _close(g, v, signal_tolerance) and not near_tie(name, i):
+                if not close(g, v) and not near_tie(name, i):
                     mismatches.append(FieldMismatch(f"output.{name}[{i}]", g, v))
                     break
-        elif not _close(got, value, signal_tolerance):
+        elif not close(got, value):
             mismatches.append(FieldMismatch(f"output.{name}", got, value))
-    return mismatches
+    return mismatches, drift
 
 
 # ----- the verdict -------------------------------------------------------------------------------------------
@@ -910,7 +928,13 @@ def _judge(report: PoEAudit, finish_reason: str, key_given: bool) -> tuple[bool,
         return False, "; ".join(reasons)
     exact = "exactly" if report.exact else f"within {report.tolerance:g} nats"
     what = "the jury" if report.jury else f"the {report.mode} decoder"
-    return True, f"all {len(report.positions)} decisions of {what} reproduced {exact}; every field matches"
+    fields = "every field matches"
+    if report.signal_drift > 0:  # not the replay's bits, but within the tolerance: say how far off, not "matches"
+        fields = (
+            f"every field matches (float signals within {report.signal_drift:.2g} of the replay's; "
+            f"tolerance {report.signal_tolerance:g})"
+        )
+    return True, f"all {len(report.positions)} decisions of {what} reproduced {exact}; {fields}"
 
 
 def _notes(report: PoEAudit, data: dict[str, Any], temperature: float) -> list[str]:
