@@ -106,6 +106,48 @@ def check_writable(path: str, option: str, *, creates_parents: bool = False) -> 
         raise ValueError(f"{option} {path}: cannot be written ({e.strerror or e})") from None
 
 
+def check_writable_dir(path: str, option: str) -> None:
+    """Fail now, before minutes of measuring or hours of training, if directory ``path`` cannot be made and
+    written: it, or the nearest of its ancestors that exists, must be a directory that takes a new entry (the
+    writers make the missing ones). Probed by writing, as ``check_writable`` does."""
+    target = Path(path).expanduser()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        if existing == target:
+            raise ValueError(f"{option} {path}: is a file, not a directory")
+        raise ValueError(f"{option} {path}: cannot be made, {existing} is a file")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".olmo-tap-probe-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{option} {path}: cannot be written ({e.strerror or e})") from None
+
+
+# Where a command writes (attribute, option; a directory unless the subcommand sets out_is_file): checked before
+# the command's work starts, so a typo or a read-only place fails in a second, not after the run.
+OUTPUT_OPTIONS = (
+    ("out", "--out"),
+    ("results", "--results"),
+    ("adapters", "--adapters"),
+    ("results_dir", "--results-dir"),
+)
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Check every output place ``args`` names (see ``OUTPUT_OPTIONS``); a subcommand whose ``--out`` is a file
+    says so with ``out_is_file``."""
+    for attr, option in OUTPUT_OPTIONS:
+        path = getattr(args, attr, None)
+        if not isinstance(path, str | Path):
+            continue
+        if attr == "out" and getattr(args, "out_is_file", False):
+            check_writable(str(path), option, creates_parents=True)
+        else:
+            check_writable_dir(str(path), option)
+
+
 def check_seed(seed: int | None, what: str = "--seed") -> None:
     """Refuse a seed outside [0, 2**64): what every sampler, torch's and olmo-tap's own, takes."""
     if seed is not None and not 0 <= seed < SEED_BOUND:
@@ -459,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             parser.error(str(e))
     try:
+        if args.command in ("train", "experiment", "bench"):
+            check_outputs(args)
         return args.func(args)
     except (WeightsError, ConfigError, ValueError) as e:
         print(f"olmo-tap: error: {e}", file=sys.stderr)

@@ -560,3 +560,44 @@ def test_instructions_resume_past_a_torn_last_line(tmp_path, capsys):
     partial.write_text("{oops\n" + json.dumps(done) + "\n")
     with pytest.raises(ValueError, match=rf"{partial}:1: not valid JSON.*delete"):
         generate_instructions(model, tokenizer, prompts, max_new_tokens=3, progress=False, cache=partial)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["experiment", "signals", "--out", "{file}"], "--out {file}: is a file, not a directory"),
+        (["experiment", "signals", "--out", "{file}/sub"], "--out {file}/sub: cannot be made, {file} is a file"),
+        (["experiment", "poisoning", "--results", "{file}/r"], "--results {file}/r: cannot be made"),
+        (["train", "heads", "--data", "x.jsonl", "--out", "{file}"], "--out {file}: is a file"),
+        (["train", "attacks", "--out", "{file}/bank.json"], "--out {file}/bank.json: cannot be written"),
+        (["bench", "--results-dir", "{file}"], "--results-dir {file}: is a file"),
+    ],
+)
+def test_an_output_place_that_cannot_be_written_fails_before_the_work(tmp_path, monkeypatch, capsys, argv, message):
+    """A long command (an experiment, training, a benchmark) checks where it will write before it starts, not
+    after minutes of work: every command's work is replaced by a failure here, so reaching it fails the test."""
+    import olmo_tap.benchmarks.cli
+    import olmo_tap.train.cli
+
+    def started(*args, **kwargs):
+        raise AssertionError("the command's work started")
+
+    for module in (olmo_tap.train.cli, olmo_tap.benchmarks.cli):
+        for name in dir(module):
+            if name.startswith("cmd_") or name == "run_bench":
+                monkeypatch.setattr(module, name, started)
+    monkeypatch.setattr(olmo_tap.cli, "load_model_and_tokenizer", started, raising=False)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    argv = [part.format(file=a_file) for part in argv]
+    assert olmo_tap.cli.main(argv) == olmo_tap.cli.EXIT_USAGE
+    assert message.format(file=a_file) in capsys.readouterr().err
+
+
+def test_output_places_that_can_be_made_pass_the_check(tmp_path):
+    import argparse
+
+    olmo_tap.cli.check_outputs(argparse.Namespace(out=str(tmp_path / "new" / "deeper"), results=None))
+    olmo_tap.cli.check_outputs(argparse.Namespace(out=str(tmp_path / "n" / "bank.json"), out_is_file=True))
+    olmo_tap.cli.check_outputs(argparse.Namespace(out=str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # probed, nothing left behind, nothing made

@@ -479,6 +479,7 @@ def register(sub: Any, add_model_args: Callable[..., None]) -> None:
         "attacks", help="an attack bank: GCG suffixes that flip the jury's (or a head's) multiple-choice answers"
     )
     att.add_argument("--out", required=True, help="the bank's JSON file (an interrupted build resumes from it)")
+    att.set_defaults(out_is_file=True)
     att.add_argument("--entries", type=int, default=8, help="suffixes in the bank (default 8)")
     att.add_argument("--target", default=gcg.target, help="what to flip: jury | head:<i> (default %(default)s)")
     att.add_argument("--suffix-tokens", type=int, default=gcg.suffix_tokens, help="tokens per suffix (%(default)s)")
@@ -528,6 +529,7 @@ def register(sub: Any, add_model_args: Callable[..., None]) -> None:
 
     mcq = tsub.add_parser("mcq", help="write generated multiple-choice questions with known answers (JSONL)")
     mcq.add_argument("--out", required=True)
+    mcq.set_defaults(out_is_file=True)
     mcq.add_argument("--n", type=int, default=500)
     mcq.add_argument("--seed", type=int, default=0)
     mcq.add_argument("--kinds", type=str_list, default=list(KINDS), help=f"from {','.join(KINDS)}")
@@ -537,6 +539,7 @@ def register(sub: Any, add_model_args: Callable[..., None]) -> None:
 
     ins = tsub.add_parser("instructions", help="instruction data: the model's own answers to the shipped prompts")
     ins.add_argument("--out", required=True)
+    ins.set_defaults(out_is_file=True)
     ins.add_argument("--n", type=int, default=None, help="first N prompts only")
     ins.add_argument("--max-new-tokens", type=int, default=64)
     ins.add_argument("--suffix", default=" Answer in one or two sentences.", help="appended to every prompt")
