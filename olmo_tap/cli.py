@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from olmo_tap.certainty.names import DEFAULT_SIMILARITY, SIMILARITY_NAMES
+from olmo_tap.inference.prompts import not_unicode
 from olmo_tap.model.config import ConfigError
 from olmo_tap.weights.errors import WeightsError
 from olmo_tap.weights.presets import DEFAULT_MODEL
@@ -386,6 +387,10 @@ def chat_loop(
             break
         if not line.strip():
             break
+        why = not_unicode(line)
+        if why is not None:  # one mistyped line (another encoding) is the user's to retype, not the chat's end
+            print(f"olmo-tap: that line cannot be tokenized ({why}); type it again", file=sys.stderr)
+            continue
         messages.append({"role": "user", "content": line})
         plan, seed = certainty.plan(messages)
         print("jury> ", end="", flush=True)
@@ -500,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
             check_seed(args.seed)
         except ValueError as e:
             parser.error(str(e))
+        why = None if args.chat or not args.prompt else not_unicode(args.prompt)
+        if why is not None:  # before the model loads
+            parser.error(f"the prompt cannot be tokenized: {why}")
     try:
         if args.command in ("train", "experiment", "bench"):
             check_outputs(args)

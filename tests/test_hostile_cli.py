@@ -601,3 +601,21 @@ def test_output_places_that_can_be_made_pass_the_check(tmp_path):
     olmo_tap.cli.check_outputs(argparse.Namespace(out=str(tmp_path / "n" / "bank.json"), out_is_file=True))
     olmo_tap.cli.check_outputs(argparse.Namespace(out=str(tmp_path)))
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # probed, nothing left behind, nothing made
+
+
+def test_a_prompt_that_is_not_utf8_fails_before_the_model_loads(monkeypatch, capsys):
+    monkeypatch.setattr(olmo_tap.cli, "cmd_generate", lambda args: pytest.fail("the model was loaded"), raising=False)
+    with pytest.raises(SystemExit) as exited:
+        olmo_tap.cli.main(["generate", b"caf\xe9".decode("utf-8", "surrogateescape")])
+    assert exited.value.code == 2
+    assert "the prompt cannot be tokenized: byte 0xE9 at character 3 is not UTF-8" in capsys.readouterr().err
+
+
+def test_a_chat_line_that_is_not_utf8_is_asked_again_not_the_end(monkeypatch, capsys):
+    """One line in another encoding is the user's to retype: the chat says so and reads the next line."""
+    lines = iter([b"caf\xe9".decode("utf-8", "surrogateescape"), ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert olmo_tap.cli.chat_loop(None, 0.0, None, None, None) == 0  # the decoder is never reached
+    told = "that line cannot be tokenized (byte 0xE9 at character 3 is not UTF-8); type it again"
+    assert told in capsys.readouterr().err
+    assert next(lines, "done") == "done"
