@@ -79,51 +79,57 @@ def add_model_args(
     )
 
 
-def check_writable(path: str, option: str, *, creates_parents: bool = False) -> None:
-    """Fail now, before any model loads or tokens are decoded, if ``path`` cannot be written.
+def _nearest_existing(path: Path) -> Path:
+    """``path`` itself, or its nearest ancestor that exists (what a writer making missing directories writes in)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
-    Probed by writing, not by ``os.access``: permissions alone miss read-only file systems, and root passes them.
-    A file that exists is opened for appending (its content is not touched); a new one is probed with a
-    temporary sibling, so nothing is left behind. With ``creates_parents`` (the writer makes missing
-    directories) the nearest existing ancestor must take a new entry.
-    """
-    target = Path(path).expanduser()
+
+def _probe(directory: Path, option: str, path: str) -> None:
+    """Write (and remove) a temporary entry in ``directory``: permissions alone miss read-only file systems, and
+    root passes them."""
     try:
-        if target.is_dir():
-            raise ValueError(f"{option} {path}: is a directory")
-        if target.exists():
-            with target.open("a"):
-                return
-        parent = target.parent
-        if creates_parents:
-            while not parent.exists() and parent != parent.parent:
-                parent = parent.parent
-        if not parent.is_dir():
-            missing = "is not a directory" if parent.exists() else "does not exist"
-            raise ValueError(f"{option} {path}: cannot be written, directory {parent} {missing}")
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".olmo-tap-probe-"):
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".olmo-tap-probe-"):
             pass
     except OSError as e:
         raise ValueError(f"{option} {path}: cannot be written ({e.strerror or e})") from None
+
+
+def check_writable(path: str, option: str, *, creates_parents: bool = False) -> None:
+    """Fail now, before any model loads or tokens are decoded, if file ``path`` cannot be written.
+
+    Probed by writing, not by ``os.access``. A file that exists is opened for appending (its content is not
+    touched); a new one is probed with a temporary sibling, so nothing is left behind. With ``creates_parents``
+    (the writer makes missing directories) the nearest existing ancestor must take a new entry.
+    """
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise ValueError(f"{option} {path}: is a directory")
+    if target.exists():
+        try:
+            with target.open("a"):
+                return
+        except OSError as e:
+            raise ValueError(f"{option} {path}: cannot be written ({e.strerror or e})") from None
+    parent = _nearest_existing(target.parent) if creates_parents else target.parent
+    if not parent.is_dir():
+        missing = "is not a directory" if parent.exists() else "does not exist"
+        raise ValueError(f"{option} {path}: cannot be written, directory {parent} {missing}")
+    _probe(parent, option, path)
 
 
 def check_writable_dir(path: str, option: str) -> None:
     """Fail now, before minutes of measuring or hours of training, if directory ``path`` cannot be made and
     written: it, or the nearest of its ancestors that exists, must be a directory that takes a new entry (the
-    writers make the missing ones). Probed by writing, as ``check_writable`` does."""
+    writers make the missing ones)."""
     target = Path(path).expanduser()
-    existing = target
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = _nearest_existing(target)
     if not existing.is_dir():
         if existing == target:
             raise ValueError(f"{option} {path}: is a file, not a directory")
         raise ValueError(f"{option} {path}: cannot be made, {existing} is a file")
-    try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".olmo-tap-probe-"):
-            pass
-    except OSError as e:
-        raise ValueError(f"{option} {path}: cannot be written ({e.strerror or e})") from None
+    _probe(existing, option, path)
 
 
 # Where a command writes (attribute, option; a directory unless the subcommand sets out_is_file): checked before
