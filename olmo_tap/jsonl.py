@@ -9,22 +9,39 @@ from pathlib import Path
 from typing import Any
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object) for every non-blank line; a line that is not JSON raises ValueError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"file {path} does not exist")
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+def parse_lines(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    """(line number, parsed object, None) for every non-blank line of an existing file, or (line number, None,
+    what is wrong) for a line that is not UTF-8 or not JSON: the caller decides whether one bad line ends the read."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield number, None, f"not UTF-8 (byte 0x{raw[e.start]:02X} is byte {e.start + 1} of the line)"
+                continue
+            if number == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark, as some Windows editors write, is no record
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield number, json.loads(line), None
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+                yield number, None, f"not valid JSON ({e.msg} at column {e.colno})"
             except RecursionError:
-                raise ValueError(f"{path}:{number}: JSON too deeply nested to read") from None
-            yield number, record
+                yield number, None, "JSON too deeply nested to read"
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) for every non-blank line; a line that is not UTF-8 JSON raises ValueError."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a JSONL file")
+    if not path.is_file():
+        raise ValueError(f"file {path} does not exist")
+    for number, record, error in parse_lines(path):
+        if error is not None:
+            raise ValueError(f"{path}:{number}: {error}")
+        yield number, record
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:

@@ -19,7 +19,9 @@ import torch
 
 import olmo_tap.cli
 from olmo_tap import HydraTransformer, WeightsError, save_ensemble
+from olmo_tap.batch.files import read_records
 from olmo_tap.cli import main
+from olmo_tap.jsonl import iter_jsonl
 from olmo_tap.model import kernels, layers, native_linear
 from olmo_tap.train.instructions import generate_instructions
 from olmo_tap.train.trainer import TrainConfig, train_adapter
@@ -619,3 +621,30 @@ def test_a_chat_line_that_is_not_utf8_is_asked_again_not_the_end(monkeypatch, ca
     told = "that line cannot be tokenized (byte 0xE9 at character 3 is not UTF-8); type it again"
     assert told in capsys.readouterr().err
     assert next(lines, "done") == "done"
+
+
+def test_a_jsonl_line_that_is_not_utf8_is_named_not_replaced(tmp_path):
+    """A Latin-1 line used to be read with U+FFFD in place of its bytes (a batch answered 'caf\ufffd') or to fail
+    with the codec's words and no file; now it is named by file, line and byte, and a batch skips only it."""
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(b'{"prompt": "hi", "response": "yo"}\n{"prompt": "caf\xe9", "response": "x"}\n{"prompt": "ok"}\n')
+    with pytest.raises(ValueError, match=r"data\.jsonl:2: not UTF-8 \(byte 0xE9 is byte 16 of the line\)"):
+        list(iter_jsonl(data))
+    records = list(read_records(data))
+    assert [r.index for r in records] == [0, 1, 2]
+    assert records[0].value == {"prompt": "hi", "response": "yo"} and records[0].error is None
+    assert records[1].value is None and "not UTF-8 (byte 0xE9" in records[1].error
+    assert records[2].value == {"prompt": "ok"} and records[2].error is None
+
+
+def test_a_jsonl_file_with_a_byte_order_mark_or_a_directory(tmp_path):
+    data = tmp_path / "bom.jsonl"
+    data.write_bytes(b'\xef\xbb\xbf{"prompt": "hi"}\n{"prompt": "\xef\xbb\xbfkept"}\n')
+    assert [record for _, record in iter_jsonl(data)] == [{"prompt": "hi"}, {"prompt": "\ufeffkept"}]
+    assert [r.value for r in read_records(data)] == [{"prompt": "hi"}, {"prompt": "\ufeffkept"}]
+    folder = tmp_path / "folder.jsonl"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"folder\.jsonl is a directory, not a JSONL file"):
+        list(iter_jsonl(folder))
+    with pytest.raises(ValueError, match=r"folder\.jsonl is a directory, not a file"):
+        list(read_records(folder))

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from olmo_tap.jsonl import parse_lines
+
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
 
@@ -37,13 +39,15 @@ class InputRecord:
     index: int  # 0-based position in the input
     where: str  # FILE:LINE for messages
     value: Any  # the parsed object (a record must be a JSON object; the job checks it)
-    error: str | None = None  # the line is not JSON
+    error: str | None = None  # the line is not UTF-8 JSON
 
 
 def read_records(path: str | Path) -> Iterator[InputRecord]:
-    """The input's records in order; a line that is not JSON comes as a record with its ``error``."""
+    """The input's records in order; a line that is not UTF-8 JSON comes as a record with its ``error``."""
     path = Path(path)
     kind = file_format(path, "input")
+    if path.is_dir():
+        raise ValueError(f"input {path} is a directory, not a file")
     if not path.is_file():
         raise ValueError(f"input file {path} does not exist")
     if kind == "parquet":
@@ -56,19 +60,8 @@ def read_records(path: str | Path) -> Iterator[InputRecord]:
         for i, row in enumerate(rows):
             yield InputRecord(i, f"{path}:row {i + 1}", {k: v for k, v in row.items() if v is not None})
         return
-    index = 0
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                yield InputRecord(index, where, json.loads(line))
-            except json.JSONDecodeError as e:
-                yield InputRecord(index, where, None, f"not valid JSON ({e.msg} at column {e.colno})")
-            except RecursionError:
-                yield InputRecord(index, where, None, "JSON too deeply nested to read")
-            index += 1
+    for index, (number, value, error) in enumerate(parse_lines(path)):
+        yield InputRecord(index, f"{path}:{number}", value, error)
 
 
 def record_digest(value: Any) -> str:
