@@ -9,6 +9,31 @@ from pathlib import Path
 from typing import Any
 
 
+def read_json(path: str | Path, what: str = "JSON file", error: type[ValueError] = ValueError) -> Any:
+    """Parse a JSON file. Every failure raises ``error`` naming what the file is for, the file and the problem
+    (missing, a directory, unreadable, not UTF-8, not JSON, too deep); a leading byte-order mark is skipped."""
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{what} {path} is a directory, not a file")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise error(f"{what} {path} is not UTF-8 (byte 0x{raw[e.start]:02X} on line {line})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{what} {path} is not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
+    except RecursionError:
+        raise error(f"{what} {path} is too deeply nested to read") from None
+
+
 def parse_lines(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """(line number, parsed object, None) for every non-blank line of an existing file, or (line number, None,
     what is wrong) for a line that is not UTF-8 or not JSON: the caller decides whether one bad line ends the read."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -648,3 +649,50 @@ def test_a_jsonl_file_with_a_byte_order_mark_or_a_directory(tmp_path):
         list(iter_jsonl(folder))
     with pytest.raises(ValueError, match=r"folder\.jsonl is a directory, not a file"):
         list(read_records(folder))
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b'{"a": "caf\xe9"}', r"is not UTF-8 \(byte 0xE9 on line 1\)"),
+        (b'{\n"a": 1,\n}', r"is not valid JSON \(line 3 column 1: "),
+        (DEEP_JSON.encode(), "is too deeply nested to read"),
+        (None, "is a directory, not a file"),
+    ],
+)
+def test_every_json_file_a_user_names_fails_the_same_clear_way(tmp_path, capsys, content, problem):
+    """A transcript to audit, a benchmark config, a Hydra config and an attack bank: one reader, one kind of
+    message naming what the file is for, the file and its problem (no codec or errno text, no traceback)."""
+    from olmo_tap.benchmarks.config import load_config
+    from olmo_tap.inference.transcript import read_transcript
+    from olmo_tap.robustness.bank import BankError, load_bank
+    from olmo_tap.weights.ensemble import read_ensemble_info
+
+    def place(name: str) -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if content is None:
+            path.mkdir()
+        else:
+            path.write_bytes(content)
+        return path
+
+    cases = [
+        (read_transcript, place("t.json"), "transcript file", ValueError),
+        (load_config, place("bench.json"), "benchmark config", ValueError),
+        (lambda p: read_ensemble_info(p.parent), place("ens/hydra_config.json"), "Hydra config", WeightsError),
+        (load_bank, place("bank.json"), "attack bank", BankError),
+    ]
+    for read, path, what, error in cases:
+        with pytest.raises(error, match=f"{what} {re.escape(str(path))} {problem}"):
+            read(path)
+    code, err = run_cli(["audit", str(tmp_path / "t.json")], capsys)
+    assert code == 2 and "transcript file" in err and "Traceback" not in err
+
+
+def test_a_json_file_may_start_with_a_byte_order_mark(tmp_path):
+    from olmo_tap.jsonl import read_json
+
+    path = tmp_path / "bom.json"
+    path.write_bytes(b'\xef\xbb\xbf{"gamma": 4}')
+    assert read_json(path) == {"gamma": 4}

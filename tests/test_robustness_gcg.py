@@ -155,7 +155,7 @@ def test_bank_builds_resumes_and_refuses_other_settings(tiny, tokenizer, tmp_pat
 @pytest.mark.parametrize(
     "content, message",
     [
-        ("{", "not a valid attack bank"),
+        ("{", "attack bank .*bank.json is not valid JSON"),
         ('{"format": "other", "version": 1}', "expected format"),
         ('{"format": "olmo-tap-attack-bank", "version": 1, "model": {"fingerprint": "x"}, "entries": [{}]}', "entry 0"),
         (

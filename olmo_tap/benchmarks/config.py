@@ -8,10 +8,11 @@ impossible values raise ``ValueError`` naming the key.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from olmo_tap.jsonl import read_json
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("config.json")
 SAMPLINGS = ("greedy", "sampled")
@@ -62,12 +63,7 @@ KEYS: tuple[str, ...] = tuple(f.name for f in fields(BenchConfig))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"benchmark config {path} does not exist") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read benchmark config {path}: {e}") from None
+    data = read_json(path, "benchmark config")
     if not isinstance(data, dict):
         raise ValueError(f"benchmark config {path} must hold a JSON object, got {type(data).__name__}")
     return data

@@ -38,6 +38,7 @@ from typing import Any
 
 from olmo_tap.inference.poe import PoEOutput
 from olmo_tap.inference.settings import MODES
+from olmo_tap.jsonl import read_json
 from olmo_tap.model.native_attention import TAKEN
 from olmo_tap.model.native_linear import RECORDED as LINEAR_ROUTES
 from olmo_tap.model.native_norm import TAKEN as NORM_ROUTES
@@ -376,14 +377,4 @@ def check_transcript(data: Any) -> dict[str, Any]:
 
 
 def read_transcript(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"no such transcript file: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        where = f"line {e.lineno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
-        raise ValueError(f"{path} is not valid JSON ({where})") from None
-    except RecursionError:
-        raise ValueError(f"{path}: JSON too deeply nested to read") from None
-    return check_transcript(data)
+    return check_transcript(read_json(path, "transcript file"))

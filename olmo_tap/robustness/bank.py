@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from olmo_tap.jsonl import read_json
+
 FORMAT = "olmo-tap-attack-bank"
 VERSION = 1
 BANK_RESOURCE = "banks"  # inside the olmo_tap.robustness package: <preset name>.json
@@ -152,12 +154,9 @@ class AttackBank:
 def load_bank(path: str | Path) -> AttackBank:
     """Read a bank file, with a clear error for a missing or malformed one."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BankError(f"no attack bank at {path} (build one with `olmo-tap train attacks`)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise BankError(f"{path} is not a valid attack bank: {e}") from None
+    if not path.exists():
+        raise BankError(f"no attack bank at {path} (build one with `olmo-tap train attacks`)")
+    data = read_json(path, "attack bank", BankError)
     return AttackBank.from_dict(data, str(path))
 
 

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from olmo_tap.hydra import HydraTransformer, HydraTransformerConfig
+from olmo_tap.jsonl import read_json
 from olmo_tap.weights.errors import WeightsError
 from olmo_tap.weights.lora import LoraAdapter, load_lora, merge_lora
 from olmo_tap.weights.original import find_original_weights, merge_original
@@ -110,16 +111,9 @@ def _check_replaceable(directory: Path, work_dir: str | None) -> None:
 def read_ensemble_info(directory: str | Path) -> dict[str, Any]:
     """The parsed ``hydra_config.json`` of a saved ensemble, validated."""
     path = Path(directory) / CONFIG_FILE
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise WeightsError(f"{directory} is not a saved ensemble: no {CONFIG_FILE}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{path} is not valid JSON: {e}") from e
-    except RecursionError:
-        raise WeightsError(f"{path} is too deeply nested to be a Hydra config") from None
-    except OSError as e:
-        raise WeightsError(f"cannot read {path}: {e}") from e
+    if not path.exists():
+        raise WeightsError(f"{directory} is not a saved ensemble: no {CONFIG_FILE}")
+    info = read_json(path, "Hydra config", WeightsError)
     if not isinstance(info, dict):
         raise WeightsError(f"{path}: expected a JSON object, found {type(info).__name__}")
     if info.get("format") != FORMAT or info.get("version") != VERSION:

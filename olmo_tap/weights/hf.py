@@ -6,13 +6,13 @@ module also owns the list of tensors (and their shapes) that a config implies: `
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from olmo_tap.jsonl import read_json
 from olmo_tap.model.config import ConfigError, TransformerConfig
 from olmo_tap.weights.errors import WeightsError
 
@@ -245,21 +245,6 @@ def validate_hf_state(cfg: TransformerConfig, state: dict[str, torch.Tensor], so
 # ----- files ----------------------------------------------------------------------------------------------------------
 
 
-def read_json(path: Path, what: str = "JSON file") -> Any:
-    """Parse a JSON file, turning every failure into a WeightsError naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError as e:
-        raise WeightsError(f"{what} {path} does not exist") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{what} {path} is not valid JSON: {e}") from e
-    except RecursionError:
-        raise WeightsError(f"{what} {path} is too deeply nested") from None
-    except OSError as e:
-        raise WeightsError(f"cannot read {what} {path}: {e}") from e
-
-
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of one safetensors file, in their stored dtype."""
     from safetensors import SafetensorError
@@ -277,7 +262,7 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     if single.is_file():  # transformers also prefers the single file when both exist
         return load_safetensors(single)
     if index.is_file():
-        data = read_json(index, "safetensors index")
+        data = read_json(index, "safetensors index", WeightsError)
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise WeightsError(f"safetensors index {index} has no 'weight_map' object")
@@ -319,7 +304,7 @@ def read_hf_dir(path: str | Path) -> tuple[TransformerConfig, dict[str, torch.Te
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise WeightsError(f"{directory} has no {CONFIG_NAME}: not a Hugging Face checkpoint directory")
-    cfg = config_from_hf(read_json(config_path, "model config"), source=str(config_path))
+    cfg = config_from_hf(read_json(config_path, "model config", WeightsError), source=str(config_path))
     state = _read_weights(directory)
     if is_olmo_core_state(state):
         state = olmo_core_to_hf(state)

@@ -42,9 +42,9 @@ from typing import Any
 import torch
 
 from olmo_tap.hydra import HydraTransformer, HydraTransformerConfig
+from olmo_tap.jsonl import read_json
 from olmo_tap.model.config import TransformerConfig
 from olmo_tap.weights.errors import WeightsError
-from olmo_tap.weights.hf import read_json
 from olmo_tap.weights.layout import LINEAR_NAMES, _norm_names, hf_linear_name, linear_weight
 from olmo_tap.weights.lora import LoraAdapter, merge_lora, parse_lora_state
 from olmo_tap.weights.olmo_core import olmo_core_to_hf
@@ -89,7 +89,7 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
     path = directory / MANIFEST
     if not path.is_file():
         return None
-    manifest = read_json(path, "manifest")
+    manifest = read_json(path, "manifest", WeightsError)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
         raise WeightsError(f"manifest {path} has no 'config' object")
     return manifest
