@@ -9,6 +9,32 @@ from pathlib import Path
 from typing import Any
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object names one key twice. Parsers differ on which value counts (Python's and JavaScript's take the
+    last, others the first), so a transcript holding one could be audited as one text and read as another."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        shown = key if len(key) <= 80 else key[:79] + "…"
+        super().__init__(f"the key {shown!r} appears twice in one object")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):  # only then look for the key
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKeyError(key)
+            seen.add(key)
+    return value
+
+
+def loads(text: str | bytes) -> Any:
+    """``json.loads`` that refuses an object naming a key twice (``DuplicateKeyError``)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
 def read_json(path: str | Path, what: str = "JSON file", error: type[ValueError] = ValueError) -> Any:
     """Parse a JSON file. Every failure raises ``error`` naming what the file is for, the file and the problem
     (missing, a directory, unreadable, not UTF-8, not JSON, too deep); a leading byte-order mark is skipped."""
@@ -27,9 +53,11 @@ def read_json(path: str | Path, what: str = "JSON file", error: type[ValueError]
         line = raw.count(b"\n", 0, e.start) + 1
         raise error(f"{what} {path} is not UTF-8 (byte 0x{raw[e.start]:02X} on line {line})") from None
     try:
-        return json.loads(text)
+        return loads(text)
     except json.JSONDecodeError as e:
         raise error(f"{what} {path} is not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
+    except DuplicateKeyError as e:
+        raise error(f"{what} {path} is ambiguous: {e}") from None
     except RecursionError:
         raise error(f"{what} {path} is too deeply nested to read") from None
 
@@ -49,9 +77,11 @@ def parse_lines(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             if not line.strip():
                 continue
             try:
-                yield number, json.loads(line), None
+                yield number, loads(line), None
             except json.JSONDecodeError as e:
                 yield number, None, f"not valid JSON ({e.msg} at column {e.colno})"
+            except DuplicateKeyError as e:
+                yield number, None, f"ambiguous JSON: {e}"
             except RecursionError:
                 yield number, None, "JSON too deeply nested to read"
 

@@ -696,3 +696,20 @@ def test_a_json_file_may_start_with_a_byte_order_mark(tmp_path):
     path = tmp_path / "bom.json"
     path.write_bytes(b'\xef\xbb\xbf{"gamma": 4}')
     assert read_json(path) == {"gamma": 4}
+
+
+def test_a_record_naming_a_key_twice_is_refused_in_files_too(tmp_path):
+    """Batch audit reads transcripts from JSONL, ``olmo-tap audit`` from a JSON file: a key given twice is
+    ambiguous (parsers differ on which value counts) in both, named, and a batch skips only that record."""
+    data = tmp_path / "records.jsonl"
+    data.write_text('{"id": 1, "token_ids": [5], "token_ids": [6]}\n{"id": 2}\n')
+    first, second = read_records(data)
+    assert first.value is None and first.error == "ambiguous JSON: the key 'token_ids' appears twice in one object"
+    assert second.value == {"id": 2} and second.error is None
+    with pytest.raises(ValueError, match=r"records\.jsonl:1: ambiguous JSON: the key 'token_ids' appears twice"):
+        list(iter_jsonl(data))
+    from olmo_tap.jsonl import read_json
+
+    (tmp_path / "one.json").write_text('{"a": {"b": 1, "b": 1}}')
+    with pytest.raises(ValueError, match=r"one\.json is ambiguous: the key 'b' appears twice in one object"):
+        read_json(tmp_path / "one.json", "transcript file")

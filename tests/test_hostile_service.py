@@ -404,6 +404,30 @@ def test_text_that_is_not_unicode_is_refused_by_name(tiny, raw, param):
         assert chat(client).status_code == 200
 
 
+def test_a_body_naming_a_key_twice_is_refused_as_ambiguous(tiny, tmp_path, capsys):
+    """A transcript whose first "token_ids" is a forgery and whose last is the real one: Python (and so the audit
+    before this check) reads the last and calls it honest, a first-wins parser shows the forgery. Refused on every
+    route and by ``olmo-tap audit``; the service keeps answering."""
+    headers = {"content-type": "application/json"}
+    with make_client(tiny) as client:
+        transcript = chat(client, max_tokens=3).json()["trust"]["transcript"]
+        forged = [(i + 1) % 64 for i in transcript["token_ids"]]
+        raw = '{"transcript": {"token_ids": ' + json.dumps(forged) + ", " + json.dumps(transcript)[1:] + "}"
+        assert json.loads(raw)["transcript"] == transcript  # last wins: what the audit read before
+        error = assert_error(client.post("/v1/audit", content=raw, headers=headers), 400)
+        assert "ambiguous" in error["message"] and "'token_ids' appears twice" in error["message"]
+        body = b'{"messages": [{"role": "user", "content": "a"}], "messages": [{"role": "user", "content": "b"}]}'
+        error = assert_error(client.post(CHAT, content=body, headers=headers), 400)
+        assert "'messages' appears twice" in error["message"]
+        body = b'{"messages": [{"role": "user", "content": "a"}], "\\ud800": 1, "\\ud800": 2}'
+        assert "\\ud800" in assert_error(client.post(CHAT, content=body, headers=headers), 400)["message"]
+        assert client.post("/v1/audit", json={"transcript": transcript}).json()["honest"] is True
+    saved = tmp_path / "t.json"
+    saved.write_text(raw[len('{"transcript": ') : -1])
+    assert cli.main(["audit", str(saved), "--model", "unused"]) == 2
+    assert "is ambiguous: the key 'token_ids' appears twice" in capsys.readouterr().err
+
+
 def test_a_prompt_that_is_not_utf8_is_a_clear_error():
     from olmo_tap.inference.prompts import normalise_messages, not_unicode
 

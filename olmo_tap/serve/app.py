@@ -49,10 +49,10 @@ from olmo_tap.serve.errors import APIError, error_payload, install_error_handler
 from olmo_tap.serve.generation import Generated, GenerationPlan, GenerationWork
 from olmo_tap.serve.middleware import (
     BodySizeLimit,
+    CheckedBodiesRoute,
     HostCheck,
     JSONBodiesOnly,
     RequestContext,
-    UnicodeBodiesRoute,
     trusted_hosts,
 )
 from olmo_tap.serve.responses import JSONResponse, chunk_body, completion_body, sse, usage
@@ -398,7 +398,7 @@ def create_app(
         docs_url="/docs" if config.docs else None,
         redoc_url="/redoc" if config.docs else None,
     )
-    app.router.route_class = UnicodeBodiesRoute  # every route below: a body's text must be Unicode
+    app.router.route_class = CheckedBodiesRoute  # every route below: a body must be unambiguous Unicode JSON
     install_error_handlers(app)
     # Each add_middleware wraps what came before: requests pass RequestContext, HostCheck, CORS, JSONBodiesOnly
     # and BodySizeLimit in that order.

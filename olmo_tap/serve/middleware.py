@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from olmo_tap.jsonl import DuplicateKeyError, loads
 from olmo_tap.serve.config import WILDCARD_BINDS
 from olmo_tap.serve.errors import APIError, error_payload, quote_input, shorten
 from olmo_tap.serve.schemas import first_bad_path, non_text
@@ -234,12 +235,17 @@ class JSONBodiesOnly:
 _SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}|\xed[\xa0-\xbf][\x80-\xbf]")
 
 
-class UnicodeBodiesRoute(APIRoute):
-    """A route whose JSON body is refused with a 400 naming the place where it holds text that is not Unicode.
+class CheckedBodiesRoute(APIRoute):
+    """A route whose JSON body is refused with a 400 when it is ambiguous or holds text that is not Unicode.
 
-    Python's JSON parser keeps a lone surrogate escape ("\\ud800") as a lone surrogate, which no tokenizer, hash or
-    UTF-8 answer takes, and which pydantic itself cannot read as a dictionary key: checked here, before the body
-    reaches either. Only a body with a surrogate in it is parsed a second time."""
+    - Ambiguous: an object naming one key twice. Python keeps the last value, other parsers the first, so a
+      transcript sent to ``/v1/audit`` could be judged as one text and read by another tool as a different one.
+    - Not Unicode: Python's JSON parser keeps a lone surrogate escape ("\\ud800") as a lone surrogate, which no
+      tokenizer, hash or UTF-8 answer takes, and which pydantic itself cannot read as a dictionary key; the 400
+      names the place.
+
+    Both are checked in one parse before the body reaches pydantic (a malformed body is left to FastAPI's own
+    parse, which says where it breaks)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -247,20 +253,21 @@ class UnicodeBodiesRoute(APIRoute):
         async def checked(request: Request) -> Response:
             if request.method in JSON_BODY_METHODS:
                 raw = await request.body()  # kept by the request: the handler reads it again without a copy
-                if _SURROGATE.search(raw):
-                    try:
-                        value = json.loads(raw)
-                    except ValueError:
-                        value = None  # malformed: FastAPI's own parse says where
-                    where = first_bad_path(value, non_text)
-                    if where is not None:
-                        where = shorten(where.encode("utf-8", "backslashreplace").decode())  # a key's surrogate too
-                        raise APIError(
-                            400,
-                            f"{where}: not valid Unicode text: a lone surrogate (JSON's \\u escapes of U+D800-U+DFFF "
-                            "must come in pairs)",
-                            param=where,
-                        )
+                try:
+                    value = loads(raw) if raw else None
+                except DuplicateKeyError as e:
+                    raise APIError(400, f"the request body is ambiguous: {e}") from None
+                except ValueError:
+                    value = None  # malformed: FastAPI's own parse says where
+                where = first_bad_path(value, non_text) if _SURROGATE.search(raw) else None
+                if where is not None:
+                    where = shorten(where.encode("utf-8", "backslashreplace").decode())  # a key's surrogate too
+                    raise APIError(
+                        400,
+                        f"{where}: not valid Unicode text: a lone surrogate (JSON's \\u escapes of U+D800-U+DFFF "
+                        "must come in pairs)",
+                        param=where,
+                    )
             return await handler(request)
 
         return checked
