@@ -208,6 +208,17 @@ def test_cli_reports_a_bad_config(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_cli_refuses_a_concurrency_sweep_it_cannot_run_before_loading(tmp_path, capsys, monkeypatch):
+    from olmo_tap.benchmarks import concurrency
+
+    monkeypatch.setattr(concurrency, "run_sweep", lambda *a, **k: pytest.fail("the sweep ran"))
+    argv = ["bench", "--concurrency", "1,8", "--results-dir", str(tmp_path), "--no-progress"]
+    assert main([*argv, "--requests", "4"]) == 2
+    assert "--requests 4 cannot keep 8 streams busy" in capsys.readouterr().err
+    assert main([*argv, "--requests", "0"]) == 2
+    assert "--requests must be >= 1, got 0" in capsys.readouterr().err
+
+
 # ----- targets ------------------------------------------------------------------------------------------------------
 
 

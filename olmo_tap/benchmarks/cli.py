@@ -79,6 +79,13 @@ def register(sub: Any, add_model_args: Any) -> None:
     sweep.add_argument("--max-batch", type=int, default=8, help="the server's batch in the sweep (default 8)")
     sweep.add_argument("--max-tokens", type=int, default=64, help="tokens per answer in the sweep (default 64)")
     sweep.add_argument("--repeats", type=int, default=2, help="rounds over all levels in the sweep (default 2)")
+    sweep.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="requests each level serves, the streams sending the next as theirs end (default: the largest level, "
+        "at least 8: one wave at the top level; several times the largest level measures a steady state)",
+    )
     out = bench.add_argument_group("output")
     out.add_argument("--results-dir", default="results", help="runs go to <this>/<date>_runNN/ (default: results)")
     out.add_argument(
@@ -168,15 +175,19 @@ def cmd_concurrency(args: argparse.Namespace) -> int:
         ("--max-batch", args.max_batch),
         ("--max-tokens", args.max_tokens),
         ("--repeats", args.repeats),
+        ("--requests", 1 if args.requests is None else args.requests),
     ):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.requests is not None and args.requests < max(levels):
+        raise ValueError(f"--requests {args.requests} cannot keep {max(levels)} streams busy: give at least as many")
     results = concurrency.run_sweep(
         args.model or "smollm2-135m-instruct",
         sorted(set(levels)),
         max_tokens=args.max_tokens,
         max_batch=args.max_batch,
         repeats=args.repeats,
+        requests=args.requests,
         threads=args.threads,
         progress=not args.no_progress,
     )

@@ -1,7 +1,8 @@
 """``olmo-tap bench --concurrency 1,2,4,8,16``: many answers at once, through the real HTTP server and the
 Python API.
 
-Every level serves the same requests: ``max(levels)`` (at least 8) prompts, request i with its own fixed seed
+Every level serves the same requests: ``requests`` prompts (default ``max(levels)``, at least 8), request i with its
+own fixed seed
 (so its draft head), greedy PoE of the same length (the prompts ask for long stories; an answer that ends
 earlier counts the tokens it has). At level n, n clients each send a request, and send the next one in line
 when theirs is answered (a closed loop: n requests in flight at every moment until the line is empty), to
@@ -203,12 +204,15 @@ def run_sweep(
     max_tokens: int = 64,
     max_batch: int = 8,
     repeats: int = 2,
+    requests: int | None = None,
     threads: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Load ``model_name`` once, serve it, and measure every level ``repeats`` times (levels interleaved, so a
-    drift in the machine's speed reaches all alike), each level serving the same ``max(levels)`` (at least 8)
-    requests."""
+    drift in the machine's speed reaches all alike), each level serving the same ``requests`` (default
+    ``max(levels)``, at least 8). With as many requests as streams, the top level is one wave: its batch empties
+    as its answers end, and the last answer decodes alone; with several times as many, a finished answer's
+    slot takes the next request, and the level holds its streams for most of its time (a server's steady state)."""
     from tqdm import tqdm
 
     from olmo_tap.benchmarks.harness import load_average, machine_info, software_versions
@@ -224,7 +228,9 @@ def run_sweep(
     tokenizer = load_tokenizer(model_name, progress=progress)
     machine = machine_info(model.device)
     decoder = PoE.from_settings(model, tokenizer, DecodeSettings(max_new_tokens=max_tokens, temperature=0.0))
-    requests = max(8, *levels)
+    requests = requests or max(8, *levels)
+    if requests < max(levels):
+        raise ValueError(f"{requests} requests cannot keep {max(levels)} streams busy: give at least as many")
     http: dict[int, list[dict[str, Any]]] = {n: [] for n in levels}
     api: dict[int, list[dict[str, Any]]] = {n: [] for n in levels}
     bar = tqdm(total=2 * repeats * len(levels), desc="concurrency", unit="level", disable=not progress)
@@ -289,7 +295,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{m['cpu']} ({', '.join(m['cpu_flags'])}), {m['torch_threads']} threads.",
         "",
         f"Every level serves the same {results['settings'].get('requests', '?')} requests (request i: prompt i, "
-        f"seed {FIRST_SEED} + i), that many at a time; the answers were the same at every level: "
+        f"seed {FIRST_SEED} + i), a level's streams at a time (a client sends the next request in line when its "
+        "answer ends); the answers were the same at every level: "
         f"HTTP {_yes(results.get('same_answers', {}).get('http'))}, "
         f"Python API {_yes(results.get('same_answers', {}).get('python'))}.",
         "",
