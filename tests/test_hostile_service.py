@@ -428,6 +428,21 @@ def test_a_body_naming_a_key_twice_is_refused_as_ambiguous(tiny, tmp_path, capsy
     assert "is ambiguous: the key 'token_ids' appears twice" in capsys.readouterr().err
 
 
+def test_a_temperature_that_float32_cannot_hold_is_refused_not_decoded(tiny):
+    """1e-300 is a valid JSON number in [0, 2] but 0 in float32: it decoded every token as id 0 with NaN signals.
+    Refused by name on the chat and verify routes, and a transcript claiming it is malformed."""
+    with make_client(tiny) as client:
+        error = assert_error(chat(client, temperature=1e-300), 400, "temperature")
+        assert "0 (greedy) or between 0.0001 and 100" in error["message"]
+        assert chat(client, temperature=1e-4).status_code == 200
+        outputs = [{"prompt_token_ids": [1, 2], "output_token_ids": [3]}]
+        assert_error(client.post("/v1/verify", json={"outputs": outputs, "temperature": 1e-300}), 400, "temperature")
+        transcript = chat(client, temperature=1.0, seed=2).json()["trust"]["transcript"]
+        forged = {**transcript, "settings": {**transcript["settings"], "temperature": 1e-300}}
+        error = assert_error(client.post("/v1/audit", json={"transcript": forged}), 400)
+        assert "setting 'temperature' must be 0 or a number in [0.0001, 100], got 1e-300" in error["message"]
+
+
 def test_a_prompt_that_is_not_utf8_is_a_clear_error():
     from olmo_tap.inference.prompts import normalise_messages, not_unicode
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections import Counter
 
 import numpy as np
@@ -326,7 +327,11 @@ def test_bad_settings_are_reported(tiny):
     for kwargs, message in [
         ({"n_llm_heads": 1}, "at least 2 text heads"),
         ({"gamma": 0}, "gamma must be"),
-        ({"beta": 0}, "beta must be > 0"),
+        ({"beta": 0}, r"beta must be a number in \(0, 100\]"),
+        ({"beta": float("inf")}, "beta must be a number in"),
+        ({"beta": 101}, "beta must be a number in"),
+        ({"temperature": 1e-300}, r"temperature must be 0 \(greedy\) or between 0.0001 and 100, got 1e-300"),
+        ({"temperature": float("inf")}, "temperature must be 0"),
         ({"veto_threshold": 1.0}, r"veto_threshold must be in \[0, 1\)"),
         ({"veto_threshold": -0.1}, "veto_threshold"),
         ({"draft_head": 4}, "draft_head 4 out of range"),
@@ -339,10 +344,22 @@ def test_bad_settings_are_reported(tiny):
         decoder.generate_with_cache("   ")
     with pytest.raises(ValueError, match="messages"):
         decoder.generate_with_cache(messages=[{"role": "user", "content": ""}])
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ValueError, match="temperature must be 0"):
         decoder.generate_with_cache("abc", temperature=-0.5)
     with pytest.raises(ValueError, match="exceeds the model's context"):
         PoE(model, tok, max_new_tokens=500).generate_with_cache("abc")
+
+
+def test_the_extreme_settings_allowed_still_decode_real_tokens(tiny):
+    """At the bounds (T = 1e-4, beta = 100) the scores stay inside float32: the answer is the greedy one, its
+    signals finite. (T = 1e-300 was 0 in float32: every score NaN, every token id 0, the answer 'certified'.)"""
+    model, tok = tiny
+    greedy = PoE(model, tok, max_new_tokens=6, seed=3).generate_with_cache("abc", temperature=0)
+    for kwargs in ({"temperature": 1e-4}, {"temperature": 1e-4, "beta": 100.0}, {"temperature": 100.0}):
+        out = PoE(model, tok, max_new_tokens=6, seed=3, **kwargs).generate_with_cache("abc")
+        assert all(math.isfinite(e) for e in out.token_entropies), kwargs
+        if kwargs["temperature"] == 1e-4:
+            assert out.token_ids == greedy.token_ids, kwargs
 
 
 def test_jury_distribution_veto_renormalises_on_the_allowed_set():

@@ -32,6 +32,17 @@ def check_veto_threshold(tau: float | None) -> float | None:
     return tau
 
 
+# beta scales the verifiers' summed logits (over T): bounded so that with T >= MIN_TEMPERATURE the product stays
+# far inside float32 (an infinite beta made every score inf or NaN and every decision a resample of token 0).
+MAX_BETA = 100.0
+
+
+def check_beta(beta: float) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 < beta <= MAX_BETA:
+        raise ValueError(f"beta must be a number in (0, {MAX_BETA:g}], got {beta!r}")
+    return float(beta)
+
+
 def veto_mask(verifier_logits: torch.Tensor, veto_threshold: float) -> torch.Tensor:
     """(positions, vocab) bool: tokens every verifier gives probability >= tau under its own untempered softmax."""
     return (torch.softmax(verifier_logits.float(), dim=-1) >= veto_threshold).all(dim=0)

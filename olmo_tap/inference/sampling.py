@@ -72,13 +72,25 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+# A sampling temperature is 0 (greedy) or within these bounds. Below the lowest, logits / T leave float32's range
+# (1e-300 is 0 in float32: every score became NaN and every token id 0, silently); the distribution there is
+# argmax's to within float32 anyway. Above the highest, a 30-nat spread of logits is flattened under 0.3 nats:
+# noise, not a choice of words.
+MIN_TEMPERATURE = 1e-4
+MAX_TEMPERATURE = 100.0
+
+
 def check_temperature(temperature: float | None) -> float:
-    """None or 0 mean greedy (returned as 0.0); negative temperatures are an error."""
+    """None or 0 mean greedy (returned as 0.0); else a number in [MIN_TEMPERATURE, MAX_TEMPERATURE]."""
     if temperature is None:
         return 0.0
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+        raise ValueError(f"temperature must be a number, got {temperature!r}")
     temperature = float(temperature)
-    if temperature < 0 or temperature != temperature:
-        raise ValueError(f"temperature must be >= 0 (0 or None for greedy), got {temperature}")
+    if temperature != 0 and not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        raise ValueError(
+            f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g}, got {temperature}"
+        )
     return temperature
 
 

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from olmo_tap.inference.jury import check_veto_threshold
+from olmo_tap.inference.jury import check_beta, check_veto_threshold
 from olmo_tap.inference.sampling import check_temperature
 
 Mode = Literal["poe", "naive", "single"]
@@ -65,9 +65,7 @@ class DecodeSettings:
             raise ValueError(f"gamma must be an integer >= 1, got {self.gamma!r}")
         if self.first_gamma is not None and not _is_int_at_least(self.first_gamma, 1):
             raise ValueError(f"first_gamma must be None or an integer >= 1, got {self.first_gamma!r}")
-        if not isinstance(self.beta, int | float) or not self.beta > 0:
-            raise ValueError(f"beta must be > 0, got {self.beta!r}")
-        object.__setattr__(self, "beta", float(self.beta))
+        object.__setattr__(self, "beta", check_beta(self.beta))
         object.__setattr__(self, "temperature", check_temperature(self.temperature))
         object.__setattr__(self, "veto_threshold", check_veto_threshold(self.veto_threshold))
         if not _is_int_at_least(self.max_new_tokens, 1):

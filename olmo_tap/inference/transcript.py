@@ -36,7 +36,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from olmo_tap.inference.jury import MAX_BETA
 from olmo_tap.inference.poe import PoEOutput
+from olmo_tap.inference.sampling import MAX_TEMPERATURE, MIN_TEMPERATURE
 from olmo_tap.inference.settings import MODES
 from olmo_tap.jsonl import read_json
 from olmo_tap.model.native_attention import TAKEN
@@ -163,8 +165,10 @@ def check_settings(settings: Any) -> dict[str, Any]:
     s = settings
     _check(s["mode"] in MODES, "mode", f"one of {MODES}", s["mode"])
     _check(_is_int(s["seed"]), "seed", "an integer", s["seed"])
-    _check(_is_number(s["temperature"]) and s["temperature"] >= 0, "temperature", "a number >= 0", s["temperature"])
-    _check(_is_number(s["beta"]) and s["beta"] > 0, "beta", "a number > 0", s["beta"])
+    T = s["temperature"]
+    sampled = f"0 or a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]"
+    _check(_is_number(T) and (T == 0 or MIN_TEMPERATURE <= T <= MAX_TEMPERATURE), "temperature", sampled, T)
+    _check(_is_number(s["beta"]) and 0 < s["beta"] <= MAX_BETA, "beta", f"a number in (0, {MAX_BETA:g}]", s["beta"])
     tau = s["veto_threshold"]
     _check(tau is None or (_is_number(tau) and 0 <= tau < 1), "veto_threshold", "null or a number in [0, 1)", tau)
     _check(_is_int(s["n_llm_heads"]) and s["n_llm_heads"] >= 1, "n_llm_heads", "an integer >= 1", s["n_llm_heads"])

@@ -16,7 +16,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from olmo_tap.inference.jury import MAX_BETA
 from olmo_tap.inference.prompts import not_unicode
+from olmo_tap.inference.sampling import check_temperature
 
 MAX_SEED = 2**63 - 1
 MAX_VERIFY_SEQUENCES = 64  # per /v1/verify request: one long request must not hold the worker for long
@@ -123,7 +125,7 @@ class ChatCompletionRequest(RequestModel):
     # olmo-tap's decoding settings.
     mode: Literal["poe", "naive", "single"] = "poe"
     gamma: int = Field(default=4, ge=1, le=64)
-    beta: float = Field(default=1.0, gt=0, le=100)
+    beta: float = Field(default=1.0, gt=0, le=MAX_BETA)
     veto_threshold: float | None = Field(default=None, ge=0, lt=1)
     draft_head: int | None = Field(default=None, ge=0)
     mcq: bool = False  # a multiple-choice question: report the uncertainty head's p(correct) (= certainty "mcq")
@@ -135,6 +137,11 @@ class ChatCompletionRequest(RequestModel):
     # to the question (3 more answers, decoded in the same batch: about 3 times a plain completion's work), and how
     # many of them flip it. Strictly true or false: a probe that costs that much is asked for in so many words.
     robustness: bool = Field(default=False, strict=True)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, temperature: float | None) -> float | None:
+        return None if temperature is None else check_temperature(temperature)
 
     @field_validator("messages")
     @classmethod
@@ -221,6 +228,11 @@ class VerifyRequest(VerdictOptions):
     def n_tokens(self) -> int:
         """Prompt + output tokens over all sequences: the work the request asks for (the server caps it)."""
         return sum(len(s.prompt_token_ids) + len(s.output_token_ids) for s in self.outputs)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, temperature: float) -> float:
+        return check_temperature(temperature)
 
 
 class AuditRequest(VerdictOptions):
