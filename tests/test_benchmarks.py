@@ -184,6 +184,8 @@ def test_precedence_file_then_quick_then_flags(tmp_path):
         ({"gammas": "4"}, "gammas must be a list of integers"),
         ({"samplings": ["beam"]}, "samplings must be distinct values"),
         ({"temperature": 0}, "temperature must be a number > 0"),
+        ({"temperature": 1e-300}, r"temperature must be 0 \(greedy\) or between 0.0001 and 100, got 1e-300"),
+        ({"beta": 1e9}, r"beta must be a number in \(0, 100\]"),
         ({"gen_length": 1}, "gen_length must be an integer >= 2"),
         ({"heads": 1}, "heads must be an integer >= 2"),
         ({"dtype": "float8"}, "dtype: unknown dtype 'float8'"),

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from olmo_tap.inference.jury import check_beta
+from olmo_tap.inference.sampling import check_temperature
 from olmo_tap.jsonl import read_json
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("config.json")
@@ -139,6 +141,14 @@ def _int_list(name: str, value: Any, low: int, allow_empty: bool) -> None:
         raise ValueError(f"benchmark config: {name} has duplicates: {value}")
 
 
+def _decoder_rule(check: Any, value: Any) -> None:
+    """The decoder's own rule for a setting (its bounds), reported as the config's."""
+    try:
+        check(value)
+    except ValueError as e:
+        raise ValueError(f"benchmark config: {e}") from None
+
+
 def _dtype_name(name: str, value: Any) -> None:
     from olmo_tap.weights.loading import resolve_dtype
 
@@ -182,7 +192,8 @@ def validate(config: BenchConfig) -> None:
         raise ValueError(f"benchmark config: samplings must be distinct values of {SAMPLINGS}, got {config.samplings}")
     if "sampled" in config.samplings:
         _number_at_least("temperature", config.temperature, 0.0, strict=True)
-    _number_at_least("beta", config.beta, 0.0, strict=True)
+        _decoder_rule(check_temperature, config.temperature)
+    _decoder_rule(check_beta, config.beta)
     _int_at_least("draft_head", config.draft_head, 0, optional=True)
     _int_at_least("seed", config.seed, 0)
     from olmo_tap.quant.model import QUANTIZE_CHOICES
