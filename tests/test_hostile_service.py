@@ -443,6 +443,26 @@ def test_a_temperature_that_float32_cannot_hold_is_refused_not_decoded(tiny):
         assert "setting 'temperature' must be 0 or a number in [0.0001, 100], got 1e-300" in error["message"]
 
 
+def test_serve_refuses_an_address_it_cannot_listen_on_before_loading_the_model(capsys, monkeypatch):
+    """A port in use used to fail after the model's load, as an internal error (exit 3) after a 'ready' line."""
+    import socket
+
+    def no_model(args):
+        raise AssertionError("the model was loaded before the address was checked")
+
+    monkeypatch.setattr(cli, "load_model_and_tokenizer", no_model)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["serve", "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in capsys.readouterr().err
+    assert cli.main(["serve", "--host", "192.0.2.1"]) == 2  # TEST-NET-1: no interface of this machine has it
+    assert "cannot listen on 192.0.2.1:8000: no interface of this machine has that address" in capsys.readouterr().err
+    assert cli.main(["serve", "--max-batch", "0"]) == 2
+    assert "server setting max_batch must be an integer in [1, 256], got 0" in capsys.readouterr().err
+
+
 def test_a_prompt_that_is_not_utf8_is_a_clear_error():
     from olmo_tap.inference.prompts import normalise_messages, not_unicode
 

@@ -7,7 +7,9 @@ container or a service manager can configure the server without a command line.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -159,6 +161,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Before the model loads: a bad key should cost a second, not a model load.
         signing_key = load_private_key(config.signing_key)
         print(f"olmo-tap serve: signing transcripts as {key_fingerprint(signing_key.public_key())}", file=sys.stderr)
+    # Before the model loads too: a port in use or an address not this machine's fails in a second, not after a
+    # load (uvicorn then reported it as an internal error); the bound socket is the one uvicorn serves on.
+    sock = listening_socket(config.host, config.port)
     from olmo_tap.robustness.probe import resolve_bank
 
     # Before the model loads too: a malformed bank is a clear error in a second, not a server that fails later.
@@ -180,13 +185,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = on_passing_thread(load)
     for warning in exposure_warnings(config):
         print(f"olmo-tap serve: warning: {warning}", file=sys.stderr)
-    print(
-        f"olmo-tap serve: http://{config.host}:{config.port}/ (page), /v1 (OpenAI API); ready when /health says ok",
-        file=sys.stderr,
-    )
+    port = sock.getsockname()[1]  # the one the system chose for --port 0
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    ready = f"http://{host}:{port}/ (page), /v1 (OpenAI API); ready when /health says ok"
+    print(f"olmo-tap serve: {ready}", file=sys.stderr)
     # uvicorn's access log is replaced by the app's own lines, which carry request ids and timings.
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, access_log=False)
+    server_config = uvicorn.Config(app, host=config.host, port=port, log_level=config.log_level, access_log=False)
+    uvicorn.Server(server_config).run(sockets=[sock])
     return 0
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host``:``port`` as uvicorn binds one (IPv6 for an address with a colon, the address
+    reusable at once after a restart); ValueError naming the address and the reason when it cannot be."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except (OSError, OverflowError) as e:
+        sock.close()
+        why = {
+            errno.EADDRINUSE: "the port is in use (another server? choose another with --port)",
+            errno.EADDRNOTAVAIL: "no interface of this machine has that address (--host)",
+            errno.EACCES: "not permitted (ports below 1024 need privileges)",
+        }.get(getattr(e, "errno", None) or 0, getattr(e, "strerror", None) or str(e))
+        if isinstance(e, socket.gaierror):
+            why = f"cannot resolve the host name ({e.strerror})"
+        raise ValueError(f"cannot listen on {host}:{port}: {why}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def on_passing_thread(work: Callable[[], T]) -> T:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable
@@ -42,19 +43,19 @@ class ServeConfig:
     attack_bank: str | None = None
 
     def __post_init__(self) -> None:
-        checks = {
-            "port": 0 <= self.port <= 65535,
-            "queue_size": self.queue_size >= 0,
-            "max_batch": isinstance(self.max_batch, int) and 1 <= self.max_batch <= 256,
-            "request_timeout_s": self.request_timeout_s > 0,
-            "default_max_tokens": self.default_max_tokens >= 1,
-            "default_temperature": self.default_temperature >= 0,
-            "max_body_bytes": self.max_body_bytes >= 1,
-            "max_verify_tokens": self.max_verify_tokens >= 0,
+        checks = {  # name -> (valid, what is)
+            "port": (_is_int(self.port) and 0 <= self.port <= 65535, "an integer in [0, 65535] (0: any free port)"),
+            "queue_size": (_is_int(self.queue_size) and self.queue_size >= 0, "an integer >= 0"),
+            "max_batch": (_is_int(self.max_batch) and 1 <= self.max_batch <= 256, "an integer in [1, 256]"),
+            "request_timeout_s": (_is_number(self.request_timeout_s) and self.request_timeout_s > 0, "seconds > 0"),
+            "default_max_tokens": (_is_int(self.default_max_tokens) and self.default_max_tokens > 0, "an integer >= 1"),
+            "default_temperature": (_temperature_ok(self.default_temperature), "0 (greedy) or in [0.0001, 2]"),
+            "max_body_bytes": (_is_int(self.max_body_bytes) and self.max_body_bytes >= 1, "an integer >= 1"),
+            "max_verify_tokens": (_is_int(self.max_verify_tokens) and self.max_verify_tokens >= 0, "an integer >= 0"),
         }
-        for name, ok in checks.items():
+        for name, (ok, expected) in checks.items():
             if not ok:
-                raise ValueError(f"server setting {name} has an invalid value: {getattr(self, name)!r}")
+                raise ValueError(f"server setting {name} must be {expected}, got {getattr(self, name)!r}")
         if self.similarity not in SIMILARITY_NAMES and not self.similarity.startswith("nli:"):
             names = ", ".join(SIMILARITY_NAMES)
             raise ValueError(f"similarity {self.similarity!r}: one of {names}, or nli:<checkpoint>")
@@ -66,6 +67,24 @@ class ServeConfig:
             # A browser's Origin header is scheme://host[:port], never with a path: anything else never matches.
             if origin != "*" and not _ORIGIN.fullmatch(origin):
                 raise ValueError(f"CORS origin {origin!r}: give scheme://host[:port] (no path), or '*'")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _temperature_ok(value: Any) -> bool:
+    """A request's temperature rule (``check_temperature``) within the API's [0, 2]."""
+    from olmo_tap.inference.sampling import check_temperature  # imports torch: only when a server is configured
+
+    try:
+        return check_temperature(value) <= 2
+    except ValueError:
+        return False
 
 
 WILDCARD_BINDS = ("0.0.0.0", "::", "")  # --host values that listen on every interface
