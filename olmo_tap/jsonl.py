@@ -9,6 +9,16 @@ from pathlib import Path
 from typing import Any
 
 
+def is_int(value: Any) -> bool:
+    """A JSON integer (``true`` and ``false`` are Python ints too, and are not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """A JSON number that is neither NaN nor infinite (nor a boolean)."""
+    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
 class DuplicateKeyError(ValueError):
     """A JSON object names one key twice. Parsers differ on which value counts (Python's and JavaScript's take the
     last, others the first), so a transcript holding one could be audited as one text and read as another."""

@@ -8,13 +8,14 @@ impossible values raise ``ValueError`` naming the key.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from olmo_tap.inference.jury import check_beta
 from olmo_tap.inference.sampling import check_temperature
-from olmo_tap.jsonl import read_json
+from olmo_tap.jsonl import is_int, read_json
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("config.json")
 SAMPLINGS = ("greedy", "sampled")
@@ -108,10 +109,6 @@ def load_config(
     return config
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -119,7 +116,7 @@ def _is_number(value: Any) -> bool:
 def _int_at_least(name: str, value: Any, low: int, optional: bool = False) -> None:
     if optional and value is None:
         return
-    if not _is_int(value) or value < low:
+    if not is_int(value) or value < low:
         raise ValueError(f"benchmark config: {name} must be an integer >= {low}, got {value!r}")
 
 
@@ -130,7 +127,7 @@ def _number_at_least(name: str, value: Any, low: float, strict: bool = False) ->
 
 
 def _int_list(name: str, value: Any, low: int, allow_empty: bool) -> None:
-    if not isinstance(value, list) or not all(_is_int(v) for v in value):
+    if not isinstance(value, list) or not all(is_int(v) for v in value):
         raise ValueError(f"benchmark config: {name} must be a list of integers, got {value!r}")
     if not value and not allow_empty:
         raise ValueError(f"benchmark config: {name} is empty; give at least one value >= {low}")
@@ -141,7 +138,7 @@ def _int_list(name: str, value: Any, low: int, allow_empty: bool) -> None:
         raise ValueError(f"benchmark config: {name} has duplicates: {value}")
 
 
-def _decoder_rule(check: Any, value: Any) -> None:
+def _decoder_rule(check: Callable[[Any], Any], value: Any) -> None:
     """The decoder's own rule for a setting (its bounds), reported as the config's."""
     try:
         check(value)

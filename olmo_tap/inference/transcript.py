@@ -31,16 +31,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from olmo_tap.inference.jury import MAX_BETA
+from olmo_tap.inference.jury import MAX_BETA, check_beta
 from olmo_tap.inference.poe import PoEOutput
-from olmo_tap.inference.sampling import MAX_TEMPERATURE, MIN_TEMPERATURE
+from olmo_tap.inference.sampling import MAX_TEMPERATURE, MIN_TEMPERATURE, check_temperature
 from olmo_tap.inference.settings import MODES
-from olmo_tap.jsonl import read_json
+from olmo_tap.jsonl import is_finite_number, is_int, read_json
 from olmo_tap.model.native_attention import TAKEN
 from olmo_tap.model.native_linear import RECORDED as LINEAR_ROUTES
 from olmo_tap.model.native_norm import TAKEN as NORM_ROUTES
@@ -136,18 +135,19 @@ def save_transcript(
 # ----- validation: a transcript is untrusted input ------------------------------------------------------------
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-
-
 def _id_list(value: Any, name: str) -> list[int]:
-    if not isinstance(value, list) or not all(_is_int(i) for i in value):
+    if not isinstance(value, list) or not all(is_int(i) for i in value):
         raise ValueError(f"transcript field {name!r} must be a list of integer token ids")
     return value
+
+
+def _passes(check: Callable[[Any], Any], value: Any) -> bool:
+    """Whether the decoder's own rule (``check_temperature``, ``check_beta``) takes ``value``."""
+    try:
+        check(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _check(ok: bool, name: str, expected: str, value: Any) -> None:
@@ -164,14 +164,13 @@ def check_settings(settings: Any) -> dict[str, Any]:
         raise ValueError(f"transcript settings lack {', '.join(missing)}")
     s = settings
     _check(s["mode"] in MODES, "mode", f"one of {MODES}", s["mode"])
-    _check(_is_int(s["seed"]), "seed", "an integer", s["seed"])
-    T = s["temperature"]
+    _check(is_int(s["seed"]), "seed", "an integer", s["seed"])
     sampled = f"0 or a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]"
-    _check(_is_number(T) and (T == 0 or MIN_TEMPERATURE <= T <= MAX_TEMPERATURE), "temperature", sampled, T)
-    _check(_is_number(s["beta"]) and 0 < s["beta"] <= MAX_BETA, "beta", f"a number in (0, {MAX_BETA:g}]", s["beta"])
+    _check(_passes(check_temperature, s["temperature"]), "temperature", sampled, s["temperature"])
+    _check(_passes(check_beta, s["beta"]), "beta", f"a number in (0, {MAX_BETA:g}]", s["beta"])
     tau = s["veto_threshold"]
-    _check(tau is None or (_is_number(tau) and 0 <= tau < 1), "veto_threshold", "null or a number in [0, 1)", tau)
-    _check(_is_int(s["n_llm_heads"]) and s["n_llm_heads"] >= 1, "n_llm_heads", "an integer >= 1", s["n_llm_heads"])
+    _check(tau is None or (is_finite_number(tau) and 0 <= tau < 1), "veto_threshold", "null or a number in [0, 1)", tau)
+    _check(is_int(s["n_llm_heads"]) and s["n_llm_heads"] >= 1, "n_llm_heads", "an integer >= 1", s["n_llm_heads"])
     if s["mode"] == "poe":
         _check(
             s["n_llm_heads"] >= 2, "n_llm_heads", "at least 2 for PoE (one drafts, the rest verify)", s["n_llm_heads"]
@@ -180,12 +179,12 @@ def check_settings(settings: Any) -> dict[str, Any]:
     if s["mode"] == "naive":
         _check(head is None, "draft_head", "null for naive averaging (every head decides)", head)
     else:
-        ok = _is_int(head) and 0 <= head < s["n_llm_heads"]
+        ok = is_int(head) and 0 <= head < s["n_llm_heads"]
         _check(ok, "draft_head", f"a head index in [0, {s['n_llm_heads']})", head)
     for name in ("gamma", "first_gamma", "max_new_tokens", "vocab_limit", "n_heads", "heads_depth", "threads"):
         if s.get(name) is not None:
             low, high = (0 if name == "heads_depth" else 1), LIMITS.get(name)
-            ok = _is_int(s[name]) and s[name] >= low and (high is None or s[name] <= high)
+            ok = is_int(s[name]) and s[name] >= low and (high is None or s[name] <= high)
             _check(ok, name, f"an integer in [{low}, {high}]" if high else f"an integer >= {low}", s[name])
     # the audit builds a Hydra of this split before anything else: bound it before any memory is allocated
     _check(s["n_llm_heads"] <= LIMITS["n_heads"], "n_llm_heads", f"at most {LIMITS['n_heads']}", s["n_llm_heads"])
@@ -214,7 +213,7 @@ def check_settings(settings: Any) -> dict[str, Any]:
     if s.get("ignore_eos") and s.get("stop_ids"):  # running on past end-of-text records no stop ids
         _check(False, "ignore_eos", f"false with stop_ids {s['stop_ids']!r}", s["ignore_eos"])
     top = s.get("top_logprobs")
-    _check(top is None or (_is_int(top) and 0 <= top <= 20), "top_logprobs", "null or an integer in [0, 20]", top)
+    _check(top is None or (is_int(top) and 0 <= top <= 20), "top_logprobs", "null or an integer in [0, 20]", top)
     question = s.get("question")
     _check(question is None or isinstance(question, str), "question", "null or a string", question)
     if s.get("mcq") and question is None:
@@ -243,7 +242,7 @@ def _requirement(field: str) -> Callable[[bool, str, str], None]:
 def _check_side_answer(need: Callable[[bool, str, str], None], answer: Any, where: str, field: str) -> None:
     """What every replayable extra answer (a KLE sample, an attacked answer) records: its draft head and its path."""
     need(isinstance(answer, dict), where, "an object")
-    need(_is_int(answer.get("draft_head")) or answer.get("draft_head") is None, f"{where}.draft_head",
+    need(is_int(answer.get("draft_head")) or answer.get("draft_head") is None, f"{where}.draft_head",
          "an integer or null")  # fmt: skip
     for name in ("token_ids", "resampled_idxs", "original_token_ids"):
         _id_list(answer.get(name), f"{field}.{where}.{name}")
@@ -264,7 +263,7 @@ def check_certainty(record: Any) -> dict[str, Any]:
     )
     for i, sample in enumerate(samples):
         _check_side_answer(need, sample, f"samples[{i}]", "certainty")
-        need(_is_int(sample.get("seed")) and sample["seed"] >= 0, f"samples[{i}].seed", "an integer >= 0")
+        need(is_int(sample.get("seed")) and sample["seed"] >= 0, f"samples[{i}].seed", "an integer >= 0")
         need(isinstance(sample.get("text", ""), str), f"samples[{i}].text", "a string")
     n = len(samples)
     need(record.get("n_samples") == n, "n_samples", f"the number of samples ({n})")
@@ -272,12 +271,12 @@ def check_certainty(record: Any) -> dict[str, Any]:
     need(
         isinstance(matrix, list)
         and len(matrix) == n
-        and all(isinstance(row, list) and len(row) == n and all(_is_number(x) for x in row) for row in matrix),
+        and all(isinstance(row, list) and len(row) == n and all(is_finite_number(x) for x in row) for row in matrix),
         "matrix",
         f"a {n} x {n} matrix of finite numbers",
     )
     for name in ("value", "entropy", "kernel_t", "temperature"):
-        need(_is_number(record.get(name)), name, "a finite number")
+        need(is_finite_number(record.get(name)), name, "a finite number")
     need(isinstance(record.get("similarity"), str), "similarity", "a string")
     need(isinstance(record.get("question"), str), "question", "a string")
     need(isinstance(record.get("sample_settings"), dict), "sample_settings", "an object")
@@ -313,15 +312,15 @@ def check_robustness(record: Any) -> dict[str, Any]:
         need(isinstance(attack.get("answer"), str), f"attacks[{i}].answer", "a string")
         need(isinstance(attack.get("flipped"), bool), f"attacks[{i}].flipped", "true or false")
         similarity = attack.get("similarity")
-        need(similarity is None or _is_number(similarity), f"attacks[{i}].similarity", "a finite number or null")
+        need(similarity is None or is_finite_number(similarity), f"attacks[{i}].similarity", "a finite number or null")
         choice = attack.get("choice")
         need(choice is None or isinstance(choice, str), f"attacks[{i}].choice", "a string or null")
     need(record.get("attempts") == len(attacks), "attempts", f"the number of attacks ({len(attacks)})")
     for name in ("flips", "flipped"):
-        need(_is_int(record.get(name)) and 0 <= record[name] <= len(attacks), name, "an integer in [0, attempts]")
+        need(is_int(record.get(name)) and 0 <= record[name] <= len(attacks), name, "an integer in [0, attempts]")
     for name in ("value", "threshold"):
-        need(_is_number(record.get(name)), name, "a finite number")
-    need(_is_int(record.get("seed")) and record["seed"] >= 0, "seed", "an integer >= 0")
+        need(is_finite_number(record.get(name)), name, "a finite number")
+    need(is_int(record.get("seed")) and record["seed"] >= 0, "seed", "an integer >= 0")
     need(isinstance(record.get("similarity"), str), "similarity", "a string")
     need(record.get("clean_choice") is None or isinstance(record["clean_choice"], str), "clean_choice",
          "a string or null")  # fmt: skip
@@ -362,7 +361,7 @@ def check_transcript(data: Any) -> dict[str, Any]:
         raise ValueError("transcript field 'output' must be an object")
     for name, kind in OUTPUT_LISTS.items():
         value = output.get(name, [])
-        ok = _is_int if kind is int else _is_number if kind is float else (lambda v: isinstance(v, str))
+        ok = is_int if kind is int else is_finite_number if kind is float else (lambda v: isinstance(v, str))
         if not isinstance(value, list) or not all(ok(v) for v in value):
             raise ValueError(f"transcript field 'output.{name}' must be a list of {kind.__name__} values")
     if data.get("certainty") is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Callable
@@ -10,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from olmo_tap.certainty.names import DEFAULT_SIMILARITY, SIMILARITY_NAMES
+from olmo_tap.jsonl import is_finite_number, is_int
 
 ENV_PREFIX = "OLMO_TAP_SERVE_"
 
@@ -43,15 +43,23 @@ class ServeConfig:
     attack_bank: str | None = None
 
     def __post_init__(self) -> None:
+        from olmo_tap.inference.sampling import MIN_TEMPERATURE  # imports torch: only when a server is configured
+
         checks = {  # name -> (valid, what is)
-            "port": (_is_int(self.port) and 0 <= self.port <= 65535, "an integer in [0, 65535] (0: any free port)"),
-            "queue_size": (_is_int(self.queue_size) and self.queue_size >= 0, "an integer >= 0"),
-            "max_batch": (_is_int(self.max_batch) and 1 <= self.max_batch <= 256, "an integer in [1, 256]"),
-            "request_timeout_s": (_is_number(self.request_timeout_s) and self.request_timeout_s > 0, "seconds > 0"),
-            "default_max_tokens": (_is_int(self.default_max_tokens) and self.default_max_tokens > 0, "an integer >= 1"),
-            "default_temperature": (_temperature_ok(self.default_temperature), "0 (greedy) or in [0.0001, 2]"),
-            "max_body_bytes": (_is_int(self.max_body_bytes) and self.max_body_bytes >= 1, "an integer >= 1"),
-            "max_verify_tokens": (_is_int(self.max_verify_tokens) and self.max_verify_tokens >= 0, "an integer >= 0"),
+            "port": (is_int(self.port) and 0 <= self.port <= 65535, "an integer in [0, 65535] (0: any free port)"),
+            "queue_size": (is_int(self.queue_size) and self.queue_size >= 0, "an integer >= 0"),
+            "max_batch": (is_int(self.max_batch) and 1 <= self.max_batch <= 256, "an integer in [1, 256]"),
+            "request_timeout_s": (
+                is_finite_number(self.request_timeout_s) and self.request_timeout_s > 0,
+                "seconds > 0",
+            ),
+            "default_max_tokens": (is_int(self.default_max_tokens) and self.default_max_tokens > 0, "an integer >= 1"),
+            "default_temperature": (
+                _temperature_ok(self.default_temperature),
+                f"0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_API_TEMPERATURE:g}]",
+            ),
+            "max_body_bytes": (is_int(self.max_body_bytes) and self.max_body_bytes >= 1, "an integer >= 1"),
+            "max_verify_tokens": (is_int(self.max_verify_tokens) and self.max_verify_tokens >= 0, "an integer >= 0"),
         }
         for name, (ok, expected) in checks.items():
             if not ok:
@@ -69,20 +77,15 @@ class ServeConfig:
                 raise ValueError(f"CORS origin {origin!r}: give scheme://host[:port] (no path), or '*'")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+MAX_API_TEMPERATURE = 2.0  # OpenAI's bound on a request's temperature, which the service keeps
 
 
 def _temperature_ok(value: Any) -> bool:
-    """A request's temperature rule (``check_temperature``) within the API's [0, 2]."""
-    from olmo_tap.inference.sampling import check_temperature  # imports torch: only when a server is configured
+    """The decoder's temperature rule (``check_temperature``) within the API's bound."""
+    from olmo_tap.inference.sampling import check_temperature
 
     try:
-        return check_temperature(value) <= 2
+        return check_temperature(value) <= MAX_API_TEMPERATURE
     except ValueError:
         return False
 

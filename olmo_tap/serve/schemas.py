@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from olmo_tap.inference.jury import MAX_BETA
 from olmo_tap.inference.prompts import not_unicode
 from olmo_tap.inference.sampling import check_temperature
+from olmo_tap.serve.config import MAX_API_TEMPERATURE
 
 MAX_SEED = 2**63 - 1
 MAX_VERIFY_SEQUENCES = 64  # per /v1/verify request: one long request must not hold the worker for long
@@ -101,7 +102,7 @@ class ChatCompletionRequest(RequestModel):
 
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
+    temperature: float | None = Field(default=None, ge=0, le=MAX_API_TEMPERATURE)
     top_p: float | None = Field(default=None, gt=0, le=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -213,7 +214,7 @@ class VerifyRequest(VerdictOptions):
     """POST /v1/verify: token-difr's ``verify_outputs`` against the served model, with a verdict."""
 
     outputs: list[TokenSequenceBody] = Field(min_length=1, max_length=MAX_VERIFY_SEQUENCES)
-    temperature: float = Field(ge=0, le=2)
+    temperature: float = Field(ge=0, le=MAX_API_TEMPERATURE)
     top_k: int = 0
     top_p: float = Field(default=1.0, gt=0, le=1)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
