@@ -19,8 +19,8 @@ from olmo_tap.quant.gguf import KEPT_TYPES, quantized_from_gguf
 from olmo_tap.quant.model import quantize_model, quantized_bytes
 from olmo_tap.quant.weights import QuantizedStack, QuantizedWeight, quantize
 from olmo_tap.weights.errors import WeightsError
-from olmo_tap.weights.gguf import _BLOCK_NAMES
-from tests.test_weights_io import hf_state
+from olmo_tap.weights.gguf import ARCHITECTURES
+from tests.test_weights_io import BYTE_LEVEL_VOCAB, add_byte_level_tokenizer, hf_state
 from tests.tiny import LetterTokenizer, tiny_hydra
 
 BLOCK = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q4_K": (256, 144), "Q6_K": (256, 210), "Q5_0": (32, 22)}
@@ -50,29 +50,35 @@ def random_blocks(type_name: str, rows: int, cols: int, rng: np.random.Generator
     return blocks.reshape(rows, -1)
 
 
-def write_gguf(path: Path, model: transformers.LlamaForCausalLM, linear_type: str, embed_type: str = "Q8_0") -> None:
-    """A llama GGUF of ``model``'s config whose linear layers are random ``linear_type`` blocks (the embedding
-    ``embed_type``), norms float: the file defines the weights, as a real quantized file does."""
+def write_gguf(
+    path: Path, model: transformers.PreTrainedModel, linear_type: str, embed_type: str = "Q8_0", tokenizer: bool = False
+) -> None:
+    """A GGUF of ``model``'s config and architecture (llama or olmo2) whose linear layers are random ``linear_type``
+    blocks (the vocabulary tables ``embed_type``), norms float: the file defines the weights, as a real quantized
+    file does. ``tokenizer``: a byte-level one, for engines that need one (the model has ``BYTE_LEVEL_VOCAB`` rows)."""
     import gguf
 
     c = model.config
     rng = np.random.default_rng(0)
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), c.model_type)
     writer.add_block_count(c.num_hidden_layers)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
     writer.add_feed_forward_length(c.intermediate_size)
     writer.add_head_count(c.num_attention_heads)
     writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    names = {hf: name for name, hf in _BLOCK_NAMES.items()}  # the loader's own mapping, inverted
+    if tokenizer:
+        assert c.vocab_size == BYTE_LEVEL_VOCAB
+        add_byte_level_tokenizer(writer)
+    names = {hf: name for name, hf in ARCHITECTURES[c.model_type].block_names.items()}  # the loader's, inverted
     for name, tensor in hf_state(model).items():
         if name == "model.norm.weight":
             writer.add_tensor("output_norm.weight", tensor.numpy().astype(np.float32))
             continue
-        if name == "model.embed_tokens.weight":
-            gguf_name, qtype = "token_embd.weight", embed_type
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            gguf_name, qtype = {"model.embed_tokens.weight": "token_embd.weight"}.get(name, "output.weight"), embed_type
         else:
             _, _, layer, rest = name.split(".", 3)
             module = rest.removesuffix(".weight")
@@ -96,6 +102,20 @@ def tiny_llama(hidden: int = 256, ffn: int = 512) -> transformers.LlamaForCausal
         intermediate_size=ffn, max_position_embeddings=128, tie_word_embeddings=True, rope_theta=10000.0,
     )  # fmt: skip
     return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_olmo2(hidden: int = 256, ffn: int = 512, vocab_size: int = 64) -> transformers.Olmo2ForCausalLM:
+    """OLMo-2's layout (post-sublayer norms, QK-norm over the whole projections, untied lm_head), with grouped
+    keys and values so that k_norm's width differs from q_norm's."""
+    torch.manual_seed(0)
+    config = transformers.Olmo2Config(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=ffn, max_position_embeddings=128, tie_word_embeddings=False, rope_theta=500000.0,
+    )  # fmt: skip
+    return transformers.Olmo2ForCausalLM(config).eval()
+
+
+TINY_MODELS = {"llama": tiny_llama, "olmo2": tiny_olmo2}
 
 
 def hydra_from_gguf(path: Path) -> HydraTransformer:
@@ -412,13 +432,15 @@ def test_native_kernel_refuses_bad_input_by_name() -> None:
 # ----- whole models -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("arch", sorted(TINY_MODELS))
 @pytest.mark.parametrize("type_name", KEPT_TYPES)
-def test_gguf_model_logits_against_independent_dequantization(tmp_path: Path, type_name: str) -> None:
+def test_gguf_model_logits_against_independent_dequantization(tmp_path: Path, type_name: str, arch: str) -> None:
     """A Hydra holding a GGUF file's own blocks gives the logits of the float model that the gguf package's
     dequantization of the same file defines (float load, then transformers on the same tensors), within fp32
-    rounding; its weights take a fraction of the float model's bytes."""
+    rounding; its weights take a fraction of the float model's bytes. For a llama file and an olmo2 one."""
     path = tmp_path / f"tiny-{type_name}.gguf"
-    write_gguf(path, tiny_llama(), type_name)
+    tiny = TINY_MODELS[arch]
+    write_gguf(path, tiny(), type_name)
     ids = torch.tensor([[1, 5, 9, 2, 33, 7, 60, 4]])
     float_model, quant = hydra_from_gguf(path), quantize_model(hydra_from_gguf(path), "gguf", path)
     assert quant.quantization == f"gguf ({', '.join(sorted({type_name, 'Q8_0'}))})"
@@ -439,8 +461,8 @@ def test_gguf_model_logits_against_independent_dequantization(tmp_path: Path, ty
     from olmo_tap.weights.gguf import read_gguf
 
     _, state = read_gguf(path)
-    ref = tiny_llama()
-    ref.load_state_dict({**state, "lm_head.weight": state["model.embed_tokens.weight"]})
+    ref = tiny()
+    ref.load_state_dict({"lm_head.weight": state["model.embed_tokens.weight"], **state})
     torch.testing.assert_close(got[0], ref(ids).logits.detach(), rtol=1e-4, atol=1e-4)
     assert quantized_bytes(quant) < 0.4 * sum(p.numel() * 4 for p in float_model.parameters())
     assert all(p.device.type == "meta" for n, p in quant.named_parameters() if n.endswith(("wqkv", "w13", "lm_head")))
@@ -709,6 +731,33 @@ def test_the_quantized_default_keeps_within_three_times_its_file() -> None:
     added_mb = row["peak_rss_mb"]["decode"] - row["peak_rss_mb"]["import torch"]
     budget_mb = (3 * embedded_gguf_path(PRESETS["smollm2-135m-instruct"]).stat().st_size + row["kv_bytes"]) / 2**20
     assert added_mb <= budget_mb, f"{added_mb:.0f} MB above torch, budget {budget_mb:.0f} MB"
+
+
+@pytest.mark.parametrize("linear_type", ["Q8_0", "Q4_K", "Q6_K"])
+def test_olmo2_gguf_logits_agree_with_llama_cpp_on_the_same_file(tmp_path: Path, linear_type: str) -> None:
+    """An outside engine on an OLMo-2 file (only where llama-cpp-python is installed): llama.cpp runs an olmo2 GGUF
+    with its own reading of the architecture (its NEOX rotary on HF's q/k row order, QK-norm over the whole
+    projections, post-sublayer norms), and olmo-tap's exact-weights route gives its logits to within llama.cpp's
+    own rounding (8-bit activations for the quantized products, an f16 KV cache): measured 0.25-0.34% of the
+    largest logit on average, and 1.0-7.3% with the q/k rows reordered as for a llama file (the misreading this
+    catches; transformers cannot load an olmo2 GGUF, so llama.cpp is the only outside reader of this layout)."""
+    pytest.importorskip("llama_cpp")
+    from olmo_tap.benchmarks import llama_cpp_logits as ref
+    from olmo_tap.benchmarks.llama_cpp_reference import available
+
+    path = tmp_path / f"olmo2-{linear_type}.gguf"
+    write_gguf(path, tiny_olmo2(vocab_size=BYTE_LEVEL_VOCAB), linear_type, tokenizer=True)
+    if why := available(path, torch.get_num_threads()):
+        pytest.skip(why)
+    ids = [257, 72, 101, 108, 108, 111, 256, 104, 101, 114, 101, 33, 10, 60, 62, 70]
+    theirs = ref.llama_cpp_logits(path, ids, torch.get_num_threads())
+    model = quantize_model(hydra_from_gguf(path), "gguf", path)
+    with qlinear.route_as("dequantize"):
+        ours = ref.olmo_tap_logits(model, ids, theirs.shape[1])
+    scale = np.abs(theirs).max()
+    assert np.abs(ours - theirs).mean() <= 0.006 * scale, (np.abs(ours - theirs).mean(), scale)
+    figures = ref.compare(ours, theirs)
+    assert figures["greedy_agree_decided"] == 1.0, figures
 
 
 def test_native_gguf_logits_agree_with_llama_cpp_on_the_same_file() -> None:

@@ -8,6 +8,7 @@ import socket
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from safetensors.torch import save_file
 from olmo_tap.model.config import ConfigError, TransformerConfig
 from olmo_tap.weights import presets
 from olmo_tap.weights.errors import WeightsError
-from olmo_tap.weights.gguf import read_gguf, unpermute_rope_rows
+from olmo_tap.weights.gguf import ARCHITECTURES, read_gguf, unpermute_rope_rows
 from olmo_tap.weights.hf import (
     config_from_hf,
     config_to_hf,
@@ -35,10 +36,10 @@ transformers = pytest.importorskip("transformers")
 # ----- tiny random transformers models --------------------------------------------------------------------------------
 
 
-def tiny_model(family: str, tied: bool = False, seed: int = 0) -> torch.nn.Module:
+def tiny_model(family: str, tied: bool = False, seed: int = 0, vocab_size: int = 96) -> torch.nn.Module:
     torch.manual_seed(seed)
     common = dict(
-        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
         max_position_embeddings=128, tie_word_embeddings=tied,
     )  # fmt: skip
     if family == "llama":
@@ -334,12 +335,36 @@ def llama_cpp_permute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     )
 
 
-def write_tiny_gguf(path: Path, model: torch.nn.Module, arch: str = "llama") -> None:
-    """A float32 GGUF of a tiny transformers Llama, written the way llama.cpp names and permutes tensors."""
+BYTE_LEVEL_SPECIALS = ("<|endoftext|>", "<|user|>")
+BYTE_LEVEL_VOCAB = 256 + 1 + len(BYTE_LEVEL_SPECIALS)
+
+
+def add_byte_level_tokenizer(writer: Any) -> None:
+    """A byte-level BPE vocabulary as llama.cpp writes a GPT-2-style tokenizer (the 256 byte symbols, the merge of
+    " t", two control tokens; ``BYTE_LEVEL_VOCAB`` ids, the first control token ending text) and a chat template."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tokens = [*bytes_to_unicode().values(), "\u0120t", *BYTE_LEVEL_SPECIALS]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * 257 + [3] * len(BYTE_LEVEL_SPECIALS))  # normal, then control
+    writer.add_token_merges(["\u0120 t"])
+    writer.add_bos_token_id(257)
+    writer.add_eos_token_id(257)
+    writer.add_chat_template(
+        "{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    )
+
+
+def write_tiny_gguf(path: Path, model: torch.nn.Module, arch: str | None = None, tokenizer: bool = False) -> None:
+    """A float32 GGUF of a tiny transformers Llama or OLMo-2, written the way llama.cpp's converter names (and, for
+    llama, permutes) tensors; ``arch`` overrides the architecture the file states. ``tokenizer``: a byte-level one
+    (``add_byte_level_tokenizer``); the model needs at least ``BYTE_LEVEL_VOCAB`` vocabulary rows for it."""
     import gguf
 
     c = model.config
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), arch or c.model_type)
     writer.add_block_count(c.num_hidden_layers)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
@@ -348,13 +373,14 @@ def write_tiny_gguf(path: Path, model: torch.nn.Module, arch: str = "llama") -> 
     writer.add_head_count_kv(c.num_key_value_heads)
     writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    names = {
-        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    }  # fmt: skip
+    if tokenizer:
+        assert c.vocab_size >= BYTE_LEVEL_VOCAB
+        add_byte_level_tokenizer(writer)
+    else:
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+    permuted = c.model_type == "llama"  # llama.cpp's converter reorders llama's q/k rows, not OLMo-2's
+    names = {hf: name for name, hf in ARCHITECTURES[c.model_type].block_names.items()}
     for name, tensor in hf_state(model).items():
         if name == "model.embed_tokens.weight":
             gguf_name = "token_embd.weight"
@@ -366,9 +392,9 @@ def write_tiny_gguf(path: Path, model: torch.nn.Module, arch: str = "llama") -> 
             _, _, layer, rest = name.split(".", 3)
             module = rest.removesuffix(".weight")
             gguf_name = f"blk.{layer}.{names[module]}.weight"
-            if module == "self_attn.q_proj":
+            if permuted and module == "self_attn.q_proj":
                 tensor = llama_cpp_permute(tensor, c.num_attention_heads)
-            elif module == "self_attn.k_proj":
+            elif permuted and module == "self_attn.k_proj":
                 tensor = llama_cpp_permute(tensor, c.num_key_value_heads)
         writer.add_tensor(gguf_name, tensor.detach().numpy().astype(np.float32))
     writer.write_header_to_file()
@@ -382,14 +408,42 @@ def test_unpermute_inverts_llama_cpp() -> None:
     assert torch.equal(unpermute_rope_rows(llama_cpp_permute(weight, 3), 3), weight)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_read_tiny_gguf(tmp_path: Path, tied: bool) -> None:
-    model = tiny_model("llama", tied)
+@pytest.mark.parametrize(("family", "tied"), [("llama", False), ("llama", True), ("olmo2", False)])
+def test_read_tiny_gguf(tmp_path: Path, family: str, tied: bool) -> None:
+    model = tiny_model(family, tied)
     write_tiny_gguf(tmp_path / "tiny.gguf", model)
     cfg, state = read_gguf(tmp_path / "tiny.gguf")
-    assert (cfg.tie_embeddings, cfg.n_kv_heads, cfg.rope_theta) == (tied, 2, 5000.0)
+    assert (cfg.family, cfg.tie_embeddings) == (family, tied)
+    assert (cfg.n_kv_heads, cfg.rope_theta) == (
+        model.config.num_key_value_heads,
+        model.config.rope_parameters["rope_theta"],
+    )
     assert (cfg.vocab_size, cfg.max_seq_len, cfg.bos_token_id, cfg.eos_token_id) == (96, 128, 1, 2)
+    assert cfg.norm_eps == pytest.approx(model.config.rms_norm_eps)
     assert_same_state(state, hf_state(model))
+
+
+def test_olmo2_gguf_runs_end_to_end_as_transformers_runs_its_checkpoint(tmp_path: Path) -> None:
+    """An OLMo-2 GGUF as llama.cpp's converter writes one (olmo2 names, q/k rows in HF's order, a byte-level
+    tokenizer) loads as a Hydra whose logits are transformers' Olmo2ForCausalLM's on the same weights, and its
+    tokenizer converts (transformers' AutoTokenizer refuses an olmo2 file: it builds a config it has no GGUF
+    mapping for)."""
+    from olmo_tap.weights.loading import load_hydra
+
+    model = tiny_model("olmo2", vocab_size=BYTE_LEVEL_VOCAB + 5)  # rows past the tokenizer's, as OLMo-2 pads
+    write_tiny_gguf(tmp_path / "olmo2.gguf", model, tokenizer=True)
+    hydra = load_hydra(str(tmp_path / "olmo2.gguf"), n_heads=2, heads_depth=1, progress=False)
+    assert hydra.base_config.family == "olmo2"
+    tokenizer = load_tokenizer(str(tmp_path / "olmo2.gguf"), progress=False)
+    text = "Héllo, the wörld!"
+    ids = tokenizer(text).input_ids
+    assert tokenizer.decode(ids) == text and len(ids) == len(text.encode()) - 1 and 256 in ids  # " t" merged
+    assert tokenizer.eos_token == "<|endoftext|>"
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        want = model(x).logits
+        for logits in hydra(x):  # each head: a copy of the last layer
+            torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_gguf_files(tmp_path: Path) -> None:
@@ -404,8 +458,36 @@ def test_bad_gguf_files(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match=r"cannot read GGUF file .*cut\.gguf"):
         read_gguf(tmp_path / "cut.gguf")
     write_tiny_gguf(tmp_path / "gpt2.gguf", tiny_model("llama"), arch="gpt2")
-    with pytest.raises(ConfigError, match=r"unsupported GGUF architecture 'gpt2'; supported: llama"):
+    with pytest.raises(ConfigError, match=r"unsupported GGUF architecture 'gpt2'; supported: llama, olmo2"):
         read_gguf(tmp_path / "gpt2.gguf")
+    # a llama file's norms stated as olmo2: llama's pre-norms are no tensors OLMo-2 has
+    write_tiny_gguf(tmp_path / "mixed.gguf", tiny_model("llama"), arch="olmo2")
+    with pytest.raises(WeightsError, match=r"tensors olmo-tap does not know: blk\.0\.attn_norm\.weight"):
+        read_gguf(tmp_path / "mixed.gguf")
+
+
+def test_olmo3_sliding_window_gguf_is_refused(tmp_path: Path) -> None:
+    """llama.cpp writes OLMo-3 as olmo2 plus a sliding window, which this model does not implement."""
+    import gguf
+
+    path = tmp_path / "olmo3.gguf"
+    write_tiny_gguf(path, tiny_model("olmo2"))
+    reader = gguf.GGUFReader(path)
+    writer = gguf.GGUFWriter(str(tmp_path / "olmo3-sw.gguf"), "olmo2")
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = field.contents()
+        writer.add_key_value(key, value, field.types[0], field.types[-1] if len(field.types) > 1 else None)
+    writer.add_sliding_window(4)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, np.asarray(tensor.data), raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ConfigError, match=r"sliding-window attention \(olmo2\.attention\.sliding_window\)"):
+        read_gguf(tmp_path / "olmo3-sw.gguf")
 
 
 def assert_header_matches_reader(path: Path) -> None:
@@ -629,12 +711,18 @@ def test_default_tokenizer_has_chat_template(default_cache: Path) -> None:
     assert tokenizer.decode(tokenizer(question)["input_ids"]) == question
 
 
-def test_default_tokenizer_is_autotokenizers(default_cache: Path) -> None:
-    """The conversion's tokenizer is loaded without AutoTokenizer's config detour, and is the very tokenizer
-    AutoTokenizer gives: same class, vocabulary, special tokens, chat template and encodings."""
+@pytest.mark.parametrize("auto_of", ["conversion", "gguf file"])
+def test_default_tokenizer_is_autotokenizers(default_cache: Path, smollm2_gguf: Path, auto_of: str) -> None:
+    """The conversion's tokenizer (converted without AutoTokenizer's config detour, and loaded without it) is the
+    very tokenizer AutoTokenizer gives, both from the saved conversion and from the GGUF file itself: same class,
+    vocabulary, special tokens, chat template and encodings."""
     from transformers import AutoTokenizer
 
-    ours, auto = load_tokenizer(DEFAULT_MODEL), AutoTokenizer.from_pretrained(str(default_cache))
+    ours = load_tokenizer(DEFAULT_MODEL)
+    if auto_of == "conversion":
+        auto = AutoTokenizer.from_pretrained(str(default_cache))
+    else:
+        auto = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
     assert type(ours) is type(auto)
     assert ours.get_vocab() == auto.get_vocab() and ours.all_special_tokens == auto.all_special_tokens
     assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (auto.bos_token_id, auto.eos_token_id,

@@ -49,7 +49,7 @@ def check_scheme(scheme: str) -> str:
 
 
 class _GGUFSource:
-    """The file's quantized tensors by HF name, decoded on first use (q/k rows back in HF's rotary order)."""
+    """The file's quantized tensors by HF name, decoded on first use (llama's q/k rows back in HF's rotary order)."""
 
     def __init__(self, path: str | Path) -> None:
         self.file = GGUFFile(path)
@@ -60,10 +60,9 @@ class _GGUFSource:
             if name not in self.file.tensors:
                 raise WeightsError(f"{self.file.source} has no tensor for {name}")
             qw = quantized_from_gguf(self.file.tensors[name], str(self.file.source))
-            heads = {"q_proj": self.file.config.n_heads, "k_proj": self.file.config.n_kv_heads}
-            kind = name.split(".")[-2]
-            if kind in heads:
-                qw = qw.select_rows(unpermute_rope_rows(torch.arange(qw.out_features), heads[kind]))
+            heads = self.file.rotary_heads(name)
+            if heads is not None:
+                qw = qw.select_rows(unpermute_rope_rows(torch.arange(qw.out_features), heads))
             self.decoded[name] = qw
         return self.decoded[name]
 

@@ -1,12 +1,14 @@
 """GGUF files (llama.cpp's format, e.g. the embedded SmolLM2) -> ``TransformerConfig`` + HF-named float32 tensors.
 
-Only ``general.architecture == "llama"`` is supported. Quantized tensors are dequantized with the ``gguf``
-package (the same code transformers' GGUF loader uses), so the result equals transformers' own load.
+Two architectures: ``llama`` (SmolLM2, Llama) and ``olmo2`` (OLMo-2, as llama.cpp's converter writes it). Quantized
+tensors are dequantized with the ``gguf`` package (the same code transformers' GGUF loader uses), so for a llama
+file the result equals transformers' own load.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +20,12 @@ from olmo_tap.weights.errors import WeightsError
 from olmo_tap.weights.gguf_header import GGUFHeader, GGUFTensor, read_gguf_header
 from olmo_tap.weights.hf import validate_hf_state
 
-SUPPORTED_ARCHITECTURES = ("llama",)
-
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_BLOCK_NAMES = {
+_LINEAR_NAMES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
@@ -33,19 +33,48 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+_LLAMA_BLOCK_NAMES = {
+    **_LINEAR_NAMES,
     "attn_norm": "input_layernorm",  # Llama is pre-norm: this norm precedes attention ...
     "ffn_norm": "post_attention_layernorm",  # ... and this one precedes the FFN
+}
+_OLMO2_BLOCK_NAMES = {
+    **_LINEAR_NAMES,
+    "attn_q_norm": "self_attn.q_norm",  # QK-norm over the whole q (k) projection, not per head
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",  # OLMo-2 normalises each sublayer's output ...
+    "post_ffw_norm": "post_feedforward_layernorm",  # ... before adding it to the residual stream
 }
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
 
-def gguf_to_hf_name(name: str) -> str | None:
-    """The HF name of a llama GGUF tensor (``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``)."""
+@dataclass(frozen=True)
+class GGUFArchitecture:
+    """How llama.cpp writes one architecture: the family it loads as, its block tensors' names, and whether its
+    converter reordered the q/k rows for llama.cpp's adjacent-pair rotary (llama does; olmo2 keeps HF's halves,
+    which llama.cpp reads as its NEOX rotary)."""
+
+    family: str
+    block_names: dict[str, str]
+    rotary_rows_reordered: bool
+
+
+ARCHITECTURES = {
+    "llama": GGUFArchitecture("llama", _LLAMA_BLOCK_NAMES, rotary_rows_reordered=True),
+    "olmo2": GGUFArchitecture("olmo2", _OLMO2_BLOCK_NAMES, rotary_rows_reordered=False),
+}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+
+
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
+    """The HF name of a GGUF tensor (``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``)."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     match = _BLOCK_RE.fullmatch(name)
-    if match and match.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}.weight"
+    block_names = ARCHITECTURES[arch].block_names
+    if match and match.group(2) in block_names:
+        return f"model.layers.{match.group(1)}.{block_names[match.group(2)]}.weight"
     return None
 
 
@@ -92,6 +121,8 @@ def _config_from_gguf(header: GGUFHeader, source: Path) -> TransformerConfig:
             raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
         return value
 
+    if meta("attention.sliding_window", None) is not None:  # OLMo-3, which llama.cpp also writes as olmo2
+        raise ConfigError(f"{source}: sliding-window attention ({arch}.attention.sliding_window) is unsupported")
     scaling = meta("rope.scaling.type", None)
     if scaling not in (None, "none"):
         raise ConfigError(f"{source}: unsupported rope scaling type {scaling!r}; only unscaled RoPE")
@@ -111,7 +142,7 @@ def _config_from_gguf(header: GGUFHeader, source: Path) -> TransformerConfig:
     bos, eos = integer("tokenizer.ggml.bos_token_id", None), integer("tokenizer.ggml.eos_token_id", None)
     try:
         return TransformerConfig(
-            family="llama",
+            family=ARCHITECTURES[arch].family,
             vocab_size=int(tensors["token_embd.weight"].shape[-1]),  # ggml shapes are (cols, rows)
             d_model=d_model,
             n_layers=n_layers,
@@ -131,8 +162,8 @@ def _config_from_gguf(header: GGUFHeader, source: Path) -> TransformerConfig:
 
 
 class GGUFFile:
-    """An open llama-architecture GGUF file: its config, and its tensors by HF name, each read and decoded on
-    request (so a loader that keeps the blocks quantized never holds the whole model in float, nor the file)."""
+    """An open GGUF file of a supported architecture: its config, and its tensors by HF name, each read and decoded
+    on request (so a loader that keeps the blocks quantized never holds the whole model in float, nor the file)."""
 
     def __init__(self, path: str | Path) -> None:
         source = Path(path).expanduser()
@@ -143,12 +174,24 @@ class GGUFFile:
         header = read_gguf_header(source)
         self.source = source
         self.config = _config_from_gguf(header, source)
-        unknown = [t.name for t in header.tensors if gguf_to_hf_name(t.name) is None]
+        arch = header.metadata["general.architecture"]  # checked by _config_from_gguf
+        self.architecture = ARCHITECTURES[arch]
+        unknown = [t.name for t in header.tensors if gguf_to_hf_name(t.name, arch) is None]
         if "rope_freqs.weight" in unknown:  # Llama-3.1-style frequency scaling
             raise ConfigError(f"{source}: rope frequency scaling (rope_freqs.weight) is unsupported")
         if unknown:
             raise WeightsError(f"GGUF file {source} has tensors olmo-tap does not know: {', '.join(unknown[:5])}")
-        self.tensors: dict[str, GGUFTensor] = {gguf_to_hf_name(t.name): t for t in header.tensors}  # type: ignore[misc]
+        self.tensors: dict[str, GGUFTensor] = {gguf_to_hf_name(t.name, arch): t for t in header.tensors}  # type: ignore[misc]
+
+    def rotary_heads(self, hf_name: str) -> int | None:
+        """The head count whose rows llama.cpp reordered in tensor ``hf_name`` (q or k of a llama file), else None."""
+        if not self.architecture.rotary_rows_reordered:
+            return None
+        if hf_name.endswith("q_proj.weight"):
+            return self.config.n_heads
+        if hf_name.endswith("k_proj.weight"):
+            return self.config.n_kv_heads
+        return None
 
     def type_name(self, hf_name: str) -> str:
         return self.tensors[hf_name].tensor_type.name
@@ -162,8 +205,11 @@ class GGUFFile:
             tensor = self.tensors[hf_name]
         except KeyError:
             raise WeightsError(f"GGUF file {self.source} has no tensor for {hf_name}") from None
-        if rows is not None and (rows.step != 1 or hf_name.endswith(("q_proj.weight", "k_proj.weight"))):
-            raise ValueError("rows of a GGUF tensor read as one ascending run, and not of q/k (their rows move)")
+        heads = self.rotary_heads(hf_name)
+        if rows is not None and (rows.step != 1 or heads is not None):
+            raise ValueError(
+                "rows of a GGUF tensor read as one ascending run, and not of llama's q/k (their rows move)"
+            )
         start, stop = (0, tensor.data_shape[0]) if rows is None else (rows.start, rows.stop)
         try:
             values = dequantize(tensor.rows_data(start, stop), tensor.tensor_type)
@@ -177,17 +223,13 @@ class GGUFFile:
         shape = (stop - start, *shape[1:])
         if tuple(weight.shape) != shape:
             raise WeightsError(f"GGUF file {self.source}: {tensor.name} decoded to {tuple(weight.shape)}, not {shape}")
-        if hf_name.endswith("q_proj.weight"):
-            weight = unpermute_rope_rows(weight, self.config.n_heads)
-        elif hf_name.endswith("k_proj.weight"):
-            weight = unpermute_rope_rows(weight, self.config.n_kv_heads)
-        return weight
+        return weight if heads is None else unpermute_rope_rows(weight, heads)
 
 
 def read_gguf(
     path: str | Path, progress: bool = False, bar: Any | None = None
 ) -> tuple[TransformerConfig, dict[str, torch.Tensor]]:
-    """Read a llama-architecture GGUF file into (config, HF-named float32 tensors).
+    """Read a GGUF file (llama or olmo2) into (config, HF-named float32 tensors).
 
     q/k rows are restored to HF's rotary layout. ``lm_head.weight`` is absent when the embeddings are tied.
     ``bar``: an existing tqdm bar to advance once per tensor (its total is raised by the tensor count);

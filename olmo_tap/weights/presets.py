@@ -199,9 +199,12 @@ def _convert_into(gguf_path: Path, out: Path, progress: bool) -> None:
         save_file(state, str(out / SAFETENSORS_NAME), metadata={"format": "pt"})
         bar.update(1)
         try:
-            from transformers import AutoTokenizer
+            # The class AutoTokenizer settles on for a GGUF file (the same saved files, checked for the embedded
+            # one), without AutoTokenizer first building a transformers config of the file, which it cannot for
+            # an olmo2 file and which took 3.5 s of its 3.7 s for the embedded one.
+            from transformers import TokenizersBackend
 
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+            tokenizer = TokenizersBackend.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
             tokenizer.save_pretrained(str(out))
         except Exception as e:  # transformers raises many kinds of errors here
             raise WeightsError(f"cannot convert the tokenizer of {gguf_path}: {type(e).__name__}: {e}") from e
