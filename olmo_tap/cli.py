@@ -14,6 +14,7 @@ from typing import Any
 from olmo_tap.certainty.names import DEFAULT_SIMILARITY, SIMILARITY_NAMES
 from olmo_tap.inference.prompts import not_unicode
 from olmo_tap.model.config import ConfigError
+from olmo_tap.quant import KEPT_GGUF_TYPES
 from olmo_tap.weights.errors import WeightsError
 from olmo_tap.weights.presets import DEFAULT_MODEL
 
@@ -75,7 +76,7 @@ def add_model_args(
         choices=("int8", "int4", "gguf"),
         default=None,
         help="keep the weights quantized (CPU): int8 per channel, int4 in groups of 32, or gguf: a GGUF file's own "
-        "blocks (Q4_0, Q4_1, Q4_K, Q8_0, Q6_K); default: float weights",
+        f"blocks ({', '.join(KEPT_GGUF_TYPES)}); default: float weights",
     )
 
 

@@ -5,6 +5,7 @@
 | Q4_0 | 32: d, 16 bytes of 4-bit codes | int4, group 32 | d, -8 d |
 | Q4_1 | 32: d, m, 16 bytes | int4, group 32 | d, m |
 | Q4_K | 256: d, dmin, 12 bytes of 6-bit scales/mins, 128 bytes | int4, group 32 | d * sc_j, -dmin * m_j |
+| Q5_0 | 32: d, 32 high bits, 16 bytes of low nibbles | int8 (codes - 16), group 32 | d |
 | Q8_0 | 32: d, 32 int8 codes | int8, group 32 | d |
 | Q6_K | 256: 6-bit codes, 16 int8 scales, d | int8 (codes - 32), group 16 | d * sc_j |
 
@@ -24,11 +25,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from olmo_tap.quant import KEPT_GGUF_TYPES
 from olmo_tap.quant.weights import INT4_GROUP, QuantizedWeight, pack_int4
 from olmo_tap.weights.errors import WeightsError
 
-KEPT_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q6_K")
-_BLOCK = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q4_K": (256, 144), "Q6_K": (256, 210)}
+# Q5_0 is what llama.cpp writes for a Q4_K_M file's tensors whose rows are no multiple of 256 (e.g. SmolLM2's 576)
+_BLOCK = {
+    "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
+    "Q5_0": (32, 22),
+    "Q8_0": (32, 34),
+    "Q4_K": (256, 144),
+    "Q6_K": (256, 210),
+}
 
 
 def _fp16(blocks: np.ndarray, start: int) -> np.ndarray:
@@ -42,7 +51,7 @@ def _scales(type_name: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray 
         return d, -8.0 * d, 32
     if type_name == "Q4_1":
         return _fp16(blocks, 0), _fp16(blocks, 2), 32
-    if type_name == "Q8_0":
+    if type_name in ("Q5_0", "Q8_0"):
         return _fp16(blocks, 0), None, 32
     if type_name == "Q4_K":
         from gguf.quants import Q4_K
@@ -59,10 +68,16 @@ def _scales(type_name: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray 
 
 def _codes(type_name: str, blocks: np.ndarray) -> np.ndarray:
     """The codes of ``blocks`` (n_blocks, block bytes) in value order: uint8 in [0, 16) for the 4-bit types,
-    int8 for Q8_0 and Q6_K (Q6_K's 6-bit code minus 32, as ggml subtracts it)."""
+    int8 for Q5_0, Q8_0 and Q6_K (Q5_0's 5-bit code minus 16 and Q6_K's 6-bit code minus 32, as ggml subtracts
+    them)."""
     if type_name in ("Q4_0", "Q4_1"):  # value j < 16: low nibble of byte j; value 16 + j: its high nibble
         qs = blocks[:, -16:]
         return np.concatenate((qs & 0xF, qs >> 4), axis=1)
+    if type_name == "Q5_0":  # Q4_0's nibbles, and bit j of the little-endian 32-bit qh as value j's fifth bit
+        qs = blocks[:, 6:]
+        qh = blocks[:, 2:6].copy().view("<u4")
+        high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+        return (np.concatenate((qs & 0xF, qs >> 4), axis=1) | (high << 4)).view(np.int8) - np.int8(16)
     if type_name == "Q8_0":
         return blocks[:, 2:].view(np.int8)
     if type_name == "Q4_K":  # four runs of 32 bytes: the low nibbles are group 2i, the high ones group 2i + 1
@@ -80,12 +95,12 @@ def _codes(type_name: str, blocks: np.ndarray) -> np.ndarray:
 
 
 def quantized_from_gguf(tensor: Any, source: str) -> QuantizedWeight:
-    """The quantized weight (out, in) of a GGUF tensor of a type in ``KEPT_TYPES``, values exactly the file's."""
+    """The quantized weight (out, in) of a GGUF tensor of a type in ``KEPT_GGUF_TYPES``, values exactly the file's."""
     type_name = tensor.tensor_type.name
-    if type_name not in KEPT_TYPES:
+    if type_name not in KEPT_GGUF_TYPES:
         raise WeightsError(
             f"{source}: {tensor.name} is {type_name}, which olmo-tap cannot keep quantized (kept: "
-            f"{', '.join(KEPT_TYPES)}); load it with --quantize int8 or int4 to requantize, or without --quantize"
+            f"{', '.join(KEPT_GGUF_TYPES)}); load it with --quantize int8 or int4 to requantize, or without --quantize"
         )
     out, n_in = (int(n) for n in reversed(tensor.shape))  # ggml lists dimensions innermost first
     per_block, nbytes = _BLOCK[type_name]
