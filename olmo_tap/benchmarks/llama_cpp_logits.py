@@ -7,6 +7,11 @@ the embedded default's base model (the clones preset: head 0 is the file's own l
 llama.cpp does; ``dequantize``: float products of the file's dequantized weights), against llama.cpp's
 (llama-cpp-python, ``logits_all``). Reported per route: mean and largest |difference| at the last position and
 over all positions, and how often the two engines' greedy tokens agree. Needs ``pip install llama-cpp-python``.
+
+``--gguf FILE`` compares on another GGUF file (its head 0 is likewise the file's own model); ``--requantize
+Q4_K_M`` first has llama.cpp requantize the embedded file (its ``llama_model_quantize``, into the olmo-tap cache),
+which gives the K-quant mixture common GGUF downloads hold (Q4_K and Q6_K, and Q5_0 / Q8_0 for the tensors whose
+rows are no multiple of 256), from nothing but the wheel's file.
 """
 
 from __future__ import annotations
@@ -69,23 +74,56 @@ def compare(ours: np.ndarray, theirs: np.ndarray) -> dict[str, float]:
     }
 
 
-def run(threads: int) -> dict[str, Any]:
+def requantized(path: Path, ftype: str, threads: int) -> Path:
+    """GGUF ``path`` requantized by llama.cpp to ``ftype`` (a ``LLAMA_FTYPE_MOSTLY_*`` name, e.g. Q4_K_M), kept in
+    the olmo-tap cache and made once."""
+    import ctypes
+
+    import llama_cpp
+
+    from olmo_tap.weights.presets import cache_dir
+
+    code = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}", None)
+    if code is None:
+        known = sorted(
+            n.removeprefix("LLAMA_FTYPE_MOSTLY_") for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_MOSTLY_")
+        )
+        raise SystemExit(f"--requantize {ftype!r}: not a llama.cpp file type; one of {', '.join(known)}")
+    target = cache_dir() / "requantized" / f"{path.stem}.{ftype}.gguf"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize, params.nthread = code, True, threads
+        if llama_cpp.llama_model_quantize(str(path).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+            raise SystemExit(f"llama.cpp could not requantize {path.name} to {ftype}")
+        partial.rename(target)
+    return target
+
+
+def run(threads: int, gguf: Path | None = None, requantize: str | None = None) -> dict[str, Any]:
     from olmo_tap.benchmarks.harness import machine_info, software_versions
     from olmo_tap.benchmarks.llama_cpp_reference import available
     from olmo_tap.inference.prompts import encode_chat
     from olmo_tap.quant.linear import route_as
+    from olmo_tap.weights.gguf_header import read_gguf_header
     from olmo_tap.weights.loading import load_hydra
     from olmo_tap.weights.presets import PRESETS, embedded_gguf_path
     from olmo_tap.weights.tokenizer import load_tokenizer
 
     torch.set_num_threads(threads)
-    path = embedded_gguf_path(PRESETS[PRESET])
+    if why := available(None):
+        raise SystemExit(f"llama.cpp cannot run here: {why}")
+    path = gguf if gguf is not None else embedded_gguf_path(PRESETS[PRESET])
+    if requantize is not None:
+        path = requantized(path, requantize, threads)
     if why := available(path, threads):
         raise SystemExit(f"llama.cpp cannot run here: {why}")
-    tokenizer = load_tokenizer(PRESET, progress=False)
+    source = PRESET if path == embedded_gguf_path(PRESETS[PRESET]) else str(path)
+    tokenizer = load_tokenizer(source, progress=False)
     ids = {p: encode_chat(tokenizer, p) for p in PROMPTS}
     theirs = {p: llama_cpp_logits(path, ids[p], threads) for p in PROMPTS}
-    model = load_hydra(PRESET, progress=False, quantize="gguf")
+    model = load_hydra(source, progress=False, quantize="gguf")
     rows = []
     for route in ROUTES:
         with route_as(route):
@@ -94,8 +132,10 @@ def run(threads: int) -> dict[str, Any]:
                 rows.append({"route": route, "prompt": p, **compare(ours, theirs[p])})
     import llama_cpp
 
+    types = sorted({t.tensor_type.name for t in read_gguf_header(path).tensors})
     return {
         "file": path.name,
+        "tensor_types": types,
         "machine": machine_info(torch.device("cpu")),
         "software": {**software_versions(), "llama_cpp_python": llama_cpp.__version__},
         "threads": threads,
@@ -106,8 +146,9 @@ def run(threads: int) -> dict[str, Any]:
 def markdown(results: dict[str, Any]) -> str:
     machine = results["machine"]
     lines = [
-        f"olmo-tap's `--quantize gguf` logits against llama.cpp's on `{results['file']}` ({PRESET}, head 0: the "
-        f"file's own model), {machine.get('cpu', '?')} ({', '.join(machine.get('cpu_flags', []))}), "
+        f"olmo-tap's `--quantize gguf` logits against llama.cpp's on `{results['file']}` "
+        f"({', '.join(results.get('tensor_types', []))}; head 0: the file's own model), "
+        f"{machine.get('cpu', '?')} ({', '.join(machine.get('cpu_flags', []))}), "
         f"{results['threads']} threads, llama-cpp-python {results['software']['llama_cpp_python']}. Logits at every "
         "prompt position; the same ids in both engines.",
         "",
@@ -137,11 +178,18 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="results/quant/llama_cpp_logits", help="writes OUT.md and OUT.json")
+    parser.add_argument("--out", default=None, help="writes OUT.md and OUT.json (default: results/quant/"
+                        "llama_cpp_logits, with the file type when requantized)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--gguf", type=Path, default=None, help="another GGUF file (default: the embedded one)")
+    parser.add_argument("--requantize", default=None, metavar="TYPE",
+                        help="have llama.cpp requantize the file first, e.g. Q4_K_M")  # fmt: skip
     args = parser.parse_args(argv)
-    results = run(args.threads)
-    out = Path(args.out)
+    if args.gguf is not None and not args.gguf.is_file():
+        parser.error(f"--gguf {args.gguf}: no such file")
+    results = run(args.threads, args.gguf, args.requantize)
+    suffix = f"_{args.requantize}" if args.requantize else ""
+    out = Path(args.out or f"results/quant/llama_cpp_logits{suffix}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     text = markdown(results)
