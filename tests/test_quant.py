@@ -788,3 +788,33 @@ def test_native_gguf_logits_agree_with_llama_cpp_on_the_same_file() -> None:
             figures = ref.compare(ref.olmo_tap_logits(model, ids, theirs.shape[1]), theirs)
         assert figures["all_mean_abs"] < 0.6 and figures["greedy_agree_all"] >= 0.9, (prompt, figures)
         assert figures["decided_positions"] > 0 and figures["greedy_agree_decided"] == 1.0, (prompt, figures)
+
+
+def test_an_olmo2_gguf_answer_is_audited_through_its_own_file(tmp_path: Path, capsys, monkeypatch) -> None:
+    """End to end on an OLMo-2 file kept quantized: `generate --save`, then `audit` replays it through the file
+    exactly, catches a changed token, and, replaying through the default preset (which cannot be split as the
+    transcript's model was), says which model the transcript names and how to replay through it."""
+    from olmo_tap.cli import main
+
+    monkeypatch.setenv("OLMO_TAP_CACHE", str(tmp_path / "cache"))
+    path, saved = tmp_path / "olmo2-Q4_K.gguf", tmp_path / "answer.json"
+    write_gguf(path, tiny_olmo2(vocab_size=BYTE_LEVEL_VOCAB), "Q4_K", tokenizer=True)
+    model = ["--model", str(path), "--quantize", "gguf"]
+    common = ["--max-new-tokens", "12", "--certainty", "off", "--seed", "3", "--temperature", "0.7", "--no-color"]
+    assert (
+        main(["generate", "hello there", *model, "--heads", "3", "--heads-depth", "1", "--save", str(saved), *common])
+        == 0
+    )
+    transcript = json.loads(saved.read_text())
+    assert transcript["settings"]["quantization"] == "gguf" and len(transcript["token_ids"]) == 12
+    capsys.readouterr()
+    assert main(["audit", str(saved), *model]) == 0
+    assert "verdict: honest" in capsys.readouterr().out
+    transcript["token_ids"][4] = (transcript["token_ids"][4] + 1) % 256
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps(transcript))
+    assert main(["audit", str(forged), *model]) == 1
+    assert "BAD token 4" in capsys.readouterr().out
+    assert main(["audit", str(saved)]) == 2
+    err = capsys.readouterr().err
+    assert f"the transcript names model {str(path)!r}" in err and "--model-from-transcript" in err
