@@ -466,28 +466,53 @@ def test_bad_gguf_files(tmp_path: Path) -> None:
         read_gguf(tmp_path / "mixed.gguf")
 
 
-def test_olmo3_sliding_window_gguf_is_refused(tmp_path: Path) -> None:
-    """llama.cpp writes OLMo-3 as olmo2 plus a sliding window, which this model does not implement."""
+def rewrite_gguf(src: Path, dst: Path, edit: Any = None, extra: Any = None) -> None:
+    """A copy of GGUF ``src`` at ``dst``: ``edit(name, data)`` may change a tensor's data (its shape follows the
+    array), ``extra(writer)`` may add metadata."""
     import gguf
 
-    path = tmp_path / "olmo3.gguf"
-    write_tiny_gguf(path, tiny_model("olmo2"))
-    reader = gguf.GGUFReader(path)
-    writer = gguf.GGUFWriter(str(tmp_path / "olmo3-sw.gguf"), "olmo2")
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
         value = field.contents()
         writer.add_key_value(key, value, field.types[0], field.types[-1] if len(field.types) > 1 else None)
-    writer.add_sliding_window(4)
+    if extra is not None:
+        extra(writer)
     for tensor in reader.tensors:
-        writer.add_tensor(tensor.name, np.asarray(tensor.data), raw_dtype=tensor.tensor_type)
+        data = np.asarray(tensor.data)
+        writer.add_tensor(tensor.name, data if edit is None else edit(tensor.name, data), raw_dtype=tensor.tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def test_olmo3_sliding_window_gguf_is_refused(tmp_path: Path) -> None:
+    """llama.cpp writes OLMo-3 as olmo2 plus a sliding window, which this model does not implement."""
+    write_tiny_gguf(tmp_path / "olmo2.gguf", tiny_model("olmo2"))
+    rewrite_gguf(tmp_path / "olmo2.gguf", tmp_path / "olmo3.gguf", extra=lambda w: w.add_sliding_window(4))
     with pytest.raises(ConfigError, match=r"sliding-window attention \(olmo2\.attention\.sliding_window\)"):
-        read_gguf(tmp_path / "olmo3-sw.gguf")
+        read_gguf(tmp_path / "olmo3.gguf")
+
+
+@pytest.mark.parametrize("quantize", [None, "gguf", "int8"])
+def test_a_gguf_tensor_of_the_wrong_shape_is_named(tmp_path: Path, quantize: str | None) -> None:
+    """A tensor whose shape the file's own config contradicts (here a QK-norm 8 values short) is named from the
+    header, before any weight is decoded: by the float load and by the loaders that keep the blocks, which read no
+    float copy to check (they failed deep inside torch)."""
+    from olmo_tap.quant.model import load_gguf_quantized
+
+    write_tiny_gguf(tmp_path / "olmo2.gguf", tiny_model("olmo2"))
+    short = lambda name, data: data[:-8] if name == "blk.0.attn_q_norm.weight" else data  # noqa: E731
+    rewrite_gguf(tmp_path / "olmo2.gguf", tmp_path / "bad.gguf", edit=short)
+    message = r"bad\.gguf: checkpoint does not match its config .*q_norm\.weight is \(24,\), expected \(32,\)"
+    with pytest.raises(WeightsError, match=message):
+        if quantize is None:
+            read_gguf(tmp_path / "bad.gguf")
+        else:
+            load_gguf_quantized(tmp_path / "bad.gguf", 2, 1, quantize)
 
 
 def assert_header_matches_reader(path: Path) -> None:

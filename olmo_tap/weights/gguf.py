@@ -18,7 +18,7 @@ import torch
 from olmo_tap.model.config import ConfigError, TransformerConfig
 from olmo_tap.weights.errors import WeightsError
 from olmo_tap.weights.gguf_header import GGUFHeader, GGUFTensor, read_gguf_header
-from olmo_tap.weights.hf import validate_hf_state
+from olmo_tap.weights.hf import check_hf_shapes, validate_hf_state
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -182,6 +182,10 @@ class GGUFFile:
         if unknown:
             raise WeightsError(f"GGUF file {source} has tensors olmo-tap does not know: {', '.join(unknown[:5])}")
         self.tensors: dict[str, GGUFTensor] = {gguf_to_hf_name(t.name, arch): t for t in header.tensors}  # type: ignore[misc]
+        # every tensor's shape against the config, from the header: a loader that keeps the blocks reads no float
+        # copy to check (ggml lists dimensions innermost first)
+        shapes = {name: tuple(int(n) for n in reversed(t.shape)) for name, t in self.tensors.items()}
+        check_hf_shapes(self.config, shapes, str(source))
 
     def rotary_heads(self, hf_name: str) -> int | None:
         """The head count whose rows llama.cpp reordered in tensor ``hf_name`` (q or k of a llama file), else None."""

@@ -216,14 +216,22 @@ def validate_hf_state(cfg: TransformerConfig, state: dict[str, torch.Tensor], so
                 "model.embed_tokens.weight"
             )
     expected = expected_hf_shapes(cfg)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k} is {tuple(state[k].shape)}, expected {expected[k]}"
-        for k in expected
-        if k in state and tuple(state[k].shape) != expected[k]
-    ]
     not_float = [f"{k} ({v.dtype})" for k, v in state.items() if k in expected and not torch.is_floating_point(v)]
+    check_hf_shapes(cfg, {k: tuple(v.shape) for k, v in state.items()}, source, not_float)
+    return state
+
+
+def check_hf_shapes(
+    cfg: TransformerConfig, shapes: dict[str, tuple[int, ...]], source: str, not_float: list[str] | None = None
+) -> None:
+    """Check that a checkpoint's tensors (HF name -> shape) are exactly the ones ``cfg`` implies; all problems are
+    reported together (with ``not_float``, the names of tensors that are not floating point)."""
+    expected = expected_hf_shapes(cfg)
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    mismatched = [
+        f"{k} is {shapes[k]}, expected {expected[k]}" for k in expected if k in shapes and shapes[k] != expected[k]
+    ]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing tensor(s): {_some(missing)}")
@@ -239,7 +247,6 @@ def validate_hf_state(cfg: TransformerConfig, state: dict[str, torch.Tensor], so
             f"{cfg.head_dim}, ffn {cfg.ffn_hidden}, vocab {cfg.vocab_size}, tied={cfg.tie_embeddings}"
         )
         raise WeightsError(f"{source}: checkpoint does not match its config ({arch}): " + "; ".join(problems))
-    return state
 
 
 # ----- files ----------------------------------------------------------------------------------------------------------
