@@ -201,6 +201,15 @@ class HydraTransformer(nn.Module):
         cos, sin = rope_tables(self.base_config, self.device)
         self.rope_cos, self.rope_signed_sin = cos, sin
 
+    def rope_upto(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables (cos, signed sin), covering at least positions [0, end): grown where they do not yet
+        (to twice their length, or ``end``, at most the context), each position's row the same bits as before."""
+        held = self.rope_cos.size(0)
+        if end > held:
+            self._check_context(end)
+            self.rope_cos, self.rope_signed_sin = rope_tables(self.base_config, self.device, max(end, 2 * held))
+        return self.rope_cos, self.rope_signed_sin
+
     @torch.no_grad()
     def prepack(self) -> HydraTransformer:
         """Build the oneDNN-prepacked copies of every linear weight now (on CPU), rather than inside
@@ -529,13 +538,13 @@ class HydraTransformer(nn.Module):
         """Rotary tables of the rows' positions, built once per forward rather than per layer: (heads, seq,
         head_dim) for an uncached uniform block (broadcast over its rows), else (heads, tokens, head_dim)."""
         c = self.base_config
+        end = max(start + n for start, n in zip(rows.starts, rows.lengths, strict=True))
+        cos, sin = self.rope_upto(end)
         if rows.is_uniform and (not cached or len(rows.starts) == 1):
             start = rows.starts[0]
-            return rope_for_positions(
-                self.rope_cos, self.rope_signed_sin, c, slice(start, start + rows.lengths[0]), self.dtype
-            )
-        index = torch.tensor(rows.positions(), device=self.rope_cos.device)
-        return rope_for_positions(self.rope_cos, self.rope_signed_sin, c, index, self.dtype)
+            return rope_for_positions(cos, sin, c, slice(start, start + rows.lengths[0]), self.dtype)
+        index = torch.tensor(rows.positions(), device=cos.device)
+        return rope_for_positions(cos, sin, c, index, self.dtype)
 
     def _check_rows(self, rows: Rows, tokens: int, cache: HydraCache | None) -> None:
         if rows.tokens != tokens or min(rows.lengths) < 1:
@@ -545,7 +554,9 @@ class HydraTransformer(nn.Module):
                 raise ValueError("without a cache the rows must be one (batch, seq) block")
             if rows.starts[0] < 0:
                 raise ValueError(f"start_pos must be >= 0, got {rows.starts[0]}")
-        end = max(start + n for start, n in zip(rows.starts, rows.lengths, strict=True))
+        self._check_context(max(start + n for start, n in zip(rows.starts, rows.lengths, strict=True)))
+
+    def _check_context(self, end: int) -> None:
         if end > self.base_config.max_seq_len:
             raise CacheOverflowError(f"{end} positions exceed the model's context of {self.base_config.max_seq_len}")
 

@@ -211,3 +211,29 @@ def test_identical_heads_answers_any_subset_and_follows_weight_edits():
     with torch.no_grad():
         model.tower_tensors(2)[0].add_(1.0)  # an in-place edit of the clone: a new weight version
     assert not model.identical_heads([0, 2])
+
+
+def test_the_rotary_tables_grow_as_decoding_reaches_further(tiny_checkpoint, monkeypatch):
+    """The tables cover what has been decoded (not the whole stated context: a file stating 2^32 - 1 positions
+    asked for 34 GB of them and failed); growing them gives every position the bits of one full-length build, so
+    decoding across each growth still matches transformers."""
+    from dataclasses import replace
+
+    from olmo_tap.model import layers
+
+    monkeypatch.setattr(layers, "ROPE_TABLE_POSITIONS", 8)
+    family, directory, hf_model = tiny_checkpoint
+    model = HydraTransformer.from_pretrained(directory, n_heads=2, heads_depth=1, progress=False)
+    assert model.rope_cos.size(0) == 8
+    ids = torch.randint(0, hf_model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(4))
+    ref = reference_logits(hf_model, ids)[0]
+    with torch.no_grad():
+        cache = model.new_cache(1, 40)
+        prefix = model(ids[:, :5], cache=cache)[0, 0]
+        steps = [model(ids[:, t : t + 1], start_pos=t, cache=cache)[0, 0, 0] for t in range(5, 30)]
+    torch.testing.assert_close(torch.cat([prefix, torch.stack(steps)]), ref, atol=TOL, rtol=0, msg=family)
+    assert model.rope_cos.size(0) == 32  # 8 -> 16 -> 32
+    full = layers.rope_tables(model.base_config, positions=model.base_config.max_seq_len)
+    assert torch.equal(model.rope_cos, full[0][:32]) and torch.equal(model.rope_signed_sin, full[1][:32])
+    huge = HydraTransformerConfig.split(replace(model.base_config, max_seq_len=2**32 - 1), 2, 1).build()
+    assert huge.rope_cos.shape == (8, model.base_config.head_dim)

@@ -137,7 +137,7 @@ class _TowerStep(nn.Module):
         else:
             self.embed = frozen(model.embed.weight)
             self.lm_head = frozen(model.lm_head.t().contiguous())
-        cos, sin = rope_for_positions(model.rope_cos, model.rope_signed_sin, c, slice(0, window), model.dtype)
+        cos, sin = rope_for_positions(*model.rope_upto(window), c, slice(0, window), model.dtype)
         self.register_buffer("cos", cos)  # (q_heads + kv_heads, window, head_dim), q rows pre-scaled
         self.register_buffer("sin", sin)
         self.register_buffer("slots", torch.arange(window, device=model.device))

@@ -87,22 +87,31 @@ class RMSNorm(nn.Module):
         return rms_norm(x, weight, self.eps, self.weight_in_fp32)
 
 
+# Positions the rotary tables cover when a model is built; they grow (``HydraTransformer.rope_upto``) as decoding
+# reaches further, up to the context. A model stating a long context (Llama 3.1's 131072 positions, 134 MB of
+# tables at head_dim 128; or a file stating 2^32 - 1, which asked for 34 GB and failed) allocates what it uses.
+ROPE_TABLE_POSITIONS = 4096
+
+
 def rope_tables(
-    config: TransformerConfig, device: torch.device | str | None = None
+    config: TransformerConfig, device: torch.device | str | None = None, positions: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed-sin tables (max_seq_len, head_dim) for rotate-half RoPE, in fp32.
+    """cos and signed-sin tables (positions, head_dim) for rotate-half RoPE, in fp32; ``positions`` defaults to
+    ``ROPE_TABLE_POSITIONS`` (at most the context). A position's row is the same bits whatever the table's length
+    (elementwise arithmetic only).
 
     The sin table's first half is negated so that rotate_half(x) * sin == roll(x, half) * signed_sin. On the meta
     device (a model built before its weights are loaded) the tables are empty placeholders: arithmetic there runs
     Python meta kernels whose first use imports torch._dynamo and sympy (~70 MB resident for the process's life).
     """
+    n = min(config.max_seq_len, ROPE_TABLE_POSITIONS if positions is None else positions)
     if torch.empty(0, device=device).device.type == "meta":
-        return tuple(torch.empty(config.max_seq_len, config.head_dim, device=device) for _ in range(2))  # type: ignore[return-value]
+        return tuple(torch.empty(n, config.head_dim, device=device) for _ in range(2))  # type: ignore[return-value]
     inv_freq = 1.0 / (
         config.rope_theta
         ** (torch.arange(0, config.head_dim, 2, dtype=torch.int64, device=device).float() / config.head_dim)
     )
-    positions = torch.arange(config.max_seq_len, dtype=torch.int64, device=device).float()
+    positions = torch.arange(n, dtype=torch.int64, device=device).float()
     freqs = torch.outer(positions, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     half = config.head_dim // 2

@@ -251,7 +251,7 @@ class AdaptedHead:
         if residual is not None:
             x = x + residual.to(x.dtype)
         batch, seq, d_model = x.shape
-        rope = rope_for_positions(model.rope_cos, model.rope_signed_sin, model.base_config, slice(0, seq), model.dtype)
+        rope = rope_for_positions(*model.rope_upto(seq), model.base_config, slice(0, seq), model.dtype)
         rows = Rows.uniform(batch, 0, seq)
         x = x.reshape(1, batch * seq, d_model)
         first = model.config.trunk_layers
