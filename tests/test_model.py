@@ -237,3 +237,21 @@ def test_the_rotary_tables_grow_as_decoding_reaches_further(tiny_checkpoint, mon
     assert torch.equal(model.rope_cos, full[0][:32]) and torch.equal(model.rope_signed_sin, full[1][:32])
     huge = HydraTransformerConfig.split(replace(model.base_config, max_seq_len=2**32 - 1), 2, 1).build()
     assert huge.rope_cos.shape == (8, model.base_config.head_dim)
+
+
+def test_a_cache_the_machine_cannot_hold_is_a_clear_error(tiny_checkpoint, monkeypatch):
+    """A long context's cache can ask for more memory than there is (a file stating 2^32 - 1 positions and a
+    request for 10^9 new tokens asked for 3.8 TB): the allocator's failure becomes an error naming the size."""
+    from olmo_tap.model import kv_cache
+
+    _, directory, _ = tiny_checkpoint
+    model = HydraTransformer.from_pretrained(directory, n_heads=2, heads_depth=1, progress=False)
+
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 512000002048 bytes.")
+
+    monkeypatch.setattr(kv_cache.LayerCache, "__init__", refuse)
+    need = 3 * kv_cache.HydraCache.bytes_per_slot(model, 100) / 2**30
+    message = rf"3 sequence\(s\) of up to 100 positions needs {need:.1f} GiB on cpu.*fewer positions"
+    with pytest.raises(kv_cache.CacheMemoryError, match=message):
+        model.new_cache(3, 100)

@@ -32,6 +32,10 @@ class CacheOverflowError(ValueError):
     """More positions were requested than the cache was sized for."""
 
 
+class CacheMemoryError(ValueError):
+    """The cache asked for is more memory than the device can give (a request's size, not a fault)."""
+
+
 @dataclass(frozen=True)
 class Rows:
     """Where the rows of a flattened batch sit: row i is ``lengths[i]`` tokens of cache slot ``slots[i]``, the
@@ -112,8 +116,16 @@ class HydraCache:
         self.max_len = max_len
         self.n_text_heads = model.n_text_heads if heads is None else heads
         shape = (slots, c.n_kv_heads, max_len, c.head_dim, model.cache_dtype, model.device)
-        self.trunk = [LayerCache(1, *shape) for _ in range(model.config.trunk_layers)]
-        self.heads = [LayerCache(self.n_text_heads, *shape) for _ in range(model.config.head_layers)]
+        try:
+            self.trunk = [LayerCache(1, *shape) for _ in range(model.config.trunk_layers)]
+            self.heads = [LayerCache(self.n_text_heads, *shape) for _ in range(model.config.head_layers)]
+        except RuntimeError as e:  # torch's allocator: a long context's cache asked for more than the machine has
+            need = slots * self.bytes_per_slot(model, max_len, self.n_text_heads)
+            raise CacheMemoryError(
+                f"the KV cache for {slots} sequence(s) of up to {max_len} positions needs {need / 2**30:.1f} GiB "
+                f"on {model.device}, more than can be allocated ({str(e).splitlines()[0][:200]}); fewer positions "
+                "(new tokens) or sequences (a server's --max-batch) need less"
+            ) from None
         # valid positions per slot: the trunk's, and each text head's
         self.trunk_lengths = [0] * slots
         self.head_lengths = [[0] * self.n_text_heads for _ in range(slots)]
@@ -123,10 +135,11 @@ class HydraCache:
         return sum(layer.k.nbytes + layer.v.nbytes for layer in (*self.trunk, *self.heads))
 
     @staticmethod
-    def bytes_per_slot(model: HydraTransformer, max_len: int) -> int:
-        """Bytes one slot of ``max_len`` positions takes for ``model`` (keys and values of every cached tower)."""
+    def bytes_per_slot(model: HydraTransformer, max_len: int, heads: int | None = None) -> int:
+        """Bytes one slot of ``max_len`` positions takes for ``model`` (keys and values of every cached tower: the
+        trunk's and ``heads`` heads', default the text heads)."""
         c = model.base_config
-        towers = model.config.trunk_layers + model.config.head_layers * model.n_text_heads
+        towers = model.config.trunk_layers + model.config.head_layers * (model.n_text_heads if heads is None else heads)
         return 2 * towers * c.n_kv_heads * max_len * c.head_dim * model.cache_dtype.itemsize
 
     def lengths(self, slot: int) -> dict[str, object]:
