@@ -173,6 +173,9 @@ def test_config_from_hf_mapping() -> None:
         ({"num_key_value_heads": 5}, r"multiple of n_kv_heads"),
         ({"hidden_size": "big"}, r"hidden_size"),
         ({"hidden_act": "gelu"}, r"unsupported hidden_act 'gelu'"),
+        ({"rope_theta": -10000.0, "rope_parameters": None}, r"rope_theta must be a finite number > 0, got -10000"),
+        ({"rms_norm_eps": float("nan")}, r"norm_eps must be a finite number >= 0, got nan"),
+        ({"rms_norm_eps": -1e-6}, r"norm_eps must be a finite number >= 0"),
     ],
 )
 def test_config_from_hf_rejects(change: dict, message: str) -> None:

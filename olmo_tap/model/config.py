@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+from olmo_tap.jsonl import is_finite_number
+
 Family = Literal["olmo2", "llama"]
 FAMILIES: tuple[str, ...] = ("olmo2", "llama")
 
@@ -58,6 +60,12 @@ class TransformerConfig:
             raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        # a negative, zero or non-finite rotary base, or a negative or non-finite norm epsilon, gives NaN or
+        # meaningless logits without an error anywhere downstream
+        if not is_finite_number(self.rope_theta) or self.rope_theta <= 0:
+            raise ConfigError(f"rope_theta must be a finite number > 0, got {self.rope_theta!r}")
+        if not is_finite_number(self.norm_eps) or self.norm_eps < 0:
+            raise ConfigError(f"norm_eps must be a finite number >= 0, got {self.norm_eps!r}")
 
     @property
     def q_dim(self) -> int:

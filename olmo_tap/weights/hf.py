@@ -48,12 +48,13 @@ def _first_id(value: Any) -> Any:
     return value
 
 
-def _rope_theta(cfg: dict[str, Any], source: str) -> float:
+def _rope_theta(cfg: dict[str, Any]) -> float:
     """Read rope theta from wherever this transformers version put it, rejecting any RoPE scaling.
 
     transformers <= 4 writes ``rope_theta`` at the top level and ``rope_scaling`` (null or a dict); transformers 5
     writes ``rope_parameters: {rope_type, rope_theta}``. Scaled RoPE (linear, yarn, llama3 ...) would silently
-    change the positions the model sees, so only the unscaled ``default`` type is accepted.
+    change the positions the model sees, so only the unscaled ``default`` type is accepted. (``config_from_hf``
+    names the file in the errors; the value's range is ``TransformerConfig``'s to check.)
     """
     found: dict[str, float] = {}
     if cfg.get("rope_theta") is not None:
@@ -63,20 +64,18 @@ def _rope_theta(cfg: dict[str, Any], source: str) -> float:
         if params is None:
             continue
         if not isinstance(params, dict):
-            raise ConfigError(f"{source}: {key} must be an object or null, got {params!r}")
+            raise ConfigError(f"{key} must be an object or null, got {params!r}")
         rope_type = params.get("rope_type", params.get("type"))
         if rope_type not in (None, "default"):
-            raise ConfigError(
-                f"{source}: unsupported rope scaling type {rope_type!r} in {key}; only unscaled RoPE ('default')"
-            )
+            raise ConfigError(f"unsupported rope scaling type {rope_type!r} in {key}; only unscaled RoPE ('default')")
         if params.get("rope_theta") is not None:
             found[f"{key}.rope_theta"] = params["rope_theta"]
     values = set(found.values())
     if len(values) > 1:
-        raise ConfigError(f"{source}: conflicting rope theta values {found}")
+        raise ConfigError(f"conflicting rope theta values {found}")
     theta = values.pop() if values else _DEFAULT_ROPE_THETA
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
-        raise ConfigError(f"{source}: rope theta must be a positive number, got {theta!r}")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise ConfigError(f"rope theta must be a number, got {theta!r}")
     return float(theta)
 
 
@@ -122,7 +121,7 @@ def config_from_hf(cfg: dict[str, Any], source: str = CONFIG_NAME) -> Transforme
             n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
             head_dim=head_dim,
             ffn_hidden=required("intermediate_size"),
-            rope_theta=_rope_theta(cfg, source),
+            rope_theta=_rope_theta(cfg),
             norm_eps=float(_DEFAULT_EPS[family] if eps is None else eps),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             max_seq_len=cfg.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS,
