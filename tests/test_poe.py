@@ -446,3 +446,31 @@ def test_top2_margin_is_torchs_topk_ties_nans_and_infinities_included():
             top = torch.topk(t, 2, dim=-1).values
             want = top[..., 0] - top[..., 1]
             assert torch.allclose(top2_margin(t), want, rtol=0, atol=0, equal_nan=True), t
+
+
+def test_non_finite_logits_are_refused_naming_the_heads():
+    """A head whose logits are NaN (corrupt weights; float16 overflow) made every token 0 with NaN signals, and a
+    PoE answer of them looked like any other. Now a verifier's NaN, or the only head's, stops decoding with an
+    error naming the heads; a drafter's NaN needs no stop: the jury rejects its drafts and resamples."""
+    from olmo_tap.inference.settings import DecodeSettings
+
+    tokenizer = LetterTokenizer(20)
+
+    def poisoned(head: int) -> object:
+        model = tiny_hydra(vocab=20, n_heads=3)
+        with torch.no_grad():
+            model.heads[0].w2[head, 3, 5] = float("nan")
+        return model
+
+    for mode, temperature in [("poe", 0.0), ("poe", 0.8), ("naive", 0.8)]:
+        settings = DecodeSettings(mode=mode, temperature=temperature, max_new_tokens=6, seed=1, draft_head=0)
+        with pytest.raises(poe.NonFiniteLogitsError, match=r"head\(s\) \[1\] gave non-finite logits .* position 3"):
+            PoE.from_settings(poisoned(1), tokenizer, settings).generate_with_cache("abc")
+    with pytest.raises(poe.NonFiniteLogitsError, match=r"head\(s\) \[1\]"):
+        PoE.from_settings(
+            poisoned(1), tokenizer, DecodeSettings(mode="single", head=1, max_new_tokens=6)
+        ).generate_with_cache("abc")
+    settings = DecodeSettings(mode="poe", temperature=0.8, max_new_tokens=6, seed=1, draft_head=0)
+    out = PoE.from_settings(poisoned(0), tokenizer, settings).generate_with_cache("abc")
+    assert len(out.token_ids) == 6 and out.acceptance_rate == 0.0
+    assert all(math.isfinite(e) for e in out.token_entropies)

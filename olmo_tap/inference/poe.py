@@ -709,6 +709,7 @@ class Sequence:
             target, allowed = jury_distribution(verifier_logits, temperature, settings.beta, settings.veto_threshold)
             q = torch.softmax(torch.stack(draft_logits).float() / temperature, dim=-1) if temperature > 0 else None
             signals = position_signals(verifier_logits, target, settings.top_logprobs)
+            check_finite(signals, verifier_logits, verifiers, decided)
             # DECIDE position by position; stop at the first rejection.
             for j in range(g):
                 position = decided + j
@@ -768,6 +769,7 @@ class Sequence:
             token = sample_from_logits(combined[0], temperature, seed, position, Purpose.SAMPLE)
             scale = temperature if temperature > 0 else 1.0
             signals = position_signals(head_logits, torch.softmax(combined / scale, dim=-1), settings.top_logprobs)
+            check_finite(signals, head_logits, heads, position)
             event = signals.event(emitted, position, 0, token)
             event.round = emitted
             yield event
@@ -811,6 +813,26 @@ class PositionSignals:
             logprob=None if self.target is None else _log(float(self.target[j, token])),
             top_logprobs=None if self.top is None else self.top[j],
         )
+
+
+class NonFiniteLogitsError(ValueError):
+    """Heads gave NaN or infinite logits: corrupt weights, or a dtype too narrow for the model."""
+
+
+def check_finite(signals: PositionSignals, head_logits: torch.Tensor, heads: list[int], first: int) -> None:
+    """Refuse a block whose distribution is not finite (its entropy, on the host already, is NaN exactly then),
+    naming the heads whose logits were not: NaN logits made every token 0 with NaN signals, silently. (A drafter's
+    NaN needs no check: its drafts are the jury's to reject, and the jury resamples from its own distribution.)"""
+    bad = next((j for j, e in enumerate(signals.entropies) if math.isnan(e)), None)
+    if bad is None:
+        return
+    finite = torch.isfinite(head_logits[:, bad]).all(dim=-1).tolist()
+    named = [h for h, ok in zip(heads, finite, strict=True) if not ok]
+    which = f"head(s) {named} gave" if named else "the heads' combined scores gave"
+    raise NonFiniteLogitsError(
+        f"{which} non-finite logits (NaN or infinity) at position {first + bad}: corrupt weights, or a dtype too "
+        "narrow for this model (float16 overflows; use float32 or bfloat16)"
+    )
 
 
 def _log(p: float) -> float:
