@@ -597,3 +597,29 @@ def test_after_a_whole_hostile_run_the_worker_still_answers(tiny):
         assert again.status_code == 200 and again.json()["trust"]["transcript"]["token_ids"] == transcript["token_ids"]
         assert client.get("/health").json()["status"] == "ok"
         assert client.post("/v1/audit", json={"transcript": transcript}).json()["honest"] is True
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_400(tiny):
+    """Many chat templates refuse conversations by raising (a system turn, roles that do not alternate): that is
+    the client's conversation, not a server fault (it was a 500), and the CLI says the same (exit 2)."""
+    from jinja2 import TemplateError
+
+    from olmo_tap.inference.prompts import ChatTemplateError, encode_chat
+
+    class NoSystemTurn(LetterTokenizer):
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+            if messages[0]["role"] == "system":
+                raise TemplateError("System role not supported")
+            return super().apply_chat_template(messages, tokenize, add_generation_prompt)
+
+    tokenizer = NoSystemTurn(VOCAB)
+    system = [{"role": "system", "content": "be brief"}, *PROMPT]
+    with pytest.raises(ChatTemplateError, match="chat template refused this conversation: System role not supported"):
+        encode_chat(tokenizer, messages=system)
+    app = create_app(tiny, tokenizer, MODEL_ID, ServeConfig())
+    with TestClient(app, base_url="http://localhost", raise_server_exceptions=False) as client:
+        refused = client.post(CHAT, json={"messages": system, "max_tokens": 2})
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["param"] == "messages" and "System role not supported" in error["message"]
+        assert client.post(CHAT, json={"messages": PROMPT, "max_tokens": 2}).status_code == 200

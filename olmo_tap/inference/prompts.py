@@ -47,13 +47,22 @@ def normalise_messages(
     return [{"role": "user", "content": str(prompt_text)}]
 
 
+class ChatTemplateError(ValueError):
+    """The model's chat template refused the conversation (many do: roles that must alternate, no system turn)."""
+
+
 def encode_chat(
     tokenizer: Any, prompt_text: str | None = None, messages: list[dict[str, Any]] | None = None
 ) -> list[int]:
     """Token ids of the conversation followed by the assistant's generation prompt."""
     conversation = normalise_messages(prompt_text, messages)
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        from jinja2 import TemplateError  # transformers renders templates with jinja2
+
+        try:
+            text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        except TemplateError as e:  # the template's raise_exception, or an error in the template itself
+            raise ChatTemplateError(f"the model's chat template refused this conversation: {e}") from None
         return list(tokenizer.encode(text, add_special_tokens=False))
     # No template (e.g. a base model): plain concatenation of the turns.
     return list(tokenizer.encode("\n".join(m["content"] for m in conversation)))

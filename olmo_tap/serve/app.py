@@ -30,7 +30,7 @@ from olmo_tap.certainty.method import CertaintyPlan, plan_certainty
 from olmo_tap.certainty.similarity import make_similarity
 from olmo_tap.engine.batch import BatchRunner
 from olmo_tap.inference.poe import PoEOutput
-from olmo_tap.inference.prompts import encode_chat
+from olmo_tap.inference.prompts import ChatTemplateError, encode_chat
 from olmo_tap.inference.settings import DecodeSettings
 from olmo_tap.robustness.bank import AttackBank, model_fingerprint
 from olmo_tap.robustness.probe import (
@@ -203,7 +203,10 @@ class Service:
                 param="messages",
                 code="context_length_exceeded",
             )
-        prompt_tokens = await anyio.to_thread.run_sync(self.count_prompt_tokens, conversation)
+        try:
+            prompt_tokens = await anyio.to_thread.run_sync(self.count_prompt_tokens, conversation)
+        except ChatTemplateError as e:
+            raise APIError(400, f"messages: {e}", param="messages") from None
         room = self.context - prompt_tokens
         if room < 1:
             raise APIError(
