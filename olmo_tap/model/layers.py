@@ -88,7 +88,7 @@ class RMSNorm(nn.Module):
 
 
 # Positions the rotary tables cover when a model is built; they grow (``HydraTransformer.rope_upto``) as decoding
-# reaches further, up to the context. A model stating a long context (Llama 3.1's 131072 positions, 134 MB of
+# reaches further, up to the context. A model stating a long context (131072 positions: 134 MB of
 # tables at head_dim 128; or a file stating 2^32 - 1, which asked for 34 GB and failed) allocates what it uses.
 ROPE_TABLE_POSITIONS = 4096
 
