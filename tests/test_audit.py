@@ -708,3 +708,26 @@ def test_the_audit_loads_the_weights_in_the_generators_dtype(monkeypatch):
     poe_audit.load_audit_model(transcript)
     poe_audit.load_audit_model(transcript, dtype="float32")
     assert seen == ["bfloat16", "float32"]
+
+
+def test_a_replay_through_weights_giving_nan_is_refused(jury, greedy):
+    """Replayed through weights whose logits are NaN, every position's argmax is token 0: a forgery claiming
+    zeros would have been reproduced. The audit, like the decoder, refuses a distribution that is not finite and
+    names the heads; token-difr's scoring refuses NaN logits the same way."""
+    from olmo_tap.inference.sampling import NonFiniteLogitsError
+    from olmo_tap.verify.records import SamplingMethod
+    from olmo_tap.verify.scoring import score_tokens
+
+    model, tokenizer = jury
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.heads[0].w2[2, 3, 5] = float("nan")
+    forged = copy.deepcopy(greedy[0])
+    forged["token_ids"] = [0] * len(forged["token_ids"])
+    with pytest.raises(NonFiniteLogitsError, match=r"head\(s\) \[2\] gave non-finite logits"):
+        audit_poe(forged, broken, tokenizer=tokenizer)
+    logits = torch.randn(4, VOCAB)
+    logits[2, 7] = float("nan")
+    with pytest.raises(NonFiniteLogitsError, match=r"not finite \(NaN or infinity\) at 1 of 4 positions"):
+        score_tokens(logits, torch.zeros(4, dtype=torch.long), temperature=0, top_k=0, top_p=1.0,
+                     method=SamplingMethod.VLLM_GUMBEL_MAX, noise=None)  # fmt: skip

@@ -51,7 +51,15 @@ from olmo_tap.hydra import HydraTransformer
 from olmo_tap.inference.jury import jury_distribution, speculative_decision
 from olmo_tap.inference.metrics import entropy_nats, stability_radius, top2_margin, validity_radius
 from olmo_tap.inference.prompts import encode_chat, normalise_messages, stop_token_ids, uncertainty_prompt
-from olmo_tap.inference.sampling import Purpose, argmax_last, check_temperature, head_for_seed, sample_from_logits
+from olmo_tap.inference.sampling import (
+    NON_FINITE_CAUSE,
+    NonFiniteLogitsError,
+    Purpose,
+    argmax_last,
+    check_temperature,
+    head_for_seed,
+    sample_from_logits,
+)
 from olmo_tap.inference.settings import DecodeSettings, Mode, round_gamma
 from olmo_tap.inference.text import TextStream
 from olmo_tap.model import native_attention, native_linear, native_norm
@@ -815,10 +823,6 @@ class PositionSignals:
         )
 
 
-class NonFiniteLogitsError(ValueError):
-    """Heads gave NaN or infinite logits: corrupt weights, or a dtype too narrow for the model."""
-
-
 def check_finite(signals: PositionSignals, head_logits: torch.Tensor, heads: list[int], first: int) -> None:
     """Refuse a block whose distribution is not finite (its entropy, on the host already, is NaN exactly then),
     naming the heads whose logits were not: NaN logits made every token 0 with NaN signals, silently. (A drafter's
@@ -829,10 +833,8 @@ def check_finite(signals: PositionSignals, head_logits: torch.Tensor, heads: lis
     finite = torch.isfinite(head_logits[:, bad]).all(dim=-1).tolist()
     named = [h for h, ok in zip(heads, finite, strict=True) if not ok]
     which = f"head(s) {named} gave" if named else "the heads' combined scores gave"
-    raise NonFiniteLogitsError(
-        f"{which} non-finite logits (NaN or infinity) at position {first + bad}: corrupt weights, or a dtype too "
-        "narrow for this model (float16 overflows; use float32 or bfloat16)"
-    )
+    where = f"at position {first + bad}"
+    raise NonFiniteLogitsError(f"{which} non-finite logits (NaN or infinity) {where}: {NON_FINITE_CAUSE}")
 
 
 def _log(p: float) -> float:

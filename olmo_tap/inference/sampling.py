@@ -121,6 +121,13 @@ def prob_scores(probs: torch.Tensor, seed: int, position: int, purpose: Purpose 
     return torch.log(probs.float()) + noise
 
 
+class NonFiniteLogitsError(ValueError):
+    """A model gave NaN or infinite logits where a distribution was needed (decoding, a replay, a verification)."""
+
+
+NON_FINITE_CAUSE = "corrupt weights, or a dtype too narrow for this model (float16 overflows; use float32 or bfloat16)"
+
+
 def sample_from_logits(
     logits: torch.Tensor,
     temperature: float,

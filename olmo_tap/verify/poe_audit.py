@@ -50,7 +50,7 @@ import torch
 from olmo_tap.hydra import HydraTransformer
 from olmo_tap.inference.jury import RESIDUAL_EPS, jury_distribution, jury_log_target, speculative_decision, veto_mask
 from olmo_tap.inference.metrics import validity_radius
-from olmo_tap.inference.poe import OutputFold, PoE, PoEOutput, new_output, position_signals
+from olmo_tap.inference.poe import OutputFold, PoE, PoEOutput, check_finite, new_output, position_signals
 from olmo_tap.inference.prompts import stop_token_ids
 from olmo_tap.inference.sampling import (
     Purpose,
@@ -663,6 +663,8 @@ class _Replay:
                 self.target = torch.softmax(self.combined / (T if T > 0 else 1.0), dim=-1)
                 self.allowed = torch.ones(logits.size(1), dtype=torch.bool)
             self.signals = position_signals(voter_logits, self.target)
+            # a replay through weights giving NaN would take every token 0 and agree with a forgery of zeros
+            check_finite(self.signals, voter_logits, self.voters, self.first + self.start)
             self.voter_logits = voter_logits
             top2 = torch.topk(voter_logits, 2, dim=-1).values
             margins = (top2[..., 0] - top2[..., 1]).min(dim=0).values.tolist()

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from olmo_tap.inference.sampling import Purpose, filter_logits, gumbel
+from olmo_tap.inference.sampling import NON_FINITE_CAUSE, NonFiniteLogitsError, Purpose, filter_logits, gumbel
 from olmo_tap.verify.records import SamplingMethod, TokenMetrics
 
 
@@ -70,6 +70,13 @@ def score_tokens(
     if logits.size(0) == 0:
         return []
     raw = logits.float()
+    # NaN logits argmax to token 0: a verifier whose weights give them would agree with a claim of zeros
+    broken = torch.isnan(raw).any(dim=1) | torch.isposinf(raw).any(dim=1)
+    if bool(broken.any()):
+        raise NonFiniteLogitsError(
+            f"the verifying model's logits are not finite (NaN or infinity) at {int(broken.sum())} of {raw.size(0)} "
+            f"positions: {NON_FINITE_CAUSE}"
+        )
     filtered = filter_logits(raw, top_k, top_p)
     index = claimed.view(-1, 1).to(raw.device)
     claimed_filtered = filtered.gather(1, index).squeeze(1)
