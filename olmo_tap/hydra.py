@@ -207,7 +207,10 @@ class HydraTransformer(nn.Module):
         held = self.rope_cos.size(0)
         if end > held:
             self._check_context(end)
-            self.rope_cos, self.rope_signed_sin = rope_tables(self.base_config, self.device, max(end, 2 * held))
+            cos, sin = rope_tables(self.base_config, self.device, max(end, 2 * held))
+            # in the tables' dtype: a module cast (``model.to(torch.bfloat16)``) casts them too, and a position's
+            # row must keep its bits whether or not the tables grew (an audit replays a shorter run)
+            self.rope_cos, self.rope_signed_sin = cos.to(self.rope_cos.dtype), sin.to(self.rope_cos.dtype)
         return self.rope_cos, self.rope_signed_sin
 
     @torch.no_grad()

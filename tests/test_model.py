@@ -255,3 +255,17 @@ def test_a_cache_the_machine_cannot_hold_is_a_clear_error(tiny_checkpoint, monke
     message = rf"3 sequence\(s\) of up to 100 positions needs {need:.1f} GiB on cpu.*fewer positions"
     with pytest.raises(kv_cache.CacheMemoryError, match=message):
         model.new_cache(3, 100)
+
+
+def test_grown_rotary_tables_keep_a_cast_models_bits(tiny_checkpoint, monkeypatch):
+    """A model cast after loading (``.to(torch.bfloat16)``) holds its tables in that dtype; growing them keeps
+    every earlier position's row bit for bit, so a long answer and the audit's shorter replay rotate alike."""
+    from olmo_tap.model import layers
+
+    monkeypatch.setattr(layers, "ROPE_TABLE_POSITIONS", 8)
+    _, directory, _ = tiny_checkpoint
+    model = HydraTransformer.from_pretrained(directory, n_heads=2, heads_depth=1, progress=False).to(torch.bfloat16)
+    before = model.rope_cos.clone(), model.rope_signed_sin.clone()
+    cos, sin = model.rope_upto(20)
+    assert cos.dtype == sin.dtype == torch.bfloat16 and cos.size(0) == 20
+    assert torch.equal(cos[:8], before[0]) and torch.equal(sin[:8], before[1])
