@@ -14,7 +14,7 @@ Scales are kept in fp32 so that every format's (scale, minimum) pair is exact (Q
 Either scheme is held in one of two layouts: by rows as above, or **tiled** for the native kernel
 (``QuantizedWeight.tile_``; olmo_tap/quant/native.cpp): output rows in tiles of 8 (the last padded with zero rows),
 codes (tiles, bytes per row / 4, 8, 4) with each run of 4 code bytes of the tile's 8 rows side by side, scale and
-minimum (tiles, groups, 8), in fp16 where every one of them is exact in it (GGUF's Q4_0, Q4_1 and Q8_0 blocks
+minimum (tiles, groups, 8), in fp16 where every one of them is exact in it (GGUF's Q4_0, Q4_1, Q5_0 and Q8_0 blocks
 store fp16 scales: 17% fewer bytes per int4 weight to stream). The same values; a quantized model's weights are
 tiled once at load where the native kernel is the route, and anything that reads rows (an embedding lookup, the
 dequantizing routes) reads them back in fp32.
