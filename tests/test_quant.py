@@ -20,7 +20,7 @@ from olmo_tap.quant.model import quantize_model, quantized_bytes
 from olmo_tap.quant.weights import QuantizedStack, QuantizedWeight, quantize
 from olmo_tap.weights.errors import WeightsError
 from olmo_tap.weights.gguf import ARCHITECTURES
-from tests.test_weights_io import BYTE_LEVEL_VOCAB, add_byte_level_tokenizer, hf_state
+from tests.test_weights_io import BYTE_LEVEL_VOCAB, add_byte_level_tokenizer, add_model_metadata, hf_state
 from tests.tiny import LetterTokenizer, tiny_hydra
 
 BLOCK = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q4_K": (256, 144), "Q6_K": (256, 210), "Q5_0": (32, 22),
@@ -62,14 +62,7 @@ def write_gguf(
     c = model.config
     rng = np.random.default_rng(0)
     writer = gguf.GGUFWriter(str(path), c.model_type)
-    writer.add_block_count(c.num_hidden_layers)
-    writer.add_context_length(c.max_position_embeddings)
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    add_model_metadata(writer, c)
     if tokenizer:
         assert c.vocab_size == BYTE_LEVEL_VOCAB
         add_byte_level_tokenizer(writer)

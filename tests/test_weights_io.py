@@ -338,6 +338,18 @@ def llama_cpp_permute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     )
 
 
+def add_model_metadata(writer: Any, c: Any) -> None:
+    """The architecture keys llama.cpp's converter writes for a transformers config ``c``."""
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+
+
 BYTE_LEVEL_SPECIALS = ("<|endoftext|>", "<|user|>")
 BYTE_LEVEL_VOCAB = 256 + 1 + len(BYTE_LEVEL_SPECIALS)
 
@@ -368,14 +380,7 @@ def write_tiny_gguf(path: Path, model: torch.nn.Module, arch: str | None = None,
 
     c = model.config
     writer = gguf.GGUFWriter(str(path), arch or c.model_type)
-    writer.add_block_count(c.num_hidden_layers)
-    writer.add_context_length(c.max_position_embeddings)
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    add_model_metadata(writer, c)
     if tokenizer:
         assert c.vocab_size >= BYTE_LEVEL_VOCAB
         add_byte_level_tokenizer(writer)
